@@ -1,0 +1,44 @@
+"""tidings: real-time channels for Python web apps."""
+
+from tidings._version import __version__
+from tidings.client import Client
+from tidings.config import HistoryRule, Limits
+from tidings.connection import Connection
+from tidings.exceptions import (
+    BrokerError,
+    BrokerUnavailable,
+    ClientClosed,
+    ClientError,
+    HubError,
+    ReplyError,
+    TidingsError,
+)
+from tidings.hub import Hub
+from tidings.protocol import CloseCode, ErrorCode, ProtocolError
+from tidings.queue import QueueItem, WorkQueue
+from tidings.types import HistoryPage, Member, Publication, StreamPos
+
+__all__ = [
+    "BrokerError",
+    "BrokerUnavailable",
+    "Client",
+    "ClientClosed",
+    "ClientError",
+    "CloseCode",
+    "Connection",
+    "ErrorCode",
+    "HistoryPage",
+    "HistoryRule",
+    "Hub",
+    "HubError",
+    "Limits",
+    "Member",
+    "ProtocolError",
+    "Publication",
+    "QueueItem",
+    "ReplyError",
+    "StreamPos",
+    "TidingsError",
+    "WorkQueue",
+    "__version__",
+]

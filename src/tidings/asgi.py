@@ -1,0 +1,291 @@
+"""ASGI endpoints: the native protocol at ``/ws`` and the raw streams (SPEC 6).
+
+Endpoints are plain ASGI apps (no per-message Starlette wrapper), mounted by
+:func:`build_router` together with the HTTP API. Each connection runs one
+reader (this coroutine) and one writer task (in :class:`Connection`); no
+endpoint ever blocks on a queue, so shutdown never waits on an idle consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+from starlette.routing import Route, Router, WebSocketRoute
+
+from tidings.connection import Connection, ConnectionKind
+from tidings.dispatch import handle_command, send_error
+from tidings.exceptions import HubError
+from tidings.protocol.codes import CloseCode, ErrorCode
+from tidings.protocol.errors import ProtocolError
+from tidings.protocol.names import validate_channel, validate_pattern
+from tidings.protocol.native import decode_command, dumps, encode_welcome, loads
+from tidings.queue import Consumer, QueueItem
+
+if TYPE_CHECKING:
+    from tidings.hub import Hub
+
+__all__ = ["build_router", "serve_native", "welcome_frame"]
+
+log = logging.getLogger("tidings.asgi")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+def welcome_frame(hub: Hub, conn: Connection) -> str:
+    from tidings._version import __version__
+
+    return encode_welcome(conn.conn_id, hub.node, __version__, conn.user).decode()
+
+
+def _query(scope: Scope) -> dict[str, str]:
+    raw = scope.get("query_string", b"").decode("latin-1")
+    return {k: v[-1] for k, v in parse_qs(raw).items()}
+
+
+async def _accept(hub: Hub, receive: Receive, send: Send) -> bool:
+    """Complete the handshake; refuse (close 1013) while the hub is not running."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return False
+    if not hub.running:
+        await send({"type": "websocket.close", "code": CloseCode.TRY_AGAIN_LATER})
+        return False
+    await send({"type": "websocket.accept"})
+    return True
+
+
+async def _refuse(send: Send, code: int, reason: str) -> None:
+    await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
+
+
+async def _receive(receive: Receive, conn: Connection, idle: float | None) -> Message | None:
+    """Next client frame, or None when the socket is gone or went idle."""
+    if idle:
+        try:
+            message = await asyncio.wait_for(receive(), idle)
+        except TimeoutError:
+            conn.close(CloseCode.NORMAL, "idle timeout")
+            return None
+    else:
+        message = await receive()
+    if message["type"] == "websocket.disconnect":
+        return None
+    return message
+
+
+def _payload(message: Message) -> str | bytes | None:
+    text = message.get("text")
+    return text if text is not None else message.get("bytes")
+
+
+async def serve_native(hub: Hub, conn: Connection, receive: Receive) -> None:
+    """Run the native protocol on ``conn`` until the client goes away."""
+    limits = hub.limits
+    loop = asyncio.get_running_loop()
+    while not conn.closed:
+        message = await _receive(receive, conn, limits.idle_timeout)
+        if message is None:
+            return
+        data = _payload(message)
+        if data is None:
+            continue
+        if len(data) > limits.frame_hard:
+            hub.stats.errors["frame_hard_limit"] += 1
+            conn.close(CloseCode.MESSAGE_TOO_BIG, "frame above the hard size limit", flush=False)
+            return
+        if not conn.allow_frame(loop.time()):
+            send_error(hub, conn, None, ErrorCode.RATE_LIMITED, "too many frames per second")
+            if conn.violations >= limits.max_violations:
+                conn.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded repeatedly")
+                return
+            continue
+        if len(data) > limits.frame_soft:
+            send_error(hub, conn, None, ErrorCode.TOO_LARGE,
+                       f"frame larger than {limits.frame_soft} bytes")
+            continue
+        try:
+            cmd = decode_command(data, max_depth=limits.max_depth, max_name=limits.max_name)
+        except ProtocolError as exc:
+            send_error(hub, conn, exc.id, exc.code, exc.message)
+            continue
+        await handle_command(hub, conn, cmd)
+
+
+class _Endpoint:
+    """Base of the websocket endpoints: accept, register, always unregister."""
+
+    kind = ConnectionKind.RAW
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not await _accept(self.hub, receive, send):
+            return
+        try:
+            conn = self.hub.register(send, kind=self.kind)
+        except HubError:
+            await _refuse(send, CloseCode.TRY_AGAIN_LATER, "server not running")
+            return
+        try:
+            await self.run(scope, receive, conn)
+        finally:
+            await conn.wait_closed(0.5)
+            await self.hub.unregister(conn)
+
+    async def run(self, scope: Scope, receive: Receive, conn: Connection) -> None:
+        raise NotImplementedError
+
+
+class NativeEndpoint(_Endpoint):
+    kind = ConnectionKind.NATIVE
+
+    async def run(self, scope: Scope, receive: Receive, conn: Connection) -> None:
+        conn.send_frame(welcome_frame(self.hub, conn))
+        await serve_native(self.hub, conn, receive)
+
+
+def _raw_data(payload: str | bytes) -> Any:
+    """A raw frame as a publication value: JSON as parsed, other text as a string."""
+    if isinstance(payload, bytes):
+        return payload
+    try:
+        return loads(payload)
+    except ProtocolError:
+        return payload
+
+
+class PubEndpoint(_Endpoint):
+    """``/ws/pub/{channel}``: every frame is published to the channel."""
+
+    async def run(self, scope: Scope, receive: Receive, conn: Connection) -> None:
+        hub = self.hub
+        try:
+            channel = validate_channel(scope["path_params"]["channel"], hub.limits.max_name)
+        except ProtocolError as exc:
+            conn.close(CloseCode.POLICY_VIOLATION, exc.message)
+            return
+        if channel.startswith("$"):
+            conn.close(CloseCode.POLICY_VIOLATION, "'$' channels are reserved to the server")
+            return
+        ack = _query(scope).get("ack") in ("1", "true")
+        while not conn.closed:
+            message = await _receive(receive, conn, hub.limits.idle_timeout)
+            if message is None:
+                return
+            payload = _payload(message)
+            if payload is None:
+                continue
+            if len(payload) > hub.limits.frame_hard:
+                conn.close(CloseCode.MESSAGE_TOO_BIG, "frame above the hard size limit",
+                           flush=False)
+                return
+            pub = await hub.publish(channel, _raw_data(payload), sender=conn.conn_id)
+            if ack:
+                conn.send_frame(dumps({"offset": pub.offset, "epoch": pub.epoch}).decode())
+
+
+class SubEndpoint(_Endpoint):
+    """``/ws/sub/{pattern}``: each matching publication's data, one frame each."""
+
+    async def run(self, scope: Scope, receive: Receive, conn: Connection) -> None:
+        hub = self.hub
+        try:
+            pattern = validate_pattern(scope["path_params"]["pattern"], hub.limits.max_name)
+        except ProtocolError as exc:
+            conn.close(CloseCode.POLICY_VIOLATION, exc.message)
+            return
+        await hub.subscribe(conn, pattern)
+        while await _receive(receive, conn, None) is not None:
+            pass  # frames from a raw subscriber are ignored
+
+
+class PushEndpoint(_Endpoint):
+    """``/ws/push/{queue}``: each frame becomes one queue item."""
+
+    async def run(self, scope: Scope, receive: Receive, conn: Connection) -> None:
+        hub = self.hub
+        queue = hub.queue(scope["path_params"]["queue"])
+        ack = _query(scope).get("ack") in ("1", "true")
+        while True:
+            message = await _receive(receive, conn, hub.limits.idle_timeout)
+            if message is None:
+                return
+            payload = _payload(message)
+            if payload is None:
+                continue
+            item_id = await queue.push(_raw_data(payload))
+            if ack:
+                conn.send_frame(dumps({"item": item_id}).decode())
+
+
+class PullEndpoint(_Endpoint):
+    """``/ws/pull/{queue}``: items one frame each; acked when written, or by
+    ``{"ack": true}`` frames with ``?ack=manual`` (oldest unacked first)."""
+
+    async def run(self, scope: Scope, receive: Receive, conn: Connection) -> None:
+        hub = self.hub
+        queue = hub.queue(scope["path_params"]["queue"])
+        params = _query(scope)
+        manual = params.get("ack") == "manual"
+        try:
+            max_in_flight = max(1, min(10_000, int(params.get("max", "1" if manual else "64"))))
+        except ValueError:
+            conn.close(CloseCode.POLICY_VIOLATION, "max must be an integer")
+            return
+        order: list[str] = []  # in-flight item ids, oldest first (manual mode)
+
+        def deliver(item: QueueItem) -> None:
+            data = item.data
+            payload = data if isinstance(data, bytes) else dumps(data).decode()
+            if manual:
+                order.append(item.id)
+                conn.send_frame(payload)
+            else:
+                item_id = item.id
+                conn.send_frame(payload, on_sent=lambda: queue.ack(item_id) and None)
+
+        consumer = Consumer(deliver, max_in_flight, owner=conn)
+        queue.add_consumer(consumer)
+        while True:
+            message = await _receive(receive, conn, None)
+            if message is None:
+                return
+            if not manual:
+                continue
+            payload = _payload(message)
+            try:
+                acked = payload is not None and loads(payload) == {"ack": True}
+            except ProtocolError:
+                acked = False
+            if not acked:
+                send_error(hub, conn, None, ErrorCode.BAD_REQUEST, 'expected {"ack": true}')
+                continue
+            while order and not queue.holds(conn, order[0]):
+                order.pop(0)  # taken back (timeout) meanwhile
+            if order:
+                queue.ack(order.pop(0))
+
+
+def build_router(hub: Hub) -> Router:
+    """Every route of a hub, flat, so FastAPI's ``include_router`` and
+    Starlette's ``Mount`` both accept it."""
+    from tidings.server.api import api_endpoint, health_endpoint, metrics_endpoint
+
+    return Router(routes=[
+        WebSocketRoute("/ws", NativeEndpoint(hub), name="tidings_ws"),
+        WebSocketRoute("/ws/pub/{channel:path}", PubEndpoint(hub), name="tidings_pub"),
+        WebSocketRoute("/ws/sub/{pattern:path}", SubEndpoint(hub), name="tidings_sub"),
+        WebSocketRoute("/ws/push/{queue:path}", PushEndpoint(hub), name="tidings_push"),
+        WebSocketRoute("/ws/pull/{queue:path}", PullEndpoint(hub), name="tidings_pull"),
+        Route("/api/{method}", api_endpoint(hub), methods=["POST"], name="tidings_api"),
+        Route("/health", health_endpoint(hub), methods=["GET"], name="tidings_health"),
+        Route("/metrics", metrics_endpoint(hub), methods=["GET"], name="tidings_metrics"),
+    ])

@@ -1,0 +1,48 @@
+"""Brokers, chosen by URL scheme and imported lazily so drivers stay optional."""
+
+from __future__ import annotations
+
+import importlib
+from urllib.parse import urlsplit
+
+from tidings.brokers.base import (
+    Broker,
+    BrokerHandler,
+    BrokerHealth,
+    HistoryOptions,
+    HistoryStore,
+    PresenceStore,
+)
+
+__all__ = [
+    "Broker",
+    "BrokerHandler",
+    "BrokerHealth",
+    "HistoryOptions",
+    "HistoryStore",
+    "PresenceStore",
+    "create_broker",
+]
+
+# scheme -> (module, class, pip extra)
+_BACKENDS: dict[str, tuple[str, str, str]] = {
+    "memory": ("tidings.brokers.memory", "MemoryBroker", ""),
+}
+
+
+def create_broker(url: str) -> Broker:
+    """Build the broker for ``url`` (``memory://`` by default)."""
+    scheme = urlsplit(url).scheme or url.rstrip(":/")
+    try:
+        module_name, class_name, extra = _BACKENDS[scheme]
+    except KeyError:
+        known = ", ".join(f"{s}://" for s in sorted(_BACKENDS))
+        raise ValueError(f"unknown broker URL scheme {scheme!r} in {url!r}; known: {known}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(
+            f"the {scheme}:// broker needs extra packages: pip install 'tidings[{extra}]' ({exc})"
+        ) from exc
+    broker: Broker = getattr(module, class_name)(url)
+    return broker

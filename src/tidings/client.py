@@ -1,0 +1,9 @@
+"""Placeholder replaced below."""
+
+from __future__ import annotations
+
+__all__ = ["Client"]
+
+
+class Client:
+    pass

@@ -1,0 +1,387 @@
+"""One websocket session: its subscriptions and its bounded outbox.
+
+Delivery never awaits: the hub appends an already-encoded frame (the same
+``str`` object for every subscriber of a publication) to each connection's
+outbox and returns. One writer task per connection drains the outbox into
+the ASGI ``send``. When the outbox passes its limits (frames or bytes) the
+policy applies: ``disconnect`` closes with 1013 so the client reconnects and
+recovers from history; ``drop`` discards the oldest publications and tells the
+client with a ``lagged`` frame. Replies and other control frames are never
+dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from tidings.protocol.codes import CloseCode
+from tidings.protocol.native import dumps, encode_lagged
+from tidings.types import Publication
+
+if TYPE_CHECKING:
+    from tidings.config import Limits
+    from tidings.hub import Hub
+
+__all__ = ["Connection", "ConnectionKind"]
+
+log = logging.getLogger("tidings.connection")
+
+ASGISend = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class ConnectionKind(Enum):
+    NATIVE = "native"  # /ws: JSON frames with an envelope
+    RAW = "raw"  # /ws/sub, /ws/pull: data only
+    APP = "app"  # hub.accept(): publications go to ``async for`` in user code
+
+
+class _Control:
+    """A frame that must not be dropped, optionally with a callback once written."""
+
+    __slots__ = ("on_sent", "payload")
+
+    def __init__(self, payload: str | bytes, on_sent: Callable[[], None] | None = None) -> None:
+        self.payload = payload
+        self.on_sent = on_sent
+
+
+_Entry = str | bytes | _Control
+
+
+class Connection:
+    """A client connection held by this node."""
+
+    __slots__ = (
+        "__weakref__",
+        "_app_queue",
+        "_app_waiter",
+        "_close",
+        "_closed",
+        "_dropped_total",
+        "_lagged",
+        "_out",
+        "_out_bytes",
+        "_pending",
+        "_tokens",
+        "_tokens_at",
+        "_violations",
+        "_send",
+        "_waiter",
+        "_writer",
+        "conn_id",
+        "hub",
+        "info",
+        "join_leave",
+        "kind",
+        "limits",
+        "subs",
+        "user",
+    )
+
+    def __init__(
+        self,
+        hub: Hub,
+        conn_id: str,
+        send: ASGISend,
+        *,
+        kind: ConnectionKind = ConnectionKind.NATIVE,
+        user: str | None = None,
+        info: Any = None,
+    ) -> None:
+        self.hub = hub
+        self.conn_id = conn_id
+        self.user = user
+        self.info = info
+        self.kind = kind
+        self.limits: Limits = hub.limits
+        self.subs: set[str] = set()
+        self.join_leave: set[str] = set()  # patterns subscribed with join_leave
+        self._send = send
+        self._out: deque[_Entry] = deque()
+        self._out_bytes = 0
+        self._lagged = 0
+        self._dropped_total = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._close: tuple[int, str] | None = None
+        self._closed = False
+        self._app_queue: deque[Publication] | None = None
+        self._app_waiter: asyncio.Future[None] | None = None
+        self._pending: list[Publication] | None = None
+        self._tokens = float(self.limits.burst or self.limits.rate or 0)
+        self._tokens_at = 0.0
+        self._violations = 0
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.conn_id} user={self.user!r} subs={len(self.subs)}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._close is not None
+
+    @property
+    def dropped(self) -> int:
+        """Publications dropped for this connection so far (``drop`` policy)."""
+        return self._dropped_total
+
+    # -- delivery (hot path: no await, no allocation per subscriber) ----------
+
+    def deliver(self, pub: Publication) -> None:
+        """Queue a publication. Called by the hub for every matching connection."""
+        if self._close is not None:
+            return
+        if self._pending is not None:
+            self._pending.append(pub)
+            if len(self._pending) > self.limits.outbox_size:
+                self._overflow_pending()
+            return
+        kind = self.kind
+        if kind is ConnectionKind.NATIVE:
+            payload: str | bytes = pub.frame
+        elif kind is ConnectionKind.RAW:
+            payload = pub.raw
+        else:
+            self._deliver_app(pub)
+            return
+        out = self._out
+        out.append(payload)
+        self._out_bytes += len(payload)
+        limits = self.limits
+        if len(out) > limits.outbox_size or self._out_bytes > limits.outbox_bytes:
+            self._overflow()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def hold(self) -> None:
+        """Buffer publications (while a subscribe reply is being prepared)."""
+        if self._pending is None:
+            self._pending = []
+
+    def release(self, after: dict[str, int] | None = None) -> None:
+        """Deliver what was held, skipping what ``after`` says was replayed.
+
+        ``after`` maps a channel to the last offset already sent in a reply, so
+        nothing arrives twice or out of order across the replay -> live switch.
+        """
+        pending, self._pending = self._pending, None
+        if not pending:
+            return
+        for pub in pending:
+            if after is not None:
+                top = after.get(pub.channel)
+                if top is not None and pub.offset <= top:
+                    continue
+            self.deliver(pub)
+
+    def _overflow_pending(self) -> None:
+        if self.limits.overflow == "disconnect":
+            self._pending = None
+            self.close(CloseCode.TRY_AGAIN_LATER, "outbox overflow", flush=False)
+        elif self._pending:
+            self._pending.pop(0)
+            self._lagged += 1
+            self._dropped_total += 1
+            self.hub.stats.dropped += 1
+
+    def allow_frame(self, now: float) -> bool:
+        """Token bucket of ``Limits.rate`` frames per second; True if this frame may pass."""
+        rate = self.limits.rate
+        if rate is None:
+            return True
+        burst = float(self.limits.burst or rate)
+        self._tokens = min(burst, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            self._violations = 0
+            return True
+        self._violations += 1
+        return False
+
+    @property
+    def violations(self) -> int:
+        return self._violations
+
+    def send_frame(self, payload: str | bytes, on_sent: Callable[[], None] | None = None) -> None:
+        """Queue a control frame (reply, error, message, item): never dropped."""
+        if self._close is not None:
+            return
+        self._out.append(_Control(payload, on_sent) if on_sent is not None else _Control(payload))
+        self._out_bytes += len(payload)
+        limits = self.limits
+        if len(self._out) > limits.outbox_size * 2 or self._out_bytes > limits.outbox_bytes * 2:
+            # a client that sends requests but never reads its replies
+            self.close(CloseCode.TRY_AGAIN_LATER, "outbox overflow", flush=False)
+            return
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def send_json(self, data: Any) -> None:
+        """Queue any JSON value as one text frame."""
+        self.send_frame(dumps(data).decode())
+
+    def _overflow(self) -> None:
+        self.hub.stats.overflows += 1
+        if self.limits.overflow == "disconnect":
+            self.close(CloseCode.TRY_AGAIN_LATER, "outbox overflow", flush=False)
+            return
+        out = self._out
+        limits = self.limits
+        kept: deque[_Entry] = deque()
+        dropped = 0
+        while out and (
+            len(out) + len(kept) > limits.outbox_size
+            or self._out_bytes > limits.outbox_bytes
+        ):
+            entry = out.popleft()
+            if isinstance(entry, _Control):
+                kept.append(entry)
+                continue
+            self._out_bytes -= len(entry)
+            dropped += 1
+        if kept:
+            out.extendleft(reversed(kept))
+        self._lagged += dropped
+        self._dropped_total += dropped
+        self.hub.stats.dropped += dropped
+        if dropped == 0:  # only control frames left and still over: give up
+            self.close(CloseCode.TRY_AGAIN_LATER, "outbox overflow", flush=False)
+
+    # -- app mode: ``async for pub in conn`` ------------------------------------
+
+    def _deliver_app(self, pub: Publication) -> None:
+        queue = self._app_queue
+        if queue is None:
+            queue = self._app_queue = deque()
+        queue.append(pub)
+        if len(queue) > self.limits.outbox_size:
+            if self.limits.overflow == "disconnect":
+                self.close(CloseCode.TRY_AGAIN_LATER, "outbox overflow", flush=False)
+            else:
+                queue.popleft()
+                self._dropped_total += 1
+                self.hub.stats.dropped += 1
+        waiter = self._app_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def __aiter__(self) -> AsyncIterator[Publication]:
+        """Publications of this connection's subscriptions, for custom endpoints."""
+        self.kind = ConnectionKind.APP
+        loop = asyncio.get_running_loop()
+        while True:
+            queue = self._app_queue
+            if queue:
+                yield queue.popleft()
+                continue
+            if self.closed:
+                return
+            self._app_waiter = loop.create_future()
+            try:
+                await self._app_waiter
+            finally:
+                self._app_waiter = None
+
+    # -- subscriptions ---------------------------------------------------------
+
+    async def subscribe(self, pattern: str, *, join_leave: bool = False) -> None:
+        """Subscribe this connection to a channel or pattern (hub-side API)."""
+        await self.hub.subscribe(self, pattern, join_leave=join_leave)
+
+    async def unsubscribe(self, pattern: str) -> None:
+        await self.hub.unsubscribe(self, pattern)
+
+    # -- writer --------------------------------------------------------------
+
+    def start_writer(self) -> None:
+        self._writer = asyncio.get_running_loop().create_task(
+            self._write_loop(), name=f"tidings-writer-{self.conn_id}"
+        )
+
+    async def _write_loop(self) -> None:
+        send = self._send
+        out = self._out
+        loop = asyncio.get_running_loop()
+        native = self.kind is ConnectionKind.NATIVE
+        try:
+            while True:
+                if not out:
+                    if self._close is not None:
+                        break
+                    self._waiter = loop.create_future()
+                    await self._waiter
+                    self._waiter = None
+                    continue
+                if self._lagged and native:
+                    lagged, self._lagged = self._lagged, 0
+                    await send({"type": "websocket.send", "text": encode_lagged(lagged).decode()})
+                entry = out.popleft()
+                if isinstance(entry, _Control):
+                    payload = entry.payload
+                    self._out_bytes -= len(payload)
+                    if isinstance(payload, str):
+                        await send({"type": "websocket.send", "text": payload})
+                    else:
+                        await send({"type": "websocket.send", "bytes": payload})
+                    if entry.on_sent is not None:
+                        entry.on_sent()
+                    continue
+                self._out_bytes -= len(entry)
+                if isinstance(entry, str):
+                    await send({"type": "websocket.send", "text": entry})
+                else:
+                    await send({"type": "websocket.send", "bytes": entry})
+            code, reason = self._close
+            await send({"type": "websocket.close", "code": code, "reason": reason})
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the peer went away mid-write
+            log.debug("writer of %s ended: %r", self.conn_id, exc)
+        finally:
+            self._closed = True
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "", *, flush: bool = True) -> None:
+        """Close the connection: after the queued frames (``flush``) or at once."""
+        if self._close is not None:
+            return
+        self._close = (int(code), reason[:120])
+        if not flush:
+            self._out.clear()
+            self._out_bytes = 0
+            if self._app_queue:
+                self._app_queue.clear()
+        for waiter in (self._waiter, self._app_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        if self._writer is None and self.kind is not ConnectionKind.APP:
+            self._closed = True
+
+    async def wait_closed(self, timeout: float) -> None:
+        """Wait for the writer to send the close frame (bounded)."""
+        writer = self._writer
+        if writer is None or writer.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(writer), timeout)
+        except (TimeoutError, asyncio.CancelledError):
+            writer.cancel()
+
+    def abort(self) -> None:
+        """Stop the writer now (the socket is gone)."""
+        self._close = self._close or (CloseCode.NORMAL, "")
+        self._closed = True
+        self._out.clear()
+        self._out_bytes = 0
+        writer = self._writer
+        if writer is not None and not writer.done():
+            writer.cancel()
+        for waiter in (self._waiter, self._app_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)

@@ -1,0 +1,503 @@
+"""The hub: the public API of tidings, one per process (node).
+
+It owns the local connections and their subscription index, talks to one
+broker, and fans publications out: each publication is encoded once and the
+same frame is appended to every matching connection's outbox, without
+awaiting any of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from tidings._version import __version__
+from tidings.brokers import Broker, BrokerHealth, create_broker
+from tidings.config import HistoryConfig, HistoryRule, Limits
+from tidings.connection import Connection, ConnectionKind
+from tidings.exceptions import HubError
+from tidings.index import SubscriptionIndex
+from tidings.protocol.codes import CloseCode
+from tidings.protocol.names import is_pattern, pattern_matches, validate_channel, validate_pattern
+from tidings.protocol.native import StreamPos, dumps, encode_join_leave, encode_message, loads
+from tidings.queue import WorkQueue, WorkQueues
+from tidings.types import HistoryPage, Member, Publication
+
+if TYPE_CHECKING:
+    from starlette.routing import Router
+    from starlette.websockets import WebSocket
+
+__all__ = ["Hub", "HubStats", "PermissionHook"]
+
+log = logging.getLogger("tidings.hub")
+
+PermissionHook = Callable[[Connection, str], bool | Awaitable[bool]]
+
+
+class HubStats:
+    """Plain counters, read by ``/metrics`` at scrape time (cheap on the hot path)."""
+
+    __slots__ = ("deliveries", "dropped", "errors", "messages", "overflows",
+                 "publications_in", "publications_out")
+
+    def __init__(self) -> None:
+        self.publications_in = 0  # publish calls on this node
+        self.publications_out = 0  # publications received from the broker
+        self.deliveries = 0  # publication frames queued to connections
+        self.messages = 0  # direct messages queued to connections
+        self.dropped = 0
+        self.overflows = 0
+        self.errors: Counter[str] = Counter()
+
+
+class Hub:
+    """Real-time channels for one process. See the README for a tour.
+
+    ``broker`` is a URL (``memory://``, ``redis://...``) or a Broker object.
+    History keeps ``history_size`` publications for ``history_ttl`` seconds per
+    channel (0 turns it off); ``history_rules`` override that per pattern.
+    """
+
+    def __init__(
+        self,
+        broker: str | Broker = "memory://",
+        *,
+        node: str | None = None,
+        history_size: int = 1000,
+        history_ttl: float = 600.0,
+        history_rules: Iterable[HistoryRule] = (),
+        limits: Limits | None = None,
+        presence: bool = True,
+        queue_visibility_timeout: float = 30.0,
+        queue_max_attempts: int = 5,
+        can_subscribe: PermissionHook | None = None,
+        can_publish: PermissionHook | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        self.broker: Broker = create_broker(broker) if isinstance(broker, str) else broker
+        self.node = node or secrets.token_hex(4)
+        if "." in self.node:
+            raise ValueError("node ids must not contain '.'")
+        self.history_config = HistoryConfig(history_size, history_ttl, list(history_rules))
+        self.limits = limits or Limits()
+        self.presence_enabled = presence
+        self.can_subscribe = can_subscribe
+        self.can_publish = can_publish
+        self.api_key = api_key
+        self.stats = HubStats()
+        self.index: SubscriptionIndex[Connection] = SubscriptionIndex()
+        self.connections: dict[str, Connection] = {}
+        self.users: dict[str, set[Connection]] = {}
+        self.queues = WorkQueues(
+            self.node, visibility_timeout=queue_visibility_timeout,
+            max_attempts=queue_max_attempts,
+        )
+        self._broker_patterns: set[str] = set()
+        self._interest_lock = asyncio.Lock()
+        self._health = BrokerHealth(False, "not started")
+        self._started = False
+        self._closing = False
+        self._router: Router | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect the broker. Idempotent."""
+        if self._started:
+            return
+        self._closing = False
+        await self.broker.connect(self.node, self)
+        self._started = True
+        log.info("tidings node %s started on %s", self.node, self.broker.url)
+
+    async def stop(self, *, timeout: float = 2.0) -> None:
+        """Close every connection with 1001, wake blocked consumers, close the broker."""
+        if not self._started:
+            return
+        self._closing = True
+        await self.close_all(CloseCode.GOING_AWAY, "server shutting down", timeout=timeout)
+        self.queues.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.broker.close()
+        self._started = False
+        log.info("tidings node %s stopped", self.node)
+
+    async def close_all(self, code: int = CloseCode.GOING_AWAY, reason: str = "",
+                        *, timeout: float = 2.0) -> None:
+        """Close every local connection after its queued frames; wait up to ``timeout``."""
+        conns = list(self.connections.values())
+        for conn in conns:
+            conn.close(code, reason)
+        if conns:
+            await asyncio.gather(*(conn.wait_closed(timeout) for conn in conns))
+
+    async def __aenter__(self) -> Hub:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """``FastAPI(lifespan=hub.lifespan)``: start the broker, stop it on shutdown."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    @property
+    def router(self) -> Router:
+        """Routes to mount: ``/ws``, the raw streams, ``/api/...``, ``/health``, ``/metrics``."""
+        if self._router is None:
+            from tidings.asgi import build_router
+
+            self._router = build_router(self)
+        return self._router
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("background task of node %s failed", self.node)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- connections -------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True between ``start()`` and ``stop()``."""
+        return self._started and not self._closing
+
+    def _require_started(self) -> None:
+        if not self._started or self._closing:
+            raise HubError("the hub is not running: use hub.lifespan, `async with hub`, "
+                           "or await hub.start()")
+
+    def register(
+        self,
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+        *,
+        kind: ConnectionKind = ConnectionKind.NATIVE,
+        user: str | None = None,
+        info: Any = None,
+    ) -> Connection:
+        """Create a connection for an accepted websocket and start its writer."""
+        self._require_started()
+        conn = Connection(self, f"{self.node}.{secrets.token_urlsafe(6)}", send,
+                          kind=kind, user=user, info=info)
+        self.connections[conn.conn_id] = conn
+        if user is not None:
+            self.users.setdefault(user, set()).add(conn)
+        conn.start_writer()
+        return conn
+
+    async def unregister(self, conn: Connection) -> None:
+        """Forget a connection: its subscriptions, presence, queue leases."""
+        if self.connections.pop(conn.conn_id, None) is None:
+            return
+        conn.abort()
+        if conn.user is not None:
+            same = self.users.get(conn.user)
+            if same is not None:
+                same.discard(conn)
+                if not same:
+                    del self.users[conn.user]
+        for queue in list(self.queues.queues.values()):
+            queue.remove_owner(conn)
+        for pattern in list(conn.subs):
+            await self._drop_subscription(conn, pattern)
+
+    @asynccontextmanager
+    async def accept(
+        self, ws: WebSocket, *, user: str | None = None, info: Any = None
+    ) -> AsyncIterator[Connection]:
+        """Accept a websocket in your own endpoint and get a hub connection.
+
+        ``async for pub in conn`` yields publications of its subscriptions; or
+        call ``await hub.serve(conn, ws.receive)`` to run the native protocol.
+        """
+        from tidings.asgi import welcome_frame
+
+        await ws.accept()
+        conn = self.register(ws.send, kind=ConnectionKind.APP, user=user, info=info)
+        conn.send_frame(welcome_frame(self, conn))
+        try:
+            yield conn
+        finally:
+            conn.close(CloseCode.NORMAL)
+            await conn.wait_closed(1.0)
+            await self.unregister(conn)
+
+    # -- subscriptions -----------------------------------------------------------------
+
+    async def subscribe(self, conn: Connection, pattern: str, *, join_leave: bool = False) -> None:
+        """Subscribe ``conn``; subscribes at the broker on the first local subscriber."""
+        validate_pattern(pattern, self.limits.max_name)
+        if join_leave:
+            conn.join_leave.add(pattern)
+        else:
+            conn.join_leave.discard(pattern)
+        if pattern in conn.subs:
+            return
+        conn.subs.add(pattern)
+        if self.index.add(pattern, conn):
+            await self._sync_interest(pattern)
+        if self.presence_enabled and not is_pattern(pattern) and hasattr(self.broker, "add_member"):
+            await self.broker.add_member(pattern, Member(conn.conn_id, conn.user, conn.info))
+            await self.broker.publish_event(
+                pattern, encode_join_leave("join", pattern, conn.conn_id, conn.user).decode()
+            )
+
+    async def unsubscribe(self, conn: Connection, pattern: str) -> bool:
+        """Unsubscribe ``conn``; False if it was not subscribed."""
+        if pattern not in conn.subs:
+            return False
+        await self._drop_subscription(conn, pattern)
+        return True
+
+    async def _drop_subscription(self, conn: Connection, pattern: str) -> None:
+        conn.subs.discard(pattern)
+        conn.join_leave.discard(pattern)
+        if self.index.remove(pattern, conn):
+            await self._sync_interest(pattern)
+        if self.presence_enabled and not is_pattern(pattern) and hasattr(self.broker, "add_member"):
+            try:
+                await self.broker.remove_member(pattern, conn.conn_id)
+                await self.broker.publish_event(
+                    pattern, encode_join_leave("leave", pattern, conn.conn_id, conn.user).decode()
+                )
+            except Exception:  # broker down: the member expires there by TTL
+                log.debug("presence leave of %s in %s not recorded", conn.conn_id, pattern)
+
+    async def _sync_interest(self, pattern: str) -> None:
+        """Make the broker subscription of ``pattern`` match local interest."""
+        async with self._interest_lock:
+            want = self.index.has(pattern)
+            have = pattern in self._broker_patterns
+            if want and not have:
+                self._broker_patterns.add(pattern)
+                await self.broker.subscribe(pattern)
+            elif have and not want:
+                self._broker_patterns.discard(pattern)
+                await self.broker.unsubscribe(pattern)
+
+    # -- publishing --------------------------------------------------------------------
+
+    async def publish(self, channel: str, data: Any, *, sender: str | None = None) -> Publication:
+        """Publish to a channel on every node; returns it with its offset and epoch."""
+        self._require_started()
+        validate_channel(channel, self.limits.max_name)
+        self.stats.publications_in += 1
+        return await self.broker.publish(
+            channel, data, sender=sender, history=self.history_config.options(channel)
+        )
+
+    def on_publication(self, pub: Publication) -> None:
+        """Broker callback: fan a publication out to the local subscribers."""
+        self.stats.publications_out += 1
+        conns = self.index.match(pub.channel)
+        if not conns:
+            return
+        pub.frame  # noqa: B018 - encode once, before the loop
+        for conn in conns:
+            conn.deliver(pub)
+        self.stats.deliveries += len(conns)
+
+    def on_event(self, channel: str, frame: str) -> None:
+        """Broker callback: join/leave frames for subscribers that asked for them."""
+        for conn in self.index.match(channel):
+            if conn.kind is ConnectionKind.NATIVE and any(
+                pattern_matches(p, channel) for p in conn.join_leave
+            ):
+                conn.send_frame(frame)
+
+    def on_broker_state(self, health: BrokerHealth) -> None:
+        if health.up != self._health.up:
+            if health.up:
+                log.warning("broker %s is up", self.broker.url)
+            else:
+                log.warning("broker %s is down: %s", self.broker.url, health.reason)
+        self._health = health
+
+    def health(self) -> BrokerHealth:
+        return self.broker.health() if self._started else BrokerHealth(False, "not started")
+
+    # -- direct messages ---------------------------------------------------------------
+
+    async def send(self, to: str | Iterable[str], data: Any, *, sender: str = "server") -> int:
+        """Send ``data`` as a ``message`` frame to one or many conn_ids on any node.
+
+        Returns how many of the targets exist locally or were routed to another
+        node (a remote target's existence is not checked synchronously).
+        """
+        self._require_started()
+        targets = [to] if isinstance(to, str) else list(to)
+        local: list[Connection] = []
+        remote: dict[str, list[str]] = {}
+        for conn_id in targets:
+            node = conn_id.partition(".")[0]
+            if node == self.node:
+                conn = self.connections.get(conn_id)
+                if conn is not None:
+                    local.append(conn)
+            elif node:
+                remote.setdefault(node, []).append(conn_id)
+        if local:
+            frame = encode_message(sender, data).decode()
+            for conn in local:
+                conn.send_frame(frame)
+            self.stats.messages += len(local)
+        for node, ids in remote.items():
+            await self.broker.send_node(
+                node, dumps({"k": "send", "to": ids, "from": sender, "data": data})
+            )
+        return len(local) + sum(len(ids) for ids in remote.values())
+
+    async def send_user(self, user: str, data: Any, *, sender: str = "server") -> None:
+        """Send to every connection of ``user`` on every node."""
+        self._require_started()
+        await self.broker.send_all(dumps({"k": "user", "user": user, "from": sender,
+                                          "data": data}))
+
+    async def broadcast(self, data: Any, *, sender: str = "server") -> None:
+        """Send a ``message`` frame to every native connection on every node."""
+        self._require_started()
+        await self.broker.send_all(dumps({"k": "all", "from": sender, "data": data}))
+
+    async def disconnect(self, user: str, *, code: int = CloseCode.NORMAL,
+                         reason: str = "disconnected by server") -> None:
+        """Close every connection of ``user`` on every node."""
+        self._require_started()
+        await self.broker.send_all(dumps({"k": "disconnect", "user": user, "code": code,
+                                          "reason": reason}))
+
+    async def subscribe_user(self, user: str, channel: str) -> None:
+        """Subscribe every connection of ``user``, on every node, to ``channel``."""
+        self._require_started()
+        validate_pattern(channel, self.limits.max_name)
+        await self.broker.send_all(dumps({"k": "sub", "user": user, "channel": channel}))
+
+    async def unsubscribe_user(self, user: str, channel: str) -> None:
+        """Unsubscribe every connection of ``user``, on every node, from ``channel``."""
+        self._require_started()
+        await self.broker.send_all(dumps({"k": "unsub", "user": user, "channel": channel}))
+
+    def on_node_message(self, payload: bytes) -> None:
+        """Broker callback: a direct message, a broadcast, or a disconnect order."""
+        try:
+            msg = loads(payload)
+            kind = msg["k"]
+        except Exception:
+            log.warning("node %s got a malformed node message", self.node)
+            return
+        if kind == "disconnect":
+            for conn in list(self.users.get(msg["user"], ())):
+                conn.close(msg.get("code", CloseCode.NORMAL), msg.get("reason", ""))
+            return
+        if kind in ("sub", "unsub"):
+            for conn in list(self.users.get(msg["user"], ())):
+                if kind == "sub":
+                    self._spawn(self.subscribe(conn, msg["channel"]))
+                else:
+                    self._spawn(self.unsubscribe(conn, msg["channel"]))
+            return
+        if kind == "send":
+            conns = [c for c in map(self.connections.get, msg["to"]) if c is not None]
+        elif kind == "user":
+            conns = list(self.users.get(msg["user"], ()))
+        elif kind == "all":
+            conns = [c for c in self.connections.values() if c.kind is not ConnectionKind.RAW]
+        else:
+            return
+        if conns:
+            frame = encode_message(msg.get("from", "server"), msg.get("data")).decode()
+            for conn in conns:
+                conn.send_frame(frame)
+            self.stats.messages += len(conns)
+
+    # -- presence and history -------------------------------------------------------------
+
+    async def presence(self, channel: str) -> list[Member]:
+        """Members of ``channel`` across every node."""
+        validate_channel(channel, self.limits.max_name)
+        members: Callable[[str], Awaitable[list[Member]]] | None = getattr(
+            self.broker, "members", None
+        )
+        return await members(channel) if members is not None else []
+
+    async def presence_stats(self, channel: str) -> dict[str, int]:
+        members = await self.presence(channel)
+        return {"num_clients": len(members),
+                "num_users": len({m.user for m in members if m.user is not None})}
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: StreamPos | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> HistoryPage:
+        """Kept publications of ``channel`` after ``since``, and its current position."""
+        validate_channel(channel, self.limits.max_name)
+        history = getattr(self.broker, "history", None)
+        if history is None:
+            pos = StreamPos(0, "")
+            return HistoryPage([], pos.offset, pos.epoch, since is None)
+        page: HistoryPage = await history(channel, since=since, limit=limit, reverse=reverse)
+        return page
+
+    async def remove_history(self, channel: str) -> None:
+        validate_channel(channel, self.limits.max_name)
+        remove = getattr(self.broker, "remove_history", None)
+        if remove is not None:
+            await remove(channel)
+
+    async def position(self, channel: str) -> StreamPos:
+        position = getattr(self.broker, "position", None)
+        if position is None:
+            return StreamPos(0, "")
+        pos: StreamPos = await position(channel)
+        return pos
+
+    # -- queues and introspection ----------------------------------------------------------
+
+    def queue(self, name: str) -> WorkQueue:
+        """The work queue ``name`` (created on first use)."""
+        if not name or len(name) > self.limits.max_name:
+            raise ValueError(f"queue names are 1-{self.limits.max_name} characters")
+        return self.queues.get(name)
+
+    def channels(self, pattern: str | None = None) -> dict[str, int]:
+        """Channels and patterns with local subscribers, and how many each."""
+        out: dict[str, int] = {}
+        for name in self.index.names():
+            if pattern is None or pattern_matches(pattern, name) or pattern == name:
+                out[name] = self.index.subscribers(name)
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "uid": self.node,
+            "name": self.node,
+            "version": __version__,
+            "num_clients": len(self.connections),
+            "num_users": len(self.users),
+            "num_subs": sum(len(c.subs) for c in self.connections.values()),
+            "num_channels": len(self.index),
+        }

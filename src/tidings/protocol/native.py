@@ -1,0 +1,383 @@
+"""The native JSON protocol of ``/ws`` (SPEC 6.1), sans-I/O.
+
+``decode_command`` turns one received frame (text or bytes) into a typed
+command or raises :class:`ProtocolError`, and nothing else, whatever the input.
+The ``encode_*`` functions build server frames as UTF-8 JSON bytes. Nothing in
+here touches a socket or an event loop, so it can be fuzzed and benchmarked
+alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from tidings.protocol.codes import ErrorCode
+from tidings.protocol.errors import ProtocolError
+from tidings.protocol.names import validate_channel, validate_pattern
+
+__all__ = [
+    "Ack",
+    "Command",
+    "Connect",
+    "History",
+    "Nack",
+    "Ping",
+    "Presence",
+    "PresenceStats",
+    "Publish",
+    "Pull",
+    "RequestId",
+    "Send",
+    "StreamPos",
+    "Subscribe",
+    "Unsubscribe",
+    "decode_command",
+    "dumps",
+    "encode_error",
+    "encode_item",
+    "encode_join_leave",
+    "encode_lagged",
+    "encode_message",
+    "encode_pong",
+    "encode_publication",
+    "encode_reply",
+    "encode_welcome",
+    "loads",
+]
+
+RequestId = int | str | None
+
+MAX_DEPTH: Final = 64  # JSON nesting accepted in client frames
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPos:
+    """A position in a channel's stream: the last offset seen and its epoch."""
+
+    offset: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    id: RequestId
+    channel: str  # a channel or a pattern
+    recover: StreamPos | None = None
+    join_leave: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    id: RequestId
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    id: RequestId
+    channel: str
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    id: RequestId
+    to: tuple[str, ...]
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    id: RequestId
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceStats:
+    id: RequestId
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    id: RequestId
+    channel: str
+    since: StreamPos | None = None
+    limit: int | None = None
+    reverse: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Pull:
+    id: RequestId
+    queue: str
+    max: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    id: RequestId
+    queue: str
+    item: str
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    id: RequestId
+    queue: str
+    item: str
+    delay: float = 0.0
+    requeue: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    id: RequestId
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    id: RequestId
+    token: str
+
+
+Command = (
+    Subscribe
+    | Unsubscribe
+    | Publish
+    | Send
+    | Presence
+    | PresenceStats
+    | History
+    | Pull
+    | Ack
+    | Nack
+    | Ping
+    | Connect
+)
+
+
+def loads(frame: str | bytes) -> Any:
+    """Parse JSON, mapping every failure onto ``bad_request``."""
+    try:
+        return orjson.loads(frame)
+    except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"frame is not valid JSON: {exc}") from None
+
+
+def dumps(value: Any) -> bytes:
+    """Serialize to compact JSON bytes (non-str dict keys are stringified)."""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+
+
+def _depth_ok(value: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in item)
+    return True
+
+
+def _req_id(obj: dict[str, Any]) -> RequestId:
+    rid = obj.get("id")
+    if rid is None or (isinstance(rid, (int, str)) and not isinstance(rid, bool)):
+        return rid
+    raise ProtocolError(ErrorCode.BAD_REQUEST, "'id' must be an integer or a string")
+
+
+def _field(obj: dict[str, Any], name: str, rid: RequestId) -> Any:
+    if name not in obj:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"missing field '{name}'", rid)
+    return obj[name]
+
+
+def _str_field(obj: dict[str, Any], name: str, rid: RequestId) -> str:
+    value = _field(obj, name, rid)
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{name}' must be a non-empty string", rid)
+    return value
+
+
+def _int_field(
+    obj: dict[str, Any], name: str, rid: RequestId, default: int | None, lo: int, hi: int
+) -> int | None:
+    value = obj.get(name, default)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"'{name}' must be an integer in [{lo}, {hi}]", rid
+        )
+    return value
+
+
+def _bool_field(obj: dict[str, Any], name: str, rid: RequestId) -> bool:
+    value = obj.get(name, False)
+    if not isinstance(value, bool):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{name}' must be a boolean", rid)
+    return value
+
+
+def _pos_field(obj: dict[str, Any], name: str, rid: RequestId) -> StreamPos | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{name}' must be {{offset, epoch}}", rid)
+    offset = value.get("offset")
+    epoch = value.get("epoch", "")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{name}.offset' must be an integer >= 0", rid)
+    if not isinstance(epoch, str):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{name}.epoch' must be a string", rid)
+    return StreamPos(offset, epoch)
+
+
+def _channel(obj: dict[str, Any], rid: RequestId, max_length: int) -> str:
+    try:
+        return validate_channel(_field(obj, "channel", rid), max_length)
+    except ProtocolError as exc:
+        exc.id = rid
+        raise
+
+
+def _pattern(obj: dict[str, Any], rid: RequestId, max_length: int) -> str:
+    try:
+        return validate_pattern(_field(obj, "channel", rid), max_length)
+    except ProtocolError as exc:
+        exc.id = rid
+        raise
+
+
+def decode_command(
+    frame: str | bytes, *, max_depth: int = MAX_DEPTH, max_name: int = 255
+) -> Command:
+    """Decode one client frame. Raises only :class:`ProtocolError`."""
+    obj = loads(frame)
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "frame must be a JSON object")
+    rid = _req_id(obj)
+    if not _depth_ok(obj, max_depth):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"JSON nested deeper than {max_depth}", rid)
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "missing field 'type'", rid)
+    if kind == "publish":
+        return Publish(rid, _channel(obj, rid, max_name), _field(obj, "data", rid))
+    if kind == "subscribe":
+        return Subscribe(
+            rid,
+            _pattern(obj, rid, max_name),
+            _pos_field(obj, "recover", rid),
+            _bool_field(obj, "join_leave", rid),
+        )
+    if kind == "unsubscribe":
+        return Unsubscribe(rid, _pattern(obj, rid, max_name))
+    if kind == "ping":
+        return Ping(rid)
+    if kind == "send":
+        to = _field(obj, "to", rid)
+        targets = (to,) if isinstance(to, str) else to
+        if (
+            not isinstance(targets, (list, tuple))
+            or not targets
+            or not all(isinstance(t, str) and t for t in targets)
+        ):
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, "'to' must be a conn_id or a non-empty list of them", rid
+            )
+        return Send(rid, tuple(targets), _field(obj, "data", rid))
+    if kind == "presence":
+        return Presence(rid, _channel(obj, rid, max_name))
+    if kind == "presence_stats":
+        return PresenceStats(rid, _channel(obj, rid, max_name))
+    if kind == "history":
+        return History(
+            rid,
+            _channel(obj, rid, max_name),
+            _pos_field(obj, "since", rid),
+            _int_field(obj, "limit", rid, None, 0, 1_000_000),
+            _bool_field(obj, "reverse", rid),
+        )
+    if kind == "pull":
+        max_ = _int_field(obj, "max", rid, 1, 1, 10_000)
+        return Pull(rid, _str_field(obj, "queue", rid), max_ if max_ is not None else 1)
+    if kind == "ack":
+        return Ack(rid, _str_field(obj, "queue", rid), _str_field(obj, "item", rid))
+    if kind == "nack":
+        delay = obj.get("delay", 0)
+        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not 0 <= delay < 1e6:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'delay' must be seconds >= 0", rid)
+        requeue = obj.get("requeue", True)
+        if not isinstance(requeue, bool):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'requeue' must be a boolean", rid)
+        return Nack(
+            rid,
+            _str_field(obj, "queue", rid),
+            _str_field(obj, "item", rid),
+            float(delay),
+            requeue,
+        )
+    if kind == "connect":
+        return Connect(rid, _str_field(obj, "token", rid))
+    raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {kind[:64]!r}", rid)
+
+
+# --- server frames -----------------------------------------------------------
+
+
+def encode_welcome(conn_id: str, node: str, version: str, user: str | None) -> bytes:
+    frame: dict[str, Any] = {"type": "welcome", "conn_id": conn_id, "node": node,
+                             "version": version}
+    if user is not None:
+        frame["user"] = user
+    return dumps(frame)
+
+
+def encode_reply(rid: RequestId, result: Any) -> bytes:
+    return dumps({"type": "reply", "id": rid, "result": result})
+
+
+def encode_error(rid: RequestId, code: ErrorCode | str, message: str) -> bytes:
+    return dumps({"type": "error", "id": rid, "code": str(code), "message": message})
+
+
+def encode_publication(
+    channel: str, data: Any, offset: int, epoch: str, sender: str | None, ts: int
+) -> bytes:
+    frame: dict[str, Any] = {"type": "publication", "channel": channel, "data": data,
+                             "offset": offset, "epoch": epoch, "ts": ts}
+    if sender is not None:
+        frame["sender"] = sender
+    return dumps(frame)
+
+
+def encode_message(sender: str, data: Any) -> bytes:
+    return dumps({"type": "message", "from": sender, "data": data})
+
+
+def encode_join_leave(kind: str, channel: str, conn_id: str, user: str | None) -> bytes:
+    return dumps({"type": kind, "channel": channel, "member": {"conn_id": conn_id, "user": user}})
+
+
+def encode_item(queue: str, item: str, data: Any, attempt: int) -> bytes:
+    return dumps({"type": "item", "queue": queue, "item": item, "data": data,
+                  "attempt": attempt})
+
+
+def encode_lagged(dropped: int) -> bytes:
+    return dumps({"type": "lagged", "dropped": dropped})
+
+
+def encode_pong(rid: RequestId) -> bytes:
+    return dumps({"type": "pong", "id": rid})

@@ -1,0 +1,327 @@
+"""HTTP API (SPEC 5), in Centrifugo's request/response shapes so ``cent`` works.
+
+``POST /api/<method>`` with a JSON object; ``{"result": ...}`` or
+``{"error": {"code": N, "message": ...}}``. Malformed requests get HTTP 400,
+unknown methods 404, a wrong API key 401; never a 5xx for bad input.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from tidings.protocol.errors import ProtocolError
+from tidings.protocol.native import StreamPos, loads
+
+if TYPE_CHECKING:
+    from tidings.hub import Hub
+
+__all__ = ["ApiError", "api_endpoint", "health_endpoint", "metrics_endpoint"]
+
+log = logging.getLogger("tidings.api")
+
+# Centrifugo's API error codes
+INTERNAL, UNAUTHORIZED, UNKNOWN_CHANNEL, PERMISSION_DENIED = 100, 101, 102, 103
+METHOD_NOT_FOUND, BAD_REQUEST, NOT_AVAILABLE, UNRECOVERABLE = 104, 107, 108, 112
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, message: str, status: int = 200) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(BAD_REQUEST, message, 400)
+
+
+def _str(params: dict[str, Any], name: str) -> str:
+    value = params.get(name)
+    if not isinstance(value, str) or not value:
+        raise _bad(f"'{name}' must be a non-empty string")
+    return value
+
+
+def _data(params: dict[str, Any]) -> Any:
+    if "b64data" in params:
+        try:
+            return base64.b64decode(_str(params, "b64data"), validate=True)
+        except (binascii.Error, ValueError):
+            raise _bad("'b64data' is not valid base64") from None
+    if "data" not in params:
+        raise _bad("missing field 'data'")
+    return params["data"]
+
+
+async def _publish(hub: Hub, params: dict[str, Any]) -> dict[str, Any]:
+    pub = await hub.publish(_str(params, "channel"), _data(params))
+    return {"offset": pub.offset, "epoch": pub.epoch}
+
+
+async def _broadcast(hub: Hub, params: dict[str, Any]) -> dict[str, Any]:
+    channels = params.get("channels")
+    if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
+        raise _bad("'channels' must be a list of strings")
+    data = _data(params)
+    responses: list[dict[str, Any]] = []
+    for channel in channels:
+        try:
+            pub = await hub.publish(channel, data)
+        except ProtocolError as exc:
+            responses.append({"error": {"code": BAD_REQUEST, "message": exc.message}})
+        else:
+            responses.append({"result": {"offset": pub.offset, "epoch": pub.epoch}})
+    return {"responses": responses}
+
+
+async def _subscribe(hub: Hub, params: dict[str, Any]) -> dict[str, Any]:
+    await hub.subscribe_user(_str(params, "user"), _str(params, "channel"))
+    return {}
+
+
+async def _unsubscribe(hub: Hub, params: dict[str, Any]) -> dict[str, Any]:
+    await hub.unsubscribe_user(_str(params, "user"), _str(params, "channel"))
+    return {}
+
+
+async def _disconnect(hub: Hub, params: dict[str, Any]) -> dict[str, Any]:
+    await hub.disconnect(_str(params, "user"))
+    return {}
+
+
+async def _presence(hub: Hub, params: dict[str, Any]) -> dict[str, Any]:
+    members = await hub.presence(_str(params, "channel"))
+    return {"presence": {
+        m.conn_id: {"client": m.conn_id, "user": m.user or "", "conn_info": m.info}
+        for m in members
+    }}
+
+
+async def _presence_stats(hub: Hub, params: dict[str, Any]) -> dict[str, Any]:
+    return await hub.presence_stats(_str(params, "channel"))
+
+
+def _since(params: dict[str, Any]) -> StreamPos | None:
+    since = params.get("since")
+    if since is None:
+        return None
+    if not isinstance(since, dict):
+        raise _bad("'since' must be {offset, epoch}")
+    offset, epoch = since.get("offset", 0), since.get("epoch", "")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise _bad("'since.offset' must be an integer >= 0")
+    if not isinstance(epoch, str):
+        raise _bad("'since.epoch' must be a string")
+    return StreamPos(offset, epoch)
+
+
+async def _history(hub: Hub, params: dict[str, Any]) -> dict[str, Any]:
+    # Centrifugo semantics: no limit (or 0) -> only the stream position; -1 -> all.
+    limit = params.get("limit", 0)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < -1:
+        raise _bad("'limit' must be an integer >= -1")
+    since = _since(params)
+    reverse = params.get("reverse", False)
+    if not isinstance(reverse, bool):
+        raise _bad("'reverse' must be a boolean")
+    page = await hub.history(
+        _str(params, "channel"), since=since, limit=None if limit == -1 else limit,
+        reverse=reverse,
+    )
+    if since is not None and not page.recovered:
+        raise ApiError(UNRECOVERABLE, "unrecoverable position")
+    return {
+        "publications": [{"data": p.to_dict()["data"], "offset": p.offset}
+                         for p in page.publications],
+        "offset": page.offset,
+        "epoch": page.epoch,
+    }
+
+
+async def _history_remove(hub: Hub, params: dict[str, Any]) -> dict[str, Any]:
+    await hub.remove_history(_str(params, "channel"))
+    return {}
+
+
+async def _channels(hub: Hub, params: dict[str, Any]) -> dict[str, Any]:
+    pattern = params.get("pattern") or None
+    if pattern is not None and not isinstance(pattern, str):
+        raise _bad("'pattern' must be a string")
+    return {"channels": {name: {"num_clients": n} for name, n in hub.channels(pattern).items()}}
+
+
+async def _info(hub: Hub, params: dict[str, Any]) -> dict[str, Any]:
+    return {"nodes": [hub.info()]}
+
+
+async def _queue_stats(hub: Hub, params: dict[str, Any]) -> dict[str, Any]:
+    return hub.queue(_str(params, "queue")).stats()
+
+
+Method = Callable[["Hub", dict[str, Any]], Awaitable[dict[str, Any]]]
+
+METHODS: dict[str, Method] = {
+    "publish": _publish,
+    "broadcast": _broadcast,
+    "subscribe": _subscribe,
+    "unsubscribe": _unsubscribe,
+    "disconnect": _disconnect,
+    "presence": _presence,
+    "presence_stats": _presence_stats,
+    "history": _history,
+    "history_remove": _history_remove,
+    "channels": _channels,
+    "info": _info,
+    "queue_stats": _queue_stats,
+}
+
+
+async def _call(hub: Hub, method: str, params: Any) -> dict[str, Any]:
+    handler = METHODS.get(method)
+    if handler is None:
+        raise ApiError(METHOD_NOT_FOUND, f"method {method[:64]!r} not found", 404)
+    if not isinstance(params, dict):
+        raise _bad("the request body must be a JSON object")
+    try:
+        return await handler(hub, params)
+    except ProtocolError as exc:
+        raise _bad(exc.message) from None
+
+
+async def _batch(hub: Hub, params: Any) -> dict[str, Any]:
+    commands = params.get("commands") if isinstance(params, dict) else None
+    if not isinstance(commands, list):
+        raise _bad("'commands' must be a list")
+    replies: list[dict[str, Any]] = []
+    for command in commands:
+        if not isinstance(command, dict) or len(command) != 1:
+            replies.append({"error": {"code": BAD_REQUEST, "message": "bad command"}})
+            continue
+        ((method, sub_params),) = command.items()
+        try:
+            replies.append({method: await _call(hub, method, sub_params)})
+        except ApiError as exc:
+            replies.append({"error": {"code": exc.code, "message": exc.message}})
+    return {"replies": replies}
+
+
+def _authorized(hub: Hub, request: Request) -> bool:
+    if not hub.api_key:
+        return True
+    given = request.headers.get("x-api-key")
+    if given is None:
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        given = value.strip() if scheme.lower() == "apikey" else ""
+    return hmac.compare_digest(given.encode(), hub.api_key.encode())
+
+
+def _error(exc: ApiError) -> JSONResponse:
+    return JSONResponse({"error": {"code": exc.code, "message": exc.message}},
+                        status_code=exc.status)
+
+
+def api_endpoint(hub: Hub) -> Endpoint:
+    async def api(request: Request) -> Response:
+        if not _authorized(hub, request):
+            return _error(ApiError(UNAUTHORIZED, "unauthorized", 401))
+        method = request.path_params["method"]
+        try:
+            body = await request.body()
+            try:
+                params = loads(body) if body else {}
+            except ProtocolError:
+                raise _bad("the request body is not valid JSON") from None
+            if not hub.running:
+                raise ApiError(NOT_AVAILABLE, "server not running", 503)
+            if method == "batch":
+                return JSONResponse(await _batch(hub, params))
+            return JSONResponse({"result": await _call(hub, method, params)})
+        except ApiError as exc:
+            return _error(exc)
+        except Exception:
+            log.exception("API method %s failed", method[:64])
+            return _error(ApiError(INTERNAL, "internal error"))
+
+    return api
+
+
+def health_endpoint(hub: Hub) -> Endpoint:
+    async def health(request: Request) -> Response:
+        state = hub.health()
+        if state.up and hub.running:
+            return JSONResponse({"status": "ok", "broker": "up", "node": hub.node})
+        return JSONResponse(
+            {"status": "unavailable", "broker": "down", "node": hub.node,
+             "reason": state.reason or "not running"},
+            status_code=503,
+        )
+
+    return health
+
+
+class _HubCollector:
+    """Reads the hub's plain counters at scrape time."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def collect(self) -> Any:
+        hub, stats = self.hub, self.hub.stats
+        yield GaugeMetricFamily("tidings_connections", "Open websocket connections",
+                                value=len(hub.connections))
+        yield GaugeMetricFamily("tidings_subscriptions", "Subscriptions of local connections",
+                                value=sum(len(c.subs) for c in hub.connections.values()))
+        yield GaugeMetricFamily("tidings_broker_up", "1 if the broker is reachable",
+                                value=1 if hub.health().up else 0)
+        for name, doc, value in (
+            ("tidings_publications_in", "Publications published on this node",
+             stats.publications_in),
+            ("tidings_publications_out", "Publications received from the broker",
+             stats.publications_out),
+            ("tidings_deliveries", "Publication frames queued to connections", stats.deliveries),
+            ("tidings_messages", "Direct messages queued to connections", stats.messages),
+            ("tidings_dropped", "Publications dropped for slow connections", stats.dropped),
+            ("tidings_overflows", "Outbox overflows", stats.overflows),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        errors = CounterMetricFamily("tidings_errors", "Error frames sent, by code",
+                                     labels=["code"])
+        for code, n in sorted(stats.errors.items()):
+            errors.add_metric([code], n)
+        yield errors
+        qlen = GaugeMetricFamily("tidings_queue_length", "Items waiting", labels=["queue"])
+        qage = GaugeMetricFamily("tidings_queue_oldest_age_seconds", "Age of the oldest item",
+                                 labels=["queue"])
+        qfly = GaugeMetricFamily("tidings_queue_in_flight", "Items delivered, not acked",
+                                 labels=["queue"])
+        for name, queue in sorted(hub.queues.queues.items()):
+            qlen.add_metric([name], len(queue))
+            qage.add_metric([name], queue.oldest_age())
+            qfly.add_metric([name], queue.in_flight)
+        yield qlen
+        yield qage
+        yield qfly
+
+
+def metrics_endpoint(hub: Hub) -> Endpoint:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_HubCollector(hub))
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return metrics

@@ -1,0 +1,216 @@
+"""``tidings`` command line (SPEC 4). Every option also reads ``TIDINGS_<OPTION>``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import sys
+import tomllib
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tidings._version import __version__
+
+__all__ = ["main"]
+
+log = logging.getLogger("tidings.cli")
+
+
+def _env(option: str, default: Any = None) -> Any:
+    return os.environ.get("TIDINGS_" + option.upper().replace("-", "_"), default)
+
+
+def _add(parser: argparse.ArgumentParser, option: str, help: str, default: Any = None,
+         type: Any = str) -> None:
+    env = _env(option)
+    parser.add_argument(
+        f"--{option}", type=type, default=type(env) if env is not None else default,
+        help=f"{help} [env TIDINGS_{option.upper().replace('-', '_')}]",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tidings", description="Real-time channels server.")
+    parser.add_argument("--version", action="version", version=f"tidings {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the standalone server")
+    _add(serve, "host", "interface to bind", "127.0.0.1")
+    _add(serve, "port", "port to bind", 8000, int)
+    _add(serve, "broker", "broker URL (default: memory://, one process)", None)
+    _add(serve, "workers", "worker processes", 1, int)
+    _add(serve, "api-key", "key required by the HTTP API", None)
+    _add(serve, "jwt-secret", "HS256 secret; connections then need a JWT", None)
+    _add(serve, "config", "TOML or JSON file with any of these options and history rules", None)
+    _add(serve, "history-size", "publications kept per channel (0: off)", 1000, int)
+    _add(serve, "history-ttl", "seconds publications are kept (0: off)", 600.0, float)
+    _add(serve, "overflow", "slow-client policy: disconnect or drop", "disconnect")
+    _add(serve, "log-level", "debug, info, warning, error", "info")
+
+    pub = sub.add_parser("publish", help="publish one JSON value through the HTTP API")
+    pub.add_argument("channel")
+    pub.add_argument("data", help="a JSON value (plain text is sent as a string)")
+    _add(pub, "url", "server base URL", "http://127.0.0.1:8000")
+    _add(pub, "api-key", "HTTP API key", None)
+
+    subs = sub.add_parser("subscribe", help="print each publication as one JSON line")
+    subs.add_argument("pattern")
+    _add(subs, "url", "server base URL", "http://127.0.0.1:8000")
+
+    bench = sub.add_parser("bench", help="built-in load test (see benchmarks/)")
+    bench.add_argument("--quick", action="store_true", help="a run of under a minute")
+    bench.add_argument("--subscribers", type=int, nargs="*", default=None)
+    bench.add_argument("--json", dest="json_out", default=None, help="write results here")
+    return parser
+
+
+def _load_config(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    file = Path(path)
+    try:
+        text = file.read_text("utf-8")
+        data = tomllib.loads(text) if file.suffix == ".toml" else json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"tidings: cannot read config {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"tidings: config {path} must hold a table/object")
+    return data
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tidings.config import HistoryRule, Limits
+    from tidings.hub import Hub
+    from tidings.server.runner import run
+
+    config = _load_config(args.config)
+    for key, value in config.items():
+        attr = key.replace("-", "_")
+        if attr != "history" and hasattr(args, attr):
+            setattr(args, attr, value)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.workers < 1:
+        raise SystemExit("tidings: --workers must be >= 1")
+    if args.workers > 1:
+        raise SystemExit(
+            "tidings: --workers > 1 needs the single-host relay or a shared broker, "
+            "which this version does not ship yet; run one worker per port for now"
+        )
+    if args.jwt_secret:
+        raise SystemExit("tidings: --jwt-secret (JWT auth) is not available in this version yet")
+    if args.overflow not in ("disconnect", "drop"):
+        raise SystemExit("tidings: --overflow must be 'disconnect' or 'drop'")
+    try:
+        rules = [HistoryRule(r["pattern"], int(r["size"]), float(r["ttl"]))
+                 for r in config.get("history", [])]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SystemExit(f"tidings: bad [[history]] rule in config: {exc}") from None
+    try:
+        if not ipaddress.ip_address(args.host).is_loopback:
+            log.warning("binding %s with no authentication: anyone who can reach this "
+                        "address can subscribe and publish", args.host)
+    except ValueError:
+        log.warning("binding %s with no authentication", args.host)
+    try:
+        hub = Hub(args.broker or "memory://", history_size=args.history_size,
+                  history_ttl=args.history_ttl, history_rules=rules,
+                  limits=Limits(overflow=args.overflow), api_key=args.api_key)
+    except (ValueError, ImportError) as exc:
+        raise SystemExit(f"tidings: {exc}") from None
+    run(hub, host=args.host, port=args.port, log_level=args.log_level.lower())
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    try:
+        data = json.loads(args.data)
+    except ValueError:
+        data = args.data
+    body = json.dumps({"channel": args.channel, "data": data}).encode()
+    headers = {"Content-Type": "application/json"}
+    if args.api_key:
+        headers["X-API-Key"] = args.api_key
+    request = urllib.request.Request(args.url.rstrip("/") + "/api/publish", data=body,
+                                     headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            reply = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        print(f"tidings: HTTP {exc.code}: {exc.read().decode(errors='replace')}",
+              file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"tidings: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if "error" in reply:
+        print(f"tidings: {reply['error']}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply["result"]))
+    return 0
+
+
+def _ws_url(base: str) -> str:
+    base = base.rstrip("/")
+    if base.startswith("https://"):
+        return "wss://" + base[len("https://"):] + "/ws"
+    if base.startswith("http://"):
+        return "ws://" + base[len("http://"):] + "/ws"
+    return base + "/ws"
+
+
+async def _subscribe_loop(url: str, pattern: str) -> None:
+    from tidings.client import Client
+
+    async with Client(url) as client:
+        async with client.subscribe(pattern) as subscription:
+            async for pub in subscription:
+                print(json.dumps({"type": "publication", **pub.to_dict()}), flush=True)
+
+
+def _subscribe(args: argparse.Namespace) -> int:
+    try:
+        asyncio.run(_subscribe_loop(_ws_url(args.url), args.pattern))
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from benchmarks import fanout  # type: ignore[import-not-found]
+    except ImportError:
+        print("tidings bench: run it from a source checkout (benchmarks/ is not installed)",
+              file=sys.stderr)
+        return 2
+    argv = ["--quick"] if args.quick else []
+    if args.subscribers:
+        argv += ["--subscribers", *map(str, args.subscribers)]
+    if args.json_out:
+        argv += ["--json", args.json_out]
+    result: int = fanout.main(argv)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "publish":
+        return _publish(args)
+    if args.command == "subscribe":
+        return _subscribe(args)
+    if args.command == "bench":
+        return _bench(args)
+    return 2  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())
