@@ -328,8 +328,10 @@ class Hub:
 
     def on_broker_state(self, health: BrokerHealth) -> None:
         if health.up != self._health.up:
-            if health.up:
-                log.warning("broker %s is up", self.broker.url)
+            if health.up and self._health.reason == "not started":
+                log.debug("broker %s is up", self.broker.url)
+            elif health.up:
+                log.warning("broker %s is up again", self.broker.url)
             else:
                 log.warning("broker %s is down: %s", self.broker.url, health.reason)
         self._health = health

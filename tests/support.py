@@ -1,0 +1,191 @@
+"""Helpers for tests that run a real server: free ports, in-process uvicorn, subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import uvicorn
+import websockets
+
+from tidings import Hub
+from tidings.server.app import create_app
+
+TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def running(hub: Hub, app: Any = None) -> AsyncIterator[str]:
+    """Serve ``hub`` (or ``app``) with uvicorn in this event loop; yield the base URL."""
+    port = free_port()
+    config = uvicorn.Config(
+        app if app is not None else create_app(hub), host="127.0.0.1", port=port,
+        log_level="warning", ws="websockets-sansio", ws_per_message_deflate=False,
+        lifespan="on", ws_max_size=hub.limits.frame_hard,
+    )
+    server = uvicorn.Server(config)
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + TIMEOUT
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("server exited before starting")
+        if time.monotonic() > deadline:
+            raise TimeoutError("server did not start")
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, TIMEOUT)
+
+
+def ws_url(base: str, path: str = "/ws") -> str:
+    return "ws://" + base.removeprefix("http://") + path
+
+
+@contextlib.asynccontextmanager
+async def native(base: str, path: str = "/ws") -> AsyncIterator[NativeClient]:
+    async with websockets.connect(ws_url(base, path), max_size=None) as ws:
+        client = NativeClient(ws)
+        client.welcome = await client.recv()
+        assert client.welcome["type"] == "welcome"
+        yield client
+
+
+class NativeClient:
+    """A bare websocket speaking the native protocol, for protocol-level tests."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.welcome: dict[str, Any] = {}
+        self._next_id = 0
+
+    @property
+    def conn_id(self) -> str:
+        return str(self.welcome["conn_id"])
+
+    async def send(self, frame: dict[str, Any] | str | bytes) -> None:
+        await self.ws.send(frame if isinstance(frame, (str, bytes)) else json.dumps(frame))
+
+    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        frame: dict[str, Any] = json.loads(raw)
+        return frame
+
+    async def request(self, frame: dict[str, Any], timeout: float = TIMEOUT) -> dict[str, Any]:
+        """Send with a fresh id; return the reply/error/pong with that id (others are kept)."""
+        self._next_id += 1
+        rid = self._next_id
+        await self.send({**frame, "id": rid})
+        deadline = time.monotonic() + timeout
+        while True:
+            got = await self.recv(max(0.01, deadline - time.monotonic()))
+            if got.get("id") == rid and got["type"] in ("reply", "error", "pong"):
+                return got
+            self.pending.append(got)
+
+    @property
+    def pending(self) -> list[dict[str, Any]]:
+        if not hasattr(self, "_pending"):
+            self._pending: list[dict[str, Any]] = []
+        return self._pending
+
+    async def next(self, kind: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The next frame of type ``kind`` (pending frames first)."""
+        for i, frame in enumerate(self.pending):
+            if frame["type"] == kind:
+                return self.pending.pop(i)
+        deadline = time.monotonic() + timeout
+        while True:
+            got = await self.recv(max(0.01, deadline - time.monotonic()))
+            if got["type"] == kind:
+                return got
+            self.pending.append(got)
+
+
+def http_post(base: str, method: str, body: Any, headers: dict[str, str] | None = None
+              ) -> tuple[int, Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{base}/api/{method}", data=data, method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+async def apost(base: str, method: str, body: Any, headers: dict[str, str] | None = None
+                ) -> tuple[int, Any]:
+    return await asyncio.to_thread(http_post, base, method, body, headers)
+
+
+class ServeProcess:
+    """``tidings serve`` in a subprocess on a free port."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tidings.server.cli", "serve", "--port", str(self.port),
+             "--log-level", "warning", *args],
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            if self.proc.poll() is not None:
+                out = self.proc.stdout.read().decode() if self.proc.stdout else ""
+                raise RuntimeError(f"tidings serve exited with {self.proc.returncode}: {out}")
+            try:
+                with urllib.request.urlopen(self.base + "/health", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError("tidings serve did not become healthy")
+            time.sleep(0.05)
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def output(self) -> str:
+        return self.proc.stdout.read().decode() if self.proc.stdout else ""
+
+
+@contextlib.contextmanager
+def serve_process(*args: str, env: dict[str, str] | None = None) -> Iterator[ServeProcess]:
+    proc = ServeProcess(*args, env=env)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        if proc.proc.stdout:
+            proc.proc.stdout.close()
