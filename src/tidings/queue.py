@@ -59,6 +59,17 @@ class QueueItem:
         return f"QueueItem({self._queue.name!r}, {self.id!r}, attempts={self.attempts})"
 
 
+class _Waiter:
+    __slots__ = ("fut",)
+
+    def __init__(self) -> None:
+        self.fut: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        if self.fut is not None and not self.fut.done():
+            self.fut.set_result(None)
+
+
 class Consumer:
     """Something items are handed to: a websocket connection or a Python iterator."""
 
@@ -189,13 +200,11 @@ class WorkQueue:
         """
         inbox: deque[QueueItem] = deque()
         loop = asyncio.get_running_loop()
-        waiter: list[asyncio.Future[None] | None] = [None]
+        waiter = _Waiter()
 
         def deliver(item: QueueItem) -> None:
             inbox.append(item)
-            fut = waiter[0]
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+            waiter.wake()
 
         consumer = Consumer(deliver, max_in_flight)
         self._queues.waiters.add(waiter)
@@ -207,9 +216,9 @@ class WorkQueue:
                     if item.consumer is consumer:  # not taken back meanwhile
                         yield item
                     continue
-                waiter[0] = loop.create_future()
-                await waiter[0]
-                waiter[0] = None
+                waiter.fut = loop.create_future()
+                await waiter.fut
+                waiter.fut = None
         finally:
             self._queues.waiters.discard(waiter)
             self.remove_consumer(consumer)
@@ -330,7 +339,7 @@ class WorkQueues:
         self.max_attempts = max_attempts
         self.queues: dict[str, WorkQueue] = {}
         self.closed = False
-        self.waiters: set[Any] = set()
+        self.waiters: set[_Waiter] = set()
 
     def get(self, name: str) -> WorkQueue:
         queue = self.queues.get(name)
@@ -345,8 +354,6 @@ class WorkQueues:
         """Wake every blocked Python consumer so it returns; cancel timers."""
         self.closed = True
         for waiter in list(self.waiters):
-            fut = waiter[0]
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+            waiter.wake()
         for queue in self.queues.values():
             queue.close()
