@@ -189,3 +189,12 @@ def serve_process(*args: str, env: dict[str, str] | None = None) -> Iterator[Ser
         proc.kill()
         if proc.proc.stdout:
             proc.proc.stdout.close()
+
+
+async def wait_until(predicate: Any, timeout: float = TIMEOUT, what: str = "condition") -> None:
+    """Wait for ``predicate()`` to hold, checking each 10 ms; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)

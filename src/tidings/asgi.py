@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-from starlette.routing import Route, Router, WebSocketRoute
+from starlette.routing import BaseRoute, Route, Router, WebSocketRoute
 
 from tidings.connection import Connection, ConnectionKind
 from tidings.dispatch import handle_command, send_error
@@ -275,11 +275,12 @@ class PullEndpoint(_Endpoint):
 
 
 def build_router(hub: Hub) -> Router:
-    """Every route of a hub, flat, so FastAPI's ``include_router`` and
-    Starlette's ``Mount`` both accept it."""
+    """Every route of a hub, flat. A FastAPI ``APIRouter`` when FastAPI is
+    installed (``app.include_router(hub.router, prefix=...)``), else a Starlette
+    ``Router``; both mount with Starlette's ``Mount(prefix, app=hub.router)``."""
     from tidings.server.api import api_endpoint, health_endpoint, metrics_endpoint
 
-    return Router(routes=[
+    routes: list[BaseRoute] = [
         WebSocketRoute("/ws", NativeEndpoint(hub), name="tidings_ws"),
         WebSocketRoute("/ws/pub/{channel:path}", PubEndpoint(hub), name="tidings_pub"),
         WebSocketRoute("/ws/sub/{pattern:path}", SubEndpoint(hub), name="tidings_sub"),
@@ -288,4 +289,9 @@ def build_router(hub: Hub) -> Router:
         Route("/api/{method}", api_endpoint(hub), methods=["POST"], name="tidings_api"),
         Route("/health", health_endpoint(hub), methods=["GET"], name="tidings_health"),
         Route("/metrics", metrics_endpoint(hub), methods=["GET"], name="tidings_metrics"),
-    ])
+    ]
+    try:  # FastAPI's include_router wants its own router class
+        from fastapi import APIRouter
+    except ImportError:
+        return Router(routes=routes)
+    return APIRouter(routes=routes)

@@ -228,19 +228,33 @@ class Hub:
     ) -> AsyncIterator[Connection]:
         """Accept a websocket in your own endpoint and get a hub connection.
 
-        ``async for pub in conn`` yields publications of its subscriptions; or
-        call ``await hub.serve(conn, ws.receive)`` to run the native protocol.
+        ``async for pub in conn`` yields the publications of its subscriptions;
+        send to the client with ``conn.send_json``. The hub reads the socket
+        for you: client frames are native-protocol commands (subscribe, ping,
+        ...), and when the client goes away or the server shuts down the
+        connection closes, which ends the ``async for`` (no hang on shutdown).
         """
-        from tidings.asgi import welcome_frame
+        from tidings.asgi import serve_native, welcome_frame
 
         await ws.accept()
         conn = self.register(ws.send, kind=ConnectionKind.APP, user=user, info=info)
         conn.send_frame(welcome_frame(self, conn))
+
+        async def pump() -> None:
+            try:
+                await serve_native(self, conn, ws.receive)
+            except Exception as exc:  # the socket failed under us
+                log.debug("reader of %s ended: %r", conn.conn_id, exc)
+            finally:
+                conn.close(CloseCode.NORMAL)
+
+        reader = asyncio.get_running_loop().create_task(pump())
         try:
             yield conn
         finally:
             conn.close(CloseCode.NORMAL)
             await conn.wait_closed(1.0)
+            reader.cancel()
             await self.unregister(conn)
 
     # -- subscriptions -----------------------------------------------------------------

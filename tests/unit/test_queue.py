@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from tests.support import wait_until
 from tidings import Hub
 from tidings.queue import Consumer, QueueItem
 
@@ -60,11 +61,7 @@ async def test_visibility_timeout_then_dead_letter() -> None:
         await q.push("never acked")
         dead = hub.queue("jobs.dead")
 
-        async def until_dead() -> None:
-            while len(dead) == 0:
-                await asyncio.sleep(0.01)
-
-        await asyncio.wait_for(until_dead(), 5)
+        await wait_until(lambda: len(dead) == 1, 5)
         assert len(got) == 3  # delivered three times (the same item)
         assert got[-1].attempts == 3
         d = []
@@ -85,13 +82,8 @@ async def test_nack_with_delay_and_without_requeue(hub: Hub) -> None:
     assert q.nack(got[0].id, requeue=False)
     assert len(hub.queue("jobs.dead")) == 1
     assert q.nack(got[1].id, delay=0.05)
-    await asyncio.wait_for(_until(lambda: len(got) == 3), 5)
+    await wait_until(lambda: len(got) == 3, 5)
     assert got[2].data == "b"
-
-
-async def _until(predicate) -> None:  # type: ignore[no-untyped-def]
-    while not predicate():
-        await asyncio.sleep(0.01)
 
 
 async def test_python_consumer_ends_when_hub_stops() -> None:

@@ -1,0 +1,107 @@
+"""`tidings serve` as a process: shutdown, the CLI, the raw streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import websockets
+
+from tests.support import native, serve_process, ws_url
+
+
+async def test_sigterm_closes_sockets_1001_and_exits_0_with_blocked_consumers() -> None:
+    with serve_process() as server:
+        base = server.base
+        async with native(base) as sub, native(base) as puller:
+            await sub.request({"type": "subscribe", "channel": "x"})
+            pull = await puller.request({"type": "pull", "queue": "empty", "max": 1})
+            assert pull["type"] == "reply"
+            raw = await websockets.connect(ws_url(base, "/ws/pull/empty"))
+            started = time.monotonic()
+            code = await asyncio.to_thread(server.terminate, 10)
+            elapsed = time.monotonic() - started
+            assert code == 0, server.output()
+            assert elapsed < 5
+            for ws in (sub.ws, puller.ws, raw):
+                with pytest.raises(websockets.ConnectionClosed) as info:
+                    while True:
+                        await asyncio.wait_for(ws.recv(), 5)
+                assert info.value.rcvd is not None
+                assert info.value.rcvd.code == 1001
+
+
+def test_cli_publish_and_subscribe() -> None:
+    with serve_process() as server:
+        sub = subprocess.Popen(
+            [sys.executable, "-m", "tidings.server.cli", "subscribe", "news/#", "--url",
+             server.base], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            # publish until the subscriber has printed one line (it may still be connecting)
+            deadline = time.monotonic() + 20
+            line = ""
+            import selectors
+
+            sel = selectors.DefaultSelector()
+            assert sub.stdout is not None
+            sel.register(sub.stdout, selectors.EVENT_READ)
+            while not line and time.monotonic() < deadline:
+                out = subprocess.run(
+                    [sys.executable, "-m", "tidings.server.cli", "publish", "news/today",
+                     '{"n": 1}', "--url", server.base],
+                    capture_output=True, text=True, timeout=20, check=True,
+                )
+                assert json.loads(out.stdout)["offset"] >= 1
+                if sel.select(timeout=0.5):
+                    line = sub.stdout.readline()
+            frame = json.loads(line)
+            assert frame["type"] == "publication"
+            assert frame["channel"] == "news/today"
+            assert frame["data"] == {"n": 1}
+        finally:
+            sub.terminate()
+            sub.wait(10)
+
+
+def test_cli_publish_reports_unreachable_server() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "tidings.server.cli", "publish", "a", "1", "--url",
+         "http://127.0.0.1:9"], capture_output=True, text=True, timeout=30,
+    )
+    assert out.returncode == 1
+    assert "cannot reach" in out.stderr
+
+
+def test_env_vars_and_refused_options() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "tidings.server.cli", "serve"], capture_output=True, text=True,
+        timeout=30, env={"TIDINGS_WORKERS": "3", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode != 0
+    assert "--workers" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "tidings.server.cli", "serve", "--broker", "nope://x"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert out.returncode != 0
+    assert "unknown broker URL scheme" in out.stderr
+
+
+def test_api_key_from_environment() -> None:
+    from tests.support import http_post
+
+    with serve_process(env={"TIDINGS_API_KEY": "s3cret"}) as server:
+        status, body = http_post(server.base, "publish", {"channel": "a", "data": 1})
+        assert status == 401
+        assert body["error"]["code"] == 101
+        status, body = http_post(server.base, "publish", {"channel": "a", "data": 1},
+                                 {"X-API-Key": "s3cret"})
+        assert status == 200
+        status, body = http_post(server.base, "publish", {"channel": "a", "data": 1},
+                                 {"Authorization": "apikey s3cret"})
+        assert status == 200

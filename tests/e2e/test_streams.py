@@ -1,0 +1,108 @@
+"""Raw streams (SPEC 6.2) and work queues over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import websockets
+
+from tests.support import native, wait_until, ws_url
+
+
+async def test_raw_pub_to_raw_and_native_subscribers(server) -> None:
+    hub, base = server
+    async with websockets.connect(ws_url(base, "/ws/sub/sensors/+")) as raw_sub, \
+            native(base) as nat:
+        await nat.request({"type": "subscribe", "channel": "sensors/t1"})
+        await wait_until(lambda: hub.index.has("sensors/+"), what="raw subscription")
+        async with websockets.connect(ws_url(base, "/ws/pub/sensors/t1?ack=1")) as pub:
+            await pub.send('{"celsius": 21}')
+            assert json.loads(await asyncio.wait_for(pub.recv(), 5))["offset"] == 1
+            await pub.send("plain text")
+            assert json.loads(await asyncio.wait_for(pub.recv(), 5))["offset"] == 2
+            await pub.send(b"\x00\x01binary")
+            assert json.loads(await asyncio.wait_for(pub.recv(), 5))["offset"] == 3
+        assert json.loads(await asyncio.wait_for(raw_sub.recv(), 5)) == {"celsius": 21}
+        assert json.loads(await asyncio.wait_for(raw_sub.recv(), 5)) == "plain text"
+        assert await asyncio.wait_for(raw_sub.recv(), 5) == b"\x00\x01binary"
+        frames = [await nat.next("publication") for _ in range(3)]
+        assert [f["data"] for f in frames[:2]] == [{"celsius": 21}, "plain text"]
+        assert base64.b64decode(frames[2]["data"]["b64"]) == b"\x00\x01binary"
+
+
+async def test_raw_pub_refuses_bad_channel(server) -> None:
+    _, base = server
+    async with websockets.connect(ws_url(base, "/ws/pub/a/+")) as ws:
+        try:
+            await asyncio.wait_for(ws.recv(), 5)
+        except websockets.ConnectionClosed as exc:
+            assert exc.rcvd is not None and exc.rcvd.code == 1008
+
+
+async def test_producer_to_two_raw_pull_consumers_exactly_once(server) -> None:
+    hub, base = server
+    n = 400
+    received: list[list[int]] = [[], []]
+
+    async def consume(k: int, ws) -> None:  # type: ignore[no-untyped-def]
+        while True:
+            item = json.loads(await ws.recv())
+            received[k].append(item)
+            await ws.send('{"ack": true}')
+
+    async with websockets.connect(ws_url(base, "/ws/pull/jobs?ack=manual")) as c1, \
+            websockets.connect(ws_url(base, "/ws/pull/jobs?ack=manual")) as c2:
+        await wait_until(lambda: hub.queue("jobs").consumers == 2, what="2 consumers")
+        tasks = [asyncio.create_task(consume(0, c1)), asyncio.create_task(consume(1, c2))]
+        async with websockets.connect(ws_url(base, "/ws/push/jobs")) as producer:
+            for i in range(n):
+                await producer.send(json.dumps(i))
+        try:
+            await wait_until(lambda: len(received[0]) + len(received[1]) >= n)
+        finally:
+            for t in tasks:
+                t.cancel()
+        everything = received[0] + received[1]
+        assert sorted(everything) == list(range(n))  # each exactly once
+        assert received[0] and received[1]  # both consumers worked
+        assert received[0] == sorted(received[0])  # FIFO per consumer
+
+
+async def test_unacked_items_of_a_dropped_consumer_go_to_another(server) -> None:
+    hub, base = server
+    q = hub.queue("work")
+    async with native(base) as quitter:
+        await quitter.request({"type": "pull", "queue": "work", "max": 10})
+        for i in range(10):
+            await q.push(i)
+        held = [await quitter.next("item") for _ in range(10)]
+        assert [h["data"] for h in held] == list(range(10))
+    async with native(base) as heir:
+        await heir.request({"type": "pull", "queue": "work", "max": 10})
+        again = [await heir.next("item") for _ in range(10)]
+        assert [a["data"] for a in again] == list(range(10))
+        assert all(a["attempt"] == 2 for a in again)
+        for a in again:
+            assert (await heir.request({"type": "ack", "queue": "work",
+                                        "item": a["item"]}))["type"] == "reply"
+    assert len(q) == 0 and q.in_flight == 0
+
+
+async def test_native_pull_backpressure(server) -> None:
+    hub, base = server
+    q = hub.queue("slow")
+    async with native(base) as c:
+        await c.request({"type": "pull", "queue": "slow", "max": 1})
+        for i in range(3):
+            await q.push(i)
+        first = await c.next("item")
+        assert q.in_flight == 1 and len(q) == 2  # never 2 in flight
+        await c.request({"type": "ack", "queue": "slow", "item": first["item"]})
+        second = await c.next("item")
+        assert second["data"] == 1
+        nack = await c.request({"type": "nack", "queue": "slow", "item": second["item"]})
+        assert nack["type"] == "reply"
+        third = await c.next("item")
+        assert third["data"] == 2  # the nacked item went to the back
