@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -249,8 +250,7 @@ class PullEndpoint(_Endpoint):
                 order.append(item.id)
                 conn.send_frame(payload)
             else:
-                item_id = item.id
-                conn.send_frame(payload, on_sent=lambda: queue.ack(item_id) and None)
+                conn.send_frame(payload, on_sent=partial(queue.ack, item.id))
 
         consumer = Consumer(deliver, max_in_flight, owner=conn)
         queue.add_consumer(consumer)

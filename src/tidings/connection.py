@@ -45,7 +45,7 @@ class _Control:
 
     __slots__ = ("on_sent", "payload")
 
-    def __init__(self, payload: str | bytes, on_sent: Callable[[], None] | None = None) -> None:
+    def __init__(self, payload: str | bytes, on_sent: Callable[[], object] | None = None) -> None:
         self.payload = payload
         self.on_sent = on_sent
 
@@ -67,10 +67,10 @@ class Connection:
         "_out",
         "_out_bytes",
         "_pending",
+        "_send",
         "_tokens",
         "_tokens_at",
         "_violations",
-        "_send",
         "_waiter",
         "_writer",
         "conn_id",
@@ -208,7 +208,7 @@ class Connection:
     def violations(self) -> int:
         return self._violations
 
-    def send_frame(self, payload: str | bytes, on_sent: Callable[[], None] | None = None) -> None:
+    def send_frame(self, payload: str | bytes, on_sent: Callable[[], object] | None = None) -> None:
         """Queue a control frame (reply, error, message, item): never dropped."""
         if self._close is not None:
             return

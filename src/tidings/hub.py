@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from tidings._version import __version__
-from tidings.brokers import Broker, BrokerHealth, create_broker
+from tidings.brokers import Broker, BrokerHealth, HistoryStore, PresenceStore, create_broker
 from tidings.config import HistoryConfig, HistoryRule, Limits
 from tidings.connection import Connection, ConnectionKind
 from tidings.exceptions import HubError
@@ -80,12 +80,18 @@ class Hub:
         api_key: str | None = None,
     ) -> None:
         self.broker: Broker = create_broker(broker) if isinstance(broker, str) else broker
+        # optional capabilities of the broker
+        self._presence: PresenceStore | None = (
+            self.broker if isinstance(self.broker, PresenceStore) and presence else None
+        )
+        self._history: HistoryStore | None = (
+            self.broker if isinstance(self.broker, HistoryStore) else None
+        )
         self.node = node or secrets.token_hex(4)
         if "." in self.node:
             raise ValueError("node ids must not contain '.'")
         self.history_config = HistoryConfig(history_size, history_ttl, list(history_rules))
         self.limits = limits or Limits()
-        self.presence_enabled = presence
         self.can_subscribe = can_subscribe
         self.can_publish = can_publish
         self.api_key = api_key
@@ -271,8 +277,8 @@ class Hub:
         conn.subs.add(pattern)
         if self.index.add(pattern, conn):
             await self._sync_interest(pattern)
-        if self.presence_enabled and not is_pattern(pattern) and hasattr(self.broker, "add_member"):
-            await self.broker.add_member(pattern, Member(conn.conn_id, conn.user, conn.info))
+        if self._presence is not None and not is_pattern(pattern):
+            await self._presence.add_member(pattern, Member(conn.conn_id, conn.user, conn.info))
             await self.broker.publish_event(
                 pattern, encode_join_leave("join", pattern, conn.conn_id, conn.user).decode()
             )
@@ -289,9 +295,9 @@ class Hub:
         conn.join_leave.discard(pattern)
         if self.index.remove(pattern, conn):
             await self._sync_interest(pattern)
-        if self.presence_enabled and not is_pattern(pattern) and hasattr(self.broker, "add_member"):
+        if self._presence is not None and not is_pattern(pattern):
             try:
-                await self.broker.remove_member(pattern, conn.conn_id)
+                await self._presence.remove_member(pattern, conn.conn_id)
                 await self.broker.publish_event(
                     pattern, encode_join_leave("leave", pattern, conn.conn_id, conn.user).decode()
                 )
@@ -451,10 +457,9 @@ class Hub:
     async def presence(self, channel: str) -> list[Member]:
         """Members of ``channel`` across every node."""
         validate_channel(channel, self.limits.max_name)
-        members: Callable[[str], Awaitable[list[Member]]] | None = getattr(
-            self.broker, "members", None
-        )
-        return await members(channel) if members is not None else []
+        if self._presence is None:
+            return []
+        return await self._presence.members(channel)
 
     async def presence_stats(self, channel: str) -> dict[str, int]:
         members = await self.presence(channel)
@@ -471,25 +476,19 @@ class Hub:
     ) -> HistoryPage:
         """Kept publications of ``channel`` after ``since``, and its current position."""
         validate_channel(channel, self.limits.max_name)
-        history = getattr(self.broker, "history", None)
-        if history is None:
-            pos = StreamPos(0, "")
-            return HistoryPage([], pos.offset, pos.epoch, since is None)
-        page: HistoryPage = await history(channel, since=since, limit=limit, reverse=reverse)
-        return page
+        if self._history is None:
+            return HistoryPage([], 0, "", since is None)
+        return await self._history.history(channel, since=since, limit=limit, reverse=reverse)
 
     async def remove_history(self, channel: str) -> None:
         validate_channel(channel, self.limits.max_name)
-        remove = getattr(self.broker, "remove_history", None)
-        if remove is not None:
-            await remove(channel)
+        if self._history is not None:
+            await self._history.remove_history(channel)
 
     async def position(self, channel: str) -> StreamPos:
-        position = getattr(self.broker, "position", None)
-        if position is None:
+        if self._history is None:
             return StreamPos(0, "")
-        pos: StreamPos = await position(channel)
-        return pos
+        return await self._history.position(channel)
 
     # -- queues and introspection ----------------------------------------------------------
 

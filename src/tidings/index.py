@@ -38,7 +38,7 @@ class SubscriptionIndex(Generic[S]):
     last subscriber, which is what the hub needs to refcount broker interest.
     """
 
-    __slots__ = ("_exact", "_root", "_patterns")
+    __slots__ = ("_exact", "_patterns", "_root")
 
     def __init__(self) -> None:
         self._exact: dict[str, set[S]] = {}

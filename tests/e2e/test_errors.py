@@ -63,10 +63,9 @@ async def test_rate_limit_then_close_1008() -> None:
 
 async def test_frame_above_hard_limit_closes_1009() -> None:
     hub = Hub(limits=Limits(frame_soft=1000, frame_hard=10_000))
-    async with running(hub) as base:
-        async with websockets.connect(ws_url(base)) as ws:
+    async with running(hub) as base, websockets.connect(ws_url(base)) as ws:
+        await ws.recv()
+        await ws.send("x" * 20_000)
+        with pytest.raises(websockets.ConnectionClosed) as info:
             await ws.recv()
-            await ws.send("x" * 20_000)
-            with pytest.raises(websockets.ConnectionClosed) as info:
-                await ws.recv()
-            assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1009

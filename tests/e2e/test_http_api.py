@@ -16,7 +16,7 @@ def cent_client(base: str) -> cent.Client:
 
 
 async def test_cent_publish_reaches_a_native_subscriber(server) -> None:
-    hub, base = server
+    _hub, base = server
     async with native(base) as sub:
         await sub.request({"type": "subscribe", "channel": "orders/1", "join_leave": False})
         client = cent_client(base)
@@ -122,7 +122,7 @@ async def test_bad_requests_get_4xx_with_error_body(server, method, body, status
 
 
 async def test_health_and_metrics(server) -> None:
-    hub, base = server
+    _hub, base = server
     async with native(base) as a:
         await a.request({"type": "subscribe", "channel": "m"})
         await apost(base, "publish", {"channel": "m", "data": 1})

@@ -6,7 +6,7 @@ from tests.support import apost, native
 
 
 async def test_subscribe_publish_and_http_publish(server) -> None:
-    hub, base = server
+    _hub, base = server
     async with native(base) as a, native(base) as b:
         reply = await a.request({"type": "subscribe", "channel": "chat/+"})
         assert reply["type"] == "reply"

@@ -118,7 +118,7 @@ async def test_disconnect_policy_closes_1013() -> None:
         assert conn.closed
         sink.gate.set()
         await sink.wait_for(lambda f: any(x.get("type") == "websocket.close" for x in f))
-        close = [f for f in sink.frames if f.get("type") == "websocket.close"][0]
+        close = next(f for f in sink.frames if f.get("type") == "websocket.close")
         assert close["code"] == 1013
 
 
@@ -173,4 +173,5 @@ async def test_stop_closes_connections_with_1001() -> None:
     sink = Sink()
     hub.register(sink)
     await hub.stop()
-    assert {"type": "websocket.close", "code": 1001, "reason": "server shutting down"} in sink.frames
+    close = {"type": "websocket.close", "code": 1001, "reason": "server shutting down"}
+    assert close in sink.frames

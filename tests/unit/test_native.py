@@ -20,7 +20,8 @@ def test_decodes_every_command() -> None:
     assert decode({"type": "subscribe", "id": 1, "channel": "chat/+",
                    "recover": {"offset": 41, "epoch": "e1"}, "join_leave": True}) == n.Subscribe(
         1, "chat/+", n.StreamPos(41, "e1"), True)
-    assert decode({"type": "unsubscribe", "id": 2, "channel": "chat/+"}) == n.Unsubscribe(2, "chat/+")
+    assert decode({"type": "unsubscribe", "id": 2, "channel": "chat/+"}) == n.Unsubscribe(
+        2, "chat/+")
     assert decode({"type": "publish", "id": 3, "channel": "c", "data": {"t": 1}}) == n.Publish(
         3, "c", {"t": 1})
     assert decode({"type": "send", "id": 4, "to": "x.1", "data": 1}) == n.Send(4, ("x.1",), 1)
@@ -70,7 +71,8 @@ def test_depth_limit() -> None:
     for _ in range(100):
         deep = [deep]
     with pytest.raises(ProtocolError) as info:
-        n.decode_command(json.dumps({"type": "publish", "channel": "c", "data": deep}), max_depth=64)
+        n.decode_command(json.dumps({"type": "publish", "channel": "c", "data": deep}),
+                         max_depth=64)
     assert info.value.code is ErrorCode.BAD_REQUEST
     assert "deeper" in info.value.message
 

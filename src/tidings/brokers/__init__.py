@@ -37,7 +37,9 @@ def create_broker(url: str) -> Broker:
         module_name, class_name, extra = _BACKENDS[scheme]
     except KeyError:
         known = ", ".join(f"{s}://" for s in sorted(_BACKENDS))
-        raise ValueError(f"unknown broker URL scheme {scheme!r} in {url!r}; known: {known}")
+        raise ValueError(
+            f"unknown broker URL scheme {scheme!r} in {url!r}; known: {known}"
+        ) from None
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -129,6 +129,7 @@ class Broker(Protocol):
         """Current state, without I/O."""
 
 
+@runtime_checkable
 class HistoryStore(Protocol):
     """History and stream positions of channels."""
 
@@ -151,6 +152,7 @@ class HistoryStore(Protocol):
         """The channel's current (last offset, epoch)."""
 
 
+@runtime_checkable
 class PresenceStore(Protocol):
     """Who is in a channel, across every node."""
 

@@ -169,10 +169,9 @@ def _ws_url(base: str) -> str:
 async def _subscribe_loop(url: str, pattern: str) -> None:
     from tidings.client import Client
 
-    async with Client(url) as client:
-        async with client.subscribe(pattern) as subscription:
-            async for pub in subscription:
-                print(json.dumps({"type": "publication", **pub.to_dict()}), flush=True)
+    async with Client(url) as client, client.subscribe(pattern) as subscription:
+        async for pub in subscription:
+            print(json.dumps({"type": "publication", **pub.to_dict()}), flush=True)
 
 
 def _subscribe(args: argparse.Namespace) -> int:
@@ -185,7 +184,7 @@ def _subscribe(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     try:
-        from benchmarks import fanout  # type: ignore[import-not-found]
+        from benchmarks import fanout
     except ImportError:
         print("tidings bench: run it from a source checkout (benchmarks/ is not installed)",
               file=sys.stderr)
