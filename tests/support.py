@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import orjson
 import uvicorn
 import websockets
 
@@ -198,3 +199,32 @@ async def wait_until(predicate: Any, timeout: float = TIMEOUT, what: str = "cond
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+class Sink:
+    """An ASGI ``send`` that records frames; ``gate`` blocks writes (a stalled client)."""
+
+    def __init__(self) -> None:
+        self.frames: list[dict[str, Any]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.changed = asyncio.Event()
+
+    async def __call__(self, message: Any) -> None:
+        await self.gate.wait()
+        if message["type"] == "websocket.send":
+            self.frames.append(orjson.loads(message.get("text") or message["bytes"]))
+        else:
+            self.frames.append(dict(message))
+        self.changed.set()
+
+    async def wait_for(self, predicate: Any, timeout: float = 5.0) -> None:
+        async def loop() -> None:
+            while not predicate(self.frames):
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(loop(), timeout)
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f.get("type") == kind]
