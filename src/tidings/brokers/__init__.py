@@ -27,6 +27,8 @@ __all__ = [
 # scheme -> (module, class, pip extra)
 _BACKENDS: dict[str, tuple[str, str, str]] = {
     "memory": ("tidings.brokers.memory", "MemoryBroker", ""),
+    "redis": ("tidings.brokers.redis", "RedisBroker", "redis"),
+    "rediss": ("tidings.brokers.redis", "RedisBroker", "redis"),
 }
 
 

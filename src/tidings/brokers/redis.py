@@ -1,0 +1,547 @@
+"""``redis://`` (and ``rediss://``): publications over Redis pub/sub.
+
+URL: ``redis://host:6379/0?prefix=tidings&presence_ttl=30``.
+
+Design:
+
+- One Lua script per publication, one round trip: bump the channel's offset
+  (creating a new random epoch if the channel's state was lost: a Redis
+  restart without persistence, eviction, expiry), append to its history
+  stream (explicit stream id ``<offset>-1``, ``MAXLEN`` = history size,
+  ``PEXPIRE`` = history ttl) and ``PUBLISH`` the message, so history and live
+  never disagree and offsets are global across nodes. Publishes issued in the
+  same event-loop turn go out in one pipeline.
+- Interest routing: a node SUBSCRIBEs to exact channels and PSUBSCRIBEs to its
+  patterns mapped onto globs (``+`` -> ``*``, ``a/#`` -> ``a*``). A glob is
+  wider than the MQTT pattern, so every message is filtered exactly on receipt
+  and delivered once even when several subscriptions of the node match it.
+- Direct messages: each node SUBSCRIBEs to its own inbox channel and to one
+  channel shared by all nodes (``send_user``, ``broadcast``, ``disconnect``
+  go there and each node picks its own connections: one PUBLISH, O(nodes)
+  work in Redis, no routing table that could go stale).
+- Presence: a hash (member data) and a sorted set (member -> expiry) per
+  channel; each node refreshes the expiry of its own members every
+  ``presence_ttl / 3`` s, so the members of a node that died without cleanup
+  vanish within ``presence_ttl``.
+- Faults: when Redis is unreachable the node keeps delivering locally (a
+  publication made during the outage reaches local subscribers with offset 0,
+  epoch "": position unknown), ``health()`` says why, and a reconnect loop with
+  exponential backoff and full jitter resubscribes everything on return. Each
+  up/down transition is reported once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from tidings.brokers.base import BrokerHandler, BrokerHealth, HistoryOptions
+from tidings.exceptions import BrokerUnavailable
+from tidings.protocol.names import is_pattern, pattern_matches
+from tidings.types import HistoryPage, Member, Publication, StreamPos
+
+__all__ = ["RedisBroker", "glob_for"]
+
+log = logging.getLogger("tidings.brokers.redis")
+
+SEP = b"\x1f"  # JSON never contains a raw 0x1f, so it can separate header fields
+
+# KEYS: meta hash, history stream.  ARGV: pubsub channel, data, sender, ts, new epoch,
+# history size, history ttl ms, meta ttl s.
+PUBLISH_LUA = """
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('HSET', KEYS[1], 'e', epoch)
+  redis.call('DEL', KEYS[2])
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[8]))
+local size = tonumber(ARGV[6])
+if size > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-1', 'd', ARGV[2], 's', ARGV[3],
+             't', ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[7]))
+end
+redis.call('PUBLISH', ARGV[1], 'P' .. offset .. '\\31' .. epoch .. '\\31' .. ARGV[4] .. '\\31'
+           .. ARGV[3] .. '\\31' .. ARGV[2])
+return {offset, epoch}
+"""
+
+_GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
+
+
+def glob_for(pattern: str) -> str:
+    """The narrowest Redis glob covering an MQTT pattern (exact filtering follows)."""
+    levels = pattern.split("/")
+    if levels[-1] == "#":
+        head = "/".join(lv.translate(_GLOB_SPECIAL) if lv != "+" else "*" for lv in levels[:-1])
+        return head + "*"  # 'a/#' -> 'a*' covers 'a' and 'a/...'
+    return "/".join(lv.translate(_GLOB_SPECIAL) if lv != "+" else "*" for lv in levels)
+
+
+def _encode_data(data: Any) -> bytes:
+    if isinstance(data, bytes):
+        return b"b" + data
+    return b"j" + orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
+
+
+def _decode_data(raw: bytes) -> Any:
+    if raw[:1] == b"b":
+        return raw[1:]
+    return orjson.loads(raw[1:])
+
+
+class RedisBroker:
+    """Broker, HistoryStore and PresenceStore on one Redis server."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parts = urlsplit(url)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        self.prefix = query.pop("prefix", "tidings")
+        self.presence_ttl = float(query.pop("presence_ttl", "30"))
+        self.meta_ttl = int(query.pop("meta_ttl", str(7 * 86400)))
+        self._redis_url = urlunsplit(parts._replace(query=urlencode(query)))
+        self._node = ""
+        self._handler: BrokerHandler | None = None
+        self._client: aioredis.Redis | None = None
+        self._pubsub: Any = None
+        self._script: Any = None
+        self._listener: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._exact: set[str] = set()
+        self._patterns: dict[bytes, str] = {}  # glob (prefixed) -> MQTT pattern
+        self._globs: dict[str, bytes] = {}
+        self._members: dict[str, dict[str, Member]] = {}  # our own members, for heartbeats
+        self._health = BrokerHealth(False, "not connected")
+        self._closing = False
+        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._flush_scheduled = False
+
+    # -- names ----------------------------------------------------------------
+
+    def _chan(self, channel: str) -> bytes:
+        return f"{self.prefix}:c:{channel}".encode()
+
+    def _meta(self, channel: str) -> str:
+        return f"{self.prefix}:{{{channel}}}:m"
+
+    def _stream(self, channel: str) -> str:
+        return f"{self.prefix}:{{{channel}}}:h"
+
+    def _presence_keys(self, channel: str) -> tuple[str, str]:
+        return f"{self.prefix}:{{{channel}}}:pm", f"{self.prefix}:{{{channel}}}:pz"
+
+    @property
+    def _inbox(self) -> bytes:
+        return f"{self.prefix}:n:{self._node}".encode()
+
+    @property
+    def _all(self) -> bytes:
+        return f"{self.prefix}:all".encode()
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def connect(self, node_id: str, handler: BrokerHandler) -> None:
+        self._node = node_id
+        self._handler = handler
+        self._closing = False
+        self._client = aioredis.Redis.from_url(
+            self._redis_url, socket_connect_timeout=2, health_check_interval=5,
+            socket_keepalive=True,
+        )
+        self._script = self._client.register_script(PUBLISH_LUA)
+        try:
+            await self._open_pubsub()
+        except (RedisError, OSError) as exc:
+            await self._client.aclose()
+            self._client = None
+            raise BrokerUnavailable(f"cannot reach Redis at {self._redis_url}: {exc}") from exc
+        self._set_health(BrokerHealth(True))
+        loop = asyncio.get_running_loop()
+        self._listener = loop.create_task(self._listen(), name=f"tidings-redis-{node_id}")
+        self._heartbeat = loop.create_task(self._beat(), name=f"tidings-presence-{node_id}")
+
+    async def _open_pubsub(self) -> None:
+        if self._client is None:
+            raise BrokerUnavailable("not connected")
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(self._inbox, self._all, *(self._chan(c) for c in self._exact))
+        if self._patterns:
+            await pubsub.psubscribe(*self._patterns)
+        old, self._pubsub = self._pubsub, pubsub
+        if old is not None:
+            try:
+                await old.aclose()
+            except Exception:  # the old connection is dead anyway
+                pass
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in (self._listener, self._heartbeat):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        self._listener = self._heartbeat = None
+        if self._client is not None and self._health.up:
+            for channel, members in list(self._members.items()):
+                for conn_id in list(members):
+                    try:
+                        await self.remove_member(channel, conn_id)
+                    except (RedisError, OSError):
+                        break
+        self._members.clear()
+        if self._pubsub is not None:
+            try:
+                await self._pubsub.aclose()
+            except Exception:
+                pass
+            self._pubsub = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        self._health = BrokerHealth(False, "closed")
+
+    def health(self) -> BrokerHealth:
+        return self._health
+
+    def _stopping(self) -> bool:
+        return self._closing
+
+    def _set_health(self, health: BrokerHealth) -> None:
+        changed = health.up != self._health.up
+        self._health = health
+        if changed and self._handler is not None:
+            self._handler.on_broker_state(health)
+
+    # -- receiving -----------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        while not self._closing:
+            try:
+                while True:
+                    message = await self._pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        self._dispatch(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._stopping():
+                    return
+                self._set_health(BrokerHealth(False, f"Redis unreachable: {exc}"))
+            while not self._closing:  # reconnect with exponential backoff, full jitter
+                await asyncio.sleep(random.uniform(0, backoff))
+                backoff = min(backoff * 2, 5.0)
+                try:
+                    await self._open_pubsub()
+                    await self._call_raw("ping")
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    continue
+                backoff = 0.1
+                self._set_health(BrokerHealth(True))
+                await self._refresh_members()
+                break
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        handler = self._handler
+        if handler is None:
+            return
+        kind = message["type"]
+        raw_channel: bytes = message["channel"]
+        data: bytes = message["data"]
+        if raw_channel == self._inbox or raw_channel == self._all:
+            handler.on_node_message(data)
+            return
+        channel = raw_channel[len(self.prefix) + 3:].decode()
+        via = channel if kind == "message" else self._patterns.get(message["pattern"])
+        if via is None or via != self._first_match(channel):
+            return  # a glob false positive, or a duplicate via another subscription
+        if data[:1] == b"E":
+            handler.on_event(channel, data[1:].decode())
+            return
+        offset, epoch, ts, sender, payload = data[1:].split(SEP, 4)
+        handler.on_publication(Publication(
+            channel, _decode_data(payload), int(offset), epoch.decode(), sender.decode() or None,
+            int(ts),
+        ))
+
+    def _first_match(self, channel: str) -> str | None:
+        """The one subscription a message for ``channel`` is accepted through."""
+        best = channel if channel in self._exact else None
+        for pattern in self._globs:
+            if pattern_matches(pattern, channel) and (best is None or pattern < best):
+                best = pattern
+        return best
+
+    # -- publishing ----------------------------------------------------------------
+
+    async def publish(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        sender: str | None = None,
+        history: HistoryOptions | None = None,
+    ) -> Publication:
+        ts = int(time.time() * 1000)
+        size, ttl_ms = 0, 0
+        if history is not None and history.enabled:
+            size, ttl_ms = history.size, int(history.ttl * 1000)
+        args = (channel, _encode_data(data), sender or "", ts, size, ttl_ms)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((args, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_soon)
+        try:
+            offset, epoch = await future
+        except (RedisError, OSError, BrokerUnavailable) as exc:
+            self._set_health(BrokerHealth(False, f"Redis unreachable: {exc}"))
+            pub = Publication(channel, data, 0, "", sender, ts)
+            if self._handler is not None and (channel in self._exact or any(
+                pattern_matches(p, channel) for p in self._globs
+            )):
+                self._handler.on_publication(pub)  # local delivery goes on
+            return pub
+        return Publication(channel, data, int(offset), epoch.decode(), sender, ts)
+
+    def _flush_soon(self) -> None:
+        self._flush_scheduled = False
+        batch, self._pending = self._pending, []
+        if batch:
+            asyncio.get_running_loop().create_task(self._flush(batch))
+
+    async def _flush(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        """Send a turn's publishes in one pipeline (one round trip)."""
+        client = self._client
+        try:
+            if client is None:
+                raise BrokerUnavailable("not connected")
+            async with client.pipeline(transaction=False) as pipe:
+                for (channel, data, sender, ts, size, ttl_ms), _ in batch:
+                    await self._script(
+                        keys=[self._meta(channel), self._stream(channel)],
+                        args=[self._chan(channel), data, sender, ts, secrets.token_hex(4),
+                              size, ttl_ms, self.meta_ttl],
+                        client=pipe,
+                    )
+                results = await pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def publish_event(self, channel: str, frame: str) -> None:
+        await self._call("publish", self._chan(channel), b"E" + frame.encode())
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        if not self._health.up:
+            raise BrokerUnavailable(self._health.reason or "not connected")
+        return await self._call_raw(method, *args)
+
+    async def _call_raw(self, method: str, *args: Any) -> Any:
+        client = self._client
+        if client is None:
+            raise BrokerUnavailable("not connected")
+        try:
+            return await getattr(client, method)(*args)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+
+    # -- interest ---------------------------------------------------------------------
+
+    async def subscribe(self, pattern: str) -> None:
+        if is_pattern(pattern):
+            glob = self._chan(glob_for(pattern))
+            self._patterns[glob] = pattern
+            self._globs[pattern] = glob
+            if self._pubsub is not None and self._health.up:
+                await self._pubsub.psubscribe(glob)
+        else:
+            self._exact.add(pattern)
+            if self._pubsub is not None and self._health.up:
+                await self._pubsub.subscribe(self._chan(pattern))
+
+    async def unsubscribe(self, pattern: str) -> None:
+        if is_pattern(pattern):
+            glob = self._globs.pop(pattern, None)
+            if glob is None:
+                return
+            self._patterns.pop(glob, None)
+            if self._pubsub is not None and self._health.up:
+                await self._pubsub.punsubscribe(glob)
+        elif pattern in self._exact:
+            self._exact.discard(pattern)
+            if self._pubsub is not None and self._health.up:
+                await self._pubsub.unsubscribe(self._chan(pattern))
+
+    async def send_node(self, node_id: str, payload: bytes) -> None:
+        await self._call("publish", f"{self.prefix}:n:{node_id}", payload)
+
+    async def send_all(self, payload: bytes) -> None:
+        await self._call("publish", self._all, payload)
+
+    # -- history -------------------------------------------------------------------------
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: StreamPos | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> HistoryPage:
+        client = self._client
+        if client is None:
+            raise BrokerUnavailable("not connected")
+        try:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.hmget(self._meta(channel), "o", "e")
+                if since is not None:
+                    pipe.xrange(self._stream(channel), f"{since.offset + 1}-0", "+")
+                else:
+                    pipe.xrange(self._stream(channel), "-", "+")
+                (raw_offset, raw_epoch), entries = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+        if raw_epoch is None:  # never published, or the state was lost: start an epoch
+            epoch = await self._ensure_epoch(channel)
+            return HistoryPage([], 0, epoch, since is None or since.offset == 0)
+        offset, epoch = int(raw_offset or 0), raw_epoch.decode()
+        pubs = [self._from_entry(channel, epoch, entry_id, fields)
+                for entry_id, fields in entries]
+        recovered = True
+        if since is not None:
+            if since.epoch != epoch:
+                recovered, pubs = False, []
+            elif since.offset < offset:
+                first = pubs[0].offset if pubs else offset + 1
+                recovered = since.offset + 1 >= first
+        if reverse:
+            pubs.reverse()
+        if limit is not None:
+            pubs = pubs[:limit]
+        return HistoryPage(pubs, offset, epoch, recovered)
+
+    @staticmethod
+    def _from_entry(channel: str, epoch: str, entry_id: bytes,
+                    fields: dict[bytes, bytes]) -> Publication:
+        return Publication(
+            channel, _decode_data(fields[b"d"]), int(entry_id.split(b"-", 1)[0]), epoch,
+            fields[b"s"].decode() or None, int(fields[b"t"]),
+        )
+
+    async def _ensure_epoch(self, channel: str) -> str:
+        key = self._meta(channel)
+        await self._call("hsetnx", key, "e", secrets.token_hex(4))
+        await self._call("expire", key, self.meta_ttl)
+        raw = await self._call("hget", key, "e")
+        return str(raw.decode()) if raw is not None else ""
+
+    async def remove_history(self, channel: str) -> None:
+        await self._call("delete", self._stream(channel))
+        await self._call("hset", self._meta(channel), "e", secrets.token_hex(4))
+
+    async def position(self, channel: str) -> StreamPos:
+        raw_offset, raw_epoch = await self._call("hmget", self._meta(channel), "o", "e")
+        if raw_epoch is None:
+            return StreamPos(0, await self._ensure_epoch(channel))
+        return StreamPos(int(raw_offset or 0), raw_epoch.decode())
+
+    # -- presence -------------------------------------------------------------------------
+
+    async def add_member(self, channel: str, member: Member) -> None:
+        self._members.setdefault(channel, {})[member.conn_id] = member
+        data_key, expiry_key = self._presence_keys(channel)
+        client = self._client
+        if client is None or not self._health.up:
+            return  # recorded at the next refresh after reconnect
+        try:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.hset(data_key, member.conn_id, orjson.dumps(member.to_dict()))
+                pipe.zadd(expiry_key, {member.conn_id: time.time() + self.presence_ttl})
+                pipe.expire(data_key, int(self.presence_ttl * 2) + 1)
+                pipe.expire(expiry_key, int(self.presence_ttl * 2) + 1)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+
+    async def remove_member(self, channel: str, conn_id: str) -> None:
+        ours = self._members.get(channel)
+        if ours is not None:
+            ours.pop(conn_id, None)
+            if not ours:
+                del self._members[channel]
+        data_key, expiry_key = self._presence_keys(channel)
+        await self._call("hdel", data_key, conn_id)
+        await self._call("zrem", expiry_key, conn_id)
+
+    async def members(self, channel: str) -> list[Member]:
+        data_key, expiry_key = self._presence_keys(channel)
+        client = self._client
+        if client is None:
+            raise BrokerUnavailable("not connected")
+        try:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.zrangebyscore(expiry_key, time.time(), "+inf")
+                pipe.hgetall(data_key)
+                alive, data = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+        out: list[Member] = []
+        for conn_id in alive:
+            raw = data.get(conn_id)
+            if raw is not None:
+                item = orjson.loads(raw)
+                out.append(Member(item["conn_id"], item.get("user"), item.get("info")))
+        return out
+
+    async def _refresh_members(self) -> None:
+        """Push our members' expiry forward (and re-add them after a Redis restart)."""
+        client = self._client
+        if client is None or not self._members:
+            return
+        deadline = time.time() + self.presence_ttl
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                for channel, members in self._members.items():
+                    data_key, expiry_key = self._presence_keys(channel)
+                    for member in members.values():
+                        pipe.hset(data_key, member.conn_id, orjson.dumps(member.to_dict()))
+                    pipe.zadd(expiry_key, dict.fromkeys(members, deadline))
+                    pipe.zremrangebyscore(expiry_key, "-inf", time.time())
+                    pipe.expire(data_key, int(self.presence_ttl * 2) + 1)
+                    pipe.expire(expiry_key, int(self.presence_ttl * 2) + 1)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.debug("presence refresh failed: %s", exc)
+
+    async def _beat(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(self.presence_ttl / 3)
+            if self._health.up:
+                await self._refresh_members()
