@@ -42,7 +42,11 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tidings.brokers.base import BrokerHandler, BrokerHealth, HistoryOptions
 from tidings.exceptions import BrokerUnavailable
@@ -159,6 +163,9 @@ class RedisBroker:
         self._client = aioredis.Redis.from_url(
             self._redis_url, socket_connect_timeout=2, health_check_interval=5,
             socket_keepalive=True,
+            # one quick retry covers pooled connections left stale by a Redis restart
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         self._script = self._client.register_script(PUBLISH_LUA)
         try:
@@ -303,6 +310,8 @@ class RedisBroker:
         size, ttl_ms = 0, 0
         if history is not None and history.enabled:
             size, ttl_ms = history.size, int(history.ttl * 1000)
+        if not self._health.up:
+            return self._publish_locally(channel, data, sender, ts)
         args = (channel, _encode_data(data), sender or "", ts, size, ttl_ms)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((args, future))
@@ -312,14 +321,19 @@ class RedisBroker:
         try:
             offset, epoch = await future
         except (RedisError, OSError, BrokerUnavailable) as exc:
-            self._set_health(BrokerHealth(False, f"Redis unreachable: {exc}"))
-            pub = Publication(channel, data, 0, "", sender, ts)
-            if self._handler is not None and (channel in self._exact or any(
-                pattern_matches(p, channel) for p in self._globs
-            )):
-                self._handler.on_publication(pub)  # local delivery goes on
-            return pub
+            # the listener owns the up/down state (it sees the server go away);
+            # a failed call only falls back to local delivery
+            log.debug("publish to %s failed: %s", channel, exc)
+            return self._publish_locally(channel, data, sender, ts)
         return Publication(channel, data, int(offset), epoch.decode(), sender, ts)
+
+    def _publish_locally(self, channel: str, data: Any, sender: str | None,
+                         ts: int) -> Publication:
+        """Broker unreachable: local subscribers still get it, position unknown (0, "")."""
+        pub = Publication(channel, data, 0, "", sender, ts)
+        if self._handler is not None and self._first_match(channel) is not None:
+            self._handler.on_publication(pub)
+        return pub
 
     def _flush_soon(self) -> None:
         self._flush_scheduled = False
