@@ -56,7 +56,7 @@ async def test_redis_killed_and_restarted(caplog: pytest.LogCaptureFixture) -> N
             server.start()  # same port
             await wait_health(base1, 200, within=20)
             await wait_health(base2, 200, within=20)
-            status, body = await apost(base2, "publish", {"channel": "live", "data": "after"})
+            status, _body = await apost(base2, "publish", {"channel": "live", "data": "after"})
             assert status == 200
             after = await client.next("publication")
             assert after["data"] == "after"

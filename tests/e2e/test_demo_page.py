@@ -106,8 +106,9 @@ class DevTools:
 
     async def until(self, expression: str, timeout: float = TIMEOUT) -> Any:
         deadline = time.monotonic() + timeout
-        while True:
-            value = await self.eval(expression)
+        while True:  # the page may still be loading: an exception counts as "not yet"
+            value = await self.eval(f"(() => {{ try {{ return {expression}; }} "
+                                    "catch { return null; } })()")
             if value:
                 return value
             if time.monotonic() > deadline:
@@ -163,6 +164,15 @@ async def test_page_in_a_browser(server: tuple[Hub, str]) -> None:
         await peer.request({"type": "subscribe", "channel": "chat/lobby", "join_leave": True})
         await page.until("document.getElementById('count').textContent === '2'")
         await page.until("document.getElementById('messages').textContent.includes('joined')")
+        # names travel by direct messages: a hello gets the page's name back
+        await peer.request({"type": "send", "to": first_conn,
+                            "data": {"hello": "lobby", "name": "pat", "answer": False}})
+        answer = await peer.next("message")
+        assert answer["from"] == first_conn
+        assert answer["data"]["answer"] is True
+        assert answer["data"]["name"].startswith("guest-")
+        await page.until("document.getElementById('presence').textContent.includes('pat')")
+        await page.until("document.getElementById('messages').textContent.includes('pat joined')")
 
         # the page publishes what is typed; the peer gets it
         await page.eval("document.getElementById('text').value = 'hello from the page';"

@@ -81,10 +81,14 @@ _named_buses: dict[str, MemoryBus] = {}
 class MemoryBroker:
     """In-process broker. Publishing is synchronous fan-out to interested hubs."""
 
-    def __init__(self, url: str = "memory://") -> None:
+    def __init__(self, url: str = "memory://", *, bus: MemoryBus | None = None) -> None:
+        # ``bus`` lets an owner of shared state (the ipc relay) give each of its
+        # participants a view of one bus without going through a process-wide name.
         self.url = url
-        name = urlsplit(url).netloc
-        self._bus = _named_buses.setdefault(name, MemoryBus()) if name else MemoryBus()
+        if bus is None:
+            name = urlsplit(url).netloc
+            bus = _named_buses.setdefault(name, MemoryBus()) if name else MemoryBus()
+        self._bus = bus
         self._node: str | None = None
         self._patterns: set[str] = set()
 

@@ -25,7 +25,7 @@ from tidings._version import __version__
 from tidings.protocol import native
 from tidings.protocol.codes import ErrorCode
 
-__all__ = ["FRAMES", "SHARED", "Field", "Frame", "asyncapi", "typescript"]
+__all__ = ["FRAMES", "SHARED", "Field", "Frame", "asyncapi", "schema_of", "typescript"]
 
 Schema = dict[str, Any]
 
