@@ -47,7 +47,7 @@ async def test_redis_killed_and_restarted(caplog: pytest.LogCaptureFixture) -> N
             server.kill()
             await wait_health(base1, 503, within=10)
             await wait_health(base2, 503, within=10)
-            status, body = await apost(base1, "publish", {"channel": "live", "data": "local"})
+            status, _ = await apost(base1, "publish", {"channel": "live", "data": "local"})
             assert status == 200  # local delivery goes on during the outage
             local = await client.next("publication")
             assert (local["data"], local["offset"]) == ("local", 0)
