@@ -65,7 +65,7 @@ def test_cli_publish_and_subscribe() -> None:
             assert frame["data"] == {"n": 1}
         finally:
             sub.terminate()
-            sub.wait(10)
+            sub.communicate(timeout=10)
 
 
 def test_cli_publish_reports_unreachable_server() -> None:

@@ -132,19 +132,37 @@ class RedisBroker:
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._flush_scheduled = False
 
+    publish_lua = PUBLISH_LUA
+
+    def _make_client(self) -> Any:
+        return aioredis.Redis.from_url(
+            self._redis_url, socket_connect_timeout=2, health_check_interval=5,
+            socket_keepalive=True,
+            # one quick retry covers pooled connections left stale by a Redis restart
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
+
     # -- names ----------------------------------------------------------------
 
     def _chan(self, channel: str) -> bytes:
         return f"{self.prefix}:c:{channel}".encode()
 
+    @staticmethod
+    def _tag(channel: str) -> str:
+        """A hash tag for the channel's keys: braces escaped so every key of a
+        channel lands in the same cluster slot whatever its name holds."""
+        return "{" + channel.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") + "}"
+
     def _meta(self, channel: str) -> str:
-        return f"{self.prefix}:{{{channel}}}:m"
+        return f"{self.prefix}:{self._tag(channel)}:m"
 
     def _stream(self, channel: str) -> str:
-        return f"{self.prefix}:{{{channel}}}:h"
+        return f"{self.prefix}:{self._tag(channel)}:h"
 
     def _presence_keys(self, channel: str) -> tuple[str, str]:
-        return f"{self.prefix}:{{{channel}}}:pm", f"{self.prefix}:{{{channel}}}:pz"
+        tag = self._tag(channel)
+        return f"{self.prefix}:{tag}:pm", f"{self.prefix}:{tag}:pz"
 
     @property
     def _inbox(self) -> bytes:
@@ -160,14 +178,8 @@ class RedisBroker:
         self._node = node_id
         self._handler = handler
         self._closing = False
-        self._client = aioredis.Redis.from_url(
-            self._redis_url, socket_connect_timeout=2, health_check_interval=5,
-            socket_keepalive=True,
-            # one quick retry covers pooled connections left stale by a Redis restart
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        )
-        self._script = self._client.register_script(PUBLISH_LUA)
+        self._client = self._make_client()
+        self._script = self._client.register_script(self.publish_lua)
         try:
             await self._open_pubsub()
         except (RedisError, OSError) as exc:
@@ -180,18 +192,36 @@ class RedisBroker:
         self._heartbeat = loop.create_task(self._beat(), name=f"tidings-presence-{node_id}")
 
     async def _open_pubsub(self) -> None:
+        """(Re)open the subscriber connection(s) and subscribe everything we want."""
         if self._client is None:
             raise BrokerUnavailable("not connected")
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(self._inbox, self._all, *(self._chan(c) for c in self._exact))
         if self._patterns:
             await pubsub.psubscribe(*self._patterns)
-        old, self._pubsub = self._pubsub, pubsub
+        await self._close_pubsubs()
+        self._pubsub = pubsub
+
+    async def _close_pubsubs(self) -> None:
+        old, self._pubsub = self._pubsub, None
         if old is not None:
             try:
                 await old.aclose()
             except Exception:  # the old connection is dead anyway
                 pass
+
+    async def _read(self) -> None:
+        """Dispatch messages until the connection fails (raises)."""
+        while True:
+            message = await self._pubsub.get_message(timeout=1.0)
+            if message is not None:
+                self._dispatch(message)
+
+    async def _sub_exact(self, channel: str) -> None:
+        await self._pubsub.subscribe(self._chan(channel))
+
+    async def _unsub_exact(self, channel: str) -> None:
+        await self._pubsub.unsubscribe(self._chan(channel))
 
     async def close(self) -> None:
         self._closing = True
@@ -211,12 +241,7 @@ class RedisBroker:
                     except (RedisError, OSError):
                         break
         self._members.clear()
-        if self._pubsub is not None:
-            try:
-                await self._pubsub.aclose()
-            except Exception:
-                pass
-            self._pubsub = None
+        await self._close_pubsubs()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -240,10 +265,7 @@ class RedisBroker:
         backoff = 0.1
         while not self._closing:
             try:
-                while True:
-                    message = await self._pubsub.get_message(timeout=1.0)
-                    if message is not None:
-                        self._dispatch(message)
+                await self._read()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -275,8 +297,8 @@ class RedisBroker:
         if raw_channel == self._inbox or raw_channel == self._all:
             handler.on_node_message(data)
             return
-        channel = raw_channel[len(self.prefix) + 3:].decode()
-        via = channel if kind == "message" else self._patterns.get(message["pattern"])
+        channel = self._channel_of(raw_channel)
+        via = self._patterns.get(message["pattern"]) if kind == "pmessage" else channel
         if via is None or via != self._first_match(channel):
             return  # a glob false positive, or a duplicate via another subscription
         if data[:1] == b"E":
@@ -287,6 +309,9 @@ class RedisBroker:
             channel, _decode_data(payload), int(offset), epoch.decode(), sender.decode() or None,
             int(ts),
         ))
+
+    def _channel_of(self, raw_channel: bytes) -> str:
+        return raw_channel[len(self.prefix) + 3:].decode()
 
     def _first_match(self, channel: str) -> str | None:
         """The one subscription a message for ``channel`` is accepted through."""
@@ -351,7 +376,7 @@ class RedisBroker:
                 for (channel, data, sender, ts, size, ttl_ms), _ in batch:
                     await self._script(
                         keys=[self._meta(channel), self._stream(channel)],
-                        args=[self._chan(channel), data, sender, ts, secrets.token_hex(4),
+                        args=[*self._targets(channel), data, sender, ts, secrets.token_hex(4),
                               size, ttl_ms, self.meta_ttl],
                         client=pipe,
                     )
@@ -368,6 +393,10 @@ class RedisBroker:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+    def _targets(self, channel: str) -> list[bytes]:
+        """Leading script arguments: where the script publishes."""
+        return [self._chan(channel)]
 
     async def publish_event(self, channel: str, frame: str) -> None:
         await self._call("publish", self._chan(channel), b"E" + frame.encode())
@@ -398,7 +427,7 @@ class RedisBroker:
         else:
             self._exact.add(pattern)
             if self._pubsub is not None and self._health.up:
-                await self._pubsub.subscribe(self._chan(pattern))
+                await self._sub_exact(pattern)
 
     async def unsubscribe(self, pattern: str) -> None:
         if is_pattern(pattern):
@@ -411,7 +440,7 @@ class RedisBroker:
         elif pattern in self._exact:
             self._exact.discard(pattern)
             if self._pubsub is not None and self._health.up:
-                await self._pubsub.unsubscribe(self._chan(pattern))
+                await self._unsub_exact(pattern)
 
     async def send_node(self, node_id: str, payload: bytes) -> None:
         await self._call("publish", f"{self.prefix}:n:{node_id}", payload)

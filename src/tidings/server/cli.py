@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     subs.add_argument("pattern")
     _add(subs, "url", "server base URL", "http://127.0.0.1:8000")
 
+    sub.add_parser("asyncapi", help="print the AsyncAPI 3 document of the wire protocol")
+    sub.add_parser("typescript", help="print TypeScript types of every frame")
+
     bench = sub.add_parser("bench", help="built-in load test (see benchmarks/)")
     bench.add_argument("--quick", action="store_true", help="a run of under a minute")
     bench.add_argument("--subscribers", type=int, nargs="*", default=None)
@@ -208,6 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _subscribe(args)
     if args.command == "bench":
         return _bench(args)
+    if args.command in ("asyncapi", "typescript"):
+        from tidings.server.cli_schema import print_asyncapi, print_typescript
+
+        return print_asyncapi() if args.command == "asyncapi" else print_typescript()
     return 2  # pragma: no cover
 
 
