@@ -83,15 +83,35 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def cluster_port() -> int:
+    """A free port P whose cluster bus port P + 10000 is free and valid too."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randint(20000, 30000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 @contextlib.contextmanager
 def redis_cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
     """A Redis Cluster of ``masters`` nodes on loopback, created by redis-cli."""
     if shutil.which("redis-cli") is None:
         unavailable("redis-cli is not installed")
-    nodes = [RedisServer(None, "--cluster-enabled", "yes", "--cluster-config-file",
-                         f"nodes-{uuid.uuid4().hex}.conf", "--cluster-node-timeout", "2000")
-             for _ in range(masters)]
+    nodes: list[RedisServer] = []
     try:
+        for _ in range(masters):
+            nodes.append(RedisServer(
+                cluster_port(), "--cluster-enabled", "yes", "--cluster-config-file",
+                f"nodes-{uuid.uuid4().hex}.conf", "--cluster-node-timeout", "2000",
+            ))
         subprocess.run(
             ["redis-cli", "--cluster", "create",
              *(f"127.0.0.1:{n.port}" for n in nodes), "--cluster-replicas", "0",

@@ -27,8 +27,10 @@ __all__ = [
 # scheme -> (module, class, pip extra)
 _BACKENDS: dict[str, tuple[str, str, str]] = {
     "memory": ("tidings.brokers.memory", "MemoryBroker", ""),
+    "ipc": ("tidings.brokers.ipc", "IpcBroker", ""),
     "redis": ("tidings.brokers.redis", "RedisBroker", "redis"),
     "rediss": ("tidings.brokers.redis", "RedisBroker", "redis"),
+    "redis+cluster": ("tidings.brokers.redis_cluster", "RedisClusterBroker", "redis"),
 }
 
 

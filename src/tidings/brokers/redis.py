@@ -59,25 +59,27 @@ log = logging.getLogger("tidings.brokers.redis")
 
 SEP = b"\x1f"  # JSON never contains a raw 0x1f, so it can separate header fields
 
-# KEYS: meta hash, history stream.  ARGV: pubsub channel, data, sender, ts, new epoch,
-# history size, history ttl ms, meta ttl s.
+# KEYS: meta hash, history stream.  ARGV: classic channel (or ""), shard channel (or ""),
+# data, sender, ts, new epoch, history size, history ttl ms, meta ttl s.
 PUBLISH_LUA = """
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
-  epoch = ARGV[5]
+  epoch = ARGV[6]
   redis.call('HSET', KEYS[1], 'e', epoch)
   redis.call('DEL', KEYS[2])
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[8]))
-local size = tonumber(ARGV[6])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[9]))
+local size = tonumber(ARGV[7])
 if size > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-1', 'd', ARGV[2], 's', ARGV[3],
-             't', ARGV[4])
-  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[7]))
+  redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-1', 'd', ARGV[3], 's', ARGV[4],
+             't', ARGV[5])
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[8]))
 end
-redis.call('PUBLISH', ARGV[1], 'P' .. offset .. '\\31' .. epoch .. '\\31' .. ARGV[4] .. '\\31'
-           .. ARGV[3] .. '\\31' .. ARGV[2])
+local msg = 'P' .. offset .. '\\31' .. epoch .. '\\31' .. ARGV[5] .. '\\31' .. ARGV[4]
+            .. '\\31' .. ARGV[3]
+if ARGV[1] ~= '' then redis.call('PUBLISH', ARGV[1], msg) end
+if ARGV[2] ~= '' then redis.call('SPUBLISH', ARGV[2], msg) end
 return {offset, epoch}
 """
 
@@ -348,7 +350,7 @@ class RedisBroker:
         except (RedisError, OSError, BrokerUnavailable) as exc:
             # the listener owns the up/down state (it sees the server go away);
             # a failed call only falls back to local delivery
-            log.debug("publish to %s failed: %s", channel, exc)
+            log.debug("publish to %s failed: %r", channel, exc)
             return self._publish_locally(channel, data, sender, ts)
         return Publication(channel, data, int(offset), epoch.decode(), sender, ts)
 
@@ -367,20 +369,11 @@ class RedisBroker:
             asyncio.get_running_loop().create_task(self._flush(batch))
 
     async def _flush(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        """Send a turn's publishes in one pipeline (one round trip)."""
-        client = self._client
+        """Run a turn's publishes; hand each result to its caller."""
         try:
-            if client is None:
+            if self._client is None:
                 raise BrokerUnavailable("not connected")
-            async with client.pipeline(transaction=False) as pipe:
-                for (channel, data, sender, ts, size, ttl_ms), _ in batch:
-                    await self._script(
-                        keys=[self._meta(channel), self._stream(channel)],
-                        args=[*self._targets(channel), data, sender, ts, secrets.token_hex(4),
-                              size, ttl_ms, self.meta_ttl],
-                        client=pipe,
-                    )
-                results = await pipe.execute(raise_on_error=False)
+            results = await self._run_scripts([args for args, _ in batch])
         except Exception as exc:
             for _, future in batch:
                 if not future.done():
@@ -394,9 +387,26 @@ class RedisBroker:
             else:
                 future.set_result(result)
 
+    def _script_call(self, args: tuple[Any, ...], client: Any) -> Any:
+        channel, data, sender, ts, size, ttl_ms = args
+        return self._script(
+            keys=[self._meta(channel), self._stream(channel)],
+            args=[*self._targets(channel), data, sender, ts, secrets.token_hex(4),
+                  size, ttl_ms, self.meta_ttl],
+            client=client,
+        )
+
+    async def _run_scripts(self, batch: list[tuple[Any, ...]]) -> list[Any]:
+        """One pipeline, one round trip, for all publishes of an event-loop turn."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for args in batch:
+                await self._script_call(args, pipe)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
     def _targets(self, channel: str) -> list[bytes]:
-        """Leading script arguments: where the script publishes."""
-        return [self._chan(channel)]
+        """Leading script arguments: the classic and the shard channel to publish on."""
+        return [self._chan(channel), b""]
 
     async def publish_event(self, channel: str, frame: str) -> None:
         await self._call("publish", self._chan(channel), b"E" + frame.encode())
