@@ -120,7 +120,7 @@ class RedisBroker:
         self._redis_url = urlunsplit(parts._replace(query=urlencode(query)))
         self._node = ""
         self._handler: BrokerHandler | None = None
-        self._client: aioredis.Redis | None = None
+        self._client: Any = None  # redis.asyncio.Redis or RedisCluster
         self._pubsub: Any = None
         self._script: Any = None
         self._listener: asyncio.Task[None] | None = None
