@@ -37,6 +37,7 @@ import logging
 import random
 import secrets
 import time
+from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
@@ -82,6 +83,10 @@ if ARGV[1] ~= '' then redis.call('PUBLISH', ARGV[1], msg) end
 if ARGV[2] ~= '' then redis.call('SPUBLISH', ARGV[2], msg) end
 return {offset, epoch}
 """
+
+_CONFIRMATIONS = frozenset({"subscribe", "psubscribe", "ssubscribe", "unsubscribe",
+                            "punsubscribe", "sunsubscribe"})
+_CONFIRM_TIMEOUT = 5.0
 
 _GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 
@@ -132,6 +137,7 @@ class RedisBroker:
         self._health = BrokerHealth(False, "not connected")
         self._closing = False
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._flush_scheduled = False
 
     publish_lua = PUBLISH_LUA
@@ -197,7 +203,7 @@ class RedisBroker:
         """(Re)open the subscriber connection(s) and subscribe everything we want."""
         if self._client is None:
             raise BrokerUnavailable("not connected")
-        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        pubsub = self._client.pubsub()
         await pubsub.subscribe(self._inbox, self._all, *(self._chan(c) for c in self._exact))
         if self._patterns:
             await pubsub.psubscribe(*self._patterns)
@@ -295,6 +301,11 @@ class RedisBroker:
             return
         kind = message["type"]
         raw_channel: bytes = message["channel"]
+        if kind in _CONFIRMATIONS:
+            waiter = self._confirm.pop(raw_channel, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            return
         data: bytes = message["data"]
         if raw_channel == self._inbox or raw_channel == self._all:
             handler.on_node_message(data)
@@ -428,16 +439,33 @@ class RedisBroker:
     # -- interest ---------------------------------------------------------------------
 
     async def subscribe(self, pattern: str) -> None:
+        """Subscribe and wait for Redis to confirm, so that a history read made
+        right after cannot miss a publication that is not delivered live."""
         if is_pattern(pattern):
             glob = self._chan(glob_for(pattern))
             self._patterns[glob] = pattern
             self._globs[pattern] = glob
             if self._pubsub is not None and self._health.up:
-                await self._pubsub.psubscribe(glob)
+                await self._confirmed(glob, self._pubsub.psubscribe(glob))
         else:
             self._exact.add(pattern)
             if self._pubsub is not None and self._health.up:
-                await self._sub_exact(pattern)
+                await self._confirmed(self._sub_key(pattern), self._sub_exact(pattern))
+
+    def _sub_key(self, channel: str) -> bytes:
+        """The Redis channel name a subscription to ``channel`` is confirmed for."""
+        return self._chan(channel)
+
+    async def _confirmed(self, name: bytes, request: Awaitable[Any]) -> None:
+        waiter = self._confirm.get(name)
+        if waiter is None or waiter.done():
+            waiter = self._confirm[name] = asyncio.get_running_loop().create_future()
+        await request
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), _CONFIRM_TIMEOUT)
+        except TimeoutError:
+            self._confirm.pop(name, None)
+            log.warning("Redis did not confirm the subscription to %r in time", name)
 
     async def unsubscribe(self, pattern: str) -> None:
         if is_pattern(pattern):

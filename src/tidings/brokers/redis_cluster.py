@@ -76,6 +76,9 @@ class RedisClusterBroker(RedisBroker):
         if self._patterns_on:
             await self._call("publish", self._chan(channel), payload)
 
+    def _sub_key(self, channel: str) -> bytes:
+        return self._shard_chan(channel)
+
     def _channel_of(self, raw_channel: bytes) -> str:
         name = self._shard_names.get(raw_channel)
         return name if name is not None else super()._channel_of(raw_channel)
@@ -93,15 +96,13 @@ class RedisClusterBroker(RedisBroker):
         await client.initialize()  # refresh the slot map (it may have changed)
         await self._close_pubsubs()
         node = client.get_random_node()
-        classic = self._node_client(node.host, node.port).pubsub(ignore_subscribe_messages=True)
+        classic = self._node_client(node.host, node.port).pubsub()
         await classic.subscribe(self._inbox, self._all)
         if self._patterns:
             await classic.psubscribe(*self._patterns)
         self._pubsub = classic
         for master in client.get_primaries():
-            self._shards[master.name] = self._node_client(master.host, master.port).pubsub(
-                ignore_subscribe_messages=True
-            )
+            self._shards[master.name] = self._node_client(master.host, master.port).pubsub()
         self._shard_of.clear()
         for channel in self._exact:
             await self._sub_exact(channel)
