@@ -23,7 +23,7 @@ from tidings.exceptions import HubError
 from tidings.protocol.codes import CloseCode, ErrorCode
 from tidings.protocol.errors import ProtocolError
 from tidings.protocol.names import validate_channel, validate_pattern
-from tidings.protocol.native import decode_command, dumps, encode_welcome, loads
+from tidings.protocol.native import decode_command, dumps, encode_welcome, loads, peek_id
 from tidings.queue import Consumer, QueueItem
 
 if TYPE_CHECKING:
@@ -55,10 +55,10 @@ async def _accept(hub: Hub, receive: Receive, send: Send) -> bool:
     message = await receive()
     if message["type"] != "websocket.connect":
         return False
-    if not hub.running:
-        await send({"type": "websocket.close", "code": CloseCode.TRY_AGAIN_LATER})
-        return False
     await send({"type": "websocket.accept"})
+    if not hub.running:  # accepted first, so the client sees 1013 and not a 403
+        await _refuse(send, CloseCode.TRY_AGAIN_LATER, "server not running")
+        return False
     return True
 
 
@@ -102,13 +102,14 @@ async def serve_native(hub: Hub, conn: Connection, receive: Receive) -> None:
             conn.close(CloseCode.MESSAGE_TOO_BIG, "frame above the hard size limit", flush=False)
             return
         if not conn.allow_frame(loop.time()):
-            send_error(hub, conn, None, ErrorCode.RATE_LIMITED, "too many frames per second")
+            send_error(hub, conn, peek_id(data), ErrorCode.RATE_LIMITED,
+                       "too many frames per second")
             if conn.violations >= limits.max_violations:
                 conn.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded repeatedly")
                 return
             continue
         if len(data) > limits.frame_soft:
-            send_error(hub, conn, None, ErrorCode.TOO_LARGE,
+            send_error(hub, conn, peek_id(data), ErrorCode.TOO_LARGE,
                        f"frame larger than {limits.frame_soft} bytes")
             continue
         try:

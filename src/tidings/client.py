@@ -490,6 +490,10 @@ class Client:
     ``request_timeout`` bounds every request (and waiting for the connection
     first). ``buffer_size`` bounds each subscription's, and the messages',
     buffer.
+
+    Counters: ``lagged`` (publications the server said it dropped for this
+    client) and ``reconnects``. The server closing with 1008 (policy
+    violation) is final; any other drop, including 1000 and 1001, is retried.
     """
 
     def __init__(
@@ -966,7 +970,9 @@ class Client:
 
         Use it as ``async with``; one active subscription per pattern and client
         (the server keeps one per connection). ``recover`` applies to exact
-        channels: after a reconnect, missed publications are replayed from history.
+        channels: after a reconnect or a gap, missed publications are replayed
+        from history. ``join_leave`` asks for join/leave events, read with
+        ``Subscription.events()``.
         """
         if not isinstance(pattern, str) or not pattern:
             raise ValueError("pattern must be a non-empty string")

@@ -43,6 +43,9 @@ async def test_every_error_code_keeps_the_connection() -> None:
         await expect_error(c, {"type": "ack", "queue": "q", "item": "nope"}, "not_found")
         await expect_error(c, json.dumps({"type": "publish", "channel": "a",
                                           "data": "x" * 70_000}), "too_large")
+        await c.send({"id": "big", "type": "publish", "channel": "a", "data": "x" * 70_000})
+        big = await c.next("error")
+        assert (big["id"], big["code"]) == ("big", "too_large")  # matched to its request
         await expect_error(c, {"type": "publish", "channel": "a", "data": 1}, "internal")
         assert hub.stats.errors["internal"] == 1
 

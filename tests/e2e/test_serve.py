@@ -63,6 +63,7 @@ def test_cli_publish_and_subscribe() -> None:
             assert frame["type"] == "publication"
             assert frame["channel"] == "news/today"
             assert frame["data"] == {"n": 1}
+            sel.close()
         finally:
             sub.terminate()
             sub.communicate(timeout=10)

@@ -133,3 +133,23 @@ def test_arbitrary_json(value: Any) -> None:
 @given(frame_like)
 def test_frame_like_objects(frame: dict[str, Any]) -> None:
     _only_protocol_errors(json.dumps(frame))
+
+
+@pytest.mark.parametrize(
+    ("frame", "rid"),
+    [
+        ('{"type":"publish","id":7,"data":"xxx"}', 7),
+        ('{"id": "abc", "type": "ping"}', "abc"),
+        ('{"type":"ping"}', None),
+        (b'{"id": 12, "data": "' + b"x" * 1000 + b'"}', 12),
+        ('{"data": "' + "x" * 1000 + '", "id": 5}', None),  # beyond the window: unknown
+        ('{"id": "unterminated', None),
+    ],
+)
+def test_peek_id(frame: str | bytes, rid: object) -> None:
+    assert n.peek_id(frame) == rid
+
+
+@given(st.text(max_size=300))
+def test_peek_id_never_raises(frame: str) -> None:
+    assert n.peek_id(frame) is None or isinstance(n.peek_id(frame), (int, str))

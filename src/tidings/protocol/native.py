@@ -10,6 +10,7 @@ alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import re
 from typing import Any, Final
 
 import orjson
@@ -46,6 +47,7 @@ __all__ = [
     "encode_reply",
     "encode_welcome",
     "loads",
+    "peek_id",
 ]
 
 RequestId = int | str | None
@@ -257,6 +259,24 @@ def _pattern(obj: dict[str, Any], rid: RequestId, max_length: int) -> str:
     except ProtocolError as exc:
         exc.id = rid
         raise
+
+
+_ID_RE = re.compile(rb'"id"\s*:\s*(-?\d{1,18}|"(?:[^"\\]|\\.){0,64}")')
+
+
+def peek_id(frame: str | bytes, window: int = 256) -> RequestId:
+    """The request id of a frame we will not parse (too large, rate limited),
+    read from its first bytes so the error can still name the request."""
+    head = frame[:window]
+    raw = head.encode("utf-8", "replace") if isinstance(head, str) else head
+    match = _ID_RE.search(raw)
+    if match is None:
+        return None
+    try:
+        value = orjson.loads(match.group(1))
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, (int, str)) else None
 
 
 def decode_command(

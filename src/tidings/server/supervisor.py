@@ -1,0 +1,258 @@
+"""``tidings serve --workers N``: one listening socket, N worker processes, one relay.
+
+The supervisor binds the TCP socket once and hands it to every worker (the
+kernel then spreads accepted connections over them), so no port juggling
+and no load balancer. Each worker is a full hub with its own node id. Unless
+an external broker URL is given, the supervisor also runs the
+:class:`tidings.relay.Relay` on a Unix socket in a fresh private temp
+directory and every worker connects to it with ``ipc://``, so all workers
+share publications, offsets, history, presence and direct messages.
+
+Workers are started with the ``spawn`` method (a clean interpreter, no
+inherited event loop or threads); the listening socket crosses over through
+multiprocessing's pickling, which passes the file descriptor itself, as
+uvicorn's own multiprocess supervisor does.
+
+Signals: SIGINT/SIGTERM make the supervisor send SIGTERM to every worker
+(each closes its websockets with 1001 and exits 0), wait for them (about
+5 s in all, then SIGKILL), stop the relay and remove its directory; then
+``run_workers`` returns 0. A worker that dies on its own is restarted after
+a short backoff; if workers keep dying (more than ``2 * workers + 3``
+restarts within a minute) the supervisor gives up and returns 1 rather than
+spin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from multiprocessing.process import BaseProcess
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = ["run_workers"]
+
+log = logging.getLogger("tidings.supervisor")
+
+SHUTDOWN_GRACE = 4.5  # seconds workers get after SIGTERM, before SIGKILL (SPEC: stop in 5 s)
+RESTART_WINDOW = 60.0
+
+
+def run_workers(hub_factory_kwargs: dict[str, Any], *, host: str, port: int, workers: int,
+                broker: str | None, log_level: str) -> int:
+    """Serve ``workers`` hubs on ``host:port`` until SIGINT/SIGTERM; return the exit status.
+
+    ``hub_factory_kwargs`` are passed to every worker's ``Hub(broker_url, **kwargs)``
+    (they cross a process boundary, so they must pickle; ``node`` is refused since
+    every worker needs its own). ``broker`` None (or a ``memory://`` URL, which
+    cannot span processes) means the built-in relay.
+    """
+    if workers < 1:
+        raise ValueError("workers must be >= 1")
+    if "node" in hub_factory_kwargs:
+        raise ValueError("every worker is its own node: do not pass `node`")
+    sock = _bind(host, port)
+    try:
+        supervisor = _Supervisor(hub_factory_kwargs, sock, host=host, port=port,
+                                 workers=workers, broker=broker, log_level=log_level)
+        return asyncio.run(supervisor.run())
+    finally:
+        sock.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind and listen once, here, so workers restart without refusing connections."""
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Supervisor:
+    def __init__(self, hub_kwargs: dict[str, Any], sock: socket.socket, *, host: str,
+                 port: int, workers: int, broker: str | None, log_level: str) -> None:
+        self.hub_kwargs = hub_kwargs
+        self.sock = sock
+        self.host = host
+        self.port = port
+        self.workers = workers
+        self.broker = broker
+        self.log_level = log_level.lower()
+        self.ctx = multiprocessing.get_context("spawn")
+        self.procs: list[BaseProcess | None] = [None] * workers
+        self.ended: dict[int, asyncio.Future[None]] = {}  # pid -> done when it exits
+        self.restarts: collections.deque[float] = collections.deque()
+        self.slot_restarts: list[collections.deque[float]] = [
+            collections.deque() for _ in range(workers)]
+        self.stopping = asyncio.Event()
+        self.exited: asyncio.Queue[int] = asyncio.Queue()  # slots whose process ended
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        relay = None
+        tmpdir = None
+        status = 0
+        try:
+            if self.broker is None or urlsplit(self.broker).scheme == "memory":
+                if self.broker is not None:
+                    log.info("memory:// cannot span processes: the %d workers share the "
+                             "built-in relay instead", self.workers)
+                from tidings.relay import Relay
+
+                tmpdir = tempfile.mkdtemp(prefix="tidings-relay-")  # 0700: ours only
+                path = os.path.join(tmpdir, "relay.sock")
+                relay = Relay(path)
+                await relay.start()
+                url = f"ipc://{path}"
+            else:
+                url = self.broker
+            self.url = url
+            for slot in range(self.workers):
+                self._spawn(slot)
+            log.info("tidings supervisor %d: %d workers on http://%s:%d (broker %s)",
+                     os.getpid(), self.workers, self.host, self.port, url)
+            status = await self._watch()
+        finally:
+            await self._stop_workers()
+            if relay is not None:
+                await relay.stop()
+            if tmpdir is not None:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        log.info("tidings supervisor %d stopped", os.getpid())
+        return status
+
+    def _on_signal(self, sig: int) -> None:
+        if not self.stopping.is_set():
+            log.info("received %s: stopping %d workers", signal.Signals(sig).name,
+                     self.workers)
+        self.stopping.set()
+
+    def _spawn(self, slot: int) -> None:
+        proc = self.ctx.Process(
+            target=_worker_main, name=f"tidings-worker-{slot}", daemon=True,
+            args=(self.url, self.hub_kwargs, self.host, self.port, self.log_level,
+                  self.sock, slot, os.getpid()),
+        )
+        proc.start()
+        self.procs[slot] = proc
+        loop = asyncio.get_running_loop()
+        sentinel = proc.sentinel
+
+        ended_future: asyncio.Future[None] = loop.create_future()
+        assert proc.pid is not None
+        self.ended[proc.pid] = ended_future
+
+        def ended() -> None:
+            loop.remove_reader(sentinel)
+            if not ended_future.done():
+                ended_future.set_result(None)
+            self.exited.put_nowait(slot)
+
+        loop.add_reader(sentinel, ended)
+        log.debug("worker %d started (pid %s)", slot, proc.pid)
+
+    async def _watch(self) -> int:
+        """Until a signal: restart workers that die; 1 if they keep dying."""
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            while True:
+                died = asyncio.ensure_future(self.exited.get())
+                done, _ = await asyncio.wait({stop, died}, return_when=asyncio.FIRST_COMPLETED)
+                if stop in done:
+                    died.cancel()
+                    return 0
+                slot = died.result()
+                proc = self.procs[slot]
+                if proc is None:
+                    continue
+                proc.join(1.0)
+                now = time.monotonic()
+                for window in (self.restarts, self.slot_restarts[slot]):
+                    window.append(now)
+                    while window and now - window[0] > RESTART_WINDOW:
+                        window.popleft()
+                if len(self.restarts) > 2 * self.workers + 3:
+                    log.error("workers keep dying (%d restarts within %.0f s): giving up",
+                              len(self.restarts), RESTART_WINDOW)
+                    return 1
+                delay = min(5.0, 0.25 * 2 ** (len(self.slot_restarts[slot]) - 1))
+                log.warning("worker %d (pid %s) exited unexpectedly with status %s; "
+                            "restarting it in %.2f s", slot, proc.pid, proc.exitcode, delay)
+                self.procs[slot] = None
+                if proc.pid is not None:
+                    self.ended.pop(proc.pid, None)
+                if proc.exitcode is not None:
+                    proc.close()  # releases its sentinel fd
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(stop), delay)
+                if self.stopping.is_set():
+                    return 0
+                self._spawn(slot)
+        finally:
+            stop.cancel()
+
+    async def _stop_workers(self) -> None:
+        """SIGTERM every worker, wait up to SHUTDOWN_GRACE, SIGKILL the rest."""
+        live = [p for p in self.procs if p is not None and p.exitcode is None]
+        for proc in live:
+            with contextlib.suppress(ProcessLookupError):
+                if proc.pid is not None:
+                    os.kill(proc.pid, signal.SIGTERM)
+        waits = [self.ended[p.pid] for p in live if p.pid in self.ended]
+        if waits:
+            await asyncio.wait(waits, timeout=SHUTDOWN_GRACE)
+        for proc in live:
+            if proc.exitcode is None:
+                log.warning("worker pid %s did not stop in %.1f s: killing it", proc.pid,
+                            SHUTDOWN_GRACE)
+                proc.kill()
+            proc.join(1.0)
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(proc.sentinel)
+            proc.close()
+        self.procs = [None] * self.workers
+        self.ended.clear()
+
+
+def _worker_main(url: str, hub_kwargs: dict[str, Any], host: str, port: int, log_level: str,
+                 sock: socket.socket, slot: int, parent: int) -> None:
+    """Entry point of a worker process (module level so ``spawn`` can import it)."""
+    logging.basicConfig(level=log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s [worker {slot}] %(name)s: %(message)s")
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True,
+                     name="tidings-parent-watch").start()
+    from tidings.hub import Hub
+    from tidings.server.runner import run
+
+    hub = Hub(url, **hub_kwargs)
+    run(hub, host=host, port=port, log_level=log_level, sockets=[sock])
+
+
+def _exit_with_parent(parent: int) -> None:
+    """If the supervisor dies without telling us (SIGKILL), stop cleanly instead of
+    serving on with a dead relay."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)

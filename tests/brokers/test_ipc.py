@@ -1,0 +1,217 @@
+"""The single-host relay (``ipc://``): faults, cleanup and the wire format.
+
+The conformance suite (test_conformance.py, world ``ipc``) covers what
+crosses between nodes; this file covers what only the relay does: a relay
+restart, a worker dying, a worker that stops reading, binary data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.support import Sink, wait_until
+from tidings import BrokerUnavailable, Hub, StreamPos
+from tidings.brokers.ipc import IpcBroker
+from tidings.relay import FrameReader, Relay
+
+
+@pytest.fixture
+async def relay_path() -> AsyncIterator[str]:
+    """A socket path in a private temp dir (short: AF_UNIX paths are ~107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="tidings-ipc-") as tmp:
+        yield str(Path(tmp) / "relay.sock")
+
+
+async def test_relay_restart_hubs_stay_up_and_recover(
+        relay_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="tidings.hub")
+    relay = Relay(relay_path)
+    await relay.start()
+    url = f"ipc://{relay_path}"
+    h1, h2 = Hub(url), Hub(url)
+    relay2: Relay | None = None
+    try:
+        await h1.start()
+        await h2.start()
+        sink = Sink()
+        conn = h1.register(sink, user="ann")
+        await h1.subscribe(conn, "live")
+        await h2.publish("live", "before")
+        await sink.wait_for(lambda f: len(f) == 1)
+
+        await relay.stop()
+        await wait_until(lambda: not h1.health().up and not h2.health().up, 10,
+                         "both hubs to report the broker down")
+        assert h1.running and h2.running  # the hubs stay up
+        assert "relay" in h1.health().reason or "connection" in h1.health().reason
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable):
+            await h2.publish("live", "during")
+        assert time.monotonic() - started < 1.0  # fails fast, no hang
+
+        relay2 = Relay(relay_path)  # same path, empty state
+        await relay2.start()
+        await wait_until(lambda: h1.health().up and h2.health().up, 20,
+                         "both hubs to reconnect")
+        assert sorted(relay2.nodes) == sorted([h1.node, h2.node])
+        pub = await h2.publish("live", "after")  # h1's subscription was restored
+        assert pub.offset == 1  # the new relay started over: a new stream
+        await sink.wait_for(lambda f: len(f) == 2)
+        after = sink.frames[1]
+        assert (after["data"], after["offset"]) == ("after", 1)
+        assert after["epoch"] != sink.frames[0]["epoch"]  # clients can tell there was a gap
+        members = await h2.presence("live")  # presence was restored too
+        assert [(m.conn_id, m.user) for m in members] == [(conn.conn_id, "ann")]
+    finally:
+        await h1.stop()
+        await h2.stop()
+        if relay2 is not None:
+            await relay2.stop()
+    downs = [r for r in caplog.records if "is down" in r.getMessage()]
+    ups = [r for r in caplog.records if "is up again" in r.getMessage()]
+    assert len(downs) == 2 and len(ups) == 2  # once per transition per hub, no storm
+
+
+WORKER = """
+import asyncio, sys
+from tidings import Hub
+
+class Sink:
+    async def __call__(self, message):
+        pass
+
+async def main():
+    hub = Hub(sys.argv[1])
+    await hub.start()
+    conn = hub.register(Sink(), user="bob")
+    await hub.subscribe(conn, "room")
+    print(conn.conn_id, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_dead_worker_loses_its_presence_members(relay_path: str) -> None:
+    async with Relay(relay_path) as relay, Hub(f"ipc://{relay_path}") as hub:
+        watcher_sink = Sink()
+        watcher = hub.register(watcher_sink, user="w")
+        await hub.subscribe(watcher, "room", join_leave=True)
+        worker = subprocess.Popen([sys.executable, "-c", WORKER, f"ipc://{relay_path}"],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert worker.stdout is not None
+            line = await asyncio.wait_for(asyncio.to_thread(worker.stdout.readline), 20)
+            bob = line.strip()
+            assert bob, "the worker did not start"
+            members = await hub.presence("room")
+            assert {m.conn_id for m in members} == {watcher.conn_id, bob}
+            assert len(relay.nodes) == 2
+        finally:
+            os.kill(worker.pid, signal.SIGKILL)  # no goodbye: the relay must notice alone
+            await asyncio.to_thread(worker.wait, 10)
+            if worker.stdout is not None:
+                worker.stdout.close()
+        await wait_until(lambda: relay.nodes == [hub.node], 10, "the relay to drop the node")
+        assert [m.conn_id for m in await hub.presence("room")] == [watcher.conn_id]
+        await watcher_sink.wait_for(lambda f: any(
+            x["type"] == "leave" and x["member"] == {"conn_id": bob, "user": "bob"} for x in f))
+
+
+async def test_worker_that_stops_reading_is_dropped(relay_path: str,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    async with Relay(relay_path, max_buffer=256 * 1024) as relay, \
+            Hub(f"ipc://{relay_path}") as hub:
+        # a raw worker: says hello, subscribes to everything, then never reads
+        reader, writer = await asyncio.open_unix_connection(relay_path)
+        for msg in ([1, "hello", "stuck", "t"], [2, "sub", "#"]):
+            frame = orjson.dumps(msg)
+            writer.write(len(frame).to_bytes(4, "big") + frame)
+        frames = FrameReader()
+        replies: list[object] = []
+        while len(replies) < 2:
+            replies += frames.feed(await asyncio.wait_for(reader.read(65536), 5))
+        assert replies == [[1, True, None], [2, True, None]]
+        writer.transport.pause_reading()
+        sink = Sink()
+        conn = hub.register(sink)
+        await hub.subscribe(conn, "bulk")
+        blob = "x" * 16384
+        sent = 0
+        while "stuck" in relay.nodes:  # the relay must drop it, not buffer forever
+            await hub.publish("bulk", blob)
+            sent += 1
+            assert sent < 2000, "the relay kept buffering for a worker that does not read"
+        assert any("disconnecting worker node stuck" in r.getMessage() for r in caplog.records)
+        await sink.wait_for(lambda f: len(f) == sent, timeout=10)  # the healthy hub is fine
+        assert relay.nodes == [hub.node]
+        writer.close()
+
+
+async def test_binary_data_crosses_and_is_kept(relay_path: str) -> None:
+    async with Relay(relay_path), Hub(f"ipc://{relay_path}") as h1, \
+            Hub(f"ipc://{relay_path}") as h2:
+        sink = Sink()
+        conn = h1.register(sink)
+        await h1.subscribe(conn, "bin")
+        pub = await h2.publish("bin", b"\x00\xffraw")
+        await sink.wait_for(lambda f: len(f) == 1)
+        assert sink.frames[0]["data"] == {"b64": "AP9yYXc="}
+        page = await h1.history("bin", since=StreamPos(0, pub.epoch))
+        assert [p.data for p in page.publications] == [b"\x00\xffraw"]
+
+
+async def test_unreachable_relay_fails_fast(relay_path: str) -> None:
+    broker = IpcBroker(f"ipc://{relay_path}")
+    hub = Hub(broker)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match="cannot reach the relay"):
+        await hub.start()
+    assert time.monotonic() - started < 2
+    assert not broker.health().up
+
+
+async def test_relay_refuses_a_live_path_and_replaces_a_stale_one(relay_path: str) -> None:
+    async with Relay(relay_path):
+        with pytest.raises(RuntimeError, match="already listens"):
+            await Relay(relay_path).start()
+    # a socket file left by a relay that died without cleaning up
+    import socket
+
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(relay_path)
+    stale.close()
+    async with Relay(relay_path), Hub(f"ipc://{relay_path}") as hub:
+        assert hub.health().up
+    assert not os.path.exists(relay_path)  # stop() removes its socket
+
+
+def test_frame_reader_handles_split_and_merged_frames() -> None:
+    msgs = [[1, "a"], {"k": "v" * 300}, [], "x"]
+    stream = b"".join(len(b).to_bytes(4, "big") + b for b in map(orjson.dumps, msgs))
+    for step in (1, 3, 7, len(stream)):
+        reader = FrameReader()
+        got: list[object] = []
+        for i in range(0, len(stream), step):
+            got += reader.feed(stream[i:i + step])
+        assert got == msgs
+    with pytest.raises(ValueError, match="limit"):
+        FrameReader(max_frame=10).feed((11).to_bytes(4, "big"))
+
+
+def test_ipc_url_validation() -> None:
+    with pytest.raises(ValueError, match="absolute"):
+        IpcBroker("ipc://relative.sock")
+    assert IpcBroker("ipc:///tmp/r.sock?timeout=2").timeout == 2

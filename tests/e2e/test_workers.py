@@ -1,0 +1,197 @@
+"""Several worker processes on one port, sharing everything through the built-in relay.
+
+``run_workers`` is what ``tidings serve --workers N`` runs; it is started here
+in a subprocess (``python -c``) so the test can signal it like a user would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+
+from tests.support import NativeClient, apost, free_port
+
+pytestmark = pytest.mark.slow
+
+SUPERVISOR = """
+import sys
+from tidings.server.supervisor import run_workers
+sys.exit(run_workers({{"history_size": 100, "history_ttl": 60.0}}, host="127.0.0.1",
+                     port={port}, workers={workers}, broker=None, log_level="warning"))
+"""
+
+
+class Supervisor:
+    def __init__(self, workers: int) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="tidings-workers-", suffix=".log",  # noqa: SIM115
+                                               delete=False)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SUPERVISOR.format(port=self.port, workers=workers)],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def health(self) -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(self.base + "/health", timeout=2) as response:
+                body: dict[str, Any] = json.loads(response.read())
+                return body
+        except (OSError, ValueError):
+            return None
+
+    async def wait_nodes(self, n: int, timeout: float = 30, exclude: frozenset[str] = frozenset()
+                         ) -> set[str]:
+        """Poll /health (each answer names its worker's node) until ``n`` nodes answered."""
+        seen: set[str] = set()
+        deadline = time.monotonic() + timeout
+        while len(seen - exclude) < n:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"supervisor exited with {self.proc.returncode}:\n"
+                                   + self.output())
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"saw nodes {seen} only:\n{self.output()}")
+            body = await asyncio.to_thread(self.health)
+            if body is not None and body.get("status") == "ok":
+                seen.add(body["node"])
+            else:
+                await asyncio.sleep(0.05)
+        return seen - exclude
+
+    def children(self) -> list[int]:
+        """The worker pids (Linux: the kernel lists a process's children; the other
+        child multiprocessing starts is its resource tracker)."""
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        pids = []
+        for pid in path.read_text().split():
+            with contextlib.suppress(OSError):
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    pids.append(int(pid))
+        return pids
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for pid in self.children_or_empty():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.log.close()
+        os.unlink(self.log.name)
+
+    def children_or_empty(self) -> list[int]:
+        try:
+            return self.children()
+        except OSError:
+            return []
+
+
+@contextlib.contextmanager
+def supervisor(workers: int) -> Iterator[Supervisor]:
+    sup = Supervisor(workers)
+    try:
+        yield sup
+    finally:
+        sup.stop()
+
+
+@contextlib.asynccontextmanager
+async def clients(base: str) -> AsyncIterator[list[NativeClient]]:
+    opened: list[NativeClient] = []
+    try:
+        yield opened
+    finally:
+        for client in opened:
+            await client.ws.close()
+
+
+async def connect(base: str) -> NativeClient:
+    ws = await websockets.connect("ws://" + base.removeprefix("http://") + "/ws", max_size=None)
+    client = NativeClient(ws)
+    client.welcome = await client.recv()
+    assert client.welcome["type"] == "welcome"
+    return client
+
+
+async def spread(base: str, into: list[NativeClient], nodes: set[str],
+                 least: int = 12, most: int = 60) -> None:
+    """Connect ``least`` clients, more (up to ``most``) until every node holds one."""
+    while len(into) < least or {c.welcome["node"] for c in into} != nodes:
+        assert len(into) < most, f"{most} connections all landed on {into[0].welcome['node']}"
+        into.append(await connect(base))
+
+
+async def test_two_workers_share_one_publication_and_stop_cleanly() -> None:
+    with supervisor(2) as sup:
+        nodes = await sup.wait_nodes(2)
+        async with clients(sup.base) as conns:
+            await spread(sup.base, conns, nodes)
+            assert len(conns) >= 12
+            assert {c.welcome["node"] for c in conns} == nodes  # both workers hold clients
+            replies = await asyncio.gather(
+                *(c.request({"type": "subscribe", "channel": "news"}) for c in conns))
+            assert all(r["type"] == "reply" for r in replies), replies
+
+            status, body = await apost(sup.base, "publish", {"channel": "news", "data": 1})
+            assert status == 200, body
+            offset = body["result"]["offset"]
+            firsts = await asyncio.gather(*(c.next("publication") for c in conns))
+            assert {(f["data"], f["offset"]) for f in firsts} == {(1, offset)}
+            # exactly once: per-channel order means a duplicate would come before this
+            status, body = await apost(sup.base, "publish", {"channel": "news", "data": 2})
+            assert status == 200, body
+            seconds = await asyncio.gather(*(c.next("publication") for c in conns))
+            assert {(f["data"], f["offset"]) for f in seconds} == {(2, offset + 1)}
+            assert not any(f["type"] == "publication" for c in conns for f in c.pending)
+
+            started = time.monotonic()
+            sup.proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(sup.proc.wait, 10)
+            assert code == 0, sup.output()
+            assert time.monotonic() - started < 10
+            for client in conns:
+                await asyncio.wait_for(client.ws.wait_closed(), 5)
+                assert client.ws.close_code == 1001, client.ws.close_code
+            assert sup.children_or_empty() == []  # no orphaned workers
+
+
+async def test_a_killed_worker_is_restarted_and_joins_the_others() -> None:
+    with supervisor(2) as sup:
+        nodes = await sup.wait_nodes(2)
+        workers = sup.children()
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)
+        new = await sup.wait_nodes(1, exclude=frozenset(nodes))  # a fresh node answers
+        assert len(new) == 1
+        live = await sup.wait_nodes(2)  # only live workers answer /health
+        assert new <= live and len(live & nodes) == 1
+        # the replacement and the survivor share publications through the relay again
+        async with clients(sup.base) as conns:
+            await spread(sup.base, conns, live, least=2)
+            for c in conns:
+                await c.request({"type": "subscribe", "channel": "again"})
+            status, body = await apost(sup.base, "publish", {"channel": "again", "data": "x"})
+            assert status == 200, body
+            got = await asyncio.gather(*(c.next("publication") for c in conns))
+            assert {f["data"] for f in got} == {"x"}
+        assert "exited unexpectedly" in sup.output()
+        sup.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(sup.proc.wait, 10) == 0, sup.output()
