@@ -9,8 +9,8 @@ alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import re
+from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
