@@ -17,6 +17,7 @@ from tidings.protocol.names import is_pattern
 __all__ = ["SubscriptionIndex"]
 
 S = TypeVar("S", bound=Hashable)
+_EMPTY: frozenset[object] = frozenset()
 
 
 class _Node(Generic[S]):
@@ -109,11 +110,14 @@ class SubscriptionIndex(Generic[S]):
         return True
 
     def match(self, channel: str) -> set[S]:
-        """Every subscriber whose channel or pattern matches ``channel``, once each."""
+        """Every subscriber whose channel or pattern matches ``channel``, once each.
+
+        The result may be the index's own set: iterate it, do not keep or change it.
+        """
         exact = self._exact.get(channel)
-        result: set[S] = set(exact) if exact else set()
         if not self._patterns:
-            return result
+            return exact if exact is not None else _EMPTY  # type: ignore[return-value]
+        result: set[S] = set(exact) if exact else set()
         levels = channel.split("/")
         dollar = channel.startswith("$")
         nodes: list[_Node[S]] = [self._root]
