@@ -4,7 +4,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.support import running
+from tests.support import ASGI_WS, DIRECT_WS, running
 from tidings import Hub
 
 
@@ -14,9 +14,10 @@ async def hub() -> AsyncIterator[Hub]:
         yield h
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[tuple[Hub, str]]:
-    """A hub with default settings served by uvicorn on a free port."""
+@pytest.fixture(params=[DIRECT_WS, ASGI_WS], ids=["direct", "asgi"])
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Hub, str]]:
+    """A hub with default settings served by uvicorn on a free port, once with the
+    direct write path of `tidings serve` and once with plain ASGI sends."""
     h = Hub()
-    async with running(h) as base:
+    async with running(h, ws=request.param) as base:
         yield h, base

@@ -23,6 +23,8 @@ from tidings import Hub
 from tidings.server.app import create_app
 
 TIMEOUT = 10.0
+DIRECT_WS = "tidings.server.wsproto:DirectWSProtocol"  # what `tidings serve` runs
+ASGI_WS = "websockets-sansio"  # plain ASGI sends, as when embedded in any server
 
 
 def free_port() -> int:
@@ -32,12 +34,12 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def running(hub: Hub, app: Any = None) -> AsyncIterator[str]:
+async def running(hub: Hub, app: Any = None, ws: str = DIRECT_WS) -> AsyncIterator[str]:
     """Serve ``hub`` (or ``app``) with uvicorn in this event loop; yield the base URL."""
     port = free_port()
     config = uvicorn.Config(
         app if app is not None else create_app(hub), host="127.0.0.1", port=port,
-        log_level="warning", ws="websockets-sansio", ws_per_message_deflate=False,
+        log_level="warning", ws=ws, ws_per_message_deflate=False,
         lifespan="on", ws_max_size=hub.limits.frame_hard,
     )
     server = uvicorn.Server(config)

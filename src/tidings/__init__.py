@@ -5,10 +5,12 @@ from tidings.client import Client
 from tidings.config import HistoryRule, Limits
 from tidings.connection import Connection
 from tidings.exceptions import (
+    AuthError,
     BrokerError,
     BrokerUnavailable,
     ClientClosed,
     ClientError,
+    HookError,
     HubError,
     ReplyError,
     TidingsError,
@@ -19,6 +21,7 @@ from tidings.queue import QueueItem, WorkQueue
 from tidings.types import HistoryPage, Member, Publication, StreamPos
 
 __all__ = [
+    "AuthError",
     "BrokerError",
     "BrokerUnavailable",
     "Client",
@@ -29,6 +32,7 @@ __all__ = [
     "ErrorCode",
     "HistoryPage",
     "HistoryRule",
+    "HookError",
     "Hub",
     "HubError",
     "Limits",

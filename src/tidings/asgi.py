@@ -19,12 +19,23 @@ from starlette.routing import BaseRoute, Route, Router, WebSocketRoute
 
 from tidings.connection import Connection, ConnectionKind
 from tidings.dispatch import handle_command, send_error
-from tidings.exceptions import HubError
+from tidings.exceptions import HookError, HubError
+from tidings.gate import admit
+from tidings.permissions import Action, check
 from tidings.protocol.codes import CloseCode, ErrorCode
 from tidings.protocol.errors import ProtocolError
 from tidings.protocol.names import validate_channel, validate_pattern
-from tidings.protocol.native import decode_command, dumps, encode_welcome, loads, peek_id
+from tidings.protocol.native import (
+    decode_command,
+    dumps,
+    encode_reply,
+    encode_welcome,
+    loads,
+    peek_id,
+)
 from tidings.queue import Consumer, QueueItem
+
+DIRECT = "tidings.direct"  # ASGI extension of tidings.server.wsproto
 
 if TYPE_CHECKING:
     from tidings.hub import Hub
@@ -48,18 +59,6 @@ def welcome_frame(hub: Hub, conn: Connection) -> str:
 def _query(scope: Scope) -> dict[str, str]:
     raw = scope.get("query_string", b"").decode("latin-1")
     return {k: v[-1] for k, v in parse_qs(raw).items()}
-
-
-async def _accept(hub: Hub, receive: Receive, send: Send) -> bool:
-    """Complete the handshake; refuse (close 1013) while the hub is not running."""
-    message = await receive()
-    if message["type"] != "websocket.connect":
-        return False
-    await send({"type": "websocket.accept"})
-    if not hub.running:  # accepted first, so the client sees 1013 and not a 403
-        await _refuse(send, CloseCode.TRY_AGAIN_LATER, "server not running")
-        return False
-    return True
 
 
 async def _refuse(send: Send, code: int, reason: str) -> None:
@@ -129,14 +128,20 @@ class _Endpoint:
         self.hub = hub
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not await _accept(self.hub, receive, send):
+        # origin, auth (handshake or first frame), limits: see tidings.gate
+        admission = await admit(self.hub, scope, receive, send)
+        if admission is None:
             return
-        try:
-            conn = self.hub.register(send, kind=self.kind)
+        try:  # no await since admit(): the connection limits hold
+            conn = self.hub.register(send, kind=self.kind, identity=admission.identity,
+                                     ip=admission.ip,
+                                     direct=scope.get("extensions", {}).get(DIRECT))
         except HubError:
             await _refuse(send, CloseCode.TRY_AGAIN_LATER, "server not running")
             return
         try:
+            if admission.connected_by_frame and self.kind is ConnectionKind.NATIVE:
+                scope["tidings.connect_id"] = admission.connect_id
             await self.run(scope, receive, conn)
         finally:
             await conn.wait_closed(0.5)
@@ -151,7 +156,23 @@ class NativeEndpoint(_Endpoint):
 
     async def run(self, scope: Scope, receive: Receive, conn: Connection) -> None:
         conn.send_frame(welcome_frame(self.hub, conn))
+        if scope.get("tidings.connect_id") is not None:  # answer a first-frame ``connect``
+            conn.send_frame(encode_reply(scope["tidings.connect_id"],
+                                         {"conn_id": conn.conn_id, "user": conn.user}).decode())
         await serve_native(self.hub, conn, receive)
+
+
+async def _permitted(hub: Hub, action: Action, conn: Connection, name: str) -> bool:
+    """Permission for a raw stream; refused: close 1008 (1011 if a hook crashed)."""
+    try:
+        await check(hub, action, conn, name)
+    except ProtocolError as exc:
+        conn.close(CloseCode.POLICY_VIOLATION, exc.message)
+        return False
+    except HookError:
+        conn.close(CloseCode.INTERNAL_ERROR, "internal error")
+        return False
+    return True
 
 
 def _raw_data(payload: str | bytes) -> Any:
@@ -174,8 +195,7 @@ class PubEndpoint(_Endpoint):
         except ProtocolError as exc:
             conn.close(CloseCode.POLICY_VIOLATION, exc.message)
             return
-        if channel.startswith("$"):
-            conn.close(CloseCode.POLICY_VIOLATION, "'$' channels are reserved to the server")
+        if not await _permitted(hub, "publish", conn, channel):
             return
         ack = _query(scope).get("ack") in ("1", "true")
         while not conn.closed:
@@ -203,6 +223,8 @@ class SubEndpoint(_Endpoint):
             pattern = validate_pattern(scope["path_params"]["pattern"], hub.limits.max_name)
         except ProtocolError as exc:
             conn.close(CloseCode.POLICY_VIOLATION, exc.message)
+            return
+        if not await _permitted(hub, "subscribe", conn, pattern):
             return
         await hub.subscribe(conn, pattern)
         while await _receive(receive, conn, None) is not None:

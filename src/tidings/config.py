@@ -29,6 +29,9 @@ class Limits:
     rate: float | None = None  # frames per second per connection (token bucket); None: off
     burst: int = 0  # bucket size; 0: same as ``rate``
     max_violations: int = 20  # consecutive limit violations before close 1008
+    max_connections_per_user: int = 0  # 0: unlimited; over it: close 1008
+    max_connections_per_ip: int = 0  # 0: unlimited; over it: close 1008
+    auth_timeout: float = 5.0  # seconds for a first-frame ``connect`` when auth is on
 
     def __post_init__(self) -> None:
         if self.overflow not in ("disconnect", "drop"):
@@ -37,6 +40,10 @@ class Limits:
             raise ValueError("outbox limits must be positive")
         if not 0 < self.frame_soft <= self.frame_hard:
             raise ValueError("need 0 < frame_soft <= frame_hard")
+        if self.max_connections_per_user < 0 or self.max_connections_per_ip < 0:
+            raise ValueError("connection limits must be >= 0 (0: unlimited)")
+        if self.auth_timeout <= 0:
+            raise ValueError("auth_timeout must be > 0")
 
 
 @dataclass(frozen=True, slots=True)

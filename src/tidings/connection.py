@@ -17,13 +17,15 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tidings.protocol.codes import CloseCode
+from tidings.protocol.frames import OP_BINARY, encode_frame
 from tidings.protocol.native import dumps, encode_lagged
 from tidings.types import Publication
 
 if TYPE_CHECKING:
+    from tidings.auth import Identity
     from tidings.config import Limits
     from tidings.hub import Hub
 
@@ -32,6 +34,20 @@ __all__ = ["Connection", "ConnectionKind"]
 log = logging.getLogger("tidings.connection")
 
 ASGISend = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class DirectTransport(Protocol):
+    """What a server offers for direct writes (see tidings.server.wsproto)."""
+
+    on_resume: Callable[[], None] | None
+
+    @property
+    def can_write(self) -> bool: ...
+
+    @property
+    def gone(self) -> bool: ...
+
+    def write_frames(self, data: bytes) -> None: ...
 
 
 class ConnectionKind(Enum):
@@ -62,6 +78,8 @@ class Connection:
         "_app_waiter",
         "_close",
         "_closed",
+        "_direct",
+        "_dirty",
         "_dropped_total",
         "_lagged",
         "_out",
@@ -74,8 +92,11 @@ class Connection:
         "_waiter",
         "_writer",
         "conn_id",
+        "expiry",
         "hub",
+        "identity",
         "info",
+        "ip",
         "join_leave",
         "kind",
         "limits",
@@ -97,6 +118,9 @@ class Connection:
         self.conn_id = conn_id
         self.user = user
         self.info = info
+        self.identity: Identity | None = None  # set by the hub when auth is on
+        self.ip: str | None = None
+        self.expiry: asyncio.TimerHandle | None = None  # closes it when the token expires
         self.kind = kind
         self.limits: Limits = hub.limits
         self.subs: set[str] = set()
@@ -113,6 +137,8 @@ class Connection:
         self._app_queue: deque[Publication] | None = None
         self._app_waiter: asyncio.Future[None] | None = None
         self._pending: list[Publication] | None = None
+        self._direct: DirectTransport | None = None
+        self._dirty = False
         self._tokens = float(self.limits.burst or self.limits.rate or 0)
         self._tokens_at = 0.0
         self._violations = 0
@@ -141,10 +167,11 @@ class Connection:
                 self._overflow_pending()
             return
         kind = self.kind
+        direct = self._direct is not None
         if kind is ConnectionKind.NATIVE:
-            payload: str | bytes = pub.frame
+            payload: str | bytes = pub.ws_frame if direct else pub.frame
         elif kind is ConnectionKind.RAW:
-            payload = pub.raw
+            payload = pub.ws_raw if direct else pub.raw
         else:
             self._deliver_app(pub)
             return
@@ -154,6 +181,16 @@ class Connection:
         limits = self.limits
         if len(out) > limits.outbox_size or self._out_bytes > limits.outbox_bytes:
             self._overflow()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Get the queued frames written: by the writer task, or (direct) at the
+        end of this event-loop turn, together with anything else queued meanwhile."""
+        if self._direct is not None:
+            if not self._dirty:
+                self._dirty = True
+                self.hub.schedule_flush(self)
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -219,9 +256,7 @@ class Connection:
             # a client that sends requests but never reads its replies
             self.close(CloseCode.TRY_AGAIN_LATER, "outbox overflow", flush=False)
             return
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
 
     def send_json(self, data: Any) -> None:
         """Queue any JSON value as one text frame."""
@@ -300,10 +335,60 @@ class Connection:
 
     # -- writer --------------------------------------------------------------
 
-    def start_writer(self) -> None:
+    def start_writer(self, direct: DirectTransport | None = None) -> None:
+        """Start delivering: a writer task, or none with a direct transport."""
+        if direct is not None and self.kind is not ConnectionKind.APP:
+            self._direct = direct
+            direct.on_resume = self.flush
+            return
         self._writer = asyncio.get_running_loop().create_task(
             self._write_loop(), name=f"tidings-writer-{self.conn_id}"
         )
+
+    def flush(self) -> None:
+        """Direct mode: write every queued frame in one write (if the socket takes it)."""
+        self._dirty = False
+        direct = self._direct
+        out = self._out
+        if direct is None or not out or not direct.can_write:
+            if direct is not None and direct.gone:
+                self._closed = True
+            return
+        chunks: list[bytes] = []
+        callbacks: list[Callable[[], object]] = []
+        if self._lagged and self.kind is ConnectionKind.NATIVE:
+            chunks.append(encode_frame(encode_lagged(self._lagged)))
+            self._lagged = 0
+        while out:
+            entry = out.popleft()
+            if isinstance(entry, _Control):
+                payload = entry.payload
+                chunks.append(encode_frame(payload.encode()) if isinstance(payload, str)
+                              else encode_frame(payload, OP_BINARY))
+                if entry.on_sent is not None:
+                    callbacks.append(entry.on_sent)
+            elif isinstance(entry, bytes):  # in direct mode every other entry is a frame
+                chunks.append(entry)
+        self._out_bytes = 0
+        direct.write_frames(b"".join(chunks))
+        for callback in callbacks:
+            callback()
+        if self._close is not None and self._writer is None:
+            self._send_close()
+
+    def _send_close(self) -> None:
+        """Direct mode: the close frame goes through ASGI (uvicorn owns the close handshake)."""
+        code, reason = self._close or (CloseCode.NORMAL, "")
+
+        async def close() -> None:
+            try:
+                await self._send({"type": "websocket.close", "code": code, "reason": reason})
+            except Exception as exc:  # the peer is gone already
+                log.debug("close of %s: %r", self.conn_id, exc)
+            finally:
+                self._closed = True
+
+        self._writer = asyncio.get_running_loop().create_task(close())
 
     async def _write_loop(self) -> None:
         send = self._send
@@ -360,6 +445,13 @@ class Connection:
         for waiter in (self._waiter, self._app_waiter):
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+        if self._direct is not None:
+            self._direct.on_resume = None
+            if self._out and flush:
+                self.flush()  # sends the close too once the queue is written
+            if self._writer is None:
+                self._send_close()
+            return
         if self._writer is None and self.kind is not ConnectionKind.APP:
             self._closed = True
 
@@ -375,6 +467,9 @@ class Connection:
 
     def abort(self) -> None:
         """Stop the writer now (the socket is gone)."""
+        if self._direct is not None:
+            self._direct.on_resume = None
+            self._direct = None
         self._close = self._close or (CloseCode.NORMAL, "")
         self._closed = True
         self._out.clear()

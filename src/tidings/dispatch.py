@@ -7,11 +7,13 @@ context and answered with ``internal``, never with a traceback.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import TYPE_CHECKING, Any
 
 from tidings.connection import Connection
+from tidings.exceptions import HookError
+from tidings.gate import refresh
+from tidings.permissions import check
 from tidings.protocol.codes import ErrorCode
 from tidings.protocol.errors import ProtocolError
 from tidings.protocol.names import is_pattern
@@ -26,6 +28,7 @@ from tidings.protocol.native import (
     PresenceStats,
     Publish,
     Pull,
+    Refresh,
     Send,
     Subscribe,
     Unsubscribe,
@@ -37,7 +40,7 @@ from tidings.protocol.native import (
 from tidings.queue import Consumer, QueueItem
 
 if TYPE_CHECKING:
-    from tidings.hub import Hub, PermissionHook
+    from tidings.hub import Hub
 
 __all__ = ["handle_command", "send_error"]
 
@@ -49,21 +52,15 @@ def send_error(hub: Hub, conn: Connection, rid: Any, code: ErrorCode, message: s
     conn.send_frame(encode_error(rid, code, message).decode())
 
 
-async def _allowed(hook: PermissionHook | None, conn: Connection, name: str) -> bool:
-    if hook is None:
-        return True
-    verdict = hook(conn, name)
-    if inspect.isawaitable(verdict):
-        verdict = await verdict
-    return bool(verdict)
-
-
 async def handle_command(hub: Hub, conn: Connection, cmd: Command) -> None:
     """Apply one decoded command; reply or error on ``conn``."""
     try:
         result = await _apply(hub, conn, cmd)
     except ProtocolError as exc:
         send_error(hub, conn, cmd.id, exc.code, exc.message)
+        return
+    except HookError:  # logged with its context where it happened
+        send_error(hub, conn, cmd.id, ErrorCode.INTERNAL, "internal error")
         return
     except Exception:
         log.exception("node %s: %s from %s failed", hub.node, type(cmd).__name__, conn.conn_id)
@@ -75,10 +72,7 @@ async def handle_command(hub: Hub, conn: Connection, cmd: Command) -> None:
 
 async def _apply(hub: Hub, conn: Connection, cmd: Command) -> str | None:
     if isinstance(cmd, Publish):
-        if cmd.channel.startswith("$"):
-            raise ProtocolError(ErrorCode.FORBIDDEN, "'$' channels are reserved to the server")
-        if not await _allowed(hub.can_publish, conn, cmd.channel):
-            raise ProtocolError(ErrorCode.FORBIDDEN, f"not allowed to publish to {cmd.channel!r}")
+        await check(hub, "publish", conn, cmd.channel)
         pub = await hub.publish(cmd.channel, cmd.data, sender=conn.conn_id)
         return encode_reply(cmd.id, {"offset": pub.offset, "epoch": pub.epoch}).decode()
     if isinstance(cmd, Subscribe):
@@ -95,13 +89,16 @@ async def _apply(hub: Hub, conn: Connection, cmd: Command) -> str | None:
             raise ProtocolError(ErrorCode.NOT_FOUND, "no such connection")
         return encode_reply(cmd.id, {"sent": sent}).decode()
     if isinstance(cmd, Presence):
+        await check(hub, "presence", conn, cmd.channel)
         members = await hub.presence(cmd.channel)
         return encode_reply(
             cmd.id, {"presence": {m.conn_id: m.to_dict() for m in members}}
         ).decode()
     if isinstance(cmd, PresenceStats):
+        await check(hub, "presence", conn, cmd.channel)
         return encode_reply(cmd.id, await hub.presence_stats(cmd.channel)).decode()
     if isinstance(cmd, History):
+        await check(hub, "history", conn, cmd.channel)
         page = await hub.history(cmd.channel, since=cmd.since, limit=cmd.limit,
                                  reverse=cmd.reverse)
         return encode_reply(cmd.id, {
@@ -125,6 +122,8 @@ async def _apply(hub: Hub, conn: Connection, cmd: Command) -> str | None:
         return encode_reply(cmd.id, {}).decode()
     if isinstance(cmd, Connect):
         return encode_reply(cmd.id, {"conn_id": conn.conn_id, "user": conn.user}).decode()
+    if isinstance(cmd, Refresh):
+        return encode_reply(cmd.id, await refresh(hub, conn, cmd.token)).decode()
     raise ProtocolError(ErrorCode.UNKNOWN_TYPE, "unsupported command")  # pragma: no cover
 
 
@@ -134,8 +133,7 @@ async def _subscribe(hub: Hub, conn: Connection, cmd: Subscribe) -> str | None:
         raise ProtocolError(
             ErrorCode.FORBIDDEN, f"too many subscriptions (limit {hub.limits.max_subscriptions})"
         )
-    if not await _allowed(hub.can_subscribe, conn, channel):
-        raise ProtocolError(ErrorCode.FORBIDDEN, f"not allowed to subscribe to {channel!r}")
+    await check(hub, "subscribe", conn, channel)
     if is_pattern(channel):
         await hub.subscribe(conn, channel, join_leave=cmd.join_leave)
         return encode_reply(cmd.id, {"recovered": False, "publications": [],

@@ -5,6 +5,8 @@ All derive from one root::
     TidingsError
      +-- ProtocolError          a frame/name refused by the codec (carries an ErrorCode)
      +-- HubError               misuse of the hub (not started, closed)
+     +-- HookError              a hub callback (permission hook, authenticator) failed
+     +-- AuthError              a token was refused (tidings.auth)
      +-- BrokerError            the broker failed or is unreachable
      |    +-- BrokerUnavailable
      +-- ClientError            raised by tidings.Client
@@ -15,10 +17,12 @@ All derive from one root::
 from __future__ import annotations
 
 __all__ = [
+    "AuthError",
     "BrokerError",
     "BrokerUnavailable",
     "ClientClosed",
     "ClientError",
+    "HookError",
     "HubError",
     "ReplyError",
     "TidingsError",
@@ -31,6 +35,19 @@ class TidingsError(Exception):
 
 class HubError(TidingsError):
     """The hub was used in a state that does not allow it (not started, closed)."""
+
+
+class AuthError(TidingsError):
+    """A token was refused. ``reason`` is safe to show: it never holds the token."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class HookError(TidingsError):
+    """A hub callback raised an exception no handler took; it was logged, and
+    the client gets ``internal`` (or a refused handshake)."""
 
 
 class BrokerError(TidingsError):

@@ -14,15 +14,20 @@ import secrets
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tidings._version import __version__
+from tidings.auth import Authenticator, Identity, select_subprotocol
 from tidings.brokers import Broker, BrokerHealth, HistoryStore, PresenceStore, create_broker
 from tidings.config import HistoryConfig, HistoryRule, Limits
-from tidings.connection import Connection, ConnectionKind
-from tidings.exceptions import HubError
+from tidings.connection import Connection, ConnectionKind, DirectTransport
+from tidings.errors import ErrorHandlers
+from tidings.exceptions import AuthError, HubError
+from tidings.gate import arm_expiry
 from tidings.index import SubscriptionIndex
+from tidings.permissions import Rule
 from tidings.protocol.codes import CloseCode
+from tidings.protocol.errors import ProtocolError
 from tidings.protocol.names import is_pattern, pattern_matches, validate_channel, validate_pattern
 from tidings.protocol.native import StreamPos, dumps, encode_join_leave, encode_message, loads
 from tidings.queue import WorkQueue, WorkQueues
@@ -36,14 +41,15 @@ __all__ = ["Hub", "HubStats", "PermissionHook"]
 
 log = logging.getLogger("tidings.hub")
 
-PermissionHook = Callable[[Connection, str], bool | Awaitable[bool]]
+PermissionHook = Callable[[Connection, str], bool | Awaitable[bool | None] | None]
+E = TypeVar("E", bound=Exception)
 
 
 class HubStats:
     """Plain counters, read by ``/metrics`` at scrape time (cheap on the hot path)."""
 
     __slots__ = ("deliveries", "dropped", "errors", "messages", "overflows",
-                 "publications_in", "publications_out")
+                 "publications_in", "publications_out", "refusals")
 
     def __init__(self) -> None:
         self.publications_in = 0  # publish calls on this node
@@ -53,6 +59,7 @@ class HubStats:
         self.dropped = 0
         self.overflows = 0
         self.errors: Counter[str] = Counter()
+        self.refusals: Counter[str] = Counter()  # connections/requests refused, by reason
 
 
 class Hub:
@@ -61,6 +68,13 @@ class Hub:
     ``broker`` is a URL (``memory://``, ``redis://...``) or a Broker object.
     History keeps ``history_size`` publications for ``history_ttl`` seconds per
     channel (0 turns it off); ``history_rules`` override that per pattern.
+
+    Security (docs/security.md): ``auth`` (e.g. ``JWTAuth(secret=...)``) makes
+    every websocket authenticate; ``rules`` and the ``can_*`` hooks decide
+    permissions (see :mod:`tidings.permissions`); ``admins`` are users allowed
+    everything but publishing to ``$`` channels; ``allowed_origins`` refuses
+    browsers of other sites; ``api_key`` is the HTTP API's admin key and
+    ``api_key_publish`` a key limited to ``publish`` and ``broadcast``.
     """
 
     def __init__(
@@ -77,7 +91,14 @@ class Hub:
         queue_max_attempts: int = 5,
         can_subscribe: PermissionHook | None = None,
         can_publish: PermissionHook | None = None,
+        can_presence: PermissionHook | None = None,
+        can_history: PermissionHook | None = None,
         api_key: str | None = None,
+        api_key_publish: str | None = None,
+        auth: Authenticator | None = None,
+        rules: Iterable[Rule] = (),
+        admins: Iterable[str] = (),
+        allowed_origins: Iterable[str] = (),
     ) -> None:
         self.broker: Broker = create_broker(broker) if isinstance(broker, str) else broker
         # optional capabilities of the broker
@@ -94,9 +115,21 @@ class Hub:
         self.limits = limits or Limits()
         self.can_subscribe = can_subscribe
         self.can_publish = can_publish
+        self.can_presence = can_presence
+        self.can_history = can_history
         self.api_key = api_key
+        self.api_key_publish = api_key_publish
+        self.auth = auth
+        self.rules: list[Rule] = list(rules)
+        self.admins: frozenset[str] = frozenset(admins)
+        self.allowed_origins: frozenset[str] = frozenset(
+            o.strip().rstrip("/").lower() for o in allowed_origins if o.strip())
+        self.error_handlers = ErrorHandlers(passthrough=(ProtocolError, AuthError))
+        self.ips: Counter[str] = Counter()  # open connections per client address
         self.stats = HubStats()
         self.index: SubscriptionIndex[Connection] = SubscriptionIndex()
+        # the subset of subscriptions that asked for join/leave frames
+        self.join_leave_index: SubscriptionIndex[Connection] = SubscriptionIndex()
         self.connections: dict[str, Connection] = {}
         self.users: dict[str, set[Connection]] = {}
         self.queues = WorkQueues(
@@ -110,6 +143,8 @@ class Hub:
         self._closing = False
         self._router: Router | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._dirty: list[Connection] = []
+        self._flush_scheduled = False
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -169,6 +204,26 @@ class Hub:
             self._router = build_router(self)
         return self._router
 
+    @property
+    def hooks(self) -> dict[str, PermissionHook | None]:
+        """The permission hooks by action (``subscribe``, ``publish``, ...)."""
+        return {"subscribe": self.can_subscribe, "publish": self.can_publish,
+                "presence": self.can_presence, "history": self.can_history}
+
+    def on_error(self, exc_type: type[E]) -> Callable[[Callable[[E, Any], Any]],
+                                                      Callable[[E, Any], Any]]:
+        """Register a handler (sync or async) for ``exc_type`` raised in hub callbacks::
+
+            @hub.on_error(LookupError)
+            def no_such_room(exc, ctx):    # ctx: tidings.errors.ErrorContext
+                return False               # stands in for the hook's verdict
+        """
+        def register(handler: Callable[[E, Any], Any]) -> Callable[[E, Any], Any]:
+            self.error_handlers.register(exc_type, handler)
+            return handler
+
+        return register
+
     def _spawn(self, coro: Awaitable[Any]) -> None:
         async def run() -> None:
             try:
@@ -201,22 +256,62 @@ class Hub:
         kind: ConnectionKind = ConnectionKind.NATIVE,
         user: str | None = None,
         info: Any = None,
+        identity: Identity | None = None,
+        ip: str | None = None,
+        direct: DirectTransport | None = None,
     ) -> Connection:
-        """Create a connection for an accepted websocket and start its writer."""
+        """Create a connection for an accepted websocket and start its writer.
+
+        With an ``identity``, ``user`` and ``info`` default to its own, and the
+        connection is closed with 1008 "token expired" when it expires.
+        """
         self._require_started()
+        if identity is not None:
+            user = user if user is not None else identity.user
+            info = info if info is not None else identity.info
         conn = Connection(self, f"{self.node}.{secrets.token_urlsafe(6)}", send,
                           kind=kind, user=user, info=info)
+        conn.identity = identity
+        conn.ip = ip
         self.connections[conn.conn_id] = conn
         if user is not None:
             self.users.setdefault(user, set()).add(conn)
-        conn.start_writer()
+        if ip is not None:
+            self.ips[ip] += 1
+        conn.start_writer(direct)
+        arm_expiry(self, conn)
         return conn
+
+    def schedule_flush(self, conn: Connection) -> None:
+        """Write ``conn``'s queued frames at the end of this event-loop turn, in one
+        write with whatever else gets queued for it meanwhile (direct transports)."""
+        self._dirty.append(conn)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            try:
+                conn.flush()
+            except Exception:  # one broken socket must not cost the others their frames
+                log.exception("flush of %s failed", conn.conn_id)
+                conn.abort()
 
     async def unregister(self, conn: Connection) -> None:
         """Forget a connection: its subscriptions, presence, queue leases."""
         if self.connections.pop(conn.conn_id, None) is None:
             return
         conn.abort()
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+            conn.expiry = None
+        if conn.ip is not None:
+            self.ips[conn.ip] -= 1
+            if self.ips[conn.ip] <= 0:
+                del self.ips[conn.ip]
         if conn.user is not None:
             same = self.users.get(conn.user)
             if same is not None:
@@ -230,7 +325,8 @@ class Hub:
 
     @asynccontextmanager
     async def accept(
-        self, ws: WebSocket, *, user: str | None = None, info: Any = None
+        self, ws: WebSocket, *, user: str | None = None, info: Any = None,
+        identity: Identity | None = None,
     ) -> AsyncIterator[Connection]:
         """Accept a websocket in your own endpoint and get a hub connection.
 
@@ -239,11 +335,14 @@ class Hub:
         for you: client frames are native-protocol commands (subscribe, ping,
         ...), and when the client goes away or the server shuts down the
         connection closes, which ends the ``async for`` (no hang on shutdown).
+        ``identity`` (from :class:`tidings.auth.RequireIdentity`, say) gives the
+        connection its user, token grants and expiry.
         """
         from tidings.asgi import serve_native, welcome_frame
 
-        await ws.accept()
-        conn = self.register(ws.send, kind=ConnectionKind.APP, user=user, info=info)
+        await ws.accept(subprotocol=select_subprotocol(ws.scope))
+        conn = self.register(ws.send, kind=ConnectionKind.APP, user=user, info=info,
+                             identity=identity)
         conn.send_frame(welcome_frame(self, conn))
 
         async def pump() -> None:
@@ -268,10 +367,12 @@ class Hub:
     async def subscribe(self, conn: Connection, pattern: str, *, join_leave: bool = False) -> None:
         """Subscribe ``conn``; subscribes at the broker on the first local subscriber."""
         validate_pattern(pattern, self.limits.max_name)
-        if join_leave:
+        if join_leave and pattern not in conn.join_leave:
             conn.join_leave.add(pattern)
-        else:
+            self.join_leave_index.add(pattern, conn)
+        elif not join_leave and pattern in conn.join_leave:
             conn.join_leave.discard(pattern)
+            self.join_leave_index.remove(pattern, conn)
         if pattern in conn.subs:
             return
         conn.subs.add(pattern)
@@ -292,7 +393,9 @@ class Hub:
 
     async def _drop_subscription(self, conn: Connection, pattern: str) -> None:
         conn.subs.discard(pattern)
-        conn.join_leave.discard(pattern)
+        if pattern in conn.join_leave:
+            conn.join_leave.discard(pattern)
+            self.join_leave_index.remove(pattern, conn)
         if self.index.remove(pattern, conn):
             await self._sync_interest(pattern)
         if self._presence is not None and not is_pattern(pattern):
@@ -340,10 +443,8 @@ class Hub:
 
     def on_event(self, channel: str, frame: str) -> None:
         """Broker callback: join/leave frames for subscribers that asked for them."""
-        for conn in self.index.match(channel):
-            if conn.kind is ConnectionKind.NATIVE and any(
-                pattern_matches(p, channel) for p in conn.join_leave
-            ):
+        for conn in self.join_leave_index.match(channel):
+            if conn.kind is ConnectionKind.NATIVE:
                 conn.send_frame(frame)
 
     def on_broker_state(self, health: BrokerHealth) -> None:

@@ -49,12 +49,16 @@ registration and its presence members (``leave`` frames are sent for them).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import contextlib
 import logging
 import os
+import signal
 import stat
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -70,6 +74,7 @@ __all__ = [
     "FrameWriter",
     "Relay",
     "dumps",
+    "main",
     "pack_data",
     "pack_publication",
     "unpack_data",
@@ -487,3 +492,36 @@ class Relay:
 
 def _payload(value: str, b64: bool) -> bytes:
     return base64.b64decode(value) if b64 else value.encode()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tidings.relay PATH``: a standalone relay until SIGINT/SIGTERM.
+
+    For apps served by ``uvicorn app:app --workers N`` on one host without
+    Redis: run this next to them and give each ``Hub("ipc://PATH")``.
+    """
+    parser = argparse.ArgumentParser(prog="python -m tidings.relay",
+                                     description="single-host relay for ipc:// brokers")
+    parser.add_argument("path", help="Unix socket to listen on (absolute)")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    path = os.path.abspath(args.path)
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with Relay(path):
+            log.info("relay listening on %s", path)
+            await stop.wait()
+
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

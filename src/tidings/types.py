@@ -6,6 +6,7 @@ import base64
 from dataclasses import dataclass, field
 from typing import Any
 
+from tidings.protocol.frames import OP_BINARY, encode_frame
 from tidings.protocol.native import StreamPos, dumps, encode_publication
 
 __all__ = ["HistoryPage", "Member", "Publication", "StreamPos"]
@@ -20,7 +21,8 @@ class Publication:
     subscribers see it as ``{"b64": "..."}``.
     """
 
-    __slots__ = ("_frame", "_raw", "channel", "data", "epoch", "offset", "sender", "ts")
+    __slots__ = ("_frame", "_raw", "_ws_frame", "_ws_raw", "channel", "data", "epoch", "offset",
+                 "sender", "ts")
 
     def __init__(
         self,
@@ -40,6 +42,8 @@ class Publication:
         self.ts = ts
         self._frame = frame
         self._raw: str | bytes | None = None
+        self._ws_frame: bytes | None = None
+        self._ws_raw: bytes | None = None
 
     @property
     def frame(self) -> str:
@@ -59,6 +63,22 @@ class Publication:
         if self._raw is None:
             self._raw = self.data if isinstance(self.data, bytes) else dumps(self.data).decode()
         return self._raw
+
+    @property
+    def ws_frame(self) -> bytes:
+        """``frame`` as a complete websocket text frame, built once."""
+        if self._ws_frame is None:
+            self._ws_frame = encode_frame(self.frame.encode())
+        return self._ws_frame
+
+    @property
+    def ws_raw(self) -> bytes:
+        """``raw`` as a complete websocket frame (binary data stays binary)."""
+        if self._ws_raw is None:
+            raw = self.raw
+            self._ws_raw = (encode_frame(raw, OP_BINARY) if isinstance(raw, bytes)
+                            else encode_frame(raw.encode()))
+        return self._ws_raw
 
     def to_dict(self) -> dict[str, Any]:
         data = self.data

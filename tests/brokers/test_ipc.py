@@ -198,6 +198,41 @@ async def test_relay_refuses_a_live_path_and_replaces_a_stale_one(relay_path: st
     assert not os.path.exists(relay_path)  # stop() removes its socket
 
 
+async def test_a_relay_that_stops_answering_is_declared_dead(relay_path: str) -> None:
+    """A hung relay (say SIGSTOPped) keeps its socket open: only silence tells."""
+    answering = True
+    writers: list[asyncio.StreamWriter] = []
+
+    async def fake_relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        frames = FrameReader()
+        while data := await reader.read(65536):
+            for msg in frames.feed(data):
+                if answering:
+                    reply = orjson.dumps([msg[0], True, None])
+                    writer.write(len(reply).to_bytes(4, "big") + reply)
+
+    server = await asyncio.start_unix_server(fake_relay, relay_path)
+    hub = Hub(f"ipc://{relay_path}?timeout=0.5")
+    try:
+        await hub.start()
+        assert hub.health().up
+        answering = False
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match="did not answer"):
+            await hub.broker.publish_event("x", "{}")
+        assert time.monotonic() - started < 3
+        assert not hub.health().up
+        answering = True  # it wakes up: the reconnect loop gets through again
+        await wait_until(lambda: hub.health().up, 10, "the hub to reconnect")
+    finally:
+        await hub.stop()
+        server.close()
+        for writer in writers:
+            writer.close()
+        await server.wait_closed()
+
+
 def test_frame_reader_handles_split_and_merged_frames() -> None:
     msgs = [[1, "a"], {"k": "v" * 300}, [], "x"]
     stream = b"".join(len(b).to_bytes(4, "big") + b for b in map(orjson.dumps, msgs))

@@ -88,12 +88,19 @@ class Supervisor:
         return pids
 
     def stop(self) -> None:
+        """SIGTERM (so it removes its relay directory), SIGKILL if that fails."""
+        kids = self.children_or_empty()  # gone from /proc once the supervisor is reaped
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        for pid in self.children_or_empty():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        for pid in kids:  # orphans, only if that pid is still one of our workers
+            with contextlib.suppress(OSError):
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
         self.log.close()
         os.unlink(self.log.name)
 

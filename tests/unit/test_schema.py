@@ -15,7 +15,7 @@ from tidings.protocol.schema import FRAMES, asyncapi, typescript
 from tidings.server.cli_schema import print_asyncapi, print_typescript
 
 CLIENT_TYPES = {"subscribe", "unsubscribe", "publish", "send", "presence", "presence_stats",
-                "history", "pull", "ack", "nack", "ping", "connect"}
+                "history", "pull", "ack", "nack", "ping", "connect", "refresh"}
 SERVER_TYPES = {"welcome", "reply", "error", "publication", "message", "join", "leave", "item",
                 "lagged", "pong"}
 DOC = asyncapi()

@@ -56,7 +56,7 @@ _WRITE_LIMIT = 1 << 62  # the worker side never drops itself; it waits (drain) i
 class _Link:
     """One connection to the relay and the requests in flight on it."""
 
-    __slots__ = ("dead", "out", "pending", "reader", "task", "writer")
+    __slots__ = ("dead", "last_rx", "out", "pending", "reader", "task", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -66,6 +66,7 @@ class _Link:
         self.pending: dict[int, tuple[asyncio.Future[Any], float]] = {}
         self.task: asyncio.Task[None] | None = None
         self.dead = False  # frames still buffered on a dead link are not delivered
+        self.last_rx = asyncio.get_running_loop().time()  # when the relay last sent bytes
 
     def fail(self, exc: BaseException) -> None:
         pending, self.pending = self.pending, {}
@@ -237,7 +238,9 @@ class IpcBroker:
                 return
 
     async def _watchdog(self) -> None:
-        """Declare the link dead when a request waits longer than ``timeout``."""
+        """Declare the link dead when a request waited ``timeout`` and the relay sent
+        nothing at all meanwhile (a relay busy with a backlog keeps sending replies,
+        so a long queue is not mistaken for a hung relay)."""
         tick = min(1.0, self.timeout / 4)
         loop = asyncio.get_running_loop()
         while True:
@@ -246,18 +249,20 @@ class IpcBroker:
             if link is None or not link.pending:
                 continue
             _, sent = next(iter(link.pending.values()))
-            if loop.time() - sent > self.timeout:
+            if loop.time() - max(sent, link.last_rx) > self.timeout:
                 self._lost(link, f"the relay did not answer within {self.timeout:g} s")
                 link.abort()
 
     async def _read_loop(self, link: _Link) -> None:
         frames = FrameReader()
+        loop = asyncio.get_running_loop()
         reason = "the relay closed the connection"
         try:
             while True:
                 data = await link.reader.read(READ_CHUNK)
                 if not data:
                     break
+                link.last_rx = loop.time()
                 for msg in frames.feed(data):
                     self._dispatch(link, msg)
         except (ConnectionError, OSError) as exc:

@@ -30,6 +30,7 @@ __all__ = [
     "PresenceStats",
     "Publish",
     "Pull",
+    "Refresh",
     "RequestId",
     "Send",
     "StreamPos",
@@ -146,6 +147,12 @@ class Connect:
     token: str
 
 
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    id: RequestId
+    token: str
+
+
 Command = (
     Subscribe
     | Unsubscribe
@@ -159,6 +166,7 @@ Command = (
     | Nack
     | Ping
     | Connect
+    | Refresh
 )
 
 
@@ -350,6 +358,8 @@ def decode_command(
         )
     if kind == "connect":
         return Connect(rid, _str_field(obj, "token", rid))
+    if kind == "refresh":
+        return Refresh(rid, _str_field(obj, "token", rid))
     raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {kind[:64]!r}", rid)
 
 

@@ -130,6 +130,7 @@ _SUMMARIES: Final[dict[str, str]] = {
     "nack": "Give a work-queue item back, to be redelivered (or dropped).",
     "ping": "Ask for a `pong`.",
     "connect": "Authenticate with a token (first frame, when auth is on).",
+    "refresh": "Replace the connection's token before it expires (same user).",
 }
 
 # Where the wire accepts another type than the dataclass holds (replaces the derived schema).
@@ -162,6 +163,7 @@ _CONSTRAINTS: Final[dict[tuple[str, str], Schema]] = {
                         "description": "seconds before it may be redelivered"},
     ("nack", "requeue"): {"description": "false drops the item"},
     ("connect", "token"): _NAME,
+    ("refresh", "token"): _NAME,
     ("StreamPos", "offset"): {"minimum": 0},
 }
 _ID: Final[Schema] = {**schema_of(native.RequestId),
@@ -291,6 +293,10 @@ def _shared() -> dict[str, Schema]:
         "PullResult": _object("The result of `pull`.", Field("queue", STRING),
                               Field("max", INTEGER)),
         "ConnectResult": _object("The result of `connect`.", Field("conn_id", STRING), user),
+        "RefreshResult": _object(
+            "The result of `refresh`.", Field("user", STRING),
+            Field("expires", _doc(_nullable({"type": "number"}),
+                                  "Unix time the new token expires (null: never)"))),
         "EmptyResult": _object("The result of `unsubscribe`, `ack` and `nack`."),
     })
     return out
@@ -305,7 +311,7 @@ _RESULT_OF: Final[dict[str, str]] = {
     "send": "SendResult", "presence": "PresenceResult",
     "presence_stats": "PresenceStatsResult", "history": "HistoryResult",
     "pull": "PullResult", "ack": "EmptyResult", "nack": "EmptyResult",
-    "connect": "ConnectResult",
+    "connect": "ConnectResult", "refresh": "RefreshResult",
 }
 
 

@@ -3,6 +3,11 @@
 ``POST /api/<method>`` with a JSON object; ``{"result": ...}`` or
 ``{"error": {"code": N, "message": ...}}``. Malformed requests get HTTP 400,
 unknown methods 404, a wrong API key 401; never a 5xx for bad input.
+
+Keys (compared in constant time): ``hub.api_key`` is the admin key (every
+method); ``hub.api_key_publish`` only allows ``publish`` and ``broadcast``
+(also inside ``batch``); other methods answer 403 with code 103. With only a
+publish key configured, the admin methods are refused to everyone.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ INTERNAL, UNAUTHORIZED, UNKNOWN_CHANNEL, PERMISSION_DENIED = 100, 101, 102, 103
 METHOD_NOT_FOUND, BAD_REQUEST, NOT_AVAILABLE, UNRECOVERABLE = 104, 107, 108, 112
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+PUBLISH_METHODS = frozenset({"publish", "broadcast"})
 
 
 class ApiError(Exception):
@@ -189,10 +195,13 @@ METHODS: dict[str, Method] = {
 }
 
 
-async def _call(hub: Hub, method: str, params: Any) -> dict[str, Any]:
+async def _call(hub: Hub, method: str, params: Any, role: str = "admin") -> dict[str, Any]:
     handler = METHODS.get(method)
     if handler is None:
         raise ApiError(METHOD_NOT_FOUND, f"method {method[:64]!r} not found", 404)
+    if role != "admin" and method not in PUBLISH_METHODS:
+        hub.stats.refusals["api_permission"] += 1
+        raise ApiError(PERMISSION_DENIED, f"this key may not call {method!r}", 403)
     if not isinstance(params, dict):
         raise _bad("the request body must be a JSON object")
     try:
@@ -201,7 +210,7 @@ async def _call(hub: Hub, method: str, params: Any) -> dict[str, Any]:
         raise _bad(exc.message) from None
 
 
-async def _batch(hub: Hub, params: Any) -> dict[str, Any]:
+async def _batch(hub: Hub, params: Any, role: str) -> dict[str, Any]:
     commands = params.get("commands") if isinstance(params, dict) else None
     if not isinstance(commands, list):
         raise _bad("'commands' must be a list")
@@ -212,20 +221,26 @@ async def _batch(hub: Hub, params: Any) -> dict[str, Any]:
             continue
         ((method, sub_params),) = command.items()
         try:
-            replies.append({method: await _call(hub, method, sub_params)})
+            replies.append({method: await _call(hub, method, sub_params, role)})
         except ApiError as exc:
             replies.append({"error": {"code": exc.code, "message": exc.message}})
     return {"replies": replies}
 
 
-def _authorized(hub: Hub, request: Request) -> bool:
-    if not hub.api_key:
-        return True
+def _role(hub: Hub, request: Request) -> str | None:
+    """``admin``, ``publish`` or None (refused), from the request's API key."""
+    admin, publish = hub.api_key, hub.api_key_publish
+    if not admin and not publish:
+        return "admin"
     given = request.headers.get("x-api-key")
     if given is None:
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
         given = value.strip() if scheme.lower() == "apikey" else ""
-    return hmac.compare_digest(given.encode(), hub.api_key.encode())
+    raw = given.encode()
+    # both comparisons always run: the time taken says nothing about which key matched
+    is_admin = hmac.compare_digest(raw, (admin or "\x00").encode()) and bool(admin)
+    is_publish = hmac.compare_digest(raw, (publish or "\x00").encode()) and bool(publish)
+    return "admin" if is_admin else "publish" if is_publish else None
 
 
 def _error(exc: ApiError) -> JSONResponse:
@@ -235,7 +250,9 @@ def _error(exc: ApiError) -> JSONResponse:
 
 def api_endpoint(hub: Hub) -> Endpoint:
     async def api(request: Request) -> Response:
-        if not _authorized(hub, request):
+        role = _role(hub, request)
+        if role is None:
+            hub.stats.refusals["api_key"] += 1
             return _error(ApiError(UNAUTHORIZED, "unauthorized", 401))
         method = request.path_params["method"]
         try:
@@ -247,8 +264,8 @@ def api_endpoint(hub: Hub) -> Endpoint:
             if not hub.running:
                 raise ApiError(NOT_AVAILABLE, "server not running", 503)
             if method == "batch":
-                return JSONResponse(await _batch(hub, params))
-            return JSONResponse({"result": await _call(hub, method, params)})
+                return JSONResponse(await _batch(hub, params, role))
+            return JSONResponse({"result": await _call(hub, method, params, role)})
         except ApiError as exc:
             return _error(exc)
         except Exception:
@@ -302,6 +319,12 @@ class _HubCollector:
         for code, n in sorted(stats.errors.items()):
             errors.add_metric([code], n)
         yield errors
+        refusals = CounterMetricFamily(
+            "tidings_refusals", "Connections and requests refused, by reason", labels=["reason"])
+        for reason, n in sorted(stats.refusals.items()):
+            refusals.add_metric([reason], n)
+        yield refusals
+        yield _limits(hub)
         qlen = GaugeMetricFamily("tidings_queue_length", "Items waiting", labels=["queue"])
         qage = GaugeMetricFamily("tidings_queue_oldest_age_seconds", "Age of the oldest item",
                                  labels=["queue"])
@@ -314,6 +337,19 @@ class _HubCollector:
         yield qlen
         yield qage
         yield qfly
+
+
+def _limits(hub: Hub) -> GaugeMetricFamily:
+    """The configured limits (0: unlimited / off), so dashboards can show headroom."""
+    limits = hub.limits
+    gauge = GaugeMetricFamily("tidings_limit", "Configured limits (0: off)", labels=["name"])
+    for name in ("frame_soft", "frame_hard", "max_subscriptions", "max_name", "max_depth",
+                 "rate", "burst", "max_violations", "max_connections_per_user",
+                 "max_connections_per_ip", "auth_timeout", "outbox_size", "outbox_bytes",
+                 "idle_timeout"):
+        value = getattr(limits, name, None)
+        gauge.add_metric([name], float(value or 0))
+    return gauge
 
 
 def metrics_endpoint(hub: Hub) -> Endpoint:

@@ -46,8 +46,22 @@ def _parser() -> argparse.ArgumentParser:
     _add(serve, "port", "port to bind", 8000, int)
     _add(serve, "broker", "broker URL (default: memory://, one process)", None)
     _add(serve, "workers", "worker processes", 1, int)
-    _add(serve, "api-key", "key required by the HTTP API", None)
+    _add(serve, "api-key", "admin key required by the HTTP API", None)
+    _add(serve, "api-key-publish", "HTTP API key allowed only publish and broadcast", None)
     _add(serve, "jwt-secret", "HS256 secret; connections then need a JWT", None)
+    _add(serve, "jwt-algorithm", "pinned JWT algorithm: HS256/384/512, RS256/384/512, "
+         "ES256/384/512", "HS256")
+    _add(serve, "jwt-public-key", "PEM file of the RS*/ES* public key (auth on)", None)
+    _add(serve, "jwt-jwks", "JWKS file; the token's kid picks the key (auth on)", None)
+    _add(serve, "jwt-leeway", "seconds of clock skew allowed on exp/nbf", 5.0, float)
+    _add(serve, "admins", "comma list of users allowed wide wildcards and private channels",
+         None)
+    _add(serve, "allowed-origins", "comma list of browser origins allowed to open websockets",
+         None)
+    _add(serve, "max-connections-per-user", "0: unlimited", 0, int)
+    _add(serve, "max-connections-per-ip", "0: unlimited", 0, int)
+    _add(serve, "max-subscriptions", "subscriptions per connection", 1000, int)
+    _add(serve, "rate", "frames per second per connection (0: off)", 0.0, float)
     _add(serve, "config", "TOML or JSON file with any of these options and history rules", None)
     _add(serve, "history-size", "publications kept per channel (0: off)", 1000, int)
     _add(serve, "history-ttl", "seconds publications are kept (0: off)", 600.0, float)
@@ -96,10 +110,13 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
     for key, value in config.items():
         attr = key.replace("-", "_")
-        if attr != "history" and hasattr(args, attr):
+        if attr not in ("history", "permissions") and hasattr(args, attr):
             setattr(args, attr, value)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tidings.redact import install
+
+    install(secrets=[s for s in (args.api_key, args.api_key_publish, args.jwt_secret) if s])
     if args.workers < 1:
         raise SystemExit("tidings: --workers must be >= 1")
     if args.workers > 1:
@@ -107,8 +124,6 @@ def _serve(args: argparse.Namespace) -> int:
             "tidings: --workers > 1 needs the single-host relay or a shared broker, "
             "which this version does not ship yet; run one worker per port for now"
         )
-    if args.jwt_secret:
-        raise SystemExit("tidings: --jwt-secret (JWT auth) is not available in this version yet")
     if args.overflow not in ("disconnect", "drop"):
         raise SystemExit("tidings: --overflow must be 'disconnect' or 'drop'")
     try:
@@ -116,20 +131,72 @@ def _serve(args: argparse.Namespace) -> int:
                  for r in config.get("history", [])]
     except (KeyError, TypeError, ValueError) as exc:
         raise SystemExit(f"tidings: bad [[history]] rule in config: {exc}") from None
-    try:
-        if not ipaddress.ip_address(args.host).is_loopback:
-            log.warning("binding %s with no authentication: anyone who can reach this "
-                        "address can subscribe and publish", args.host)
-    except ValueError:
-        log.warning("binding %s with no authentication", args.host)
+    auth = _authenticator(args)
+    _warn_exposed(args.host, auth is not None, bool(args.api_key))
     try:
         hub = Hub(args.broker or "memory://", history_size=args.history_size,
                   history_ttl=args.history_ttl, history_rules=rules,
-                  limits=Limits(overflow=args.overflow), api_key=args.api_key)
+                  limits=Limits(overflow=args.overflow, rate=args.rate or None,
+                                max_subscriptions=args.max_subscriptions,
+                                max_connections_per_user=args.max_connections_per_user,
+                                max_connections_per_ip=args.max_connections_per_ip),
+                  api_key=args.api_key, api_key_publish=args.api_key_publish, auth=auth,
+                  rules=_permission_rules(config), admins=_list(args.admins),
+                  allowed_origins=_list(args.allowed_origins))
     except (ValueError, ImportError) as exc:
         raise SystemExit(f"tidings: {exc}") from None
     run(hub, host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0
+
+
+def _list(value: Any) -> list[str]:
+    """A comma list from the command line, or a list from the config file."""
+    if not value:
+        return []
+    items = value if isinstance(value, list) else str(value).split(",")
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+def _authenticator(args: argparse.Namespace) -> Any:
+    """A JWTAuth when any --jwt-* key source is given, else None (anonymous)."""
+    if not (args.jwt_secret or args.jwt_public_key or args.jwt_jwks):
+        return None
+    from tidings.auth import JWTAuth
+
+    try:
+        public_key = Path(args.jwt_public_key).read_bytes() if args.jwt_public_key else None
+        return JWTAuth(args.jwt_secret or None, algorithm=args.jwt_algorithm,
+                       public_key=public_key, jwks=args.jwt_jwks or None,
+                       leeway=args.jwt_leeway)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"tidings: JWT configuration: {exc}") from None
+
+
+def _permission_rules(config: dict[str, Any]) -> list[Any]:
+    from tidings.permissions import Rule
+
+    tables = config.get("permissions", [])
+    if not isinstance(tables, list):
+        raise SystemExit("tidings: 'permissions' in the config must be a list of tables")
+    try:
+        return [Rule.from_dict(t) for t in tables]
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise SystemExit(f"tidings: bad [[permissions]] rule in config: {exc}") from None
+
+
+def _warn_exposed(host: str, auth: bool, api_key: bool) -> None:
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return
+    if not auth:
+        log.warning("binding %s with no authentication: anyone who can reach this "
+                    "address can subscribe and publish (see --jwt-secret)", host)
+    if not api_key:
+        log.warning("binding %s with no --api-key: anyone who can reach this address "
+                    "can call the HTTP API", host)
 
 
 def _publish(args: argparse.Namespace) -> int:
@@ -186,6 +253,7 @@ def _subscribe(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    sys.path.insert(0, os.getcwd())  # benchmarks/ lives in the source checkout
     try:
         from benchmarks import fanout
     except ImportError:

@@ -61,6 +61,7 @@ def run_workers(hub_factory_kwargs: dict[str, Any], *, host: str, port: int, wor
         raise ValueError("workers must be >= 1")
     if "node" in hub_factory_kwargs:
         raise ValueError("every worker is its own node: do not pass `node`")
+    _check(hub_factory_kwargs, broker)
     sock = _bind(host, port)
     try:
         supervisor = _Supervisor(hub_factory_kwargs, sock, host=host, port=port,
@@ -68,6 +69,20 @@ def run_workers(hub_factory_kwargs: dict[str, Any], *, host: str, port: int, wor
         return asyncio.run(supervisor.run())
     finally:
         sock.close()
+
+
+def _check(hub_kwargs: dict[str, Any], broker: str | None) -> None:
+    """Fail here, once, on a bad URL or bad settings, not in N crash-looping workers.
+
+    Building a hub or a broker object connects nothing, so this is cheap.
+    Raises what ``Hub(...)`` raises: ValueError, TypeError, ImportError.
+    """
+    from tidings.brokers import create_broker
+    from tidings.hub import Hub
+
+    Hub("memory://", **hub_kwargs)
+    if broker is not None and urlsplit(broker).scheme != "memory":
+        create_broker(broker)
 
 
 def _bind(host: str, port: int) -> socket.socket:

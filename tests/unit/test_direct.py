@@ -1,0 +1,91 @@
+"""The direct write path: frames built once, one write per connection per turn."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+from websockets.frames import Frame, Opcode
+
+from tests.support import Sink
+from tidings import Hub
+from tidings.protocol.frames import OP_BINARY, encode_frame
+from tidings.types import Publication
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 200_000])
+@pytest.mark.parametrize(("opcode", "ws_opcode"), [(1, Opcode.TEXT), (OP_BINARY, Opcode.BINARY)])
+def test_frames_are_what_websockets_would_send(size: int, opcode: int, ws_opcode: Opcode) -> None:
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    expected = Frame(ws_opcode, payload).serialize(mask=False)
+    assert encode_frame(payload, opcode) == expected
+
+
+class FakeDirect:
+    """A socket that records writes; ``fail`` makes writes raise (a broken peer)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.writes: list[bytes] = []
+        self.fail = fail
+        self.on_resume: Callable[[], None] | None = None
+        self.can_write = True
+        self.gone = False
+
+    def write_frames(self, data: bytes) -> None:
+        if self.fail:
+            raise ConnectionResetError("peer gone")
+        self.writes.append(data)
+
+
+async def turn() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def test_a_burst_goes_out_in_one_write_in_order(hub: Hub) -> None:
+    direct = FakeDirect()
+    conn = hub.register(Sink(), direct=direct)
+    await hub.subscribe(conn, "burst")
+    pubs = [await hub.publish("burst", i) for i in range(100)]
+    await turn()
+    assert len(direct.writes) == 1
+    assert direct.writes[0] == b"".join(p.ws_frame for p in pubs)
+
+
+async def test_the_same_bytes_for_every_subscriber(hub: Hub) -> None:
+    directs = [FakeDirect() for _ in range(5)]
+    for d in directs:
+        await hub.subscribe(hub.register(Sink(), direct=d), "same")
+    pub = await hub.publish("same", {"x": 1})
+    await turn()
+    assert all(d.writes == [pub.ws_frame] for d in directs)
+
+
+async def test_a_broken_socket_mid_fanout_costs_the_others_nothing(hub: Hub) -> None:
+    directs = [FakeDirect(), FakeDirect(fail=True), FakeDirect()]
+    conns = [hub.register(Sink(), direct=d) for d in directs]
+    for conn in conns:
+        await hub.subscribe(conn, "x")
+    pubs: list[Publication] = [await hub.publish("x", i) for i in range(3)]
+    await turn()
+    expected = b"".join(p.ws_frame for p in pubs)
+    assert directs[0].writes == [expected]
+    assert directs[2].writes == [expected]
+    assert conns[1].closed
+
+
+async def test_paused_socket_keeps_frames_bounded_until_resume(hub: Hub) -> None:
+    direct = FakeDirect()
+    direct.can_write = False
+    conn = hub.register(Sink(), direct=direct)
+    await hub.subscribe(conn, "p")
+    for i in range(10):
+        await hub.publish("p", i)
+    await turn()
+    assert direct.writes == []
+    direct.can_write = True
+    assert direct.on_resume is not None
+    direct.on_resume()
+    assert len(direct.writes) == 1
+    assert direct.writes[0].count(b'"channel":"p"') == 10
