@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import subprocess
 import time
 import uuid
@@ -167,7 +168,7 @@ async def test_resubscribe_race_is_gap_free_and_duplicate_free(kind: str) -> Non
         finally:
             stop.set()
             await task
-        breaks = [(a, b) for a, b in zip(seen, seen[1:], strict=False) if b != a + 1]
+        breaks = [(a, b) for a, b in itertools.pairwise(seen) if b != a + 1]
         assert not breaks, f"gaps or duplicates at {breaks[:5]}"  # no gap, no duplicate
 
 

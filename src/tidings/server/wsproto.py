@@ -19,7 +19,7 @@ from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-__all__ = ["DirectWSProtocol", "EXTENSION"]
+__all__ = ["EXTENSION", "DirectWSProtocol"]
 
 EXTENSION = "tidings.direct"
 
