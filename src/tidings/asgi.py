@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Route, Router, WebSocketRoute
 
 from tidings.connection import Connection, ConnectionKind
 from tidings.dispatch import handle_command, send_error
-from tidings.exceptions import HookError, HubError
+from tidings.exceptions import BrokerError, HookError, HubError
 from tidings.gate import admit
 from tidings.permissions import Action, check
 from tidings.protocol.codes import CloseCode, ErrorCode
@@ -245,7 +245,11 @@ class PushEndpoint(_Endpoint):
             payload = _payload(message)
             if payload is None:
                 continue
-            item_id = await queue.push(_raw_data(payload))
+            try:
+                item_id = await queue.push(_raw_data(payload))
+            except (HubError, BrokerError) as exc:  # closed, store down, queue full
+                conn.close(CloseCode.TRY_AGAIN_LATER, str(exc))
+                return
             if ack:
                 conn.send_frame(dumps({"item": item_id}).decode())
 

@@ -7,6 +7,7 @@ context and answered with ``internal``, never with a traceback.
 
 from __future__ import annotations
 
+import base64
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -174,6 +175,9 @@ def _pull(hub: Hub, conn: Connection, cmd: Pull) -> None:
     name = cmd.queue
 
     def deliver(item: QueueItem) -> None:
-        conn.send_frame(encode_item(name, item.id, item.data, item.attempts).decode())
+        data = item.data
+        if isinstance(data, bytes):  # a binary frame pushed raw: as native subscribers get it
+            data = {"b64": base64.b64encode(data).decode("ascii")}
+        conn.send_frame(encode_item(name, item.id, data, item.attempts).decode())
 
     queue.add_consumer(Consumer(deliver, cmd.max, owner=conn))

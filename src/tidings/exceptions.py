@@ -9,6 +9,7 @@ All derive from one root::
      +-- AuthError              a token was refused (tidings.auth)
      +-- BrokerError            the broker failed or is unreachable
      |    +-- BrokerUnavailable
+     |    +-- QueueFull         a durable queue is at its length bound
      +-- ClientError            raised by tidings.Client
           +-- ReplyError        the server answered a request with an error frame
           +-- ClientClosed      the client was closed
@@ -24,6 +25,7 @@ __all__ = [
     "ClientError",
     "HookError",
     "HubError",
+    "QueueFull",
     "ReplyError",
     "TidingsError",
 ]
@@ -56,6 +58,13 @@ class BrokerError(TidingsError):
 
 class BrokerUnavailable(BrokerError):
     """The broker cannot be reached right now; local delivery still works."""
+
+
+class QueueFull(BrokerError):
+    """A push was refused because the queue holds its maximum number of items.
+
+    Durable queues refuse rather than trim: trimming would drop the oldest
+    items, which nobody has processed yet."""
 
 
 class ClientError(TidingsError):

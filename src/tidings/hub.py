@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from contextlib import asynccontextmanager
@@ -18,11 +19,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from tidings._version import __version__
 from tidings.auth import Authenticator, Identity, select_subprotocol
-from tidings.brokers import Broker, BrokerHealth, HistoryStore, PresenceStore, create_broker
+from tidings.brokers import (
+    Broker,
+    BrokerHealth,
+    HistoryStore,
+    PresenceStore,
+    QueueStoreProvider,
+    create_broker,
+)
 from tidings.config import HistoryConfig, HistoryRule, Limits
 from tidings.connection import Connection, ConnectionKind, DirectTransport
 from tidings.errors import ErrorHandlers
-from tidings.exceptions import AuthError, HubError
+from tidings.exceptions import AuthError, BrokerUnavailable, HubError
 from tidings.gate import arm_expiry
 from tidings.index import SubscriptionIndex
 from tidings.permissions import Rule
@@ -132,9 +140,13 @@ class Hub:
         self.join_leave_index: SubscriptionIndex[Connection] = SubscriptionIndex()
         self.connections: dict[str, Connection] = {}
         self.users: dict[str, set[Connection]] = {}
+        # queues live in the broker when it can share them between nodes (Redis),
+        # else in this process
         self.queues = WorkQueues(
             self.node, visibility_timeout=queue_visibility_timeout,
             max_attempts=queue_max_attempts,
+            store=(self.broker.queue_store()
+                   if isinstance(self.broker, QueueStoreProvider) else None),
         )
         self._broker_patterns: set[str] = set()
         self._interest_lock = asyncio.Lock()
@@ -163,10 +175,11 @@ class Hub:
             return
         self._closing = True
         await self.close_all(CloseCode.GOING_AWAY, "server shutting down", timeout=timeout)
-        self.queues.close()
+        await self.queues.aclose()  # before the broker: acks and requeues still reach it
         for task in list(self._tasks):
             task.cancel()
         await self.broker.close()
+        self._broker_patterns.clear()  # the broker forgot them; a restart subscribes again
         self._started = False
         log.info("tidings node %s stopped", self.node)
 
@@ -412,12 +425,18 @@ class Hub:
         async with self._interest_lock:
             want = self.index.has(pattern)
             have = pattern in self._broker_patterns
-            if want and not have:
-                self._broker_patterns.add(pattern)
-                await self.broker.subscribe(pattern)
-            elif have and not want:
-                self._broker_patterns.discard(pattern)
-                await self.broker.unsubscribe(pattern)
+            # Brokers record the interest before talking to the server and restore it
+            # when they reconnect, so an outage here only delays it: local delivery
+            # works meanwhile.
+            try:
+                if want and not have:
+                    self._broker_patterns.add(pattern)
+                    await self.broker.subscribe(pattern)
+                elif have and not want:
+                    self._broker_patterns.discard(pattern)
+                    await self.broker.unsubscribe(pattern)
+            except BrokerUnavailable as exc:
+                log.info("broker interest in %r deferred: %s", pattern, exc)
 
     # -- publishing --------------------------------------------------------------------
 
@@ -426,9 +445,15 @@ class Hub:
         self._require_started()
         validate_channel(channel, self.limits.max_name)
         self.stats.publications_in += 1
-        return await self.broker.publish(
-            channel, data, sender=sender, history=self.history_config.options(channel)
-        )
+        try:
+            return await self.broker.publish(
+                channel, data, sender=sender, history=self.history_config.options(channel)
+            )
+        except BrokerUnavailable:
+            # SPEC 7: local subscribers still get it; its position is unknown (0, "")
+            pub = Publication(channel, data, 0, "", sender, int(time.time() * 1000))
+            self.on_publication(pub)
+            return pub
 
     def on_publication(self, pub: Publication) -> None:
         """Broker callback: fan a publication out to the local subscribers."""

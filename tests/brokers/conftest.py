@@ -148,6 +148,7 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., H
     kind: str = request.param
     hubs: list[Hub] = []
     relay = None
+    sock_dir: Path | None = None
     if kind == "memory":
         url = f"memory://conformance-{uuid.uuid4().hex}"
     elif kind == "ipc":
@@ -180,3 +181,5 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., H
             await hub.stop()
         if relay is not None:
             await relay.stop()
+        if sock_dir is not None:
+            shutil.rmtree(sock_dir, ignore_errors=True)

@@ -81,7 +81,7 @@ def test_cli_publish_reports_unreachable_server() -> None:
 def test_env_vars_and_refused_options() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "tidings.server.cli", "serve"], capture_output=True, text=True,
-        timeout=30, env={"TIDINGS_WORKERS": "3", "PATH": "/usr/bin:/bin"},
+        timeout=30, env={"TIDINGS_WORKERS": "0", "PATH": "/usr/bin:/bin"},
     )
     assert out.returncode != 0
     assert "--workers" in out.stderr

@@ -1,6 +1,6 @@
 """Several worker processes on one port, sharing everything through the built-in relay.
 
-``run_workers`` is what ``tidings serve --workers N`` runs; it is started here
+``tidings serve --workers N`` (the supervisor's ``run_workers``); it is started here
 in a subprocess (``python -c``) so the test can signal it like a user would.
 """
 
@@ -28,12 +28,6 @@ from tests.support import NativeClient, apost, free_port
 
 pytestmark = pytest.mark.slow
 
-SUPERVISOR = """
-import sys
-from tidings.server.supervisor import run_workers
-sys.exit(run_workers({{"history_size": 100, "history_ttl": 60.0}}, host="127.0.0.1",
-                     port={port}, workers={workers}, broker=None, log_level="warning"))
-"""
 
 
 class Supervisor:
@@ -42,8 +36,11 @@ class Supervisor:
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="tidings-workers-", suffix=".log",  # noqa: SIM115
                                                delete=False)
+        # the real command: `tidings serve --workers N` with no broker
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", SUPERVISOR.format(port=self.port, workers=workers)],
+            [sys.executable, "-m", "tidings.server.cli", "serve", "--port", str(self.port),
+             "--workers", str(workers), "--history-size", "100", "--history-ttl", "60",
+             "--log-level", "warning"],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
 
@@ -202,3 +199,18 @@ async def test_a_killed_worker_is_restarted_and_joins_the_others() -> None:
         assert "exited unexpectedly" in sup.output()
         sup.proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(sup.proc.wait, 10) == 0, sup.output()
+
+
+def test_bad_settings_fail_once_in_the_supervisor() -> None:
+    """Not as N workers crash-looping: before any socket is bound or process started."""
+    from tidings.server.supervisor import run_workers
+
+    port = free_port()
+    common: dict[str, Any] = {"host": "127.0.0.1", "port": port, "workers": 2,
+                              "log_level": "warning"}
+    with pytest.raises(TypeError, match="must pickle"):
+        run_workers({"can_publish": lambda conn, channel: True}, broker=None, **common)
+    with pytest.raises(ValueError, match="unknown broker URL scheme"):
+        run_workers({}, broker="nope://x", **common)
+    with pytest.raises(ValueError, match="own node"):
+        run_workers({"node": "n1"}, broker=None, **common)

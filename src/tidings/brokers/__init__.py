@@ -12,6 +12,10 @@ from tidings.brokers.base import (
     HistoryOptions,
     HistoryStore,
     PresenceStore,
+    QueueStore,
+    QueueStoreProvider,
+    QueueStoreStats,
+    StoredItem,
 )
 
 __all__ = [
@@ -21,6 +25,10 @@ __all__ = [
     "HistoryOptions",
     "HistoryStore",
     "PresenceStore",
+    "QueueStore",
+    "QueueStoreProvider",
+    "QueueStoreStats",
+    "StoredItem",
     "create_broker",
 ]
 

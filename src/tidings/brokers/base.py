@@ -33,6 +33,7 @@ Contracts every backend keeps:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -45,6 +46,10 @@ __all__ = [
     "HistoryOptions",
     "HistoryStore",
     "PresenceStore",
+    "QueueStore",
+    "QueueStoreProvider",
+    "QueueStoreStats",
+    "StoredItem",
 ]
 
 
@@ -161,3 +166,81 @@ class PresenceStore(Protocol):
     async def remove_member(self, channel: str, conn_id: str) -> None: ...
 
     async def members(self, channel: str) -> list[Member]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoredItem:
+    """An item a :class:`QueueStore` leased to this node.
+
+    ``attempts`` counts the deliveries *before* this one, so the hub's
+    consumer logic (which counts a delivery when it hands the item to a
+    consumer) carries on where the previous holder left off, on any node.
+    """
+
+    id: str
+    data: Any
+    attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStoreStats:
+    """A queue as the store sees it, across every node."""
+
+    length: int = 0  # waiting to be fetched
+    in_flight: int = 0  # leased to some node, not acked
+    delayed: int = 0  # nacked with a delay, not due yet
+    oldest_age: float = 0.0  # seconds the oldest waiting item has waited
+
+
+@runtime_checkable
+class QueueStore(Protocol):
+    """Work-queue items shared by every node (durable as far as the store is).
+
+    The hub keeps the consumer side (credit, round robin, per-consumer
+    in-flight, visibility timers) and uses a store only as the source and
+    sink of items, so a backend implements five plain operations. Leases are
+    per node: an item fetched by a node is in flight until that node acks or
+    requeues it, or until its lease expires (the node died) and another node
+    ``claim``s it. A backend without a store (memory, ipc) keeps the
+    in-process queue.
+    """
+
+    async def push(self, queue: str, data: Any) -> str:
+        """Append an item; returns its id. Raises QueueFull at the length bound."""
+
+    async def fetch(self, queue: str, count: int, *, block: float) -> list[StoredItem]:
+        """Lease up to ``count`` waiting items to this node, oldest first, waiting
+        up to ``block`` s for the first (0: do not wait)."""
+
+    async def ack(self, queue: str, item_ids: Sequence[str]) -> int:
+        """Remove done items; returns how many were still in flight."""
+
+    async def requeue(self, queue: str, item_id: str, attempts: int, *,
+                      delay: float = 0.0, dead: bool = False) -> bool:
+        """Give a leased item back (to the tail, or after ``delay`` s) with its
+        ``attempts`` so far, or move it to ``<queue>.dead`` with ``dead``;
+        atomically, so the item is neither lost nor duplicated. False if this
+        node no longer held it."""
+
+    async def claim(self, queue: str, *, min_idle: float, count: int,
+                    max_attempts: int) -> list[StoredItem]:
+        """Lease to this node up to ``count`` items whose lease expired (leased
+        ``min_idle`` s ago and never settled: their node died or hung); those
+        already delivered ``max_attempts`` times go to ``<queue>.dead`` instead."""
+
+    async def release_delayed(self, queue: str) -> float | None:
+        """Make due delayed items waiting again; seconds until the next is due."""
+
+    async def stats(self, queue: str) -> QueueStoreStats:
+        """Length, in flight, delayed and oldest age, across every node."""
+
+    async def release(self, queue: str) -> None:
+        """This node stopped fetching ``queue``: free what fetching held."""
+
+
+@runtime_checkable
+class QueueStoreProvider(Protocol):
+    """A broker that can hold work queues shared by its nodes."""
+
+    def queue_store(self) -> QueueStore | None:
+        """The store, or None when this broker keeps queues in process."""

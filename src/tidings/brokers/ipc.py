@@ -163,10 +163,21 @@ class IpcBroker:
         """Connect, say hello, restore interest and presence, then report up."""
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(self.path, limit=READ_CHUNK), self.timeout)
+        loop = asyncio.get_running_loop()
         link = _Link(reader, writer)
-        link.task = asyncio.get_running_loop().create_task(self._read_loop(link))
-        # a relay that accepts but never answers must not stall us: abort the link
-        timer = asyncio.get_running_loop().call_later(self.timeout, link.abort)
+        link.task = loop.create_task(self._read_loop(link))
+        # A relay that accepts but never answers must not stall us: abort the link
+        # after ``timeout`` of silence (not of total time: a big restore may take longer).
+        timer: asyncio.TimerHandle | None = None
+
+        def check() -> None:
+            nonlocal timer
+            if loop.time() - link.last_rx > self.timeout:
+                link.abort()
+            else:
+                timer = loop.call_at(link.last_rx + self.timeout + 0.01, check)
+
+        timer = loop.call_later(self.timeout, check)
         try:
             await self._rpc(link, "hello", self._node, self._token)
             await self._restore(link, announce)
@@ -340,17 +351,23 @@ class IpcBroker:
     async def publish_event(self, channel: str, frame: str) -> None:
         await self._call("ev", channel, frame)
 
+    # Interest and members are recorded before the call and whatever its outcome
+    # (down, or closed between a hub's stop and start): the record is what a
+    # (re)connection restores, so it must follow the hub's view exactly.
+
     async def subscribe(self, pattern: str) -> None:
-        if self._closed or pattern in self._patterns:
+        if pattern in self._patterns:
             return
-        self._patterns.add(pattern)  # wanted even if the call below fails: restored later
-        await self._call("sub", pattern)
+        self._patterns.add(pattern)
+        if not self._closed:
+            await self._call("sub", pattern)
 
     async def unsubscribe(self, pattern: str) -> None:
-        if self._closed or pattern not in self._patterns:
+        if pattern not in self._patterns:
             return
         self._patterns.discard(pattern)
-        await self._call("unsub", pattern)
+        if not self._closed:
+            await self._call("unsub", pattern)
 
     async def send_node(self, node_id: str, payload: bytes) -> None:
         await self._call("node", node_id, *pack_data(payload))
@@ -383,20 +400,18 @@ class IpcBroker:
     # -- presence --------------------------------------------------------------------------
 
     async def add_member(self, channel: str, member: Member) -> None:
-        if self._closed:
-            return
         self._members.setdefault(channel, {})[member.conn_id] = member
-        await self._call("madd", channel, member.conn_id, member.user, member.info, False)
+        if not self._closed:
+            await self._call("madd", channel, member.conn_id, member.user, member.info, False)
 
     async def remove_member(self, channel: str, conn_id: str) -> None:
-        if self._closed:
-            return
         members = self._members.get(channel)
         if members is not None:
             members.pop(conn_id, None)
             if not members:
                 del self._members[channel]
-        await self._call("mrem", channel, conn_id)
+        if not self._closed:
+            await self._call("mrem", channel, conn_id)
 
     async def members(self, channel: str) -> list[Member]:
         rows = await self._call("mems", channel)

@@ -1,6 +1,6 @@
 """``redis://`` (and ``rediss://``): publications over Redis pub/sub.
 
-URL: ``redis://host:6379/0?prefix=tidings&presence_ttl=30``.
+URL: ``redis://host:6379/0?prefix=tidings&presence_ttl=30&queue_max_len=1000000``.
 
 Design:
 
@@ -23,6 +23,8 @@ Design:
   channel; each node refreshes the expiry of its own members every
   ``presence_ttl / 3`` s, so the members of a node that died without cleanup
   vanish within ``presence_ttl``.
+- Work queues: Redis streams with one consumer group each, shared by every
+  node (:mod:`tidings.brokers.redis_queue`, via ``queue_store()``).
 - Faults: when Redis is unreachable the node keeps delivering locally (a
   publication made during the outage reaches local subscribers with offset 0,
   epoch "": position unknown), ``health()`` says why, and a reconnect loop with
@@ -50,6 +52,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tidings.brokers.base import BrokerHandler, BrokerHealth, HistoryOptions
+from tidings.brokers.redis_queue import RedisQueueStore
 from tidings.exceptions import BrokerUnavailable
 from tidings.protocol.names import is_pattern, pattern_matches
 from tidings.types import HistoryPage, Member, Publication, StreamPos
@@ -122,6 +125,7 @@ class RedisBroker:
         self.prefix = query.pop("prefix", "tidings")
         self.presence_ttl = float(query.pop("presence_ttl", "30"))
         self.meta_ttl = int(query.pop("meta_ttl", str(7 * 86400)))
+        self.queue_max_len = int(query.pop("queue_max_len", "1000000"))
         self._redis_url = urlunsplit(parts._replace(query=urlencode(query)))
         self._node = ""
         self._handler: BrokerHandler | None = None
@@ -139,8 +143,16 @@ class RedisBroker:
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._flush_scheduled = False
+        self._queues: RedisQueueStore | None = None
 
     publish_lua = PUBLISH_LUA
+
+    def queue_store(self) -> RedisQueueStore:
+        """Work queues in Redis streams, shared by every node on this Redis
+        (see :mod:`tidings.brokers.redis_queue`)."""
+        if self._queues is None:
+            self._queues = RedisQueueStore(self, max_len=self.queue_max_len)
+        return self._queues
 
     def _make_client(self) -> Any:
         return aioredis.Redis.from_url(
@@ -249,6 +261,8 @@ class RedisBroker:
                     except (RedisError, OSError):
                         break
         self._members.clear()
+        if self._queues is not None:
+            await self._queues.close()
         await self._close_pubsubs()
         if self._client is not None:
             await self._client.aclose()
@@ -349,7 +363,7 @@ class RedisBroker:
         if history is not None and history.enabled:
             size, ttl_ms = history.size, int(history.ttl * 1000)
         if not self._health.up:
-            return self._publish_locally(channel, data, sender, ts)
+            raise BrokerUnavailable(self._health.reason or "Redis unreachable")
         args = (channel, _encode_data(data), sender or "", ts, size, ttl_ms)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((args, future))
@@ -359,19 +373,10 @@ class RedisBroker:
         try:
             offset, epoch = await future
         except (RedisError, OSError, BrokerUnavailable) as exc:
-            # the listener owns the up/down state (it sees the server go away);
-            # a failed call only falls back to local delivery
-            log.debug("publish to %s failed: %r", channel, exc)
-            return self._publish_locally(channel, data, sender, ts)
+            # the listener owns the up/down state (it sees the server go away); the
+            # hub falls back to local delivery
+            raise BrokerUnavailable(f"publish to {channel!r} failed: {exc}") from exc
         return Publication(channel, data, int(offset), epoch.decode(), sender, ts)
-
-    def _publish_locally(self, channel: str, data: Any, sender: str | None,
-                         ts: int) -> Publication:
-        """Broker unreachable: local subscribers still get it, position unknown (0, "")."""
-        pub = Publication(channel, data, 0, "", sender, ts)
-        if self._handler is not None and self._first_match(channel) is not None:
-            self._handler.on_publication(pub)
-        return pub
 
     def _flush_soon(self) -> None:
         self._flush_scheduled = False

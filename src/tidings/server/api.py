@@ -174,7 +174,9 @@ async def _info(hub: Hub, params: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _queue_stats(hub: Hub, params: dict[str, Any]) -> dict[str, Any]:
-    return hub.queue(_str(params, "queue")).stats()
+    queue = hub.queue(_str(params, "queue"))
+    await queue.refresh()  # a shared queue: the store's numbers, across every node
+    return queue.stats()
 
 
 Method = Callable[["Hub", dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -357,6 +359,7 @@ def metrics_endpoint(hub: Hub) -> Endpoint:
     registry.register(_HubCollector(hub))
 
     async def metrics(request: Request) -> Response:
+        await hub.queues.refresh()  # shared queues: gauges from the store, not this node's view
         return Response(generate_latest(registry),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -119,11 +119,6 @@ def _serve(args: argparse.Namespace) -> int:
     install(secrets=[s for s in (args.api_key, args.api_key_publish, args.jwt_secret) if s])
     if args.workers < 1:
         raise SystemExit("tidings: --workers must be >= 1")
-    if args.workers > 1:
-        raise SystemExit(
-            "tidings: --workers > 1 needs the single-host relay or a shared broker, "
-            "which this version does not ship yet; run one worker per port for now"
-        )
     if args.overflow not in ("disconnect", "drop"):
         raise SystemExit("tidings: --overflow must be 'disconnect' or 'drop'")
     try:
@@ -133,16 +128,27 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"tidings: bad [[history]] rule in config: {exc}") from None
     auth = _authenticator(args)
     _warn_exposed(args.host, auth is not None, bool(args.api_key))
+    settings: dict[str, Any] = {
+        "history_size": args.history_size, "history_ttl": args.history_ttl,
+        "history_rules": rules,
+        "limits": Limits(overflow=args.overflow, rate=args.rate or None,
+                         max_subscriptions=args.max_subscriptions,
+                         max_connections_per_user=args.max_connections_per_user,
+                         max_connections_per_ip=args.max_connections_per_ip),
+        "api_key": args.api_key, "api_key_publish": args.api_key_publish, "auth": auth,
+        "rules": _permission_rules(config), "admins": _list(args.admins),
+        "allowed_origins": _list(args.allowed_origins),
+    }
+    if args.workers > 1:  # each worker is a node; the supervisor runs the relay
+        from tidings.server.supervisor import run_workers
+
+        try:
+            return run_workers(settings, host=args.host, port=args.port, workers=args.workers,
+                               broker=args.broker, log_level=args.log_level.lower())
+        except (ValueError, TypeError, ImportError, OSError) as exc:
+            raise SystemExit(f"tidings: {exc}") from None
     try:
-        hub = Hub(args.broker or "memory://", history_size=args.history_size,
-                  history_ttl=args.history_ttl, history_rules=rules,
-                  limits=Limits(overflow=args.overflow, rate=args.rate or None,
-                                max_subscriptions=args.max_subscriptions,
-                                max_connections_per_user=args.max_connections_per_user,
-                                max_connections_per_ip=args.max_connections_per_ip),
-                  api_key=args.api_key, api_key_publish=args.api_key_publish, auth=auth,
-                  rules=_permission_rules(config), admins=_list(args.admins),
-                  allowed_origins=_list(args.allowed_origins))
+        hub = Hub(args.broker or "memory://", **settings)
     except (ValueError, ImportError) as exc:
         raise SystemExit(f"tidings: {exc}") from None
     run(hub, host=args.host, port=args.port, log_level=args.log_level.lower())

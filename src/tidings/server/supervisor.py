@@ -30,6 +30,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -75,12 +76,18 @@ def _check(hub_kwargs: dict[str, Any], broker: str | None) -> None:
     """Fail here, once, on a bad URL or bad settings, not in N crash-looping workers.
 
     Building a hub or a broker object connects nothing, so this is cheap.
-    Raises what ``Hub(...)`` raises: ValueError, TypeError, ImportError.
+    Raises what ``Hub(...)`` raises (ValueError, TypeError, ImportError), and
+    TypeError when the settings do not pickle.
     """
     from tidings.brokers import create_broker
     from tidings.hub import Hub
 
     Hub("memory://", **hub_kwargs)
+    try:  # they cross to the workers pickled (spawn)
+        pickle.dumps(hub_kwargs)
+    except Exception as exc:
+        raise TypeError(f"hub settings must pickle to reach the worker processes: {exc}"
+                        ) from exc
     if broker is not None and urlsplit(broker).scheme != "memory":
         create_broker(broker)
 
@@ -111,6 +118,7 @@ class _Supervisor:
         self.workers = workers
         self.broker = broker
         self.log_level = log_level.lower()
+        self.url = broker or ""  # what workers connect to; the relay's ipc:// URL by default
         self.ctx = multiprocessing.get_context("spawn")
         self.procs: list[BaseProcess | None] = [None] * workers
         self.ended: dict[int, asyncio.Future[None]] = {}  # pid -> done when it exits
