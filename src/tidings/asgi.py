@@ -33,7 +33,7 @@ from tidings.protocol.native import (
     loads,
     peek_id,
 )
-from tidings.queue import Consumer, QueueItem
+from tidings.queue import Consumer, QueueItem, WorkQueue
 
 DIRECT = "tidings.direct"  # ASGI extension of tidings.server.wsproto
 
@@ -234,10 +234,15 @@ class SubEndpoint(_Endpoint):
 class PushEndpoint(_Endpoint):
     """``/ws/push/{queue}``: each frame becomes one queue item."""
 
+    PIPELINE = 256  # pushes to a shared store in flight per producer, confirmed in order
+
     async def run(self, scope: Scope, receive: Receive, conn: Connection) -> None:
         hub = self.hub
         queue = hub.queue(scope["path_params"]["queue"])
         ack = _query(scope).get("ack") in ("1", "true")
+        if queue.shared:
+            await self._pipelined(queue, ack, receive, conn)
+            return
         while True:
             message = await _receive(receive, conn, hub.limits.idle_timeout)
             if message is None:
@@ -252,6 +257,42 @@ class PushEndpoint(_Endpoint):
                 return
             if ack:
                 conn.send_frame(dumps({"item": item_id}).decode())
+
+    async def _pipelined(self, queue: WorkQueue, ack: bool, receive: Receive,
+                         conn: Connection) -> None:
+        """With a shared store each push is a round trip: awaiting each before
+        reading the next frame would cap a producer at one item per round trip.
+        Up to PIPELINE pushes are in flight (the store batches them, in order);
+        confirmations go out in order; a full window stops reading (backpressure)."""
+        window = asyncio.Semaphore(self.PIPELINE)
+        order: asyncio.Queue[asyncio.Task[str] | None] = asyncio.Queue()
+
+        async def confirm() -> None:
+            while (task := await order.get()) is not None:
+                try:
+                    item_id = await task
+                except (HubError, BrokerError) as exc:  # closed, store down, queue full
+                    conn.close(CloseCode.TRY_AGAIN_LATER, str(exc))
+                    continue  # the pushes after it still settle (they may have landed)
+                finally:
+                    window.release()
+                if ack and not conn.closed:
+                    conn.send_frame(dumps({"item": item_id}).decode())
+
+        confirmer = asyncio.get_running_loop().create_task(confirm())
+        try:
+            while not conn.closed:
+                message = await _receive(receive, conn, self.hub.limits.idle_timeout)
+                if message is None:
+                    return
+                payload = _payload(message)
+                if payload is None:
+                    continue
+                await window.acquire()
+                order.put_nowait(asyncio.ensure_future(queue.push(_raw_data(payload))))
+        finally:
+            order.put_nowait(None)  # frames already read are pushed all the same
+            await asyncio.shield(confirmer)
 
 
 class PullEndpoint(_Endpoint):

@@ -105,6 +105,8 @@ class Consumer:
 class WorkQueue:
     """A named queue held in this process."""
 
+    shared = False  # items live in this process: a push completes at once
+
     def __init__(
         self,
         queues: WorkQueues,
@@ -378,6 +380,7 @@ class StoreQueue(WorkQueue):
     ``queue_stats`` refresh first); ``local_in_flight`` is this node's.
     """
 
+    shared = True  # a push is a round trip to the store
     BLOCK = 1.0  # longest blocking read: bounds how late a cancelled loop notices
     POLL_DELAYED = 1.0  # how often due delayed items are looked for, at most
 

@@ -79,7 +79,7 @@ async def test_uvicorn_workers_with_redis(redis_url: str) -> None:
         async with contextlib.AsyncExitStack() as stack:
             clients = []
             nodes: set[str] = set()
-            while len(clients) < 12 or (len(nodes) < 2 and len(clients) < 60):
+            while len(clients) < 12 or (len(nodes) < 2 and len(clients) < 200):
                 client = await stack.enter_async_context(native(base, "/rt/ws"))
                 clients.append(client)
                 nodes.add(client.welcome["node"])

@@ -270,24 +270,28 @@ class RedisQueueStore:
         return StoredItem(item_id, data, attempts)
 
     async def push(self, queue: str, data: Any) -> str:
-        """Batched: every push of one event-loop turn goes out in one pipeline."""
+        """Batched: the pushes made while the previous batch was on the wire go out
+        in one pipeline, one batch at a time, so items keep the order they were
+        pushed in (batches on two pooled connections could overtake each other)."""
         from tidings.brokers.redis import _encode_data
 
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((queue, _encode_data(data), future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_soon)
+            asyncio.get_running_loop().create_task(self._flush_all())
         result = await future
         if result is None:
             raise QueueFull(f"queue {queue!r} holds {self.max_len} items")
         return result.decode() if isinstance(result, bytes) else str(result)
 
-    def _flush_soon(self) -> None:
-        self._flush_scheduled = False
-        batch, self._pending = self._pending, []
-        if batch:
-            asyncio.get_running_loop().create_task(self._flush(batch))
+    async def _flush_all(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._flush(batch)
+        finally:
+            self._flush_scheduled = False
 
     async def _flush(self, batch: list[tuple[str, bytes, asyncio.Future[Any]]]) -> None:
         try:
