@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -145,3 +146,11 @@ async def test_stop_closes_connections_with_1001() -> None:
     await hub.stop()
     close = {"type": "websocket.close", "code": 1001, "reason": "server shutting down"}
     assert close in sink.frames
+
+
+async def test_history_ages_out_on_a_quiet_channel() -> None:
+    async with Hub(history_size=10, history_ttl=0.05) as hub:
+        await hub.publish("quiet", 1)
+        assert [p.data for p in (await hub.history("quiet")).publications] == [1]
+        await asyncio.sleep(0.1)  # the ttl passes: time itself is what is tested
+        assert (await hub.history("quiet")).publications == []

@@ -32,12 +32,13 @@ def new_epoch() -> str:
 
 
 class _Channel:
-    __slots__ = ("epoch", "history", "last", "offset")
+    __slots__ = ("epoch", "history", "last", "offset", "ttl")
 
     def __init__(self) -> None:
         self.offset = 0
         self.epoch = new_epoch()
         self.history: deque[tuple[float, Publication]] = deque()
+        self.ttl = 0.0
         self.last = time.monotonic()
 
 
@@ -59,8 +60,9 @@ class MemoryBus:
 
     def trim(self, state: _Channel, opts: HistoryOptions, now: float) -> None:
         hist = state.history
-        while len(hist) > opts.size:
-            hist.popleft()
+        if hist.maxlen != opts.size:  # the size rule changed (or this is a new channel)
+            hist = state.history = deque(hist, maxlen=opts.size)
+        state.ttl = opts.ttl
         horizon = now - opts.ttl
         while hist and hist[0][0] < horizon:
             hist.popleft()
@@ -132,8 +134,8 @@ class MemoryBroker:
         now = time.monotonic()
         state.last = now
         if history is not None and history.enabled:
-            state.history.append((now, pub))
             bus.trim(state, history, now)
+            state.history.append((now, pub))  # the deque's maxlen drops the oldest
         elif state.history:
             state.history.clear()
         bus._since_sweep += 1
@@ -186,7 +188,8 @@ class MemoryBroker:
         state = self._bus.channels.get(channel)
         if state is None:
             state = self._bus.channel(channel)
-        pubs = [pub for _, pub in state.history]
+        horizon = time.monotonic() - state.ttl  # a quiet channel ages out too
+        pubs = [pub for at, pub in state.history if at >= horizon]
         recovered = True
         if since is not None:
             if since.epoch != state.epoch:

@@ -198,6 +198,12 @@ def _depth_ok(value: Any, limit: int) -> bool:
     return True
 
 
+def _brackets(frame: str | bytes) -> int:
+    if isinstance(frame, str):
+        return frame.count("{") + frame.count("[")
+    return frame.count(b"{") + frame.count(b"[")
+
+
 def _req_id(obj: dict[str, Any]) -> RequestId:
     rid = obj.get("id")
     if rid is None or (isinstance(rid, (int, str)) and not isinstance(rid, bool)):
@@ -295,7 +301,8 @@ def decode_command(
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "frame must be a JSON object")
     rid = _req_id(obj)
-    if not _depth_ok(obj, max_depth):
+    # nesting needs an opening bracket per level: count them (C speed) before walking
+    if _brackets(frame) > max_depth and not _depth_ok(obj, max_depth):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"JSON nested deeper than {max_depth}", rid)
     kind = obj.get("type")
     if not isinstance(kind, str):
