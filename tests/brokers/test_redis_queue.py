@@ -211,3 +211,32 @@ async def test_redis_restart_without_persistence() -> None:
             assert got[1].data == "after"
     finally:
         server.stop()
+
+
+async def test_on_redis_cluster(cluster_nodes: list[RedisServer]) -> None:
+    """The same scripts on a cluster: every key of a queue shares its hash tag."""
+    url = f"redis+cluster://127.0.0.1:{cluster_nodes[0].port}?prefix=cq{uuid.uuid4().hex[:6]}"
+    async with Hub(url, queue_visibility_timeout=0.3, queue_max_attempts=2) as a, \
+            Hub(url, queue_visibility_timeout=0.3, queue_max_attempts=2) as b:
+        for name in ("q1", "q2", "q3"):  # on different shards, most likely
+            for i in range(5):
+                await a.queue(name).push(i)
+            c, got = collector(5)
+            b.queue(name).add_consumer(c)
+            await wait_until(lambda got=got: len(got) == 5, what=f"items of {name}")
+            assert [i.data for i in got] == list(range(5))
+            for item in got[:4]:
+                assert await item.ack()
+            # the last one is never acked: back once, then dead
+            await wait_until(lambda got=got: len(got) == 6, 5, "a redelivery")
+            dead = a.queue(f"{name}.dead")
+
+            async def buried(dead: StoreQueue = dead) -> int:
+                await dead.refresh()
+                return len(dead)
+
+            deadline = time.monotonic() + 10
+            while await buried() < 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            b.queue(name).remove_consumer(c)
