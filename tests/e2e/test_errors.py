@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -72,3 +73,23 @@ async def test_frame_above_hard_limit_closes_1009() -> None:
         with pytest.raises(websockets.ConnectionClosed) as info:
             await ws.recv()
         assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+
+async def test_idle_timeout_closes_a_silent_connection() -> None:
+    hub = Hub(limits=Limits(idle_timeout=0.3))
+    async with running(hub) as base, native(base) as idle, native(base) as chatty:
+
+        async def keep_talking() -> None:
+            while True:
+                assert (await chatty.request({"type": "ping"}))["type"] == "pong"
+                await asyncio.sleep(0.05)  # well inside the idle timeout
+
+        talker = asyncio.create_task(keep_talking())
+        try:
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await idle.recv(timeout=5)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1000
+            assert info.value.rcvd.reason == "idle timeout"
+            assert not talker.done()  # the talking one is still open
+        finally:
+            talker.cancel()
