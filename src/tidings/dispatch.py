@@ -12,8 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from tidings.connection import Connection
-from tidings.exceptions import HookError
-from tidings.gate import refresh
+from tidings.exceptions import BrokerUnavailable, HookError
 from tidings.permissions import check
 from tidings.protocol.codes import ErrorCode
 from tidings.protocol.errors import ProtocolError
@@ -62,6 +61,9 @@ async def handle_command(hub: Hub, conn: Connection, cmd: Command) -> None:
         return
     except HookError:  # logged with its context where it happened
         send_error(hub, conn, cmd.id, ErrorCode.INTERNAL, "internal error")
+        return
+    except BrokerUnavailable as exc:  # expected during an outage: no traceback
+        send_error(hub, conn, cmd.id, ErrorCode.INTERNAL, f"broker unavailable: {exc}")
         return
     except Exception:
         log.exception("node %s: %s from %s failed", hub.node, type(cmd).__name__, conn.conn_id)
@@ -144,22 +146,28 @@ async def _subscribe(hub: Hub, conn: Connection, cmd: Subscribe) -> str | None:
     conn.hold()
     try:
         await hub.subscribe(conn, channel, join_leave=cmd.join_leave)
-        if cmd.recover is not None:
-            page = await hub.history(channel, since=cmd.recover)
-            pubs = page.publications if page.recovered else []
-            result = {"recovered": page.recovered, "publications": [p.to_dict() for p in pubs],
-                      "offset": page.offset, "epoch": page.epoch}
-            top = page.offset
-        else:
-            pos = await hub.position(channel)
-            result = {"recovered": False, "publications": [], "offset": pos.offset,
-                      "epoch": pos.epoch}
-            top = pos.offset
+        try:
+            if cmd.recover is not None:
+                page = await hub.history(channel, since=cmd.recover)
+                pubs = page.publications if page.recovered else []
+                result = {"recovered": page.recovered,
+                          "publications": [p.to_dict() for p in pubs],
+                          "offset": page.offset, "epoch": page.epoch}
+                top: int | None = page.offset
+            else:
+                pos = await hub.position(channel)
+                result = {"recovered": False, "publications": [], "offset": pos.offset,
+                          "epoch": pos.epoch}
+                top = pos.offset
+        except BrokerUnavailable:
+            # subscribed locally; the position is unknown until the broker is back
+            result = {"recovered": False, "publications": [], "offset": 0, "epoch": ""}
+            top = None
     except BaseException:
         conn.release()
         raise
     conn.send_frame(encode_reply(cmd.id, result).decode())
-    conn.release({channel: top})
+    conn.release(None if top is None else {channel: top})
     return None
 
 

@@ -392,10 +392,14 @@ class Hub:
         if self.index.add(pattern, conn):
             await self._sync_interest(pattern)
         if self._presence is not None and not is_pattern(pattern):
-            await self._presence.add_member(pattern, Member(conn.conn_id, conn.user, conn.info))
-            await self.broker.publish_event(
-                pattern, encode_join_leave("join", pattern, conn.conn_id, conn.user).decode()
-            )
+            try:
+                await self._presence.add_member(
+                    pattern, Member(conn.conn_id, conn.user, conn.info))
+                await self.broker.publish_event(
+                    pattern, encode_join_leave("join", pattern, conn.conn_id, conn.user).decode()
+                )
+            except BrokerUnavailable:  # brokers re-add their members when they reconnect
+                log.debug("presence join of %s in %s deferred", conn.conn_id, pattern)
 
     async def unsubscribe(self, conn: Connection, pattern: str) -> bool:
         """Unsubscribe ``conn``; False if it was not subscribed."""

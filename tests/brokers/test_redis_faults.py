@@ -52,6 +52,12 @@ async def test_redis_killed_and_restarted(caplog: pytest.LogCaptureFixture) -> N
             local = await client.next("publication")
             assert (local["data"], local["offset"]) == ("local", 0)
             assert (await client.request({"type": "ping"}))["type"] == "pong"
+            async with native(base1) as newcomer:  # subscribing during the outage works too
+                reply = await newcomer.request({"type": "subscribe", "channel": "fresh",
+                                                "join_leave": True})
+                assert reply["type"] == "reply"
+                await apost(base1, "publish", {"channel": "fresh", "data": "hi"})
+                assert (await newcomer.next("publication"))["data"] == "hi"
 
             server.start()  # same port
             await wait_health(base1, 200, within=20)
