@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from tidings.connection import Connection
 from tidings.exceptions import BrokerUnavailable, HookError
+from tidings.gate import refresh
 from tidings.permissions import check
 from tidings.protocol.codes import ErrorCode
 from tidings.protocol.errors import ProtocolError

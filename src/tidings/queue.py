@@ -555,8 +555,9 @@ class StoreQueue(WorkQueue):
                     stored = await self._fetch(want)
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:
-                    log.warning("fetching from %s failed: %s", self.name, exc)
+                except Exception as exc:  # store down: retry; say so once per outage
+                    (log.warning if backoff == 0.05 else log.debug)(
+                        "fetching from %s failed: %s", self.name, exc)
                     await asyncio.sleep(random.uniform(0, backoff))  # full jitter
                     backoff = min(backoff * 2, 2.0)
                     continue
