@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
+from tidings.protocol.centrifuge import close_code
 from tidings.protocol.codes import CloseCode
 from tidings.protocol.frames import OP_BINARY, encode_frame
 from tidings.protocol.native import dumps, encode_lagged
@@ -54,6 +55,7 @@ class ConnectionKind(Enum):
     NATIVE = "native"  # /ws: JSON frames with an envelope
     RAW = "raw"  # /ws/sub, /ws/pull: data only
     APP = "app"  # hub.accept(): publications go to ``async for`` in user code
+    CENTRIFUGE = "centrifuge"  # /connection/websocket: Centrifuge client protocol (JSON)
 
 
 class _Control:
@@ -172,6 +174,8 @@ class Connection:
             payload: str | bytes = pub.ws_frame if direct else pub.frame
         elif kind is ConnectionKind.RAW:
             payload = pub.ws_raw if direct else pub.raw
+        elif kind is ConnectionKind.CENTRIFUGE:
+            payload = pub.ws_cf_frame if direct else pub.cf_frame
         else:
             self._deliver_app(pub)
             return
@@ -217,7 +221,7 @@ class Connection:
             self.deliver(pub)
 
     def _overflow_pending(self) -> None:
-        if self.limits.overflow == "disconnect":
+        if self.limits.overflow == "disconnect" or self.kind is ConnectionKind.CENTRIFUGE:
             self._pending = None
             self.close(CloseCode.TRY_AGAIN_LATER, "outbox overflow", flush=False)
         elif self._pending:
@@ -264,7 +268,8 @@ class Connection:
 
     def _overflow(self) -> None:
         self.hub.stats.overflows += 1
-        if self.limits.overflow == "disconnect":
+        # Centrifuge clients have no ``lagged`` frame: they reconnect and recover instead
+        if self.limits.overflow == "disconnect" or self.kind is ConnectionKind.CENTRIFUGE:
             self.close(CloseCode.TRY_AGAIN_LATER, "outbox overflow", flush=False)
             return
         out = self._out
@@ -436,6 +441,8 @@ class Connection:
         """Close the connection: after the queued frames (``flush``) or at once."""
         if self._close is not None:
             return
+        if self.kind is ConnectionKind.CENTRIFUGE:  # the codes its SDKs act on
+            code = close_code(code, reason)
         self._close = (int(code), reason[:120])
         if not flush:
             self._out.clear()

@@ -157,11 +157,14 @@ async def _first_frame(hub: Hub, receive: Receive, send: Send
 
 
 async def admit(hub: Hub, scope: MutableMapping[str, Any], receive: Receive,
-                send: Send) -> Admission | None:
+                send: Send, *, connect_frame: bool = True) -> Admission | None:
     """Run the checks of the module docstring; None when the connection was refused.
 
     On success the caller must register the connection without awaiting in
     between, so the connection limits cannot be overrun by a race.
+    ``connect_frame=False`` skips step 4 for protocols with their own first
+    frame (Centrifuge's ``connect``): the caller then authenticates and checks
+    :func:`connection_limit` for the user itself.
     """
     message = await receive()
     if message["type"] != "websocket.connect":
@@ -189,7 +192,7 @@ async def admit(hub: Hub, scope: MutableMapping[str, Any], receive: Receive,
         return None
     connect_id: RequestId = None
     by_frame = False
-    if hub.auth is not None and identity is None:
+    if hub.auth is not None and identity is None and connect_frame:
         got = await _first_frame(hub, receive, send)
         if got is None:
             return None

@@ -34,6 +34,7 @@ from tidings.exceptions import AuthError, BrokerUnavailable, HubError
 from tidings.gate import arm_expiry
 from tidings.index import SubscriptionIndex
 from tidings.permissions import Rule
+from tidings.protocol import centrifuge
 from tidings.protocol.codes import CloseCode
 from tidings.protocol.errors import ProtocolError
 from tidings.protocol.names import is_pattern, pattern_matches, validate_channel, validate_pattern
@@ -472,9 +473,15 @@ class Hub:
 
     def on_event(self, channel: str, frame: str) -> None:
         """Broker callback: join/leave frames for subscribers that asked for them."""
+        push: str | None = None
         for conn in self.join_leave_index.match(channel):
             if conn.kind is ConnectionKind.NATIVE:
                 conn.send_frame(frame)
+            elif conn.kind is ConnectionKind.CENTRIFUGE:
+                if push is None:
+                    push = (centrifuge.join_leave_from_native(frame) or b"").decode()
+                if push:
+                    conn.send_frame(push)
 
     def on_broker_state(self, health: BrokerHealth) -> None:
         if health.up != self._health.up:
@@ -510,10 +517,7 @@ class Hub:
             elif node:
                 remote.setdefault(node, []).append(conn_id)
         if local:
-            frame = encode_message(sender, data).decode()
-            for conn in local:
-                conn.send_frame(frame)
-            self.stats.messages += len(local)
+            self._send_message(local, sender, data)
         for node, ids in remote.items():
             await self.broker.send_node(
                 node, dumps({"k": "send", "to": ids, "from": sender, "data": data})
@@ -577,10 +581,20 @@ class Hub:
         else:
             return
         if conns:
-            frame = encode_message(msg.get("from", "server"), msg.get("data")).decode()
-            for conn in conns:
+            self._send_message(conns, msg.get("from", "server"), msg.get("data"))
+
+    def _send_message(self, conns: list[Connection], sender: str, data: Any) -> None:
+        """A direct message to local connections, each in its protocol's frame."""
+        frame = encode_message(sender, data).decode()
+        push: str | None = None
+        for conn in conns:
+            if conn.kind is ConnectionKind.CENTRIFUGE:
+                if push is None:
+                    push = centrifuge.encode_message(data).decode()
+                conn.send_frame(push)
+            else:
                 conn.send_frame(frame)
-            self.stats.messages += len(conns)
+        self.stats.messages += len(conns)
 
     # -- presence and history -------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import base64
 from dataclasses import dataclass, field
 from typing import Any
 
+from tidings.protocol.centrifuge import encode_publication_push
 from tidings.protocol.frames import OP_BINARY, encode_frame
 from tidings.protocol.native import StreamPos, dumps, encode_publication
 
@@ -16,13 +17,14 @@ class Publication:
     """One message of a channel at a position of its stream.
 
     Frames are encoded lazily and at most once per process, then shared by every
-    subscriber: ``frame`` for native subscribers, ``raw`` for raw-stream ones.
+    subscriber: ``frame`` for native subscribers, ``raw`` for raw-stream ones,
+    ``cf_frame`` for Centrifuge-protocol ones.
     Binary data (from ``/ws/pub`` binary frames) is kept as ``bytes``; native
     subscribers see it as ``{"b64": "..."}``.
     """
 
-    __slots__ = ("_frame", "_raw", "_ws_frame", "_ws_raw", "channel", "data", "epoch", "offset",
-                 "sender", "ts")
+    __slots__ = ("_cf_frame", "_frame", "_raw", "_ws_cf_frame", "_ws_frame", "_ws_raw",
+                 "channel", "data", "epoch", "offset", "sender", "ts")
 
     def __init__(
         self,
@@ -44,6 +46,8 @@ class Publication:
         self._raw: str | bytes | None = None
         self._ws_frame: bytes | None = None
         self._ws_raw: bytes | None = None
+        self._cf_frame: str | None = None
+        self._ws_cf_frame: bytes | None = None
 
     @property
     def frame(self) -> str:
@@ -56,6 +60,25 @@ class Publication:
                 self.channel, data, self.offset, self.epoch, self.sender, self.ts
             ).decode()
         return self._frame
+
+    @property
+    def cf_frame(self) -> str:
+        """The Centrifuge protocol's publication push, encoded once."""
+        if self._cf_frame is None:
+            data = self.data
+            if isinstance(data, bytes):  # JSON clients cannot take binary
+                data = {"b64": base64.b64encode(data).decode()}
+            self._cf_frame = encode_publication_push(
+                self.channel, data, self.offset, self.sender, self.ts
+            ).decode()
+        return self._cf_frame
+
+    @property
+    def ws_cf_frame(self) -> bytes:
+        """``cf_frame`` as a complete websocket text frame, built once."""
+        if self._ws_cf_frame is None:
+            self._ws_cf_frame = encode_frame(self.cf_frame.encode())
+        return self._ws_cf_frame
 
     @property
     def raw(self) -> str | bytes:
