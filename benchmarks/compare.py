@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import multiprocessing
 import os
 import signal
@@ -68,6 +69,7 @@ from benchmarks.fanout import (
     machine_facts,
     pad_for,
     percentile,
+    proc_runtime_seconds,
     system_cpu_seconds,
 )
 from benchmarks.loadgen import Publisher, raise_nofile, worker_main
@@ -105,7 +107,7 @@ class Stack:
     sizes: tuple[int, ...] = (1, 100, 1000)
     redis: bool = False
     peer: bool = True
-    note: str = ""
+    requires: tuple[str, ...] = ("fastapi",)  # modules the server imports (the bench extra)
 
 
 def _peer(module: str, *extra: str) -> Callable[[int, str], list[str]]:
@@ -130,26 +132,27 @@ def _tidings_fastapi(port: int, tag: str) -> list[str]:
 
 STACKS: dict[str, Stack] = {s.key: s for s in [
     Stack("websockets", "`websockets` server + `websockets.broadcast`",
-          _peer("websockets_broadcast"), "raw"),
+          _peer("websockets_broadcast"), "raw", requires=("websockets",)),
     Stack("fastapi-loop", "FastAPI + uvicorn, loop of `await ws.send_text`",
           _peer("fastapi_loop"), "raw"),
     Stack("broadcaster", "FastAPI + encode/broadcaster (memory)",
-          _peer("fastapi_broadcaster"), "raw"),
-    Stack("fdw", "fastapi-distributed-websocket (memory)", _peer("fastapi_distributed"), "fdw"),
+          _peer("fastapi_broadcaster"), "raw", requires=("fastapi", "broadcaster")),
+    Stack("fdw", "fastapi-distributed-websocket (memory)", _peer("fastapi_distributed"), "fdw",
+          requires=("fastapi", "distributed_websocket")),
     Stack("socketio", "python-socketio room emit", _peer("socketio_room"), "socketio",
           sub_path="/socket.io/?EIO=4&transport=websocket&role=sub",
-          pub_path="/socket.io/?EIO=4&transport=websocket&role=pub"),
+          pub_path="/socket.io/?EIO=4&transport=websocket&role=pub", requires=("socketio",)),
     Stack("broadcaster-redis", "broadcaster with Redis",
           _peer("fastapi_broadcaster", "--url", REDIS_URL, "--channel", "bench-{tag}"), "raw",
-          sizes=(1,), redis=True),
+          sizes=(1,), redis=True, requires=("fastapi", "broadcaster", "redis")),
     Stack("tidings", "**tidings serve** (memory)", _tidings(), "tidings",
-          sub_path="/ws", pub_path=f"/ws/pub/{CHANNEL}", peer=False),
+          sub_path="/ws", pub_path=f"/ws/pub/{CHANNEL}", peer=False, requires=()),
     Stack("tidings-fastapi", "**tidings in FastAPI** (uvicorn, `hub.router`)", _tidings_fastapi,
           "tidings", sub_path="/rt/ws", pub_path=f"/rt/ws/pub/{CHANNEL}", peer=False),
     Stack("tidings-redis", "**tidings serve --broker redis**",
           _tidings("--broker", f"{REDIS_URL}?prefix=bench{{tag}}"), "tidings",
           sub_path="/ws", pub_path=f"/ws/pub/{CHANNEL}", sizes=(1, 1000), redis=True,
-          peer=False),
+          peer=False, requires=("redis",)),
 ]}
 QUICK_STACKS = ("websockets", "fastapi-loop", "tidings", "tidings-fastapi")
 
@@ -214,6 +217,11 @@ def tree_cpu_seconds(pid: int) -> float:
         fields = stat[stat.rindex(")") + 2:].split()
         total += int(fields[11]) + int(fields[12])
     return total / CLK_TCK
+
+
+def tree_runtime_seconds(pid: int) -> float:
+    """Scheduler CPU time (schedstat, ns-exact) of a process and its descendants."""
+    return sum(proc_runtime_seconds(p) for p in proc_tree(pid))
 
 
 def tree_rss_kib(pid: int) -> tuple[int, int]:
@@ -313,6 +321,7 @@ class Phase:
     closed: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     server_cpu_s: float = 0.0
+    server_sched_s: float = 0.0
     loadgen_cpu_s: float = 0.0
     broker_cpu_s: float = 0.0
     other_cpu_s: float = 0.0
@@ -342,6 +351,9 @@ class Phase:
             "server_cpu_s": round(self.server_cpu_s, 3),
             "server_cpu_us_per_delivery": round(self.us, 3),
             "server_cpu_percent": round(self.pct(self.server_cpu_s), 1),
+            "server_schedstat_us_per_delivery": round(
+                self.server_sched_s * 1e6 / (self.deliveries - self.lost), 3)
+            if self.deliveries > self.lost else 0.0,
             "loadgen_cpu_s": round(self.loadgen_cpu_s, 3),
             "loadgen_cpu_percent": round(self.pct(self.loadgen_cpu_s), 1),
             "loadgen_us_per_delivery": round(self.loadgen_cpu_s * 1e6 / self.deliveries, 3)
@@ -678,6 +690,7 @@ class Session:
         self.progress.start(label, count)
         tick = asyncio.create_task(self._tick(self._min_progress))
         cpu0 = tree_cpu_seconds(self.server.pid)
+        run0 = tree_runtime_seconds(self.server.pid)
         red0 = tree_cpu_seconds(self.redis_pid) if self.redis_pid else 0.0
         sys0 = system_cpu_seconds()
         me0 = time.process_time()
@@ -701,6 +714,7 @@ class Session:
         finally:
             tick.cancel()
         result.server_cpu_s = tree_cpu_seconds(self.server.pid) - cpu0
+        result.server_sched_s = tree_runtime_seconds(self.server.pid) - run0
         if self.redis_pid:
             result.broker_cpu_s = tree_cpu_seconds(self.redis_pid) - red0
         busy = system_cpu_seconds() - sys0
@@ -746,8 +760,11 @@ class Session:
 
 
 def messages_for(opts: argparse.Namespace, n: int) -> int:
-    budget, cap, floor = (40_000, 5_000, 60) if opts.quick else (300_000, 20_000, 150)
-    return max(floor, min(cap, budget // n))
+    """Messages of a throughput phase: enough that even the fastest stack runs for
+    about ``--max-seconds`` (the publisher stops at that time cap), so that the
+    10 ms ticks of utime+stime stay well under 1 % of the server's CPU time."""
+    budget = int(1_500_000 * opts.max_seconds)
+    return max(100, min(100_000, budget // n))
 
 
 async def fanout(stack: Stack, opts: argparse.Namespace, progress: Progress,
@@ -830,6 +847,16 @@ async def idle(stack: Stack, opts: argparse.Namespace, progress: Progress, n: in
 
 async def run_stack(stack: Stack, opts: argparse.Namespace, progress: Progress) -> StackResult:
     res = StackResult(stack)
+    missing = [m for m in stack.requires if importlib.util.find_spec(m) is None]
+    if missing:
+        res.errors.append(f"skipped: {', '.join(missing)} not installed "
+                          "(pip install -e '.[bench]')")
+        progress.note(f"  {stack.key}: {res.errors[-1]}")
+        return res
+    if stack.redis and redis_pid() is None:
+        res.errors.append(f"skipped: no Redis server at {REDIS_URL} (TIDINGS_REDIS_URL)")
+        progress.note(f"  {stack.key}: {res.errors[-1]}")
+        return res
     if opts.idle > 0:
         res.idle = await idle(stack, opts, progress, opts.idle)
         if res.idle.note:
@@ -958,8 +985,8 @@ def targets(results: Sequence[StackResult]) -> list[dict[str, Any]]:
                         if r.stack.peer and r.idle and r.idle.opened]
             extra = ""
             if peer_kib:
-                bk, bn = min(peer_kib)
-                extra = f"; best peer {bn} {bk:.1f} KiB"
+                low, name = min(peer_kib)
+                extra = f"; best peer {name} {low:.1f} KiB"
             add(f"idle connections: ≤ {T_IDLE_KIB:g} KiB each ({t.idle.opened:,} subscribed)",
                 f"{kib:.1f} KiB/conn", kib <= T_IDLE_KIB,
                 f"{kib / T_IDLE_KIB:.2f}x the target{extra}")
@@ -987,8 +1014,13 @@ def targets(results: Sequence[StackResult]) -> list[dict[str, Any]]:
     h = t.huge if t is not None else None
     if h is not None:
         mib = h.rss1_kib[0] / 1024
+        measured = f"{h.opened:,} connections, {mib:.0f} MiB RSS, {h.per_s:,.0f} connects/s"
+        if 0 < h.opened < T_HUGE_CONNS:
+            per = (h.rss1_kib[0] - h.rss0_kib[0]) / h.opened
+            at = (h.rss0_kib[0] + per * T_HUGE_CONNS) / 1024
+            measured += f"; {per:.1f} KiB/conn would make {at:,.0f} MiB at {T_HUGE_CONNS:,}"
         add(f"{T_HUGE_CONNS:,} concurrent idle connections, ≤ {T_HUGE_RSS_MIB:g} MiB RSS",
-            f"{h.opened:,} connections, {mib:.0f} MiB RSS, {h.per_s:,.0f} connects/s",
+            measured,
             h.opened >= T_HUGE_CONNS and mib <= T_HUGE_RSS_MIB,
             f"{mib / T_HUGE_RSS_MIB:.2f}x the RSS budget"
             + (f" with {h.opened / T_HUGE_CONNS:.0%} of the connections"
@@ -1023,7 +1055,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency-seconds", type=float, default=None,
                         help="length of the latency phase (default 4; --quick: 1.5; 0: skip)")
     parser.add_argument("--max-seconds", type=float, default=None,
-                        help="time cap of one throughput phase (default 5; --quick: 1.5)")
+                        help="time cap of one throughput phase (default 3; --quick: 1)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up messages (default 100)")
     parser.add_argument("--max-ahead", type=int, default=500,
                         help="messages the publisher may be ahead of the slowest subscriber")
@@ -1070,7 +1102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.latency_seconds is None:
         opts.latency_seconds = 1.5 if opts.quick else 4.0
     if opts.max_seconds is None:
-        opts.max_seconds = 1.5 if opts.quick else 5.0
+        opts.max_seconds = 1.0 if opts.quick else 3.0
     if opts.warmup is None:
         opts.warmup = 50 if opts.quick else 100
     progress = Progress(enabled=not opts.no_progress)

@@ -365,12 +365,14 @@ class Group:
         if count == self.target and not sub.done:
             self._finished(sub)
 
-    def _finished(self, sub: Subscriber) -> None:
+    def _finished(self, sub: Subscriber) -> bool:
+        """Mark ``sub`` done; True once the whole group is (and reported)."""
         sub.done = True
         if not self.reported:
             self.remaining -= 1
             if self.remaining <= 0:
                 self._report_done()
+        return self.reported
 
     def lost_connection(self, sub: Subscriber) -> None:
         if sub.ready.done() and not sub.ready.exception():
@@ -409,10 +411,8 @@ class Group:
             return
         self.target = target
         for sub in self.subs:
-            if not sub.done and sub.count >= target:
-                self._finished(sub)
-                if self.reported:
-                    return
+            if not sub.done and sub.count >= target and self._finished(sub):
+                return
 
     def _min_count(self) -> int:
         return min((s.count for s in self.subs if s.alive and not s.done), default=self.target)

@@ -22,6 +22,20 @@ CHANNEL = args.channel
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await broadcast.connect()
+    backend = broadcast._backend
+    if hasattr(backend, "_ready") and hasattr(backend, "_pubsub"):
+        # broadcaster 0.3.1 + redis-py >= 5: RedisBackend.subscribe sets ``_ready``
+        # before SUBSCRIBE completes, so its listener task finds no subscription,
+        # leaves ``listen()`` at once, clears ``_ready`` and never delivers anything.
+        # Workaround: one subscription held for the server's lifetime, then wake the
+        # listener once ``listen()`` has a channel to read.
+        await backend.subscribe(f"{CHANNEL}-keepalive")
+        for _ in range(100):
+            if backend._pubsub.subscribed:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        backend._ready.set()
     try:
         yield
     finally:

@@ -346,6 +346,7 @@ def build_router(hub: Hub) -> Router:
     """Every route of a hub, flat. A FastAPI ``APIRouter`` when FastAPI is
     installed (``app.include_router(hub.router, prefix=...)``), else a Starlette
     ``Router``; both mount with Starlette's ``Mount(prefix, app=hub.router)``."""
+    from tidings.centrifuge_endpoint import CentrifugeEndpoint  # imports this module
     from tidings.server.api import api_endpoint, health_endpoint, metrics_endpoint
 
     routes: list[BaseRoute] = [
@@ -354,6 +355,8 @@ def build_router(hub: Hub) -> Router:
         WebSocketRoute("/ws/sub/{pattern:path}", SubEndpoint(hub), name="tidings_sub"),
         WebSocketRoute("/ws/push/{queue:path}", PushEndpoint(hub), name="tidings_push"),
         WebSocketRoute("/ws/pull/{queue:path}", PullEndpoint(hub), name="tidings_pull"),
+        WebSocketRoute("/connection/websocket", CentrifugeEndpoint(hub),
+                       name="tidings_centrifuge"),
         Route("/api/{method}", api_endpoint(hub), methods=["POST"], name="tidings_api"),
         Route("/health", health_endpoint(hub), methods=["GET"], name="tidings_health"),
         Route("/metrics", metrics_endpoint(hub), methods=["GET"], name="tidings_metrics"),

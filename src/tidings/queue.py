@@ -15,7 +15,8 @@ Semantics (memory backend, one process):
 Consumers are pushed to (no consumer ever blocks in ``queue.get()``), so
 shutdown never hangs on an empty queue.
 
-With a broker that has a :class:`~tidings.brokers.base.QueueStore` (Redis),
+With a broker that has a :class:`~tidings.brokers.base.QueueStore` (Redis, or
+``ipc://``: the relay of ``tidings serve --workers N``),
 :class:`StoreQueue` keeps this consumer logic and swaps the local deque for
 the store, so producers and consumers on different nodes share one queue.
 See docs/queues.md.

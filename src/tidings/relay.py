@@ -28,6 +28,18 @@ worker -> relay, requests (``id`` is an int chosen by the worker)::
     [id, "mrem", channel, conn_id]        [id, "mems", channel] -> [[conn_id, user, info]...]
     [id, "ping"]
 
+work queues shared by the workers (a :class:`~tidings.brokers.memory_queue.MemoryQueues`;
+the node of a lease is the worker's node; ``item`` is ``[id, data, enc, attempts]``,
+``enc`` 0: JSON, 1: base64 bytes, 2: a dead letter whose ``data`` is base64 bytes)::
+
+    [id, "qpush", queue, data, b64] -> item id      (refused with "QueueFull: ...")
+    [id, "qfetch", queue, count, block] -> [item...]
+    [id, "qack", queue, [item id...]] -> count
+    [id, "qreq", queue, item_id, attempts, delay, dead] -> bool
+    [id, "qclaim", queue, min_idle, count, max_attempts] -> [item...]
+    [id, "qdelay", queue] -> seconds | null       [id, "qrel", queue]
+    [id, "qstats", queue] -> [length, in_flight, delayed, oldest_age]
+
 relay -> worker::
 
     [id, true, result] | [id, false, "error"]     the reply to request ``id``
@@ -38,13 +50,19 @@ relay -> worker::
 Requests of one worker are handled in order, one at a time, and every bus
 operation completes without suspending, so a publication's fan-out frames are
 queued before its reply and per-channel offset order holds on every socket.
+The one exception is a ``qfetch`` that finds its queue empty and may wait
+(``block``): it waits in a task of its own and answers when an item comes, the
+time is up or the worker sends ``qrel`` for that queue, while the worker's
+other requests go on being handled in order.
 Frames queued for one socket during one loop turn go out in one write.
 
 A worker that stops reading is not allowed to grow the relay's memory: past
 ``max_buffer`` queued bytes it is disconnected (and logged); its IpcBroker
 reconnects and resubscribes, and clients recover the gap from history. A
 worker that disconnects, for any reason, loses its subscriptions, its node
-registration and its presence members (``leave`` frames are sent for them).
+registration and its presence members (``leave`` frames are sent for them),
+and the queue items leased to its node go back to the front of their queues at
+once (the delivery counted), without waiting for the lease to expire.
 """
 
 from __future__ import annotations
@@ -63,8 +81,9 @@ from typing import Any
 
 import orjson
 
-from tidings.brokers.base import HistoryOptions
+from tidings.brokers.base import HistoryOptions, StoredItem
 from tidings.brokers.memory import MemoryBroker, MemoryBus
+from tidings.brokers.memory_queue import DEFAULT_MAX_LEN, MemoryQueues
 from tidings.protocol.native import StreamPos, encode_join_leave
 from tidings.types import Member, Publication
 
@@ -78,6 +97,7 @@ __all__ = [
     "pack_data",
     "pack_publication",
     "unpack_data",
+    "unpack_item",
     "unpack_publication",
 ]
 
@@ -208,8 +228,8 @@ class _Worker:
     them into frames on the worker's socket.
     """
 
-    __slots__ = ("broker", "cleaned", "dropped", "members", "node", "out", "relay",
-                 "token", "writer")
+    __slots__ = ("broker", "cleaned", "dropped", "fetches", "members", "node", "out",
+                 "relay", "token", "writer")
 
     def __init__(self, relay: Relay, writer: asyncio.StreamWriter) -> None:
         self.relay = relay
@@ -221,6 +241,7 @@ class _Worker:
         self.members: set[tuple[str, str]] = set()  # (channel, conn_id) this node added
         self.dropped = False
         self.cleaned = False
+        self.fetches: set[asyncio.Task[None]] = set()  # blocking qfetch waits
 
     def push(self, frame: bytes) -> None:
         if self.dropped:
@@ -252,13 +273,16 @@ class Relay:
     ``path`` is the socket to listen on; put it in a directory only the
     server's user can enter (the supervisor uses a fresh ``mkdtemp``), since
     anyone who can connect can publish. ``max_buffer`` bounds the bytes queued
-    to one worker before that worker is disconnected.
+    to one worker before that worker is disconnected. ``queue_max_len`` bounds
+    each work queue (waiting + in flight); the queues live here, in memory.
     """
 
-    def __init__(self, path: str, *, max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
+    def __init__(self, path: str, *, max_buffer: int = DEFAULT_MAX_BUFFER,
+                 queue_max_len: int = DEFAULT_MAX_LEN) -> None:
         self.path = path
         self.max_buffer = max_buffer
         self.bus = MemoryBus()
+        self.queues = MemoryQueues(max_len=queue_max_len)
         self._admin = MemoryBroker("ipc-relay://", bus=self.bus)  # node-less, for cleanup
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
@@ -375,6 +399,12 @@ class Relay:
             return
         worker.cleaned = True
         self._workers.discard(worker)
+        for task in list(worker.fetches):  # no lease for a gone node, no reply either
+            task.cancel()
+        if worker.node is not None and self._nodes.get(worker.node) in (worker, None):
+            held = self.queues.drop_node(worker.node)  # back at once: no lease expiry wait
+            if held:
+                log.info("relay: %d queue item(s) of node %s given back", held, worker.node)
         if worker.node is not None and self._nodes.get(worker.node) is worker:
             del self._nodes[worker.node]
         if worker.broker is None:
@@ -394,6 +424,9 @@ class Relay:
         if not isinstance(msg, list) or len(msg) < 2 or type(msg[0]) is not int:
             raise ValueError("a request is [id, op, ...]")
         rid = msg[0]
+        if msg[1] == "qfetch" and worker.node is not None:
+            self._qfetch(worker, msg)
+            return
         try:
             result = await self._op(worker, msg[1], msg)
         except Exception as exc:
@@ -445,6 +478,8 @@ class Relay:
             worker.members.discard((msg[2], msg[3]))
         elif op == "mems":
             return [[m.conn_id, m.user, m.info] for m in await broker.members(msg[2])]
+        elif op[:1] == "q":
+            return self._queue_op(worker, op, msg)
         elif op != "ping":
             raise ValueError(f"unknown op {op!r}")
         return None
@@ -464,6 +499,70 @@ class Relay:
         worker.broker, worker.node, worker.token = broker, node, token
         self._nodes[node] = worker
         log.info("relay: worker node %s connected", node)
+
+    # -- work queues ---------------------------------------------------------------------
+
+    def _queue_op(self, worker: _Worker, op: str, msg: list[Any]) -> Any:
+        """Every queue op but a waiting ``qfetch``: none of them suspends."""
+        node = worker.node
+        assert node is not None  # (checked by the caller: hello came first)
+        queues = self.queues
+        if op == "qpush":
+            _, _, queue, data, b64 = msg
+            return queues.push(_name(queue), unpack_data(data, b64))
+        if op == "qack":
+            _, _, queue, ids = msg
+            return queues.ack(_name(queue), [str(i) for i in ids])
+        if op == "qreq":
+            _, _, queue, item_id, attempts, delay, dead = msg
+            return queues.requeue(node, _name(queue), str(item_id), int(attempts),
+                                  delay=float(delay), dead=bool(dead))
+        if op == "qclaim":
+            _, _, queue, min_idle, count, max_attempts = msg
+            return [_pack_item(i) for i in queues.claim(
+                node, _name(queue), min_idle=float(min_idle), count=int(count),
+                max_attempts=int(max_attempts))]
+        if op == "qdelay":
+            return queues.release_delayed(_name(msg[2]))
+        if op == "qstats":
+            s = queues.stats(_name(msg[2]))
+            return [s.length, s.in_flight, s.delayed, s.oldest_age]
+        if op == "qrel":
+            queues.release(node, _name(msg[2]))
+            return None
+        raise ValueError(f"unknown op {op!r}")
+
+    def _qfetch(self, worker: _Worker, msg: list[Any]) -> None:
+        """Answer a fetch now when items wait (or it may not wait), else from a task
+        of its own: a blocked fetch must not hold up the worker's other requests."""
+        rid, node = msg[0], worker.node
+        assert node is not None
+        try:
+            _, _, queue, count, block = msg
+            queue, count, block = _name(queue), int(count), float(block)
+            items = self.queues.fetch_nowait(node, queue, count)
+        except Exception as exc:
+            worker.push(dumps([rid, False, f"{type(exc).__name__}: {exc}"]))
+            return
+        if items or block <= 0 or count <= 0:
+            worker.push(dumps([rid, True, [_pack_item(i) for i in items]]))
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._qfetch_wait(worker, rid, node, queue, count, block))
+        worker.fetches.add(task)
+        task.add_done_callback(worker.fetches.discard)
+
+    async def _qfetch_wait(self, worker: _Worker, rid: int, node: str, queue: str,
+                           count: int, block: float) -> None:
+        try:
+            items = await self.queues.fetch(node, queue, count, block=block)
+        except Exception as exc:  # (cancelled: the worker is gone, nobody to answer)
+            worker.push(dumps([rid, False, f"{type(exc).__name__}: {exc}"]))
+            return
+        if worker.cleaned:  # gone meanwhile (cleanup cancels us first, so hardly ever)
+            self.queues.unfetch(node, queue, [i.id for i in items])
+            return
+        worker.push(dumps([rid, True, [_pack_item(i) for i in items]]))
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -492,6 +591,34 @@ class Relay:
 
 def _payload(value: str, b64: bool) -> bytes:
     return base64.b64decode(value) if b64 else value.encode()
+
+
+def _name(queue: Any) -> str:
+    if not isinstance(queue, str):
+        raise TypeError("a queue name is a string")
+    return queue
+
+
+def _pack_item(item: StoredItem) -> list[Any]:
+    """``[id, data, enc, attempts]``: bytes (a raw binary push) travel as base64,
+    at the top (enc 1) or as the ``data`` of a dead letter (enc 2)."""
+    data, enc = item.data, 0
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data, enc = base64.b64encode(data).decode("ascii"), 1
+    elif (isinstance(data, dict) and "queue" in data
+          and isinstance(data.get("data"), (bytes, bytearray, memoryview))):
+        data, enc = {**data, "data": base64.b64encode(data["data"]).decode("ascii")}, 2
+    return [item.id, data, enc, item.attempts]
+
+
+def unpack_item(row: list[Any]) -> StoredItem:
+    """The worker side of :func:`_pack_item`."""
+    item_id, data, enc, attempts = row
+    if enc == 1:
+        data = base64.b64decode(data)
+    elif enc == 2:
+        data = {**data, "data": base64.b64decode(data["data"])}
+    return StoredItem(item_id, data, attempts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -214,3 +214,69 @@ def test_bad_settings_fail_once_in_the_supervisor() -> None:
         run_workers({}, broker="nope://x", **common)
     with pytest.raises(ValueError, match="own node"):
         run_workers({"node": "n1"}, broker=None, **common)
+
+
+async def test_a_queue_is_shared_by_the_workers() -> None:
+    """A push on one worker reaches a puller on another: the queue lives in the relay."""
+    n = 2000
+    with supervisor(2) as sup:
+        nodes = await sup.wait_nodes(2)
+        ws_base = "ws://" + sup.base.removeprefix("http://")
+        pullers: list[Any] = []
+        seen: list[int] = []
+        per_puller: list[int] = []
+
+        async def clients_per_node() -> dict[str, int]:
+            """Ask ``info`` until every node answered (each request lands on some worker)."""
+            counts: dict[str, int] = {}
+            for _ in range(200):
+                status, body = await apost(sup.base, "info", {})
+                assert status == 200, body
+                node = body["result"]["nodes"][0]
+                counts[node["name"]] = node["num_clients"]
+                if counts.keys() == nodes:
+                    return counts
+            raise AssertionError(f"only nodes {counts} answered")
+
+        while True:  # raw pullers until both workers hold some (the kernel spreads them)
+            for _ in range(4):
+                pullers.append(await websockets.connect(ws_base + "/ws/pull/jobs?ack=manual&max=5"))
+            counts = await clients_per_node()
+            if all(counts.values()):
+                break
+            assert len(pullers) < 40, f"{len(pullers)} pullers, all on one worker: {counts}"
+
+        async def pull(k: int, ws: Any) -> None:
+            per_puller.append(0)
+            while True:
+                seen.append(json.loads(await ws.recv()))
+                per_puller[k] += 1
+                await ws.send('{"ack": true}')
+
+        async def produce(items: range) -> None:
+            async with websockets.connect(ws_base + "/ws/push/jobs?ack=1") as ws:
+                for i in items:
+                    await ws.send(json.dumps(i))
+                for _ in items:  # every push confirmed: in the relay
+                    assert "item" in json.loads(await ws.recv())
+
+        tasks = [asyncio.create_task(pull(k, ws)) for k, ws in enumerate(pullers)]
+        try:
+            await asyncio.gather(produce(range(0, n // 2)), produce(range(n // 2, n)))
+            deadline = time.monotonic() + 60
+            while len(seen) < n:
+                assert time.monotonic() < deadline, f"{len(seen)} of {n} items"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # a duplicate would show up meanwhile
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for ws in pullers:
+                await ws.close()
+        assert len(seen) == n
+        assert sorted(seen) == list(range(n))  # exactly once across every puller
+        assert sum(1 for c in per_puller if c) >= 2, per_puller
+        status, body = await apost(sup.base, "queue_stats", {"queue": "jobs"})
+        assert status == 200, body
+        assert body["result"]["length"] == 0, body

@@ -201,8 +201,10 @@ class QueueStore(Protocol):
     sink of items, so a backend implements five plain operations. Leases are
     per node: an item fetched by a node is in flight until that node acks or
     requeues it, or until its lease expires (the node died) and another node
-    ``claim``s it. A backend without a store (memory, ipc) keeps the
-    in-process queue.
+    ``claim``s it. Implementations: Redis streams
+    (:mod:`~tidings.brokers.redis_queue`) and the relay's in-memory store for
+    ``ipc://`` workers (:mod:`~tidings.brokers.memory_queue`); ``memory://``
+    has no store and keeps the in-process queue.
     """
 
     async def push(self, queue: str, data: Any) -> str:

@@ -19,6 +19,13 @@ still wants and every presence member it added (announcing them with
 reports up. Interest changes made while down are remembered, so they are
 part of the restore even though the call raised.
 
+Work queues. :meth:`IpcBroker.queue_store` is a thin proxy of the relay's
+in-memory store (:mod:`tidings.brokers.memory_queue`), so the workers share
+their queues: a push on one worker reaches a puller on any other. The items
+live in the relay's process: they survive a worker's crash (its leases go back
+at once) but not the relay (after a relay restart the queues are empty). While
+the relay is unreachable every queue call raises ``BrokerUnavailable`` at once.
+
 URL options: ``?timeout=SECONDS`` (default 5): how long a request may go
 unanswered before the link is declared dead.
 """
@@ -30,22 +37,30 @@ import base64
 import logging
 import random
 import secrets
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from tidings.brokers.base import BrokerHandler, BrokerHealth, HistoryOptions
-from tidings.exceptions import BrokerError, BrokerUnavailable
+from tidings.brokers.base import (
+    BrokerHandler,
+    BrokerHealth,
+    HistoryOptions,
+    QueueStoreStats,
+    StoredItem,
+)
+from tidings.exceptions import BrokerError, BrokerUnavailable, QueueFull
 from tidings.relay import (
     READ_CHUNK,
     FrameReader,
     FrameWriter,
     dumps,
     pack_data,
+    unpack_item,
     unpack_publication,
 )
 from tidings.types import HistoryPage, Member, Publication, StreamPos
 
-__all__ = ["IpcBroker"]
+__all__ = ["IpcBroker", "IpcQueueStore"]
 
 log = logging.getLogger("tidings.brokers.ipc")
 
@@ -108,6 +123,13 @@ class IpcBroker:
         self._members: dict[str, dict[str, Member]] = {}
         self._reconnect_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
+        self._queue_store: IpcQueueStore | None = None
+
+    def queue_store(self) -> IpcQueueStore:
+        """Work queues held by the relay, shared by every worker on it."""
+        if self._queue_store is None:
+            self._queue_store = IpcQueueStore(self)
+        return self._queue_store
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -416,6 +438,61 @@ class IpcBroker:
     async def members(self, channel: str) -> list[Member]:
         rows = await self._call("mems", channel)
         return [Member(conn_id, user, info) for conn_id, user, info in rows]
+
+
+class IpcQueueStore:
+    """The :class:`~tidings.brokers.base.QueueStore` of an :class:`IpcBroker`: each
+    call is one request to the relay, whose node for the leases is this broker's."""
+
+    def __init__(self, broker: IpcBroker) -> None:
+        self._broker = broker
+
+    async def _call(self, op: str, *args: Any) -> Any:
+        try:
+            return await self._broker._call(op, *args)
+        except BrokerUnavailable:
+            raise
+        except BrokerError as exc:
+            head, _, rest = str(exc).partition("QueueFull: ")
+            if rest and head == "relay refused: ":
+                raise QueueFull(rest) from None
+            raise
+
+    async def push(self, queue: str, data: Any) -> str:
+        item_id = await self._call("qpush", queue, *pack_data(data))
+        return str(item_id)
+
+    async def fetch(self, queue: str, count: int, *, block: float) -> list[StoredItem]:
+        # a blocked fetch is a request without an answer for a while: keep it well
+        # inside the silence after which the watchdog declares the relay dead
+        block = min(block, self._broker.timeout / 2)
+        rows = await self._call("qfetch", queue, count, block)
+        return [unpack_item(row) for row in rows]
+
+    async def ack(self, queue: str, item_ids: Sequence[str]) -> int:
+        if not item_ids:
+            return 0
+        return int(await self._call("qack", queue, list(item_ids)))
+
+    async def requeue(self, queue: str, item_id: str, attempts: int, *,
+                      delay: float = 0.0, dead: bool = False) -> bool:
+        return bool(await self._call("qreq", queue, item_id, attempts, delay, dead))
+
+    async def claim(self, queue: str, *, min_idle: float, count: int,
+                    max_attempts: int) -> list[StoredItem]:
+        rows = await self._call("qclaim", queue, min_idle, count, max_attempts)
+        return [unpack_item(row) for row in rows]
+
+    async def release_delayed(self, queue: str) -> float | None:
+        due = await self._call("qdelay", queue)
+        return None if due is None else float(due)
+
+    async def stats(self, queue: str) -> QueueStoreStats:
+        length, in_flight, delayed, age = await self._call("qstats", queue)
+        return QueueStoreStats(int(length), int(in_flight), int(delayed), float(age))
+
+    async def release(self, queue: str) -> None:
+        await self._call("qrel", queue)
 
 
 def _unpack_payload(value: str, b64: bool) -> bytes:

@@ -81,9 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("asyncapi", help="print the AsyncAPI 3 document of the wire protocol")
     sub.add_parser("typescript", help="print TypeScript types of every frame")
 
-    bench = sub.add_parser("bench", help="built-in load test (see benchmarks/)")
+    bench = sub.add_parser(
+        "bench", help="tidings side by side with its peers (benchmarks/compare.py)")
     bench.add_argument("--quick", action="store_true", help="a run of under a minute")
     bench.add_argument("--subscribers", type=int, nargs="*", default=None)
+    bench.add_argument("--stacks", nargs="*", default=None, help="stacks to run (default all)")
+    bench.add_argument("--huge", action="store_true", help="also 50,000 idle connections")
     bench.add_argument("--json", dest="json_out", default=None, help="write results here")
     return parser
 
@@ -261,17 +264,21 @@ def _subscribe(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     sys.path.insert(0, os.getcwd())  # benchmarks/ lives in the source checkout
     try:
-        from benchmarks import fanout
+        from benchmarks import compare
     except ImportError:
-        print("tidings bench: run it from a source checkout (benchmarks/ is not installed)",
-              file=sys.stderr)
+        print("tidings bench: run it from a source checkout (benchmarks/ is not installed)"
+              " with the bench extra (pip install -e '.[bench]')", file=sys.stderr)
         return 2
     argv = ["--quick"] if args.quick else []
     if args.subscribers:
         argv += ["--subscribers", *map(str, args.subscribers)]
+    if args.stacks:
+        argv += ["--stacks", *args.stacks]
+    if args.huge:
+        argv.append("--huge")
     if args.json_out:
         argv += ["--json", args.json_out]
-    result: int = fanout.main(argv)
+    result: int = compare.main(argv)
     return result
 
 
