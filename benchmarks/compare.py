@@ -525,8 +525,6 @@ class Session:
         if self.server is not None and self.server.proc.poll() is not None:
             raise RuntimeError(f"server exited with {self.server.proc.returncode}: "
                                f"{self.server.output()}")
-        if self.pub is not None and not self.pub.alive:
-            raise RuntimeError(f"the server closed the publisher ({self.pub.close_code})")
 
     async def wait_for(self, cond: Callable[[], bool], timeout: float, what: str,
                        moving: Callable[[], int] | None = None) -> None:
@@ -664,6 +662,8 @@ class Session:
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), 0.05)
+            if not pub.alive:
+                raise RuntimeError(f"the server closed the publisher ({pub.close_code})")
             ts = time.perf_counter_ns()
             pub.send(publication(kind, ts, self.seq + 1, pad))
             self.seq += 1
@@ -781,7 +781,11 @@ async def fanout(stack: Stack, opts: argparse.Namespace, progress: Progress,
             await session.connect(n - session.n, f"{stack.key} connect N={n}")
             if session.n < n:
                 raise RuntimeError(f"only {session.n} of {n} subscribers connected")
-            if session.pub is None:
+            if session.pub is None or not session.pub.alive:
+                if session.pub is not None:  # e.g. a ping timeout after an overload
+                    res.errors.append(f"N={n}: publisher reopened, the server had closed it "
+                                      f"({session.pub.close_code})")
+                    session.pub = None
                 await session.open_publisher()
             warm = await session.phase("warmup", opts.warmup, warmup=True)
             if warm.short or warm.timed_out:

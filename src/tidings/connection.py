@@ -86,6 +86,7 @@ class Connection:
         "_lagged",
         "_out",
         "_out_bytes",
+        "_floors",
         "_pending",
         "_send",
         "_tokens",
@@ -139,6 +140,10 @@ class Connection:
         self._app_queue: deque[Publication] | None = None
         self._app_waiter: asyncio.Future[None] | None = None
         self._pending: list[Publication] | None = None
+        # channel -> offset its subscribe reply reported: a publication at or below
+        # it that the broker delivers late (Redis: pub/sub and commands travel on
+        # different connections) is part of the past, not a new one
+        self._floors: dict[str, int] = {}
         self._direct: DirectTransport | None = None
         self._dirty = False
         self._tokens = float(self.limits.burst or self.limits.rate or 0)
@@ -168,6 +173,12 @@ class Connection:
             if len(self._pending) > self.limits.outbox_size:
                 self._overflow_pending()
             return
+        if self._floors:
+            floor = self._floors.get(pub.channel)
+            if floor is not None:
+                if 0 < pub.offset <= floor:
+                    return
+                del self._floors[pub.channel]  # past the floor: live from here on
         kind = self.kind
         direct = self._direct is not None
         if kind is ConnectionKind.NATIVE:
@@ -211,14 +222,15 @@ class Connection:
         nothing arrives twice or out of order across the replay -> live switch.
         """
         pending, self._pending = self._pending, None
-        if not pending:
-            return
-        for pub in pending:
-            if after is not None:
-                top = after.get(pub.channel)
-                if top is not None and pub.offset <= top:
-                    continue
-            self.deliver(pub)
+        if after:
+            self._floors.update(after)
+        if pending:
+            for pub in pending:
+                self.deliver(pub)
+
+    def forget_floor(self, channel: str) -> None:
+        """The channel was unsubscribed: a later subscribe sets its own floor."""
+        self._floors.pop(channel, None)
 
     def _overflow_pending(self) -> None:
         if self.limits.overflow == "disconnect" or self.kind is ConnectionKind.CENTRIFUGE:

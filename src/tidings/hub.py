@@ -411,6 +411,7 @@ class Hub:
 
     async def _drop_subscription(self, conn: Connection, pattern: str) -> None:
         conn.subs.discard(pattern)
+        conn.forget_floor(pattern)
         if pattern in conn.join_leave:
             conn.join_leave.discard(pattern)
             self.join_leave_index.remove(pattern, conn)

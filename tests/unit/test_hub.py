@@ -154,3 +154,19 @@ async def test_history_ages_out_on_a_quiet_channel() -> None:
         assert [p.data for p in (await hub.history("quiet")).publications] == [1]
         await asyncio.sleep(0.1)  # the ttl passes: time itself is what is tested
         assert (await hub.history("quiet")).publications == []
+
+
+async def test_a_late_publication_at_or_below_the_reply_position_is_not_new(hub: Hub) -> None:
+    # Redis delivers pub/sub on another connection than the position read, so
+    # offset 3 can arrive after a subscribe reply that said "position 3".
+    from tidings.types import Publication
+
+    sink = Sink()
+    conn = hub.register(sink)
+    conn.hold()
+    conn.release({"c": 3})
+    for offset in (2, 3, 4, 5):
+        conn.deliver(Publication("c", offset, offset, "e"))
+    conn.deliver(Publication("c", "outage", 0, ""))  # position unknown: always delivered
+    await sink.wait_for(lambda f: len(f) == 3)
+    assert [f["offset"] for f in sink.frames] == [4, 5, 0]
