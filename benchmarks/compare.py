@@ -631,7 +631,8 @@ class Session:
         assert pub is not None
         kind = self.stack.kind
         pad = self.pad
-        ahead = self.opts.max_ahead
+        # at most --max-ahead messages and --max-backlog deliveries not yet received
+        ahead = max(2, min(self.opts.max_ahead, self.opts.max_backlog // max(1, self.n)))
         wake = self.wake
         interval = int(1e9 / rate) if rate else 0
         loop = asyncio.get_running_loop()
@@ -894,7 +895,9 @@ def main_table(results: Sequence[StackResult]) -> str:
                if lat and lat.samples else "-")
         n1, n100 = r.throughput(1), r.throughput(100)
         phases = [p for p in r.phases if p.name != "warmup"]
-        lost = sum(p.lost for p in phases)
+        lost: int | str = sum(p.lost for p in phases)
+        if any(p.timed_out for p in phases):
+            lost = f"{lost} (timed out)"
         lg = max((p.pct(p.loadgen_cpu_s) for p in phases if p.name == "throughput"), default=0)
         other = max((p.pct(p.other_cpu_s) for p in phases), default=0)
         idle_kib = _f(r.idle.kib_per_conn, "{:.1f}") if r.idle and r.idle.opened else "-"
@@ -922,7 +925,7 @@ def detail_table(results: Sequence[StackResult]) -> str:
                 f"| {r.stack.key} | {p.name}{rate} | {p.n} | {p.messages} | {p.per_s:,.0f} | "
                 f"{p.us:.2f} | {p.pct(p.server_cpu_s):.0f} | {p.pct(p.loadgen_cpu_s):.0f} | "
                 f"{p.pct(p.broker_cpu_s):.0f} | {p.pct(p.other_cpu_s):.0f} | {lat} | "
-                f"{p.lost} |")
+                f"{p.lost}{' (timed out)' if p.timed_out else ''} |")
     return "\n".join(rows)
 
 
@@ -1063,6 +1066,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=None, help="warm-up messages (default 100)")
     parser.add_argument("--max-ahead", type=int, default=500,
                         help="messages the publisher may be ahead of the slowest subscriber")
+    parser.add_argument("--max-backlog", type=int, default=100_000,
+                        help="deliveries the publisher may be ahead of the subscribers "
+                             "(default 100,000: with N = 1000, 100 messages)")
     parser.add_argument("--huge", action="store_true",
                         help="also the 50,000 idle connections test (tidings serve; "
                              "--huge-stacks for others)")

@@ -78,10 +78,10 @@ async def subscriber(base: str, channel: str, every: int, lat: list[float],
         with contextlib.suppress(websockets.ConnectionClosed):
             async for frame in ws:  # ends when the benchmark closes the socket
                 n += 1
+                total[0] += 1
                 if n % every == 0:
                     now = time.perf_counter_ns()
                     lat.append((now - json.loads(frame)["data"]["t"]) / 1e6)
-        total[0] += n
 
 
 async def measure(bases: list[str], subscribers: int, rate: float, seconds: float,
@@ -108,7 +108,9 @@ async def measure(bases: list[str], subscribers: int, rate: float, seconds: floa
             await pub.send(json.dumps({"type": "publish", "channel": channel,
                                        "data": {"t": time.perf_counter_ns(), "pad": "x" * 64}}))
             sent += 1
-    await asyncio.sleep(1.0)  # let the last frames arrive before stopping
+    deadline = time.monotonic() + 15  # let the backlog drain: lag is not loss
+    while total[0] < sent * subscribers and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
     await asyncio.gather(*(ws.close() for ws in sockets))
     await asyncio.gather(*tasks)
     lat.sort()

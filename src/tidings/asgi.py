@@ -26,6 +26,7 @@ from tidings.protocol.codes import CloseCode, ErrorCode
 from tidings.protocol.errors import ProtocolError
 from tidings.protocol.names import validate_channel, validate_pattern
 from tidings.protocol.native import (
+    Publish,
     decode_command,
     dumps,
     encode_reply,
@@ -36,6 +37,7 @@ from tidings.protocol.native import (
 from tidings.queue import Consumer, QueueItem, WorkQueue
 
 DIRECT = "tidings.direct"  # ASGI extension of tidings.server.wsproto
+_MAX_PIPELINED = 256  # publishes of one connection in flight at once (remote brokers)
 
 if TYPE_CHECKING:
     from tidings.hub import Hub
@@ -89,6 +91,11 @@ async def serve_native(hub: Hub, conn: Connection, receive: Receive) -> None:
     """Run the native protocol on ``conn`` until the client goes away."""
     limits = hub.limits
     loop = asyncio.get_running_loop()
+    # With a remote broker, a run of publishes is pipelined: the next one starts
+    # before the previous reply (the broker keeps their order); any other command
+    # waits for them first, so what a client does after publishing sees it.
+    pipelined = getattr(hub.broker, "pipelined", False)
+    inflight: set[asyncio.Task[None]] = set()
     while not conn.closed:
         message = await _receive(receive, conn, limits.idle_timeout)
         if message is None:
@@ -116,6 +123,15 @@ async def serve_native(hub: Hub, conn: Connection, receive: Receive) -> None:
         except ProtocolError as exc:
             send_error(hub, conn, exc.id, exc.code, exc.message)
             continue
+        if pipelined and isinstance(cmd, Publish):
+            if len(inflight) >= _MAX_PIPELINED:
+                await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+            task = loop.create_task(handle_command(hub, conn, cmd))
+            inflight.add(task)
+            task.add_done_callback(inflight.discard)
+            continue
+        if inflight:
+            await asyncio.gather(*inflight)
         await handle_command(hub, conn, cmd)
 
 

@@ -143,9 +143,11 @@ class RedisBroker:
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._flush_scheduled = False
+        self._flushing = False
         self._queues: RedisQueueStore | None = None
 
     publish_lua = PUBLISH_LUA
+    pipelined = True  # publishes may be issued without waiting for the previous reply
 
     def queue_store(self) -> RedisQueueStore:
         """Work queues in Redis streams, shared by every node on this Redis
@@ -380,9 +382,21 @@ class RedisBroker:
 
     def _flush_soon(self) -> None:
         self._flush_scheduled = False
-        batch, self._pending = self._pending, []
-        if batch:
-            asyncio.get_running_loop().create_task(self._flush(batch))
+        if self._pending and not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        """One pipeline on the wire at a time: batches reach Redis in the order
+        they were made, so publishes from one sender keep their order even when
+        the sender does not wait for each reply; what queues up meanwhile goes
+        in the next (bigger) batch."""
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._flush(batch)
+        finally:
+            self._flushing = False
 
     async def _flush(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         """Run a turn's publishes; hand each result to its caller."""
