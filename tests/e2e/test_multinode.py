@@ -94,3 +94,19 @@ async def test_uvicorn_workers_with_redis(redis_url: str) -> None:
             got = [await c.next("publication") for c in clients]
             assert {(g["channel"], g["offset"]) for g in got} == {("orders/42", 1)}
             assert all(g["data"] == {"status": "paid"} for g in got)
+
+
+async def test_pipelined_publishes_keep_their_order(redis_url: str) -> None:
+    from tests.support import running
+    from tidings import Hub
+
+    h1, h2 = Hub(redis_url), Hub(redis_url)
+    async with running(h1) as b1, running(h2) as b2, native(b1) as sub, native(b2) as pub:
+        await sub.request({"type": "subscribe", "channel": "order"})
+        for i in range(500):  # no waiting for replies: the server pipelines them
+            await pub.send({"type": "publish", "id": i, "channel": "order", "data": i})
+        replies = [await pub.next("reply") for _ in range(500)]
+        assert [r["id"] for r in replies] == list(range(500))
+        assert [r["result"]["offset"] for r in replies] == list(range(1, 501))
+        got = [(await sub.next("publication"))["data"] for _ in range(500)]
+        assert got == list(range(500))
