@@ -304,6 +304,9 @@ class JWTAuth(Authenticator):
         self.leeway = float(leeway)
         self.audience = audience
         self.issuer = issuer
+        # what it was built from: key objects do not pickle, and `--workers`
+        # hands the authenticator to worker processes
+        self._source = (secret, algorithm, public_key, jwks, leeway, audience, issuer)
         self._secret: bytes | None = None
         self._keys: dict[str | None, Any] = {}
         if algorithm in _HMAC:
@@ -327,6 +330,9 @@ class JWTAuth(Authenticator):
 
     def __repr__(self) -> str:  # never show the secret
         return f"JWTAuth(algorithm={self.algorithm!r}, leeway={self.leeway})"
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (_rebuild_jwt_auth, self._source)
 
     async def authenticate(self, token: str) -> Identity:
         return self.identity(self.verify(token))
@@ -517,3 +523,11 @@ class RequireIdentity:
         except AuthError as exc:
             raise _policy_violation(exc.reason) from None
 
+
+def _rebuild_jwt_auth(secret: str | bytes | None, algorithm: str,
+                      public_key: str | bytes | None,
+                      jwks: str | Path | Mapping[str, Any] | None, leeway: float,
+                      audience: str | None, issuer: str | None) -> JWTAuth:
+    """Unpickle a :class:`JWTAuth` by building it again from its sources."""
+    return JWTAuth(secret, algorithm=algorithm, public_key=public_key, jwks=jwks,
+                   leeway=leeway, audience=audience, issuer=issuer)

@@ -226,3 +226,20 @@ async def test_dependencies() -> None:
     assert ident.user == "z"
     with pytest.raises(WebSocketException):
         await need(FakeWS(scope(b"token=bad")))
+
+
+def test_jwt_auth_with_a_public_key_pickles_for_worker_processes() -> None:
+    import pickle
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tidings.auth import JWTAuth as Auth
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    auth = Auth(public_key=pem, algorithm="ES256", leeway=3)
+    copy = pickle.loads(pickle.dumps(auth))
+    assert (copy.algorithm, copy.leeway) == ("ES256", 3.0)
+    assert copy._keys.keys() == auth._keys.keys()
