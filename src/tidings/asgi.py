@@ -214,6 +214,14 @@ class PubEndpoint(_Endpoint):
         if not await _permitted(hub, "publish", conn, channel):
             return
         ack = _query(scope).get("ack") in ("1", "true")
+        pipelined = getattr(hub.broker, "pipelined", False)
+        inflight: set[asyncio.Task[None]] = set()
+
+        async def publish_one(data: Any) -> None:
+            pub = await hub.publish(channel, data, sender=conn.conn_id)
+            if ack:  # pipelined publishes complete in order, so acks stay in order
+                conn.send_frame(dumps({"offset": pub.offset, "epoch": pub.epoch}).decode())
+
         while not conn.closed:
             message = await _receive(receive, conn, hub.limits.idle_timeout)
             if message is None:
@@ -225,9 +233,15 @@ class PubEndpoint(_Endpoint):
                 conn.close(CloseCode.MESSAGE_TOO_BIG, "frame above the hard size limit",
                            flush=False)
                 return
-            pub = await hub.publish(channel, _raw_data(payload), sender=conn.conn_id)
-            if ack:
-                conn.send_frame(dumps({"offset": pub.offset, "epoch": pub.epoch}).decode())
+            publishing = publish_one(_raw_data(payload))
+            if not pipelined:
+                await publishing
+                continue
+            if len(inflight) >= _MAX_PIPELINED:  # remote broker: keep a run in flight
+                await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+            task = asyncio.get_running_loop().create_task(publishing)
+            inflight.add(task)
+            task.add_done_callback(inflight.discard)
 
 
 class SubEndpoint(_Endpoint):

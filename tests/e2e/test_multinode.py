@@ -110,3 +110,23 @@ async def test_pipelined_publishes_keep_their_order(redis_url: str) -> None:
         assert [r["result"]["offset"] for r in replies] == list(range(1, 501))
         got = [(await sub.next("publication"))["data"] for _ in range(500)]
         assert got == list(range(500))
+
+
+async def test_raw_publisher_is_pipelined_in_order(redis_url: str) -> None:
+    import json
+
+    import websockets
+
+    from tests.support import running, ws_url
+    from tidings import Hub
+
+    hub = Hub(redis_url)
+    async with running(hub) as base, native(base) as sub:
+        await sub.request({"type": "subscribe", "channel": "raw"})
+        async with websockets.connect(ws_url(base, "/ws/pub/raw?ack=1")) as pub:
+            for i in range(300):
+                await pub.send(json.dumps(i))
+            acks = [json.loads(await asyncio.wait_for(pub.recv(), 10)) for _ in range(300)]
+        assert [a["offset"] for a in acks] == list(range(1, 301))
+        got = [(await sub.next("publication"))["data"] for _ in range(300)]
+        assert got == list(range(300))

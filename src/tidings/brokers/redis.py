@@ -48,7 +48,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tidings.brokers.base import BrokerHandler, BrokerHealth, HistoryOptions
@@ -427,10 +427,27 @@ class RedisBroker:
         )
 
     async def _run_scripts(self, batch: list[tuple[Any, ...]]) -> list[Any]:
-        """One pipeline, one round trip, for all publishes of an event-loop turn."""
+        """One pipeline, one round trip, for all publishes of an event-loop turn.
+
+        Plain EVALSHA: a ``Script`` object in a pipeline would first ask
+        ``SCRIPT EXISTS`` on every pipeline. After a Redis restart the script
+        is gone (NOSCRIPT, nothing ran): load it and run those again."""
+        results = await self._evalsha_batch(batch)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            await self._client.script_load(self.publish_lua)
+            again = await self._evalsha_batch([batch[i] for i in missing])
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        return results
+
+    async def _evalsha_batch(self, batch: list[tuple[Any, ...]]) -> list[Any]:
+        sha = self._script.sha
         async with self._client.pipeline(transaction=False) as pipe:
-            for args in batch:
-                await self._script_call(args, pipe)
+            for channel, data, sender, ts, size, ttl_ms in batch:
+                pipe.evalsha(sha, 2, self._meta(channel), self._stream(channel),
+                             *self._targets(channel), data, sender, ts, secrets.token_hex(4),
+                             size, ttl_ms, self.meta_ttl)
             results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 
