@@ -82,6 +82,16 @@ async def _receive(receive: Receive, conn: Connection, idle: float | None) -> Me
     return message
 
 
+def next_frame_guard(hub: Hub, conn: Connection, data: str | bytes) -> bool:
+    """False (and the connection closing with 1009) for a frame above the hard
+    size limit. Every endpoint checks it before looking at the frame."""
+    if len(data) <= hub.limits.frame_hard:
+        return True
+    hub.stats.errors["frame_hard_limit"] += 1
+    conn.close(CloseCode.MESSAGE_TOO_BIG, "frame above the hard size limit", flush=False)
+    return False
+
+
 def _payload(message: Message) -> str | bytes | None:
     text = message.get("text")
     return text if text is not None else message.get("bytes")
@@ -103,9 +113,7 @@ async def serve_native(hub: Hub, conn: Connection, receive: Receive) -> None:
         data = _payload(message)
         if data is None:
             continue
-        if len(data) > limits.frame_hard:
-            hub.stats.errors["frame_hard_limit"] += 1
-            conn.close(CloseCode.MESSAGE_TOO_BIG, "frame above the hard size limit", flush=False)
+        if not next_frame_guard(hub, conn, data):
             return
         if not conn.allow_frame(loop.time()):
             send_error(hub, conn, peek_id(data), ErrorCode.RATE_LIMITED,
@@ -229,9 +237,7 @@ class PubEndpoint(_Endpoint):
             payload = _payload(message)
             if payload is None:
                 continue
-            if len(payload) > hub.limits.frame_hard:
-                conn.close(CloseCode.MESSAGE_TOO_BIG, "frame above the hard size limit",
-                           flush=False)
+            if not next_frame_guard(hub, conn, payload):
                 return
             publishing = publish_one(_raw_data(payload))
             if not pipelined:

@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from tidings._version import __version__
-from tidings.asgi import DIRECT
+from tidings.asgi import DIRECT, _payload, _receive, next_frame_guard
 from tidings.connection import Connection, ConnectionKind
 from tidings.exceptions import AuthError, HookError, HubError
 from tidings.gate import admit, authenticate, connection_limit, refresh
@@ -64,7 +64,6 @@ from tidings.protocol.centrifuge import (
     reply_code,
     split_frame,
 )
-from tidings.protocol.codes import CloseCode
 from tidings.protocol.errors import ProtocolError
 
 if TYPE_CHECKING:
@@ -82,11 +81,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _UNTIL_END = 2**63  # release(): drop every held publication of a channel
-
-
-def _payload(message: Message) -> str | bytes | None:
-    text = message.get("text")
-    return text if text is not None else message.get("bytes")
 
 
 def _pub(p: Publication) -> dict[str, Any]:
@@ -259,23 +253,13 @@ class _Session:
         hub, conn, limits = self.hub, self.conn, self.hub.limits
         loop = asyncio.get_running_loop()
         while not conn.closed:
-            if limits.idle_timeout:
-                try:
-                    message = await asyncio.wait_for(receive(), limits.idle_timeout)
-                except TimeoutError:
-                    conn.close(CloseCode.NORMAL, "idle timeout")
-                    return
-            else:
-                message = await receive()
-            if message["type"] == "websocket.disconnect":
+            message = await _receive(receive, conn, limits.idle_timeout)
+            if message is None:
                 return
             data = _payload(message)
             if data is None:
                 continue
-            if len(data) > limits.frame_hard:
-                hub.stats.errors["frame_hard_limit"] += 1
-                conn.close(CloseCode.MESSAGE_TOO_BIG, "frame above the hard size limit",
-                           flush=False)
+            if not next_frame_guard(hub, conn, data):
                 return
             try:
                 objs = split_frame(data, max_depth=limits.max_depth)
