@@ -67,7 +67,8 @@ def serve(broker: str) -> Any:
 
 
 async def subscriber(base: str, channel: str, every: int, lat: list[float],
-                     ready: asyncio.Event, total: list[int], sockets: list[Any]) -> None:
+                     ready: asyncio.Event, total: list[int], sockets: list[Any],
+                     drained: asyncio.Event) -> None:
     async with websockets.connect(f"ws://{base}/ws", max_size=None) as ws:
         sockets.append(ws)
         await ws.recv()
@@ -79,6 +80,8 @@ async def subscriber(base: str, channel: str, every: int, lat: list[float],
             async for frame in ws:  # ends when the benchmark closes the socket
                 n += 1
                 total[0] += 1
+                if total[0] == total[1]:
+                    drained.set()
                 if n % every == 0:
                     now = time.perf_counter_ns()
                     lat.append((now - json.loads(frame)["data"]["t"]) / 1e6)
@@ -88,11 +91,12 @@ async def measure(bases: list[str], subscribers: int, rate: float, seconds: floa
                   every: int) -> dict[str, Any]:
     channel = f"bench/{uuid.uuid4().hex[:6]}"
     lat: list[float] = []
-    total = [0]
+    total = [0, -1]  # frames received, frames expected (known once publishing ends)
+    drained = asyncio.Event()
     sockets: list[Any] = []
     readies = [asyncio.Event() for _ in range(subscribers)]
     tasks = [asyncio.create_task(subscriber(bases[i % len(bases)], channel, every, lat,
-                                            readies[i], total, sockets))
+                                            readies[i], total, sockets, drained))
              for i in range(subscribers)]
     await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 60)
     sent = 0
@@ -108,9 +112,11 @@ async def measure(bases: list[str], subscribers: int, rate: float, seconds: floa
             await pub.send(json.dumps({"type": "publish", "channel": channel,
                                        "data": {"t": time.perf_counter_ns(), "pad": "x" * 64}}))
             sent += 1
-    deadline = time.monotonic() + 15  # let the backlog drain: lag is not loss
-    while total[0] < sent * subscribers and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    total[1] = sent * subscribers  # let the backlog drain: lag is not loss
+    if total[0] >= total[1]:
+        drained.set()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(drained.wait(), 15)
     await asyncio.gather(*(ws.close() for ws in sockets))
     await asyncio.gather(*tasks)
     lat.sort()
