@@ -156,3 +156,11 @@ async def test_presence_and_join_leave_across_nodes(world) -> None:
     leave = watcher_sink.of("leave")[0]
     assert leave["member"] == {"conn_id": other.conn_id, "user": "bob"}
     assert [m.conn_id for m in await h2.presence("room")] == [watcher.conn_id]
+
+
+async def test_publishes_of_one_sender_keep_their_order(world) -> None:
+    (hub,) = await started(world, 1)
+    # started together without waiting for each other, as a pipelining sender does
+    pubs = await asyncio.gather(*(hub.publish("mine", i) for i in range(200)))
+    assert [p.offset for p in pubs] == list(range(1, 201))
+    assert [p.data for p in pubs] == list(range(200))

@@ -54,15 +54,25 @@ class RedisClusterBroker(RedisBroker):
                             max_connections=_MAX_CONNECTIONS)
 
     async def _run_scripts(self, batch: list[tuple[Any, ...]]) -> list[Any]:
-        # cluster pipelines refuse EVALSHA: run them concurrently, each routed to
-        # the shard that owns its channel (offsets are assigned by Redis anyway)
+        """Cluster pipelines refuse EVALSHA: run the scripts routed to the shard
+        that owns each channel, channels concurrently, and one channel's
+        publishes one after another so they keep the order they were made in."""
         limit = asyncio.Semaphore(_MAX_CONNECTIONS // 2)
+        results: list[Any] = [None] * len(batch)
+        by_channel: dict[str, list[int]] = {}
+        for i, args in enumerate(batch):
+            by_channel.setdefault(args[0], []).append(i)
 
-        async def call(args: tuple[Any, ...]) -> Any:
+        async def run(indices: list[int]) -> None:
             async with limit:
-                return await self._script_call(args, self._client)
+                for i in indices:
+                    try:
+                        results[i] = await self._script_call(batch[i], self._client)
+                    except Exception as exc:  # handed to that publish's caller
+                        results[i] = exc
 
-        return list(await asyncio.gather(*map(call, batch), return_exceptions=True))
+        await asyncio.gather(*(run(ix) for ix in by_channel.values()))
+        return results
 
     def _shard_chan(self, channel: str) -> bytes:
         return f"{self.prefix}:{self._tag(channel)}:s".encode()
