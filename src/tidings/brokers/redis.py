@@ -443,10 +443,13 @@ class RedisBroker:
 
     async def _evalsha_batch(self, batch: list[tuple[Any, ...]]) -> list[Any]:
         sha = self._script.sha
+        # the epoch a channel gets if its state is missing: one fresh value per
+        # batch is enough (it only has to differ from that channel's last epoch)
+        epoch = secrets.token_hex(4)
         async with self._client.pipeline(transaction=False) as pipe:
             for channel, data, sender, ts, size, ttl_ms in batch:
                 pipe.evalsha(sha, 2, self._meta(channel), self._stream(channel),
-                             *self._targets(channel), data, sender, ts, secrets.token_hex(4),
+                             *self._targets(channel), data, sender, ts, epoch,
                              size, ttl_ms, self.meta_ttl)
             results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
