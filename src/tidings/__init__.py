@@ -17,6 +17,7 @@ from tidings.exceptions import (
 )
 from tidings.hub import Hub
 from tidings.protocol import CloseCode, ErrorCode, ProtocolError
+from tidings.proxy import WebSocketProxy
 from tidings.queue import QueueItem, WorkQueue
 from tidings.types import HistoryPage, Member, Publication, StreamPos
 
@@ -43,6 +44,7 @@ __all__ = [
     "ReplyError",
     "StreamPos",
     "TidingsError",
+    "WebSocketProxy",
     "WorkQueue",
     "__version__",
 ]
