@@ -129,7 +129,10 @@ async def test_killed_consumer_items_go_to_a_consumer_on_the_other_node(redis_ur
                                                 "item": a["item"]})
                     assert reply["type"] == "reply"
         await wait_until(lambda: h2.queue("work").local_in_flight == 0)
-        s = await stats(b1, "work")
+        # acks reach Redis in batches after the reply: wait for the store to agree
+        deadline = time.monotonic() + 10
+        while (s := await stats(b1, "work"))["in_flight"] and time.monotonic() < deadline:  # noqa: ASYNC110 - polls Redis
+            await asyncio.sleep(0.05)
         assert (s["length"], s["in_flight"]) == (0, 0)
 
 
