@@ -66,6 +66,7 @@ import orjson
 from benchmarks.fanout import (
     CLK_TCK,
     Progress,
+    ServerProcess,
     machine_facts,
     pad_for,
     percentile,
@@ -263,7 +264,7 @@ def free_port() -> int:
 # -- a server under test -----------------------------------------------------------------
 
 
-class Server:
+class Server(ServerProcess):
     def __init__(self, stack: Stack, tag: str) -> None:
         self.stack = stack
         self.port = free_port()
@@ -289,20 +290,6 @@ class Server:
                 raise TimeoutError(f"{self.stack.key} did not listen within {timeout:g} s")
             time.sleep(0.05)
 
-    def output(self) -> str:
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")[-3000:]
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-        return self.proc.returncode
 
 
 # -- results ---------------------------------------------------------------------------

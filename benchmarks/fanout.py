@@ -186,7 +186,30 @@ def split(n: int, parts: int) -> list[int]:
 # -- the server under test ----------------------------------------------------------
 
 
-class Server:
+class ServerProcess:
+    """A server under test in a subprocess (``proc``), its output in ``_log``."""
+
+    proc: subprocess.Popen[bytes]
+    _log: IO[bytes]
+
+    def output(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-4000:]
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after 10 s; the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+class Server(ServerProcess):
     """``tidings serve`` in a subprocess on a free port; output kept in a temp file."""
 
     def __init__(self, extra_args: Sequence[str] = ()) -> None:
@@ -216,21 +239,6 @@ class Server:
                 raise TimeoutError("tidings serve did not become healthy in 30 s")
             time.sleep(0.05)
 
-    def output(self) -> str:
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")[-4000:]
-
-    def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL after 10 s; the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-        return self.proc.returncode
 
 
 # -- load-generator process: a group of subscribers ----------------------------------------
