@@ -4,7 +4,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.support import ASGI_WS, DIRECT_WS, running
+from tests.support import ASGI_WS, DIRECT_WS, LEAN, running
 from tidings import Hub
 
 
@@ -14,10 +14,11 @@ async def hub() -> AsyncIterator[Hub]:
         yield h
 
 
-@pytest.fixture(params=[DIRECT_WS, ASGI_WS], ids=["direct", "asgi"])
+@pytest.fixture(params=[LEAN, DIRECT_WS, ASGI_WS], ids=["lean", "direct", "asgi"])
 async def server(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Hub, str]]:
-    """A hub with default settings served by uvicorn on a free port, once with the
-    direct write path of `tidings serve` and once with plain ASGI sends."""
+    """A hub with default settings on a free port, served three ways: by tidings'
+    own server (`tidings serve`), by uvicorn with the direct write path
+    (`--server uvicorn`) and by uvicorn with plain ASGI sends (embedded)."""
     h = Hub()
     async with running(h, ws=request.param) as base:
         yield h, base

@@ -23,7 +23,8 @@ from tidings import Hub
 from tidings.server.app import create_app
 
 TIMEOUT = 10.0
-DIRECT_WS = "tidings.server.wsproto:DirectWSProtocol"  # what `tidings serve` runs
+LEAN = "lean"  # tidings' own server: what `tidings serve` runs
+DIRECT_WS = "tidings.server.wsproto:DirectWSProtocol"  # `tidings serve --server uvicorn`
 ASGI_WS = "websockets-sansio"  # plain ASGI sends, as when embedded in any server
 
 
@@ -34,8 +35,14 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def running(hub: Hub, app: Any = None, ws: str = DIRECT_WS) -> AsyncIterator[str]:
-    """Serve ``hub`` (or ``app``) with uvicorn in this event loop; yield the base URL."""
+async def running(hub: Hub, app: Any = None, ws: str = LEAN) -> AsyncIterator[str]:
+    """Serve ``hub`` (or ``app``) in this event loop with tidings' own server
+    (``ws=LEAN``, as ``tidings serve``) or with uvicorn and the given websocket
+    protocol; yield the base URL."""
+    if ws == LEAN:
+        async with _lean(hub, app) as base:
+            yield base
+        return
     port = free_port()
     config = uvicorn.Config(
         app if app is not None else create_app(hub), host="127.0.0.1", port=port,
@@ -58,6 +65,27 @@ async def running(hub: Hub, app: Any = None, ws: str = DIRECT_WS) -> AsyncIterat
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, TIMEOUT)
+
+
+@contextlib.asynccontextmanager
+async def _lean(hub: Hub, app: Any) -> AsyncIterator[str]:
+    from tidings.server.lean import LeanServer
+    from tidings.server.runner import close_hub_connections, websocket_routes
+
+    server = LeanServer(app if app is not None else create_app(hub),
+                        ws_routes=websocket_routes(hub) if app is None else (),
+                        max_size=hub.limits.frame_hard)
+    await server.startup()
+    await server.listen("127.0.0.1", 0)
+    assert server.address is not None
+    try:
+        yield f"http://127.0.0.1:{server.address[1]}"
+    finally:
+        server.stop_listening()
+        if app is None:
+            await close_hub_connections(hub)
+        await server.close_peers(TIMEOUT)
+        await server.shutdown_app()
 
 
 def ws_url(base: str, path: str = "/ws") -> str:

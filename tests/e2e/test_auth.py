@@ -319,6 +319,6 @@ def test_serve_with_jwt_secret_end_to_end(tmp_path: Any) -> None:
         asyncio.run(scenario())
         assert server.terminate() == 0
         out = server.output()
-    assert "WebSocket /ws?token=***" in out, out  # uvicorn's line, with the token masked
+    assert "WebSocket /ws?token=***" in out, out  # the access log line, with the token masked
     assert tok not in out and tok.split(".")[2] not in out
     assert "admin-key-xyz" not in out

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 from fastapi import FastAPI, WebSocket
 
-from tests.support import native, running, ws_url
+from tests.support import ASGI_WS, native, running, ws_url
 from tidings import Hub
 
 
@@ -33,7 +33,7 @@ def make_app(hub: Hub) -> FastAPI:
 async def test_fastapi_prefix_handlers_and_custom_endpoint() -> None:
     hub = Hub()
     app = make_app(hub)
-    async with running(hub, app) as base:
+    async with running(hub, app, ws=ASGI_WS) as base:
         async with native(base, "/rt/ws") as sub:
             await sub.request({"type": "subscribe", "channel": "orders/+"})
             async with httpx.AsyncClient() as http:

@@ -1,18 +1,40 @@
-"""Server-to-client websocket frames (RFC 6455 section 5.2), sans-I/O.
+"""Websocket frames (RFC 6455 section 5), sans-I/O.
 
 A frame the server sends is never masked, so the bytes of one message are the
 same for every client: a publication's frame is built once and written to
-every subscriber's socket as is.
+every subscriber's socket as is. :class:`FrameReader` turns the bytes a client
+sends (masked, possibly fragmented, with control frames interleaved) into
+whole messages; every protocol error raises :class:`FrameError` with the close
+code to answer.
 """
 
 from __future__ import annotations
 
 import struct
 
-__all__ = ["OP_BINARY", "OP_TEXT", "encode_frame"]
+__all__ = [
+    "OP_BINARY",
+    "OP_CLOSE",
+    "OP_PING",
+    "OP_PONG",
+    "OP_TEXT",
+    "FrameError",
+    "FrameReader",
+    "encode_close",
+    "encode_frame",
+    "parse_close",
+    "unmask",
+]
 
+OP_CONT = 0x0
 OP_TEXT = 0x1
 OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+
+_DATA = (OP_TEXT, OP_BINARY)
+_CONTROL = (OP_CLOSE, OP_PING, OP_PONG)
 
 
 def encode_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
@@ -24,3 +46,155 @@ def encode_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
     if length < 1 << 16:
         return struct.pack("!BBH", head, 126, length) + payload
     return struct.pack("!BBQ", head, 127, length) + payload
+
+
+def encode_close(code: int, reason: str = "") -> bytes:
+    """A close frame; the reason is cut to fit a control frame (123 bytes)."""
+    if code in (1005, 1006):  # "no status" codes are never sent
+        return encode_frame(b"", OP_CLOSE)
+    data = reason.encode()[:123]
+    while True:
+        try:
+            data.decode()
+            break
+        except UnicodeDecodeError:  # a cut in the middle of a character
+            data = data[:-1]
+    return encode_frame(struct.pack("!H", code) + data, OP_CLOSE)
+
+
+def _unmask_int(data: bytes | bytearray, mask: bytes) -> bytes:
+    n = len(data)
+    if not n:
+        return b""
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+
+
+try:  # the C helper that ships with the websockets wheels
+    from websockets.speedups import apply_mask as _apply_mask
+
+    def unmask(data: bytes | bytearray, mask: bytes) -> bytes:
+        """``data`` XOR the repeated 4-byte ``mask``."""
+        return _apply_mask(data, mask)
+except ImportError:  # pragma: no cover - websockets without its C extension
+    unmask = _unmask_int
+
+
+class FrameError(Exception):
+    """The client broke the protocol: close with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{code} {reason}")
+        self.code = code
+        self.reason = reason
+
+
+def _valid_close_code(code: int) -> bool:
+    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013,
+                    1014) or 3000 <= code <= 4999
+
+
+def parse_close(payload: bytes) -> tuple[int, str]:
+    """A close frame's code and reason (1005 when it carries none)."""
+    if not payload:
+        return 1005, ""
+    if len(payload) == 1:
+        raise FrameError(1002, "malformed close frame")
+    code = int.from_bytes(payload[:2], "big")
+    if not _valid_close_code(code):
+        raise FrameError(1002, f"invalid close code {code}")
+    try:
+        return code, payload[2:].decode()
+    except UnicodeDecodeError:
+        raise FrameError(1007, "close reason is not UTF-8") from None
+
+
+class FrameReader:
+    """Client-to-server frames in, ``(opcode, payload)`` messages out.
+
+    Data messages come out whole (fragments joined; text still as bytes, the
+    caller decodes it); control frames come out as they arrive. ``max_size``
+    bounds one message; above it :class:`FrameError` 1009 is raised before the
+    payload is buffered.
+    """
+
+    __slots__ = ("_buf", "_frag_op", "_frag_size", "_fragments", "_need", "max_size")
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._buf = b""
+        self._need = 2  # bytes buffered before parsing is worth trying
+        self._fragments: list[bytes] = []
+        self._frag_op = 0
+        self._frag_size = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        buf = self._buf + data if self._buf else data
+        size = len(buf)
+        if size < self._need:
+            self._buf = buf
+            return []
+        out: list[tuple[int, bytes]] = []
+        pos = 0
+        max_size = self.max_size
+        self._need = 2
+        while size - pos >= 2:
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            length = b1 & 0x7F
+            start = pos + 6
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length = (buf[pos + 2] << 8) | buf[pos + 3]
+                start = pos + 8
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length = int.from_bytes(buf[pos + 2:pos + 10], "big")
+                start = pos + 14
+            if not b1 & 0x80:
+                raise FrameError(1002, "client frames must be masked")
+            if b0 & 0x70:
+                raise FrameError(1002, "reserved bits set (no extension was negotiated)")
+            opcode = b0 & 0x0F
+            if opcode in _CONTROL:
+                if length > 125 or not b0 & 0x80:
+                    raise FrameError(1002, "control frames are short and not fragmented")
+            elif length + self._frag_size > max_size:
+                raise FrameError(1009, "message above the size limit")
+            end = start + length
+            if end > size:
+                self._need = end - pos
+                break
+            payload = unmask(buf[start:end], buf[start - 4:start]) if length else b""
+            pos = end
+            if opcode in _DATA:
+                if self._frag_op:
+                    raise FrameError(1002, "a new message inside a fragmented one")
+                if b0 & 0x80:
+                    out.append((opcode, payload))
+                else:
+                    self._frag_op = opcode
+                    self._fragments.append(payload)
+                    self._frag_size = length
+            elif opcode == OP_CONT:
+                if not self._frag_op:
+                    raise FrameError(1002, "continuation without a message")
+                self._fragments.append(payload)
+                self._frag_size += length
+                if b0 & 0x80:
+                    out.append((self._frag_op, b"".join(self._fragments)))
+                    self._fragments = []
+                    self._frag_op = 0
+                    self._frag_size = 0
+            elif opcode in _CONTROL:
+                out.append((opcode, payload))
+            else:
+                raise FrameError(1002, f"unknown opcode {opcode}")
+        self._buf = buf[pos:] if pos < size else b""
+        return out

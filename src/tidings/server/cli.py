@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     _add(serve, "history-ttl", "seconds publications are kept (0: off)", 600.0, float)
     _add(serve, "overflow", "slow-client policy: disconnect or drop", "disconnect")
     _add(serve, "log-level", "debug, info, warning, error", "info")
+    _add(serve, "server", "HTTP/websocket server: tidings (built in, fastest) or uvicorn",
+         "tidings")
 
     pub = sub.add_parser("publish", help="publish one JSON value through the HTTP API")
     pub.add_argument("channel")
@@ -122,6 +124,8 @@ def _serve(args: argparse.Namespace) -> int:
     install(secrets=[s for s in (args.api_key, args.api_key_publish, args.jwt_secret) if s])
     if args.workers < 1:
         raise SystemExit("tidings: --workers must be >= 1")
+    if args.server not in ("tidings", "uvicorn"):
+        raise SystemExit("tidings: --server must be 'tidings' or 'uvicorn'")
     if args.overflow not in ("disconnect", "drop"):
         raise SystemExit("tidings: --overflow must be 'disconnect' or 'drop'")
     try:
@@ -147,14 +151,16 @@ def _serve(args: argparse.Namespace) -> int:
 
         try:
             return run_workers(settings, host=args.host, port=args.port, workers=args.workers,
-                               broker=args.broker, log_level=args.log_level.lower())
+                               broker=args.broker, log_level=args.log_level.lower(),
+                               server=args.server)
         except (ValueError, TypeError, ImportError, OSError) as exc:
             raise SystemExit(f"tidings: {exc}") from None
     try:
         hub = Hub(args.broker or "memory://", **settings)
     except (ValueError, ImportError) as exc:
         raise SystemExit(f"tidings: {exc}") from None
-    run(hub, host=args.host, port=args.port, log_level=args.log_level.lower())
+    run(hub, host=args.host, port=args.port, log_level=args.log_level.lower(),
+        server=args.server)
     return 0
 
 

@@ -50,7 +50,7 @@ RESTART_WINDOW = 60.0
 
 
 def run_workers(hub_factory_kwargs: dict[str, Any], *, host: str, port: int, workers: int,
-                broker: str | None, log_level: str) -> int:
+                broker: str | None, log_level: str, server: str = "tidings") -> int:
     """Serve ``workers`` hubs on ``host:port`` until SIGINT/SIGTERM; return the exit status.
 
     ``hub_factory_kwargs`` are passed to every worker's ``Hub(broker_url, **kwargs)``
@@ -66,7 +66,8 @@ def run_workers(hub_factory_kwargs: dict[str, Any], *, host: str, port: int, wor
     sock = _bind(host, port)
     try:
         supervisor = _Supervisor(hub_factory_kwargs, sock, host=host, port=port,
-                                 workers=workers, broker=broker, log_level=log_level)
+                                 workers=workers, broker=broker, log_level=log_level,
+                                 server=server)
         return asyncio.run(supervisor.run())
     finally:
         sock.close()
@@ -110,7 +111,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 class _Supervisor:
     def __init__(self, hub_kwargs: dict[str, Any], sock: socket.socket, *, host: str,
-                 port: int, workers: int, broker: str | None, log_level: str) -> None:
+                 port: int, workers: int, broker: str | None, log_level: str,
+                 server: str = "tidings") -> None:
         self.hub_kwargs = hub_kwargs
         self.sock = sock
         self.host = host
@@ -118,6 +120,7 @@ class _Supervisor:
         self.workers = workers
         self.broker = broker
         self.log_level = log_level.lower()
+        self.server = server
         self.url = broker or ""  # what workers connect to; the relay's ipc:// URL by default
         self.ctx = multiprocessing.get_context("spawn")
         self.procs: list[BaseProcess | None] = [None] * workers
@@ -175,7 +178,7 @@ class _Supervisor:
     def _spawn(self, slot: int) -> None:
         proc = self.ctx.Process(
             target=_worker_main, name=f"tidings-worker-{slot}", daemon=True,
-            args=(self.url, self.hub_kwargs, self.host, self.port, self.log_level,
+            args=(self.url, self.hub_kwargs, self.host, self.port, self.log_level, self.server,
                   self.sock, slot, os.getpid()),
         )
         proc.start()
@@ -260,6 +263,7 @@ class _Supervisor:
 
 
 def _worker_main(url: str, hub_kwargs: dict[str, Any], host: str, port: int, log_level: str,
+                 server: Any,
                  sock: socket.socket, slot: int, parent: int) -> None:
     """Entry point of a worker process (module level so ``spawn`` can import it)."""
     logging.basicConfig(level=log_level.upper(),
@@ -270,7 +274,7 @@ def _worker_main(url: str, hub_kwargs: dict[str, Any], host: str, port: int, log
     from tidings.server.runner import run
 
     hub = Hub(url, **hub_kwargs)
-    run(hub, host=host, port=port, log_level=log_level, sockets=[sock])
+    run(hub, host=host, port=port, log_level=log_level, sockets=[sock], server=server)
 
 
 def _exit_with_parent(parent: int) -> None:

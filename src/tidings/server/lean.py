@@ -1,0 +1,711 @@
+"""tidings' own HTTP/1.1 and websocket server: what ``tidings serve`` runs.
+
+uvicorn costs a websocket connection about 20 KiB of Python objects and every
+incoming frame an ``asyncio.Queue`` hop plus the ``websockets`` state machine.
+This server is one ``asyncio.Protocol`` object per connection (slots, no
+buffers while idle) speaking just enough HTTP/1.1 for the API, the health and
+metrics endpoints and the demo page, and RFC 6455 for the websockets, with
+the sans-I/O pieces in :mod:`tidings.protocol.http` and
+:mod:`tidings.protocol.frames`. Applications still see plain ASGI (``http``,
+``websocket`` and ``lifespan`` scopes), so the hub, its endpoints and any
+Starlette app run unchanged; websocket routes handed over as ``ws_routes``
+are matched here directly, without the app's middleware and routing frames
+staying alive for the connection's lifetime. Every websocket offers the
+``tidings.direct`` extension (see :mod:`tidings.server.wsproto`): the hub
+writes pre-built frames straight to the socket.
+
+Incoming frames are parsed in ``data_received`` and handed to the app's
+``receive`` from a deque: a burst of frames is read by the endpoint in one
+task step, without an event-loop turn per frame. Reading pauses while more
+than :data:`INBOX_HIGH` messages wait. Idle peers are pinged every
+``ping_interval`` seconds by one server-wide timer and closed with 1011 when
+a ping goes unanswered for a whole interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from typing import Any
+
+from tidings.protocol.frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameError,
+    FrameReader,
+    encode_close,
+    encode_frame,
+    parse_close,
+)
+from tidings.protocol.http import (
+    ChunkedReader,
+    HTTPError,
+    Request,
+    handshake_response,
+    parse_request,
+    response_head,
+    websocket_key,
+)
+
+__all__ = ["EXTENSION", "ClientDisconnected", "LeanServer"]
+
+log = logging.getLogger("tidings.server")
+access_log = logging.getLogger("tidings.access")
+
+EXTENSION = "tidings.direct"
+INBOX_HIGH = 64  # messages waiting for the app before reading pauses
+INBOX_LOW = 8
+MAX_HEAD = 16 * 1024  # request line plus headers
+CLOSE_TIMEOUT = 2.0  # seconds to wait for the peer's close frame after ours
+
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Message]],
+                    Callable[[Message], Awaitable[None]]], Awaitable[None]]
+
+# connection states
+_HTTP, _BODY, _RUNNING, _WS_HANDSHAKE, _WS_OPEN, _WS_CLOSING, _GONE = range(7)
+_ASGI = {"version": "3.0", "spec_version": "2.3"}
+_CONNECT: Message = {"type": "websocket.connect"}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class ClientDisconnected(OSError):
+    """``send`` on a connection the client has closed."""
+
+
+class _Peer(asyncio.Protocol):
+    """One client connection: an HTTP/1.1 keep-alive session, or a websocket."""
+
+    __slots__ = (
+        "_body",
+        "_buf",
+        "_chunks",
+        "_close",
+        "_connected",
+        "_drain",
+        "_head",
+        "_inbox",
+        "_paused",
+        "_reader",
+        "_req",
+        "_resp",
+        "_state",
+        "_waiter",
+        "_writable",
+        "client",
+        "close_sent",
+        "on_resume",
+        "ping_out",
+        "seen",
+        "server",
+        "task",
+        "transport",
+    )
+
+    def __init__(self, server: LeanServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.client: tuple[str, int] | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.on_resume: Callable[[], None] | None = None
+        self.close_sent = False
+        self.ping_out = False
+        self.seen = True
+        self._state = _HTTP
+        self._buf = bytearray()
+        self._req: Request | None = None
+        self._body: ChunkedReader | None = None
+        self._chunks = False  # HTTP response: chunked, or started (None) / not started
+        self._resp: int | None = None  # HTTP response status once started
+        self._head: list[tuple[bytes, bytes]] = []  # response headers; the ws key
+        self._reader: FrameReader | None = None
+        self._inbox: deque[Message] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._close: Message | None = None  # the disconnect message once gone
+        self._connected = False
+        self._paused = False
+        self._writable = True
+
+    # -- asyncio.Protocol --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.client = (str(peer[0]), int(peer[1]))
+        self.server.peers.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.peers.discard(self)
+        state = self._state
+        self._state = _GONE
+        self.on_resume = None
+        if self._close is None:
+            code = 1006 if state in (_WS_OPEN, _WS_HANDSHAKE) else 1005
+            self._close = ({"type": "websocket.disconnect", "code": code, "reason": ""}
+                           if state >= _WS_HANDSHAKE else {"type": "http.disconnect"})
+        for fut in (self._waiter, self._drain):
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writable = False
+
+    def resume_writing(self) -> None:
+        self._writable = True
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+        callback = self.on_resume
+        if callback is not None:
+            callback()
+
+    def data_received(self, data: bytes) -> None:
+        state = self._state
+        if state in (_WS_OPEN, _WS_CLOSING):
+            self._frames(data)
+        elif state == _HTTP:
+            self._buf += data
+            self._next_request()
+        elif state == _BODY:
+            self._feed_body(data)
+        elif state != _GONE:  # a request is running or a handshake is pending: hold on
+            self._buf += data
+            if len(self._buf) > MAX_HEAD and not self._paused:
+                self._paused = True
+                self.transport.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport
+
+    def _access(self, req: Request | None, outcome: object) -> None:
+        """One access-log line per request or websocket handshake (INFO)."""
+        if req is None or not access_log.isEnabledFor(logging.INFO):
+            return
+        who = "%s:%d" % self.client if self.client else "-"
+        what = "WebSocket" if req.upgrade else f"{req.method}"
+        target = req.target.decode("latin-1")
+        access_log.info('%s - "%s %s HTTP/%s" %s', who, what, target, req.version, outcome)
+
+    # -- HTTP --------------------------------------------------------------------
+
+    def _next_request(self) -> None:
+        buf = self._buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_HEAD:
+                self._refuse(HTTPError(431, "request head too large"))
+            return
+        head = bytes(buf[:end])
+        del buf[:end + 4]
+        try:
+            req = parse_request(head, max_body=self.server.max_body)
+            if req.upgrade:
+                key = websocket_key(req)
+        except HTTPError as exc:
+            self._refuse(exc)
+            return
+        self._req = req
+        if req.upgrade:
+            self._start_websocket(req, key)
+            return
+        if req.expect_continue:
+            self.transport.write(_CONTINUE)
+        self._state = _BODY
+        if req.chunked:
+            self._body = ChunkedReader(self.server.max_body)
+        rest = bytes(buf)
+        buf.clear()
+        self._feed_body(rest)
+
+    def _feed_body(self, data: bytes) -> None:
+        req = self._req
+        assert req is not None
+        body: bytes
+        if self._body is not None:
+            try:
+                self._body.feed(data)
+            except HTTPError as exc:
+                self._refuse(exc)
+                return
+            if not self._body.done:
+                return
+            body = bytes(self._body.body)
+            self._buf += self._body.rest
+            self._body = None
+        else:
+            self._buf += data
+            if len(self._buf) < req.content_length:
+                return
+            body = bytes(self._buf[:req.content_length])
+            del self._buf[:req.content_length]
+        self._state = _RUNNING
+        self._resp = None
+        self._chunks = False
+        self._connected = False
+        self.task = asyncio.get_running_loop().create_task(self._run_http(req, body))
+
+    def _scope(self, req: Request, kind: str) -> dict[str, Any]:
+        return {
+            "type": kind, "asgi": _ASGI, "http_version": req.version,
+            "scheme": "ws" if kind == "websocket" else "http",
+            "server": self.server.address, "client": self.client,
+            "method": req.method, "root_path": "", "path": req.path,
+            "raw_path": req.raw_path, "query_string": req.query, "headers": req.headers,
+            "state": dict(self.server.state),
+        }
+
+    async def _run_http(self, req: Request, body: bytes) -> None:
+        scope = self._scope(req, "http")
+        sent_body = False
+
+        async def receive() -> Message:
+            nonlocal sent_body
+            if not sent_body:
+                sent_body = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            while self._close is None:
+                self._waiter = asyncio.get_running_loop().create_future()
+                await self._waiter
+            return {"type": "http.disconnect"}
+
+        try:
+            await self.server.app(scope, receive, self._send_http)
+        except Exception:
+            log.exception("error in the HTTP app for %s %s", req.method, req.path)
+            if self._resp is None and self._state != _GONE:
+                self._respond(500, b"Internal Server Error")
+                return
+        if self._state != _RUNNING:
+            return
+        if self._resp is None:  # the app returned without answering
+            self._respond(500, b"Internal Server Error")
+        else:  # it started but never finished its body: the framing is unknown
+            self.transport.close()
+
+    async def _send_http(self, message: Message) -> None:
+        if self._state != _RUNNING:
+            raise ClientDisconnected("the client is gone")
+        kind = message["type"]
+        req = self._req
+        assert req is not None
+        if kind == "http.response.start":
+            if self._resp is not None:
+                raise RuntimeError("http.response.start sent twice")
+            self._resp = int(message["status"])
+            self._head = list(message.get("headers") or ())
+            return
+        if kind != "http.response.body":
+            raise RuntimeError(f"unexpected ASGI message {kind!r}")
+        if self._resp is None:
+            raise RuntimeError("http.response.body before http.response.start")
+        data = bytes(message.get("body", b""))
+        more = bool(message.get("more_body", False))
+        write = self.transport.write
+        if not self._connected:  # the head goes out with the first body part
+            self._connected = True
+            headers = [(bytes(k).lower(), bytes(v)) for k, v in self._head]
+            names = {k for k, _ in headers}
+            if b"content-length" not in names:
+                if more:
+                    headers.append((b"transfer-encoding", b"chunked"))
+                    self._chunks = True
+                else:
+                    headers.append((b"content-length", b"%d" % len(data)))
+            if not req.keep_alive:
+                headers.append((b"connection", b"close"))
+            write(response_head(self._resp, headers))
+        if req.method != "HEAD" and data:
+            write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunks else data)
+        if more:
+            if not self._writable:
+                await self._wait_drain()
+            return
+        if self._chunks and req.method != "HEAD":
+            write(b"0\r\n\r\n")
+        self._finish_response()
+
+    def _finish_response(self) -> None:
+        req = self._req
+        self._access(req, self._resp)
+        self._req = None
+        self.task = None
+        if req is None or not req.keep_alive:
+            self._state = _GONE
+            self.transport.close()
+            return
+        self._state = _HTTP
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+        if self._buf:  # a pipelined request
+            self._next_request()
+
+    def _respond(self, status: int, body: bytes,
+                 headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        """A complete response of the server's own (errors, refusals)."""
+        req = self._req
+        keep = req is not None and req.keep_alive and status < 400
+        head = [(b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", b"%d" % len(body)), *headers]
+        if not keep:
+            head.append((b"connection", b"close"))
+        self.transport.write(response_head(status, head) + body)
+        self._resp = status
+        if keep:
+            self._finish_response()
+        else:
+            self._access(req, status)
+            self._req = None
+            self._state = _GONE
+            self.transport.close()
+
+    def _refuse(self, exc: HTTPError) -> None:
+        self._req = None
+        self._respond(exc.status, exc.reason.encode(), exc.headers)
+
+    async def _wait_drain(self) -> None:
+        if self._writable or self._state == _GONE:
+            return
+        self._drain = asyncio.get_running_loop().create_future()
+        try:
+            await self._drain
+        finally:
+            self._drain = None
+
+    # -- websocket ---------------------------------------------------------------
+
+    def _start_websocket(self, req: Request, key: bytes) -> None:
+        self._state = _WS_HANDSHAKE
+        scope = self._scope(req, "websocket")
+        del scope["method"]
+        protocols = req.header(b"sec-websocket-protocol")
+        scope["subprotocols"] = ([p.strip() for p in protocols.decode("latin-1").split(",")
+                                  if p.strip()] if protocols else [])
+        scope["extensions"] = {EXTENSION: self}
+        self._inbox = deque()
+        self._body = None
+        self._head = [(b"k", key)]
+        app: Callable[..., Awaitable[None]] = self.server.app
+        for route in self.server.ws_routes:
+            match, child = route.matches(scope)
+            if match.name == "FULL":
+                scope.update(child)
+                app = route.handle
+                break
+        self.task = asyncio.get_running_loop().create_task(self._run_ws(app, scope))
+
+    async def _run_ws(self, app: Callable[..., Awaitable[None]], scope: Message) -> None:
+        try:
+            await app(scope, self.receive, self.send)
+        except Exception:
+            if self._state == _WS_HANDSHAKE:
+                log.exception("error in the websocket app before accepting")
+                self._respond(500, b"Internal Server Error")
+            elif self._state == _WS_OPEN:
+                log.exception("error in the websocket app")
+                self._send_close(1011, "internal error")
+            return
+        finally:
+            self.task = None
+        if self._state == _WS_HANDSHAKE:  # returned without accepting
+            self._respond(403, b"Forbidden")
+        elif self._state == _WS_OPEN:
+            self._send_close(1000, "")
+
+    async def receive(self) -> Message:
+        """The ASGI ``receive`` of a websocket."""
+        if not self._connected:
+            self._connected = True
+            return _CONNECT
+        inbox = self._inbox
+        assert inbox is not None
+        while not inbox:
+            if self._close is not None:
+                return self._close
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        message = inbox.popleft()
+        if self._paused and len(inbox) <= INBOX_LOW and self._state != _GONE:
+            self._paused = False
+            self.transport.resume_reading()
+        return message
+
+    async def send(self, message: Message) -> None:
+        """The ASGI ``send`` of a websocket."""
+        kind = message["type"]
+        state = self._state
+        if kind == "websocket.send":
+            if state != _WS_OPEN or self.close_sent:
+                raise ClientDisconnected("websocket closed")
+            text = message.get("text")
+            self.transport.write(encode_frame(text.encode()) if text is not None
+                                 else encode_frame(bytes(message["bytes"]), OP_BINARY))
+            if not self._writable:
+                await self._wait_drain()
+        elif kind == "websocket.accept":
+            if state != _WS_HANDSHAKE:
+                raise RuntimeError("websocket.accept twice or after close")
+            extra = [(bytes(k).lower(), bytes(v)) for k, v in message.get("headers") or ()]
+            self.transport.write(handshake_response(self._head[0][1],
+                                                    message.get("subprotocol"), extra))
+            self._head = []
+            self._state = _WS_OPEN
+            self._access(self._req, "[accepted]")
+            self._req = None
+            self._reader = FrameReader(self.server.max_size)
+            if self._buf:  # frames sent right behind the handshake
+                pending = bytes(self._buf)
+                self._buf = bytearray()
+                self._frames(pending)
+        elif kind == "websocket.close":
+            if state == _WS_HANDSHAKE:  # refused before the handshake: HTTP 403
+                self._respond(403, b"Forbidden")
+            elif state == _WS_OPEN:
+                self._send_close(int(message.get("code") or 1000),
+                                 str(message.get("reason") or ""))
+        else:
+            raise RuntimeError(f"unexpected ASGI message {kind!r}")
+
+    def _frames(self, data: bytes) -> None:
+        reader = self._reader
+        inbox = self._inbox
+        if reader is None or inbox is None:
+            return
+        self.seen = True
+        try:
+            messages = reader.feed(data)
+        except FrameError as exc:
+            self._fail(exc.code, exc.reason)
+            return
+        closing = self._state == _WS_CLOSING
+        for opcode, payload in messages:
+            if opcode == OP_TEXT:
+                if closing:
+                    continue
+                try:
+                    inbox.append({"type": "websocket.receive", "text": payload.decode()})
+                except UnicodeDecodeError:
+                    self._fail(1007, "text frame is not UTF-8")
+                    return
+            elif opcode == OP_BINARY:
+                if not closing:
+                    inbox.append({"type": "websocket.receive", "bytes": payload})
+            elif opcode == OP_PING:
+                if not self.close_sent:
+                    self.transport.write(encode_frame(payload, OP_PONG))
+            elif opcode == OP_PONG:
+                self.ping_out = False
+            elif opcode == OP_CLOSE:
+                try:
+                    code, reason = parse_close(payload)
+                except FrameError as exc:
+                    self._fail(exc.code, exc.reason)
+                    return
+                if not self.close_sent:
+                    self.close_sent = True
+                    self.transport.write(encode_close(code, ""))
+                self._gone(code, reason)
+                return
+        waiter = self._waiter
+        if inbox and waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if len(inbox) > INBOX_HIGH and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _send_close(self, code: int, reason: str) -> None:
+        """Our close frame; the transport closes on the peer's answer or a timeout."""
+        if self.close_sent or self._state == _GONE:
+            return
+        self.close_sent = True
+        self._state = _WS_CLOSING
+        self.on_resume = None
+        self.transport.write(encode_close(code, reason))
+        if self._paused:  # its close frame must be read
+            self._paused = False
+            self.transport.resume_reading()
+        asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.transport.close)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """The client broke the protocol: close frame, then close at once."""
+        if not self.close_sent:
+            self.close_sent = True
+            self.transport.write(encode_close(code, reason))
+        self._gone(code, reason)
+
+    def _gone(self, code: int, reason: str) -> None:
+        self._close = {"type": "websocket.disconnect", "code": code, "reason": reason}
+        self._state = _GONE
+        self.on_resume = None
+        self.transport.close()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def ping(self) -> None:
+        """Keepalive tick: ping a silent peer; close one that left the last ping unanswered."""
+        if self._state != _WS_OPEN:
+            return
+        if self.ping_out:
+            self._fail(1011, "keepalive ping timeout")
+        elif not self.seen:
+            self.ping_out = True
+            self.transport.write(encode_frame(b"", OP_PING))
+        self.seen = False
+
+    # -- the direct write path (tidings.connection.DirectTransport) -------------
+
+    @property
+    def can_write(self) -> bool:
+        return (self._state == _WS_OPEN and self._writable
+                and not self.transport.is_closing())
+
+    @property
+    def gone(self) -> bool:
+        return self._state != _WS_OPEN or self.transport.is_closing()
+
+    def write_frames(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+class LeanServer:
+    """Serves an ASGI ``app``; see the module docstring."""
+
+    def __init__(self, app: ASGIApp, *, ws_routes: Sequence[Any] = (),
+                 max_size: int = 1 << 20, max_body: int = 16 << 20,
+                 ping_interval: float | None = 20.0) -> None:
+        self.app = app
+        self.ws_routes = list(ws_routes)
+        self.max_size = max_size
+        self.max_body = max_body
+        self.ping_interval = ping_interval
+        self.peers: set[_Peer] = set()
+        self.state: dict[str, Any] = {}
+        self.address: tuple[str, int] | None = None
+        self.servers: list[asyncio.Server] = []
+        self._lifespan: asyncio.Task[None] | None = None
+        self._lifespan_in: asyncio.Queue[Message] = asyncio.Queue()
+        self._lifespan_out: asyncio.Queue[Message] = asyncio.Queue()
+        self._ticker: asyncio.TimerHandle | None = None
+
+    # -- lifespan ----------------------------------------------------------------
+
+    async def _lifespan_step(self, event: str) -> None:
+        if self._lifespan is None or self._lifespan.done():
+            return
+        await self._lifespan_in.put({"type": f"lifespan.{event}"})
+        getter = asyncio.ensure_future(self._lifespan_out.get())
+        done, _ = await asyncio.wait({getter, self._lifespan},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if getter not in done:
+            getter.cancel()
+            if event == "startup":
+                self._lifespan.result()  # raises what the app raised
+                raise RuntimeError("the app ended its lifespan during startup")
+            return
+        answer = getter.result()
+        if answer["type"].endswith(".failed"):
+            raise RuntimeError(f"lifespan {event} failed: {answer.get('message', '')}")
+
+    async def startup(self) -> None:
+        scope = {"type": "lifespan", "asgi": _ASGI, "state": self.state}
+
+        async def send(message: Message) -> None:
+            await self._lifespan_out.put(message)
+
+        self._lifespan = asyncio.get_running_loop().create_task(
+            self.app(scope, self._lifespan_in.get, send))  # type: ignore[arg-type]
+        await self._lifespan_step("startup")
+
+    async def shutdown_app(self) -> None:
+        await self._lifespan_step("shutdown")
+
+    # -- sockets -----------------------------------------------------------------
+
+    async def listen(self, host: str = "127.0.0.1", port: int = 8000,
+                     sockets: Sequence[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        if sockets:
+            for sock in sockets:
+                self.servers.append(await loop.create_server(
+                    lambda: _Peer(self), sock=sock, backlog=4096))
+        else:
+            self.servers.append(await loop.create_server(
+                lambda: _Peer(self), host, port, reuse_address=True, backlog=4096))
+        name = self.servers[0].sockets[0].getsockname()
+        self.address = (str(name[0]), int(name[1]))
+        if self.ping_interval:
+            self._ticker = loop.call_later(self.ping_interval, self._tick)
+
+    def _tick(self) -> None:
+        for peer in list(self.peers):
+            peer.ping()
+        assert self.ping_interval
+        self._ticker = asyncio.get_running_loop().call_later(self.ping_interval, self._tick)
+
+    def stop_listening(self) -> None:
+        for server in self.servers:
+            server.close()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+
+    async def close_peers(self, timeout: float) -> None:
+        """Let running requests finish (bounded), then drop every connection."""
+        tasks = [p.task for p in self.peers if p.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        for peer in list(self.peers):
+            if peer.task is not None:
+                peer.task.cancel()
+            peer.transport.close()
+        for server in self.servers:
+            await server.wait_closed()
+
+
+def run(app: ASGIApp, *, host: str, port: int, ws_routes: Sequence[Any] = (),
+        max_size: int = 1 << 20, sockets: Sequence[socket.socket] | None = None,
+        before_close: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Serve ``app`` until SIGINT or SIGTERM, then shut down cleanly (exit status 0).
+
+    ``before_close`` runs after the listening sockets close and before open
+    connections are dropped (the hub closes its websockets with 1001 there).
+    """
+
+    async def main() -> None:
+        server = LeanServer(app, ws_routes=ws_routes, max_size=max_size)
+        await server.startup()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await server.listen(host, port, sockets)
+        except OSError as exc:
+            log.error("cannot listen on %s:%s: %s", host, port, exc)
+            await server.shutdown_app()
+            raise SystemExit(1) from None
+        assert server.address is not None
+        log.info("tidings serving on http://%s:%d", *server.address)
+        await stop.wait()
+        log.info("shutting down")
+        server.stop_listening()
+        if before_close is not None:
+            await before_close()
+        await server.close_peers(2.0)
+        await server.shutdown_app()
+
+    asyncio.run(main())
