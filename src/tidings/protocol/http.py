@@ -139,7 +139,18 @@ class ChunkedReader:
         buf = self._buf
         buf += data
         while not self.done:
-            if self._left < 0:
+            if self._left == -2:  # trailers, up to a blank line
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    if len(buf) > 8192:
+                        raise HTTPError(431, "trailers too large")
+                    return
+                del buf[:end + 2]
+                if end == 0:
+                    self.done = True
+                    self.rest = bytes(buf)
+                    buf.clear()
+            elif self._left < 0:
                 end = buf.find(b"\r\n")
                 if end < 0:
                     if len(buf) > 1024:
@@ -157,17 +168,6 @@ class ChunkedReader:
                     if len(self.body) + size > self.max_body:
                         raise HTTPError(413, "request body too large")
                     self._left = size
-            elif self._left == -2:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > 8192:
-                        raise HTTPError(431, "trailers too large")
-                    return
-                del buf[:end + 2]
-                if end == 0:
-                    self.done = True
-                    self.rest = bytes(buf)
-                    buf.clear()
             else:
                 if len(buf) < self._left + 2:
                     return

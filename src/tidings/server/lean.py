@@ -199,9 +199,11 @@ class _Peer(asyncio.Protocol):
     # -- HTTP --------------------------------------------------------------------
 
     def _next_request(self) -> None:
+        if self._state != _HTTP:
+            return
         buf = self._buf
         end = buf.find(b"\r\n\r\n")
-        if end < 0:
+        if end < 0 or end > MAX_HEAD:
             if len(buf) > MAX_HEAD:
                 self._refuse(HTTPError(431, "request head too large"))
             return
@@ -278,15 +280,16 @@ class _Peer(asyncio.Protocol):
                 await self._waiter
             return {"type": "http.disconnect"}
 
+        me = asyncio.current_task()
         try:
             await self.server.app(scope, receive, self._send_http)
         except Exception:
             log.exception("error in the HTTP app for %s %s", req.method, req.path)
-            if self._resp is None and self._state != _GONE:
+            if self.task is me and self._resp is None and self._state == _RUNNING:
                 self._respond(500, b"Internal Server Error")
                 return
-        if self._state != _RUNNING:
-            return
+        if self.task is not me or self._state != _RUNNING:
+            return  # answered (maybe the next request runs already), or gone
         if self._resp is None:  # the app returned without answering
             self._respond(500, b"Internal Server Error")
         else:  # it started but never finished its body: the framing is unknown
@@ -347,8 +350,8 @@ class _Peer(asyncio.Protocol):
         if self._paused:
             self._paused = False
             self.transport.resume_reading()
-        if self._buf:  # a pipelined request
-            self._next_request()
+        if self._buf:  # a pipelined request, once this call stack has unwound
+            asyncio.get_running_loop().call_soon(self._next_request)
 
     def _respond(self, status: int, body: bytes,
                  headers: Iterable[tuple[bytes, bytes]] = ()) -> None:

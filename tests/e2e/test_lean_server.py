@@ -1,0 +1,201 @@
+"""tidings' own server (what `tidings serve` runs), at the wire level."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+import websockets
+from websockets.frames import Frame, Opcode
+
+from tests.support import TIMEOUT, native, running, ws_url
+from tidings import Hub
+from tidings.config import Limits
+from tidings.protocol.frames import parse_close
+from tidings.server.app import create_app
+from tidings.server.lean import LeanServer
+from tidings.server.runner import close_hub_connections, websocket_routes
+
+UPGRADE = ("GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: {version}"
+           "\r\n\r\n")
+
+
+class Raw:
+    """A websocket client with no manners: it sends whatever bytes it is given."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def frames(self) -> list[tuple[int, bytes]]:
+        """Frames the server sent until it closed the socket (unmasked: parse as a
+        server would, after masking them with a zero key)."""
+        data = await asyncio.wait_for(self.reader.read(), TIMEOUT)
+        frames = []
+        pos = 0
+        while pos < len(data):  # server frames are unmasked: read the header by hand
+            length = data[pos + 1] & 0x7F
+            start = pos + 2
+            if length == 126:
+                length = int.from_bytes(data[pos + 2:pos + 4], "big")
+                start = pos + 4
+            frames.append((data[pos] & 0x0F, data[start:start + length]))
+            pos = start + length
+        return frames
+
+    async def close_code(self) -> int:
+        frames = await self.frames()
+        closes = [parse_close(p)[0] for op, p in frames if op == 0x8]
+        assert closes, frames
+        return closes[-1]
+
+
+@contextlib.asynccontextmanager
+async def raw(base: str, path: str = "/ws", version: str = "13") -> AsyncIterator[Raw]:
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(UPGRADE.format(path=path, version=version).encode())
+    try:
+        yield Raw(reader, writer)
+    finally:
+        writer.close()
+
+
+async def upgraded(client: Raw) -> None:
+    head = await asyncio.wait_for(client.reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert b"sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
+
+
+async def http(base: str, payload: bytes) -> bytes:
+    """Send raw HTTP bytes; everything the server answers until it closes."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(payload)
+    try:
+        return await asyncio.wait_for(reader.read(), TIMEOUT)
+    finally:
+        writer.close()
+
+
+async def test_protocol_errors_close_with_their_codes() -> None:
+    hub = Hub(limits=Limits(frame_soft=500, frame_hard=1000))
+    async with running(hub) as base:
+        cases = [
+            (Frame(Opcode.TEXT, b"{}").serialize(mask=False), 1002),  # unmasked
+            (Frame(Opcode.TEXT, b"\xff\xfe").serialize(mask=True), 1007),  # not UTF-8
+            (Frame(Opcode.BINARY, b"x" * 1001).serialize(mask=True), 1009),  # above frame_hard
+            (bytes([0x83, 0x80, 1, 2, 3, 4]), 1002),  # reserved opcode
+        ]
+        for wire, code in cases:
+            async with raw(base) as client:
+                await upgraded(client)
+                client.writer.write(wire)
+                assert await client.close_code() == code, wire[:8]
+        await asyncio.wait_for(_no_connections(hub), TIMEOUT)
+
+
+async def _no_connections(hub: Hub) -> None:
+    while hub.connections:
+        await asyncio.sleep(0.01)
+
+
+async def test_ping_pong_fragments_and_the_close_handshake() -> None:
+    hub = Hub()
+    async with running(hub) as base, websockets.connect(ws_url(base)) as ws:
+        assert json.loads(await ws.recv())["type"] == "welcome"
+        pong = await ws.ping(b"hello")
+        await asyncio.wait_for(pong, TIMEOUT)
+        # a command split over three fragments arrives whole
+        await ws.send(['{"type": "ping", ', '"id": ', '7}'])
+        assert json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT)) == {"type": "pong", "id": 7}
+        await ws.close(4000, "done")
+        assert ws.close_code == 4000  # the server echoed our close frame
+
+
+async def test_frames_sent_right_behind_the_handshake_are_read() -> None:
+    hub = Hub()
+    async with running(hub) as base, raw(base) as client:
+        client.writer.write(Frame(Opcode.TEXT, b'{"type":"ping","id":1}').serialize(mask=True))
+        await upgraded(client)
+        data = await asyncio.wait_for(client.reader.read(4096), TIMEOUT)
+        while data.count(b'"pong"') == 0:
+            data += await asyncio.wait_for(client.reader.read(4096), TIMEOUT)
+        assert b'{"type":"pong","id":1}' in data
+
+
+async def test_a_burst_of_publishes_arrives_whole_and_in_order() -> None:
+    """20,000 frames in one go: reading pauses while the endpoint catches up."""
+    hub = Hub(history_size=0, limits=Limits(outbox_size=50_000, outbox_bytes=1 << 24))
+    count = 20_000
+    async with running(hub) as base, native(base) as sub:
+        assert (await sub.request({"type": "subscribe", "channel": "burst"}))["type"] == "reply"
+        async with websockets.connect(ws_url(base, "/ws/pub/burst")) as pub:
+            for i in range(count):
+                await pub.send(str(i))
+            seen = [(await sub.next("publication"))["data"] for _ in range(count)]
+    assert seen == list(range(count))
+
+
+async def test_http_keep_alive_pipelining_chunked_and_continue() -> None:
+    hub = Hub()
+    async with running(hub) as base:
+        two = await http(base, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+                               b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert two.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert two.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 404 Not Found\r\n" in two
+        body = b'{"channel": "c", "data": 1}'
+        chunked = await http(base, b"POST /api/publish HTTP/1.1\r\nHost: x\r\nConnection: close"
+                                   b"\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n"
+                                   b"\r\n5\r\n" + body[:5] + b"\r\n" + b"%x\r\n" % (len(body) - 5)
+                                   + body[5:] + b"\r\n0\r\n\r\n")
+        assert chunked.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"), chunked
+        assert b'"offset":1' in chunked
+        head = await http(base, b"HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
+
+
+async def test_bad_requests_get_clear_statuses() -> None:
+    hub = Hub()
+    async with running(hub) as base:
+        assert (await http(base, b"GET / HTTP/1.1\r\nX: " + b"a" * 20_000 + b"\r\n\r\n")
+                ).startswith(b"HTTP/1.1 431 ")
+        assert (await http(base, b"BROKEN\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+        async with raw(base, version="8") as client:
+            answer = await client.reader.read()
+            assert answer.startswith(b"HTTP/1.1 426 ") and b"sec-websocket-version: 13" in answer
+        async with raw(base, path="/no/such/socket") as client:
+            assert (await client.reader.read()).startswith(b"HTTP/1.1 403 ")
+
+
+async def test_silent_peers_are_pinged_and_dead_ones_closed() -> None:
+    hub = Hub()
+    async with hub:
+        server = LeanServer(create_app(hub), ws_routes=websocket_routes(hub), ping_interval=0.1)
+        await server.listen("127.0.0.1", 0)
+        assert server.address is not None
+        base = f"http://127.0.0.1:{server.address[1]}"
+        try:
+            async with websockets.connect(ws_url(base)) as alive, raw(base) as dead:
+                await upgraded(dead)  # never answers a ping
+                frames = await dead.frames()
+                assert (0x9, b"") in frames  # it was pinged ...
+                assert parse_close(frames[-1][1])[0] == 1011  # ... then given up on
+                assert alive.state is websockets.State.OPEN  # websockets answers pings
+                assert json.loads(await alive.recv())["type"] == "welcome"
+        finally:
+            server.stop_listening()
+            await close_hub_connections(hub)
+            await server.close_peers(TIMEOUT)
+
+
+async def test_a_close_frame_from_the_app_ends_the_session() -> None:
+    hub = Hub()
+    async with running(hub) as base, native(base) as client:
+        hub.connections[client.conn_id].close(4001, "kicked")
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await asyncio.wait_for(client.ws.recv(), TIMEOUT)
+        assert (client.ws.close_code, client.ws.close_reason) == (4001, "kicked")
