@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import websockets
 from websockets.frames import Frame, Opcode
 
-from tests.support import TIMEOUT, native, running, ws_url
+from tests.support import TIMEOUT, native, running, wait_until, ws_url
 from tidings import Hub
 from tidings.config import Limits
 from tidings.protocol.frames import parse_close
@@ -95,12 +95,7 @@ async def test_protocol_errors_close_with_their_codes() -> None:
                 await upgraded(client)
                 client.writer.write(wire)
                 assert await client.close_code() == code, wire[:8]
-        await asyncio.wait_for(_no_connections(hub), TIMEOUT)
-
-
-async def _no_connections(hub: Hub) -> None:
-    while hub.connections:
-        await asyncio.sleep(0.01)
+        await wait_until(lambda: not hub.connections, what="connections to go")
 
 
 async def test_ping_pong_fragments_and_the_close_handshake() -> None:

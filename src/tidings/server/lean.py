@@ -191,8 +191,8 @@ class _Peer(asyncio.Protocol):
         """One access-log line per request or websocket handshake (INFO)."""
         if req is None or not access_log.isEnabledFor(logging.INFO):
             return
-        who = "%s:%d" % self.client if self.client else "-"
-        what = "WebSocket" if req.upgrade else f"{req.method}"
+        who = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
+        what = "WebSocket" if req.upgrade else req.method
         target = req.target.decode("latin-1")
         access_log.info('%s - "%s %s HTTP/%s" %s', who, what, target, req.version, outcome)
 
