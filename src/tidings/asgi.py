@@ -105,11 +105,18 @@ async def serve_native(hub: Hub, conn: Connection, receive: Receive) -> None:
     # before the previous reply (the broker keeps their order); any other command
     # waits for them first, so what a client does after publishing sees it.
     pipelined = getattr(hub.broker, "pipelined", False)
-    inflight: set[asyncio.Task[None]] = set()
+    inflight: set[asyncio.Task[None]] | None = None  # made on first use: idle sockets are many
+    idle = limits.idle_timeout
     while not conn.closed:
-        message = await _receive(receive, conn, limits.idle_timeout)
-        if message is None:
-            return
+        if idle:
+            maybe = await _receive(receive, conn, idle)
+            if maybe is None:
+                return
+            message = maybe
+        else:  # inline: one frame less held by every idle connection
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
         data = _payload(message)
         if data is None:
             continue
@@ -132,6 +139,8 @@ async def serve_native(hub: Hub, conn: Connection, receive: Receive) -> None:
             send_error(hub, conn, exc.id, exc.code, exc.message)
             continue
         if pipelined and isinstance(cmd, Publish):
+            if inflight is None:
+                inflight = set()
             if len(inflight) >= _MAX_PIPELINED:
                 await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
             task = loop.create_task(handle_command(hub, conn, cmd))
@@ -171,19 +180,20 @@ class _Endpoint:
             await conn.wait_closed(0.5)
             await self.hub.unregister(conn)
 
-    async def run(self, scope: Scope, receive: Receive, conn: Connection) -> None:
+    def run(self, scope: Scope, receive: Receive, conn: Connection) -> Awaitable[None]:
         raise NotImplementedError
 
 
 class NativeEndpoint(_Endpoint):
     kind = ConnectionKind.NATIVE
 
-    async def run(self, scope: Scope, receive: Receive, conn: Connection) -> None:
+    def run(self, scope: Scope, receive: Receive, conn: Connection) -> Awaitable[None]:
+        # not a coroutine itself: one frame less held by every open connection
         conn.send_frame(welcome_frame(self.hub, conn))
         if scope.get("tidings.connect_id") is not None:  # answer a first-frame ``connect``
             conn.send_frame(encode_reply(scope["tidings.connect_id"],
                                          {"conn_id": conn.conn_id, "user": conn.user}).decode())
-        await serve_native(self.hub, conn, receive)
+        return serve_native(self.hub, conn, receive)
 
 
 async def _permitted(hub: Hub, action: Action, conn: Connection, name: str) -> bool:

@@ -127,9 +127,9 @@ class Connection:
         self.kind = kind
         self.limits: Limits = hub.limits
         self.subs: set[str] = set()
-        self.join_leave: set[str] = set()  # patterns subscribed with join_leave
+        self.join_leave: set[str] | None = None  # patterns subscribed with join_leave
         self._send = send
-        self._out: deque[_Entry] = deque()
+        self._out: list[_Entry] = []  # a list: empty ones are small (idle connections)
         self._out_bytes = 0
         self._lagged = 0
         self._dropped_total = 0
@@ -286,20 +286,21 @@ class Connection:
             return
         out = self._out
         limits = self.limits
-        kept: deque[_Entry] = deque()
+        kept: list[_Entry] = []
         dropped = 0
-        while out and (
-            len(out) + len(kept) > limits.outbox_size
+        i = 0  # drop the oldest publications; control frames stay, in order
+        while i < len(out) and (
+            len(out) - i + len(kept) > limits.outbox_size
             or self._out_bytes > limits.outbox_bytes
         ):
-            entry = out.popleft()
+            entry = out[i]
+            i += 1
             if isinstance(entry, _Control):
                 kept.append(entry)
                 continue
             self._out_bytes -= len(entry)
             dropped += 1
-        if kept:
-            out.extendleft(reversed(kept))
+        out[:i] = kept
         self._lagged += dropped
         self._dropped_total += dropped
         self.hub.stats.dropped += dropped
@@ -376,8 +377,8 @@ class Connection:
         if self._lagged and self.kind is ConnectionKind.NATIVE:
             chunks.append(encode_frame(encode_lagged(self._lagged)))
             self._lagged = 0
-        while out:
-            entry = out.popleft()
+        self._out = []
+        for entry in out:
             if isinstance(entry, _Control):
                 payload = entry.payload
                 chunks.append(encode_frame(payload.encode()) if isinstance(payload, str)
@@ -409,11 +410,11 @@ class Connection:
 
     async def _write_loop(self) -> None:
         send = self._send
-        out = self._out
         loop = asyncio.get_running_loop()
         native = self.kind is ConnectionKind.NATIVE
         try:
             while True:
+                out = self._out
                 if not out:
                     if self._close is not None:
                         break
@@ -424,7 +425,7 @@ class Connection:
                 if self._lagged and native:
                     lagged, self._lagged = self._lagged, 0
                     await send({"type": "websocket.send", "text": encode_lagged(lagged).decode()})
-                entry = out.popleft()
+                entry = out.pop(0)
                 if isinstance(entry, _Control):
                     payload = entry.payload
                     self._out_bytes -= len(payload)

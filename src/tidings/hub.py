@@ -381,11 +381,14 @@ class Hub:
     async def subscribe(self, conn: Connection, pattern: str, *, join_leave: bool = False) -> None:
         """Subscribe ``conn``; subscribes at the broker on the first local subscriber."""
         validate_pattern(pattern, self.limits.max_name)
-        if join_leave and pattern not in conn.join_leave:
-            conn.join_leave.add(pattern)
+        joined = conn.join_leave
+        if join_leave and (joined is None or pattern not in joined):
+            if joined is None:
+                joined = conn.join_leave = set()
+            joined.add(pattern)
             self.join_leave_index.add(pattern, conn)
-        elif not join_leave and pattern in conn.join_leave:
-            conn.join_leave.discard(pattern)
+        elif not join_leave and joined is not None and pattern in joined:
+            joined.discard(pattern)
             self.join_leave_index.remove(pattern, conn)
         if pattern in conn.subs:
             return
@@ -412,7 +415,7 @@ class Hub:
     async def _drop_subscription(self, conn: Connection, pattern: str) -> None:
         conn.subs.discard(pattern)
         conn.forget_floor(pattern)
-        if pattern in conn.join_leave:
+        if conn.join_leave is not None and pattern in conn.join_leave:
             conn.join_leave.discard(pattern)
             self.join_leave_index.remove(pattern, conn)
         if self.index.remove(pattern, conn):

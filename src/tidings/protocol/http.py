@@ -28,6 +28,14 @@ __all__ = [
 ]
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+# one shared bytes object per common header name: a held websocket keeps its
+# handshake headers (the ASGI scope), and these are most of them
+_NAMES = {n: n for n in (
+    b"host", b"upgrade", b"connection", b"sec-websocket-key", b"sec-websocket-version",
+    b"sec-websocket-protocol", b"sec-websocket-extensions", b"origin", b"user-agent",
+    b"accept", b"accept-encoding", b"accept-language", b"cache-control", b"pragma",
+    b"cookie", b"authorization", b"content-type", b"content-length", b"x-forwarded-for",
+)}
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
                    b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
@@ -91,7 +99,8 @@ def parse_request(head: bytes, *, max_body: int) -> Request:
         name, sep, value = line.partition(b":")
         if not sep or not name or any(c not in _TOKEN for c in name):
             raise HTTPError(400, "malformed header line")
-        headers.append((name.lower(), value.strip(b" \t")))
+        name = name.lower()
+        headers.append((_NAMES.get(name, name), value.strip(b" \t")))
     raw_path, _, query = target.partition(b"?")
     try:
         path = unquote(raw_path.decode("ascii"), errors="strict")

@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     _add(serve, "log-level", "debug, info, warning, error", "info")
     _add(serve, "server", "HTTP/websocket server: tidings (built in, fastest) or uvicorn",
          "tidings")
+    _add(serve, "loop", "event loop: auto (uvloop when installed), asyncio or uvloop", "auto")
 
     pub = sub.add_parser("publish", help="publish one JSON value through the HTTP API")
     pub.add_argument("channel")
@@ -126,6 +127,14 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit("tidings: --workers must be >= 1")
     if args.server not in ("tidings", "uvicorn"):
         raise SystemExit("tidings: --server must be 'tidings' or 'uvicorn'")
+    if args.loop not in ("auto", "asyncio", "uvloop"):
+        raise SystemExit("tidings: --loop must be auto, asyncio or uvloop")
+    if args.loop == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            raise SystemExit("tidings: --loop uvloop needs pip install 'tidings[uvloop]'"
+                             ) from None
     if args.overflow not in ("disconnect", "drop"):
         raise SystemExit("tidings: --overflow must be 'disconnect' or 'drop'")
     try:
@@ -152,7 +161,7 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             return run_workers(settings, host=args.host, port=args.port, workers=args.workers,
                                broker=args.broker, log_level=args.log_level.lower(),
-                               server=args.server)
+                               server=args.server, loop=args.loop)
         except (ValueError, TypeError, ImportError, OSError) as exc:
             raise SystemExit(f"tidings: {exc}") from None
     try:
@@ -160,7 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
     except (ValueError, ImportError) as exc:
         raise SystemExit(f"tidings: {exc}") from None
     run(hub, host=args.host, port=args.port, log_level=args.log_level.lower(),
-        server=args.server)
+        server=args.server, loop=args.loop)
     return 0
 
 

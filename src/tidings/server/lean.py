@@ -137,8 +137,7 @@ class _Peer(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.client = (str(peer[0]), int(peer[1]))
@@ -257,14 +256,16 @@ class _Peer(asyncio.Protocol):
         self.task = asyncio.get_running_loop().create_task(self._run_http(req, body))
 
     def _scope(self, req: Request, kind: str) -> dict[str, Any]:
-        return {
+        scope = {
             "type": kind, "asgi": _ASGI, "http_version": req.version,
             "scheme": "ws" if kind == "websocket" else "http",
             "server": self.server.address, "client": self.client,
             "method": req.method, "root_path": "", "path": req.path,
             "raw_path": req.raw_path, "query_string": req.query, "headers": req.headers,
-            "state": dict(self.server.state),
         }
+        if self.server.state:  # what the app's lifespan stored, a copy per request
+            scope["state"] = dict(self.server.state)
+        return scope
 
     async def _run_http(self, req: Request, body: bytes) -> None:
         scope = self._scope(req, "http")
@@ -395,7 +396,6 @@ class _Peer(asyncio.Protocol):
         scope["subprotocols"] = ([p.strip() for p in protocols.decode("latin-1").split(",")
                                   if p.strip()] if protocols else [])
         scope["extensions"] = {EXTENSION: self}
-        self._inbox = deque()
         self._body = None
         self._head = [(b"k", key)]
         app: Callable[..., Awaitable[None]] = self.server.app
@@ -403,7 +403,7 @@ class _Peer(asyncio.Protocol):
             match, child = route.matches(scope)
             if match.name == "FULL":
                 scope.update(child)
-                app = route.handle
+                app = route.app  # the endpoint itself: no routing frame kept alive
                 break
         self.task = asyncio.get_running_loop().create_task(self._run_ws(app, scope))
 
@@ -431,7 +431,6 @@ class _Peer(asyncio.Protocol):
             self._connected = True
             return _CONNECT
         inbox = self._inbox
-        assert inbox is not None
         while not inbox:
             if self._close is not None:
                 return self._close
@@ -440,8 +439,12 @@ class _Peer(asyncio.Protocol):
                 await self._waiter
             finally:
                 self._waiter = None
+            inbox = self._inbox
         message = inbox.popleft()
-        if self._paused and len(inbox) <= INBOX_LOW and self._state != _GONE:
+        left = len(inbox)
+        if not left:  # idle connections hold no deque
+            self._inbox = None
+        if self._paused and left <= INBOX_LOW and self._state != _GONE:
             self._paused = False
             self.transport.resume_reading()
         return message
@@ -484,9 +487,11 @@ class _Peer(asyncio.Protocol):
 
     def _frames(self, data: bytes) -> None:
         reader = self._reader
-        inbox = self._inbox
-        if reader is None or inbox is None:
+        if reader is None:
             return
+        inbox = self._inbox
+        if inbox is None:
+            inbox = self._inbox = deque()
         self.seen = True
         try:
             messages = reader.feed(data)
@@ -522,8 +527,11 @@ class _Peer(asyncio.Protocol):
                     self.transport.write(encode_close(code, ""))
                 self._gone(code, reason)
                 return
+        if not inbox:
+            self._inbox = None
+            return
         waiter = self._waiter
-        if inbox and waiter is not None and not waiter.done():
+        if waiter is not None and not waiter.done():
             waiter.set_result(None)
         if len(inbox) > INBOX_HIGH and not self._paused:
             self._paused = True
@@ -679,14 +687,34 @@ class LeanServer:
             await server.wait_closed()
 
 
+def loop_factory(loop: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop to run: ``uvloop`` (``auto`` picks it when it is installed,
+    as uvicorn does) or the standard ``asyncio`` one (None)."""
+    if loop not in ("auto", "asyncio", "uvloop"):
+        raise ValueError(f"unknown loop {loop!r}: auto, asyncio or uvloop")
+    if loop == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if loop == "uvloop":
+            raise ValueError("loop 'uvloop' needs uvloop: pip install 'tidings[uvloop]'"
+                             ) from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def run(app: ASGIApp, *, host: str, port: int, ws_routes: Sequence[Any] = (),
         max_size: int = 1 << 20, sockets: Sequence[socket.socket] | None = None,
-        before_close: Callable[[], Awaitable[None]] | None = None) -> None:
+        before_close: Callable[[], Awaitable[None]] | None = None,
+        loop: str = "auto") -> None:
     """Serve ``app`` until SIGINT or SIGTERM, then shut down cleanly (exit status 0).
 
     ``before_close`` runs after the listening sockets close and before open
     connections are dropped (the hub closes its websockets with 1001 there).
     """
+    factory = loop_factory(loop)
 
     async def main() -> None:
         server = LeanServer(app, ws_routes=ws_routes, max_size=max_size)
@@ -702,7 +730,8 @@ def run(app: ASGIApp, *, host: str, port: int, ws_routes: Sequence[Any] = (),
             await server.shutdown_app()
             raise SystemExit(1) from None
         assert server.address is not None
-        log.info("tidings serving on http://%s:%d", *server.address)
+        log.info("tidings serving on http://%s:%d (%s loop)", *server.address,
+                 type(asyncio.get_running_loop()).__module__.split(".")[0])
         await stop.wait()
         log.info("shutting down")
         server.stop_listening()
@@ -711,4 +740,5 @@ def run(app: ASGIApp, *, host: str, port: int, ws_routes: Sequence[Any] = (),
         await server.close_peers(2.0)
         await server.shutdown_app()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())

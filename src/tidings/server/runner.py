@@ -40,10 +40,12 @@ async def close_hub_connections(hub: Hub) -> None:
 
 
 def run(hub: Hub, *, host: str, port: int, log_level: str = "info",
-        sockets: Any = None, server: ServerName = "tidings") -> None:
-    """Serve ``hub`` (with the demo page) until SIGINT/SIGTERM; exit status 0."""
+        sockets: Any = None, server: ServerName = "tidings", loop: str = "auto") -> None:
+    """Serve ``hub`` (with the demo page) until SIGINT/SIGTERM; exit status 0.
+    ``loop``: auto (uvloop when installed), asyncio or uvloop."""
     if server == "uvicorn":
-        _run_uvicorn(hub, host=host, port=port, log_level=log_level, sockets=sockets)
+        _run_uvicorn(hub, host=host, port=port, log_level=log_level, sockets=sockets,
+                     loop=loop)
         return
     if server != "tidings":
         raise ValueError(f"unknown server {server!r}: one of {', '.join(SERVERS)}")
@@ -51,10 +53,11 @@ def run(hub: Hub, *, host: str, port: int, log_level: str = "info",
 
     lean.run(create_app(hub), host=host, port=port, ws_routes=websocket_routes(hub),
              max_size=hub.limits.frame_hard, sockets=sockets,
-             before_close=lambda: close_hub_connections(hub))
+             before_close=lambda: close_hub_connections(hub), loop=loop)
 
 
-def _run_uvicorn(hub: Hub, *, host: str, port: int, log_level: str, sockets: Any) -> None:
+def _run_uvicorn(hub: Hub, *, host: str, port: int, log_level: str, sockets: Any,
+                 loop: str) -> None:
     import uvicorn
 
     class _Server(uvicorn.Server):
@@ -82,5 +85,6 @@ def _run_uvicorn(hub: Hub, *, host: str, port: int, log_level: str, sockets: Any
         ws_per_message_deflate=False,
         timeout_graceful_shutdown=2,
         lifespan="on",
+        loop=loop,
     )
     asyncio.run(_Server(config).serve(sockets=sockets))

@@ -50,7 +50,8 @@ RESTART_WINDOW = 60.0
 
 
 def run_workers(hub_factory_kwargs: dict[str, Any], *, host: str, port: int, workers: int,
-                broker: str | None, log_level: str, server: str = "tidings") -> int:
+                broker: str | None, log_level: str, server: str = "tidings",
+                loop: str = "auto") -> int:
     """Serve ``workers`` hubs on ``host:port`` until SIGINT/SIGTERM; return the exit status.
 
     ``hub_factory_kwargs`` are passed to every worker's ``Hub(broker_url, **kwargs)``
@@ -67,7 +68,7 @@ def run_workers(hub_factory_kwargs: dict[str, Any], *, host: str, port: int, wor
     try:
         supervisor = _Supervisor(hub_factory_kwargs, sock, host=host, port=port,
                                  workers=workers, broker=broker, log_level=log_level,
-                                 server=server)
+                                 server=server, loop=loop)
         return asyncio.run(supervisor.run())
     finally:
         sock.close()
@@ -112,7 +113,7 @@ def _bind(host: str, port: int) -> socket.socket:
 class _Supervisor:
     def __init__(self, hub_kwargs: dict[str, Any], sock: socket.socket, *, host: str,
                  port: int, workers: int, broker: str | None, log_level: str,
-                 server: str = "tidings") -> None:
+                 server: str = "tidings", loop: str = "auto") -> None:
         self.hub_kwargs = hub_kwargs
         self.sock = sock
         self.host = host
@@ -121,6 +122,7 @@ class _Supervisor:
         self.broker = broker
         self.log_level = log_level.lower()
         self.server = server
+        self.loop = loop
         self.url = broker or ""  # what workers connect to; the relay's ipc:// URL by default
         self.ctx = multiprocessing.get_context("spawn")
         self.procs: list[BaseProcess | None] = [None] * workers
@@ -179,7 +181,7 @@ class _Supervisor:
         proc = self.ctx.Process(
             target=_worker_main, name=f"tidings-worker-{slot}", daemon=True,
             args=(self.url, self.hub_kwargs, self.host, self.port, self.log_level, self.server,
-                  self.sock, slot, os.getpid()),
+                  self.loop, self.sock, slot, os.getpid()),
         )
         proc.start()
         self.procs[slot] = proc
@@ -263,7 +265,7 @@ class _Supervisor:
 
 
 def _worker_main(url: str, hub_kwargs: dict[str, Any], host: str, port: int, log_level: str,
-                 server: Any,
+                 server: Any, loop: str,
                  sock: socket.socket, slot: int, parent: int) -> None:
     """Entry point of a worker process (module level so ``spawn`` can import it)."""
     logging.basicConfig(level=log_level.upper(),
@@ -274,7 +276,8 @@ def _worker_main(url: str, hub_kwargs: dict[str, Any], host: str, port: int, log
     from tidings.server.runner import run
 
     hub = Hub(url, **hub_kwargs)
-    run(hub, host=host, port=port, log_level=log_level, sockets=[sock], server=server)
+    run(hub, host=host, port=port, log_level=log_level, sockets=[sock], server=server,
+        loop=loop)
 
 
 def _exit_with_parent(parent: int) -> None:
