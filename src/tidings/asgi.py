@@ -211,12 +211,17 @@ async def _permitted(hub: Hub, action: Action, conn: Connection, name: str) -> b
 
 def _raw_data(payload: str | bytes) -> Any:
     """A raw frame as a publication value: JSON as parsed, other text as a string."""
+    return _raw_value(payload)[0]
+
+
+def _raw_value(payload: str | bytes) -> tuple[Any, str | None]:
+    """``_raw_data`` plus the frame itself when it is JSON text (published as is)."""
     if isinstance(payload, bytes):
-        return payload
+        return payload, None
     try:
-        return loads(payload)
+        return loads(payload), payload
     except ProtocolError:
-        return payload
+        return payload, None
 
 
 class PubEndpoint(_Endpoint):
@@ -234,25 +239,50 @@ class PubEndpoint(_Endpoint):
         ack = _query(scope).get("ack") in ("1", "true")
         pipelined = getattr(hub.broker, "pipelined", False)
         inflight: set[asyncio.Task[None]] = set()
+        idle = hub.limits.idle_timeout
+        sender = conn.conn_id
+        direct = scope.get("extensions", {}).get(DIRECT)
+        if (not ack and not idle and hub.can_publish_nowait
+                and direct is not None and hasattr(direct, "on_message")):
+            # tidings' own server: frames are published from the read callback,
+            # no task step per frame (this loop still gets any it hands over)
 
-        async def publish_one(data: Any) -> None:
-            pub = await hub.publish(channel, data, sender=conn.conn_id)
+            def take(payload: str | bytes) -> bool:
+                if not conn.closed and next_frame_guard(hub, conn, payload):
+                    data, text = _raw_value(payload)
+                    hub.publish_nowait(channel, data, sender=sender, text=text)
+                return True
+
+            direct.on_message = take
+
+        async def publish_one(data: Any, text: str | None) -> None:
+            pub = await hub.publish(channel, data, sender=sender, text=text)
             if ack:  # pipelined publishes complete in order, so acks stay in order
                 conn.send_frame(dumps({"offset": pub.offset, "epoch": pub.epoch}).decode())
 
         while not conn.closed:
-            message = await _receive(receive, conn, hub.limits.idle_timeout)
-            if message is None:
-                return
+            if idle:
+                maybe = await _receive(receive, conn, idle)
+                if maybe is None:
+                    return
+                message = maybe
+            else:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    return
             payload = _payload(message)
             if payload is None:
                 continue
             if not next_frame_guard(hub, conn, payload):
                 return
-            publishing = publish_one(_raw_data(payload))
+            data, text = _raw_value(payload)
             if not pipelined:
-                await publishing
+                if ack:
+                    await publish_one(data, text)
+                else:  # the hot path of a fire-and-forget producer
+                    await hub.publish(channel, data, sender=sender, text=text)
                 continue
+            publishing = publish_one(data, text)
             if len(inflight) >= _MAX_PIPELINED:  # remote broker: keep a run in flight
                 await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
             task = asyncio.get_running_loop().create_task(publishing)

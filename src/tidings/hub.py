@@ -140,6 +140,7 @@ class Hub:
         # the subset of subscriptions that asked for join/leave frames
         self.join_leave_index: SubscriptionIndex[Connection] = SubscriptionIndex()
         self.connections: dict[str, Connection] = {}
+        self._valid_channels: set[str] = set()
         self.users: dict[str, set[Connection]] = {}
         # queues live in the broker when it can share them between nodes (Redis),
         # else in this process
@@ -304,6 +305,13 @@ class Hub:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_dirty)
 
+    def flush_now(self) -> None:
+        """Write what is queued for direct transports now, not at the end of the
+        loop turn. A server calls it when a reader is about to wait: the turn
+        has nothing left to add, and the write saves the loop a turn."""
+        if self._dirty:
+            self._flush_dirty()
+
     def _flush_dirty(self) -> None:
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, []
@@ -449,20 +457,50 @@ class Hub:
 
     # -- publishing --------------------------------------------------------------------
 
-    async def publish(self, channel: str, data: Any, *, sender: str | None = None) -> Publication:
-        """Publish to a channel on every node; returns it with its offset and epoch."""
+    async def publish(self, channel: str, data: Any, *, sender: str | None = None,
+                      text: str | None = None) -> Publication:
+        """Publish to a channel on every node; returns it with its offset and epoch.
+
+        ``text``: ``data`` as JSON text, when the caller has it already (a raw
+        producer's frame); raw-stream subscribers then get that text as is.
+        """
         self._require_started()
-        validate_channel(channel, self.limits.max_name)
+        if channel not in self._valid_channels:  # validated once per name, not per publish
+            validate_channel(channel, self.limits.max_name)
+            if len(self._valid_channels) >= 10_000:
+                self._valid_channels.clear()
+            self._valid_channels.add(channel)
         self.stats.publications_in += 1
         try:
             return await self.broker.publish(
-                channel, data, sender=sender, history=self.history_config.options(channel)
+                channel, data, sender=sender, history=self.history_config.options(channel),
+                text=text,
             )
         except BrokerUnavailable:
             # SPEC 7: local subscribers still get it; its position is unknown (0, "")
-            pub = Publication(channel, data, 0, "", sender, int(time.time() * 1000))
+            pub = Publication(channel, data, 0, "", sender, int(time.time() * 1000), raw=text)
             self.on_publication(pub)
             return pub
+
+    @property
+    def can_publish_nowait(self) -> bool:
+        """True when the broker publishes synchronously (in-process)."""
+        return hasattr(self.broker, "publish_nowait")
+
+    def publish_nowait(self, channel: str, data: Any, *, sender: str | None = None,
+                       text: str | None = None) -> Publication:
+        """:meth:`publish` without a coroutine, for brokers that never wait
+        (``can_publish_nowait``): a raw producer's frames are published straight
+        from the socket's read callback."""
+        self._require_started()
+        if channel not in self._valid_channels:
+            validate_channel(channel, self.limits.max_name)
+            self._valid_channels.add(channel)
+        self.stats.publications_in += 1
+        pub: Publication = self.broker.publish_nowait(  # type: ignore[attr-defined]
+            channel, data, sender=sender, history=self.history_config.options(channel),
+            text=text)
+        return pub
 
     def on_publication(self, pub: Publication) -> None:
         """Broker callback: fan a publication out to the local subscribers."""
@@ -470,8 +508,7 @@ class Hub:
         conns = self.index.match(pub.channel)
         if not conns:
             return
-        pub.frame  # noqa: B018 - encode once, before the loop
-        for conn in conns:
+        for conn in conns:  # each frame kind is encoded once, by the first that needs it
             conn.deliver(pub)
         self.stats.deliveries += len(conns)
 

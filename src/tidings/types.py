@@ -6,6 +6,8 @@ import base64
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from tidings.protocol.centrifuge import encode_publication_push
 from tidings.protocol.frames import OP_BINARY, encode_frame
 from tidings.protocol.native import StreamPos, dumps, encode_publication
@@ -35,6 +37,7 @@ class Publication:
         sender: str | None = None,
         ts: int = 0,
         frame: str | None = None,
+        raw: str | None = None,
     ) -> None:
         self.channel = channel
         self.data = data
@@ -43,22 +46,26 @@ class Publication:
         self.sender = sender
         self.ts = ts
         self._frame = frame
-        self._raw: str | bytes | None = None
+        self._raw: str | bytes | None = raw  # given: data's JSON text as published
         self._ws_frame: bytes | None = None
         self._ws_raw: bytes | None = None
         self._cf_frame: str | None = None
         self._ws_cf_frame: bytes | None = None
 
+    def _native(self) -> bytes:
+        data = self.data
+        if isinstance(data, bytes):
+            data = {"b64": base64.b64encode(data).decode()}
+        elif isinstance(self._raw, str):  # the publisher's JSON text: spliced, not re-encoded
+            data = orjson.Fragment(self._raw)
+        return encode_publication(self.channel, data, self.offset, self.epoch, self.sender,
+                                  self.ts)
+
     @property
     def frame(self) -> str:
         """The native ``publication`` frame, encoded once."""
         if self._frame is None:
-            data = self.data
-            if isinstance(data, bytes):
-                data = {"b64": base64.b64encode(data).decode()}
-            self._frame = encode_publication(
-                self.channel, data, self.offset, self.epoch, self.sender, self.ts
-            ).decode()
+            self._frame = self._native().decode()
         return self._frame
 
     @property
@@ -91,7 +98,8 @@ class Publication:
     def ws_frame(self) -> bytes:
         """``frame`` as a complete websocket text frame, built once."""
         if self._ws_frame is None:
-            self._ws_frame = encode_frame(self.frame.encode())
+            self._ws_frame = encode_frame(self._native() if self._frame is None
+                                          else self._frame.encode())
         return self._ws_frame
 
     @property

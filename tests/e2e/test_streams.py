@@ -106,3 +106,26 @@ async def test_native_pull_backpressure(server) -> None:
         assert nack["type"] == "reply"
         third = await c.next("item")
         assert third["data"] == 2  # the nacked item went to the back
+
+async def test_a_fire_and_forget_producer_is_relayed_as_sent(server) -> None:
+    """Without ``?ack`` the lean server publishes each frame from its read
+    callback; JSON text reaches raw subscribers exactly as the producer wrote
+    it and native ones as the parsed value, in order, with history kept."""
+    hub, base = server
+    sent = ['{"b": [1, 2],   "a": "é"}', "not json", '"a json string"', "[1,2,3]"]
+    async with websockets.connect(ws_url(base, "/ws/sub/exact")) as raw_sub, \
+            native(base) as nat:
+        await nat.request({"type": "subscribe", "channel": "exact"})
+        await wait_until(lambda: hub.index.has("exact"), what="raw subscription")
+        async with websockets.connect(ws_url(base, "/ws/pub/exact")) as pub:
+            for text in sent * 50:
+                await pub.send(text)
+        raw = [await asyncio.wait_for(raw_sub.recv(), 5) for _ in range(len(sent) * 50)]
+        native_data = [(await nat.next("publication"))["data"] for _ in range(len(sent) * 50)]
+    assert raw[:4] == ['{"b": [1, 2],   "a": "é"}', '"not json"', '"a json string"', "[1,2,3]"]
+    assert raw == raw[:4] * 50
+    assert native_data[:4] == [{"b": [1, 2], "a": "é"}, "not json", "a json string", [1, 2, 3]]
+    page = await hub.history("exact", limit=-1)
+    offsets = [p.offset for p in page.publications]
+    assert page.offset == len(sent) * 50 and offsets
+    assert offsets == list(range(offsets[0], page.offset + 1))

@@ -109,8 +109,12 @@ class Broker(Protocol):
         *,
         sender: str | None = None,
         history: HistoryOptions | None = None,
+        text: str | None = None,
     ) -> Publication:
         """Assign the next position in ``channel``, keep it in history, fan it out.
+
+        ``text``, when given, is ``data``'s JSON text as the publisher sent it:
+        a broker may carry or deliver it as is instead of encoding ``data`` again.
 
         Returns the publication as delivered (with offset, epoch and ts).
         """

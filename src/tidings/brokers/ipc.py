@@ -364,6 +364,7 @@ class IpcBroker:
         *,
         sender: str | None = None,
         history: HistoryOptions | None = None,
+        text: str | None = None,
     ) -> Publication:
         packed, b64 = pack_data(data)
         size, ttl = (history.size, history.ttl) if history is not None else (None, None)

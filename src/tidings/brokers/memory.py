@@ -125,12 +125,26 @@ class MemoryBroker:
         *,
         sender: str | None = None,
         history: HistoryOptions | None = None,
+        text: str | None = None,
     ) -> Publication:
+        return self.publish_nowait(channel, data, sender=sender, history=history, text=text)
+
+    def publish_nowait(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        sender: str | None = None,
+        history: HistoryOptions | None = None,
+        text: str | None = None,
+    ) -> Publication:
+        """``publish`` without a coroutine: in-process publishing never waits."""
         bus = self._bus
         state = bus.channel(channel)
         state.offset += 1
         now_wall = time.time()
-        pub = Publication(channel, data, state.offset, state.epoch, sender, int(now_wall * 1000))
+        pub = Publication(channel, data, state.offset, state.epoch, sender, int(now_wall * 1000),
+                          raw=text)
         now = time.monotonic()
         state.last = now
         if history is not None and history.enabled:

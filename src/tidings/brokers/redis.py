@@ -359,6 +359,7 @@ class RedisBroker:
         *,
         sender: str | None = None,
         history: HistoryOptions | None = None,
+        text: str | None = None,
     ) -> Publication:
         ts = int(time.time() * 1000)
         size, ttl_ms = 0, 0
@@ -366,7 +367,8 @@ class RedisBroker:
             size, ttl_ms = history.size, int(history.ttl * 1000)
         if not self._health.up:
             raise BrokerUnavailable(self._health.reason or "Redis unreachable")
-        args = (channel, _encode_data(data), sender or "", ts, size, ttl_ms)
+        encoded = _encode_data(data) if text is None else b"j" + text.encode()
+        args = (channel, encoded, sender or "", ts, size, ttl_ms)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((args, future))
         if not self._flush_scheduled:

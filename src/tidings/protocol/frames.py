@@ -37,9 +37,16 @@ _DATA = (OP_TEXT, OP_BINARY)
 _CONTROL = (OP_CLOSE, OP_PING, OP_PONG)
 
 
+# the 2-byte headers of short text and binary frames, ready-made
+_SHORT = ((), tuple(bytes((0x81, n)) for n in range(126)),
+          tuple(bytes((0x82, n)) for n in range(126)))
+
+
 def encode_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
     """One unfragmented, unmasked frame carrying ``payload``."""
     length = len(payload)
+    if length < 126 and opcode in (OP_TEXT, OP_BINARY):
+        return _SHORT[opcode][length] + payload
     head = 0x80 | opcode  # FIN + opcode
     if length < 126:
         return struct.pack("!BB", head, length) + payload

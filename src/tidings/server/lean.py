@@ -101,6 +101,7 @@ class _Peer(asyncio.Protocol):
         "_writable",
         "client",
         "close_sent",
+        "on_message",
         "on_resume",
         "ping_out",
         "seen",
@@ -115,6 +116,10 @@ class _Peer(asyncio.Protocol):
         self.client: tuple[str, int] | None = None
         self.task: asyncio.Task[None] | None = None
         self.on_resume: Callable[[], None] | None = None
+        # set by an endpoint that can take a frame synchronously: called from the
+        # read callback (only while the endpoint waits with nothing queued, so
+        # order holds); False hands the frame to ``receive`` after all
+        self.on_message: Callable[[str | bytes], bool] | None = None
         self.close_sent = False
         self.ping_out = False
         self.seen = True
@@ -434,6 +439,9 @@ class _Peer(asyncio.Protocol):
         while not inbox:
             if self._close is not None:
                 return self._close
+            before_wait = self.server.before_wait
+            if before_wait is not None:
+                before_wait()
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -504,12 +512,18 @@ class _Peer(asyncio.Protocol):
                 if closing:
                     continue
                 try:
-                    inbox.append({"type": "websocket.receive", "text": payload.decode()})
+                    text = payload.decode()
                 except UnicodeDecodeError:
                     self._fail(1007, "text frame is not UTF-8")
                     return
+                if not (self.on_message is not None and not inbox and self._waiter is not None
+                        and self._take(text)):
+                    inbox.append({"type": "websocket.receive", "text": text})
             elif opcode == OP_BINARY:
-                if not closing:
+                if closing:
+                    continue
+                if not (self.on_message is not None and not inbox and self._waiter is not None
+                        and self._take(payload)):
                     inbox.append({"type": "websocket.receive", "bytes": payload})
             elif opcode == OP_PING:
                 if not self.close_sent:
@@ -529,6 +543,9 @@ class _Peer(asyncio.Protocol):
                 return
         if not inbox:
             self._inbox = None
+            before_wait = self.server.before_wait
+            if before_wait is not None and self.on_message is not None:
+                before_wait()  # what the frames taken above queued goes out now
             return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -536,6 +553,17 @@ class _Peer(asyncio.Protocol):
         if len(inbox) > INBOX_HIGH and not self._paused:
             self._paused = True
             self.transport.pause_reading()
+
+    def _take(self, data: str | bytes) -> bool:
+        handler = self.on_message
+        assert handler is not None
+        try:
+            return handler(data)
+        except Exception:
+            log.exception("error in a websocket message handler")
+            self.on_message = None
+            self._send_close(1011, "internal error")
+            return True
 
     def _send_close(self, code: int, reason: str) -> None:
         """Our close frame; the transport closes on the peer's answer or a timeout."""
@@ -603,6 +631,9 @@ class LeanServer:
         self.max_size = max_size
         self.max_body = max_body
         self.ping_interval = ping_interval
+        # called when a websocket reader is about to wait for the next frame (the
+        # hub's ``flush_now``: what this turn queued goes out without another turn)
+        self.before_wait: Callable[[], None] | None = None
         self.peers: set[_Peer] = set()
         self.state: dict[str, Any] = {}
         self.address: tuple[str, int] | None = None
@@ -708,7 +739,7 @@ def loop_factory(loop: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] 
 def run(app: ASGIApp, *, host: str, port: int, ws_routes: Sequence[Any] = (),
         max_size: int = 1 << 20, sockets: Sequence[socket.socket] | None = None,
         before_close: Callable[[], Awaitable[None]] | None = None,
-        loop: str = "auto") -> None:
+        before_wait: Callable[[], None] | None = None, loop: str = "auto") -> None:
     """Serve ``app`` until SIGINT or SIGTERM, then shut down cleanly (exit status 0).
 
     ``before_close`` runs after the listening sockets close and before open
@@ -718,6 +749,7 @@ def run(app: ASGIApp, *, host: str, port: int, ws_routes: Sequence[Any] = (),
 
     async def main() -> None:
         server = LeanServer(app, ws_routes=ws_routes, max_size=max_size)
+        server.before_wait = before_wait
         await server.startup()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
