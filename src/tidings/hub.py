@@ -659,8 +659,13 @@ class Hub:
         limit: int | None = None,
         reverse: bool = False,
     ) -> HistoryPage:
-        """Kept publications of ``channel`` after ``since``, and its current position."""
+        """Kept publications of ``channel`` after ``since``, and its current position.
+
+        ``limit``: at most this many; None or a negative value (Centrifugo's -1): all.
+        """
         validate_channel(channel, self.limits.max_name)
+        if limit is not None and limit < 0:
+            limit = None
         if self._history is None:
             return HistoryPage([], 0, "", since is None)
         return await self._history.history(channel, since=since, limit=limit, reverse=reverse)
