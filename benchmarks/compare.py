@@ -73,7 +73,14 @@ from benchmarks.fanout import (
     proc_runtime_seconds,
     system_cpu_seconds,
 )
-from benchmarks.loadgen import Publisher, raise_nofile, worker_main
+from benchmarks.loadgen import (
+    Publisher,
+    loop_name,
+    raise_nofile,
+    run_fast,
+    watch_pipe,
+    worker_main,
+)
 
 __all__ = ["main"]
 
@@ -460,7 +467,6 @@ class Session:
         self.server = Server(self.stack, self.tag)
         await asyncio.to_thread(self.server.wait_ready)
         ctx = multiprocessing.get_context("spawn")
-        loop = asyncio.get_running_loop()
         for i in range(self.procs):
             parent, child = ctx.Pipe()
             spec = {
@@ -475,7 +481,7 @@ class Session:
             child.close()
             worker = Worker(process, parent)
             self.workers.append(worker)
-            loop.add_reader(parent.fileno(), self._on_pipe, worker)
+            watch_pipe(parent, self._on_pipe, worker)
         await self.wait_for(lambda: all(w.hello for w in self.workers), 30, "load generator")
 
     def _on_pipe(self, worker: Worker) -> None:
@@ -1105,13 +1111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = Progress(enabled=not opts.no_progress)
     facts = machine_facts()
     versions = _versions()
+    facts["loadgen_loop"] = loop_name()
     progress.note(f"compare: {facts['cpu_model']}, {facts['cpus_usable']} CPUs, Python "
-                  f"{facts['python']}, load average {os.getloadavg()[0]:.2f}")
+                  f"{facts['python']}, load generator on {facts['loadgen_loop']}, "
+                  f"load average {os.getloadavg()[0]:.2f}")
     started = time.time()
     load0 = os.getloadavg()
     results: list[StackResult] = []
     try:
-        results = asyncio.run(_run(opts, [STACKS[k] for k in keys], progress))
+        results = run_fast(_run(opts, [STACKS[k] for k in keys], progress))
     except KeyboardInterrupt:
         progress.note("interrupted")
     duration = time.time() - started

@@ -113,9 +113,8 @@ class WSClient(asyncio.Protocol):
         self.close_code: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(self.request)
+        self.transport = transport  # type: ignore[assignment]  # uvloop's: not subclasses
+        self.transport.write(self.request)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.alive = False
@@ -507,8 +506,7 @@ class Group:
             self.stop.set()
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.pipe.fileno(), self._on_command)
+        watch_pipe(self.pipe, self._on_command)
         progress = asyncio.create_task(self._progress())
         self.pipe.send(("hello", os.getpid()))
         await self.stop.wait()
@@ -519,12 +517,37 @@ class Group:
         await asyncio.sleep(0)
 
 
+def run_fast(coro: Any) -> Any:
+    """Run ``coro`` on uvloop when it is installed (it halves the load generator's
+    cost per received frame), else on the standard loop. Same for every stack."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def watch_pipe(pipe: Any, callback: Any, *args: Any) -> None:
+    """Call ``callback`` when ``pipe`` has data. uvloop makes a watched fd
+    non-blocking, which would let ``recv`` stop inside a message: undo that."""
+    asyncio.get_running_loop().add_reader(pipe.fileno(), callback, *args)
+    os.set_blocking(pipe.fileno(), True)
+
+
+def loop_name() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
 def worker_main(pipe: Pipe, spec: dict[str, Any]) -> None:
     """Entry point of a load-generator process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller stops us
     raise_nofile(spec.get("nofile", 0))
     try:
-        asyncio.run(Group(pipe, spec).run())
+        run_fast(Group(pipe, spec).run())
     except Exception as exc:
         with contextlib.suppress(OSError):
             pipe.send(("error", repr(exc)))
