@@ -53,6 +53,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tidings.brokers.base import BrokerHandler, BrokerHealth, HistoryOptions
 from tidings.brokers.redis_queue import RedisQueueStore
+from tidings.brokers.resp import RespConnection, RespPubSub
 from tidings.exceptions import BrokerUnavailable
 from tidings.protocol.names import is_pattern, pattern_matches
 from tidings.types import HistoryPage, Member, Publication, StreamPos
@@ -90,6 +91,7 @@ return {offset, epoch}
 _CONFIRMATIONS = frozenset({"subscribe", "psubscribe", "ssubscribe", "unsubscribe",
                             "punsubscribe", "sunsubscribe"})
 _CONFIRM_TIMEOUT = 5.0
+_HEALTH_CHECK = 5.0  # seconds between PINGs on a quiet subscriber connection
 
 _GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 
@@ -145,6 +147,8 @@ class RedisBroker:
         self._flush_scheduled = False
         self._flushing = False
         self._queues: RedisQueueStore | None = None
+        self._publisher: RespConnection | None = None  # lean connection for EVALSHA batches
+        self._pong_at = 0.0
 
     publish_lua = PUBLISH_LUA
     pipelined = True  # publishes may be issued without waiting for the previous reply
@@ -217,7 +221,8 @@ class RedisBroker:
         """(Re)open the subscriber connection(s) and subscribe everything we want."""
         if self._client is None:
             raise BrokerUnavailable("not connected")
-        pubsub = self._client.pubsub()
+        pubsub = RespPubSub(await RespConnection.open(self._redis_url, on_push=self._on_push))
+        self._pong_at = time.monotonic()
         await pubsub.subscribe(self._inbox, self._all, *(self._chan(c) for c in self._exact))
         if self._patterns:
             await pubsub.psubscribe(*self._patterns)
@@ -233,11 +238,42 @@ class RedisBroker:
                 pass
 
     async def _read(self) -> None:
-        """Dispatch messages until the connection fails (raises)."""
+        """Wait while the subscriber connection delivers (``_on_push``); raise when
+        it is lost or stops answering PINGs (a silent network failure)."""
+        pubsub: RespPubSub = self._pubsub
         while True:
-            message = await self._pubsub.get_message(timeout=1.0)
-            if message is not None:
-                self._dispatch(message)
+            pinged = time.monotonic()
+            try:
+                await asyncio.wait_for(asyncio.shield(pubsub.conn.lost), _HEALTH_CHECK)
+            except TimeoutError:
+                if self._pong_at < pinged - _HEALTH_CHECK:
+                    pubsub.conn.close()
+                    raise RedisConnectionError("Redis stopped answering PING") from None
+                pubsub.ping()
+                continue
+            raise RedisConnectionError("connection to Redis lost")
+
+    def _on_push(self, reply: Any) -> None:
+        """A pub/sub push from the lean subscriber connection."""
+        kind = reply[0]
+        if kind == b"message":
+            message = {"type": "message", "pattern": None, "channel": reply[1], "data": reply[2]}
+        elif kind == b"pmessage":
+            message = {"type": "pmessage", "pattern": reply[1], "channel": reply[2],
+                       "data": reply[3]}
+        elif kind == b"pong":
+            self._pong_at = time.monotonic()
+            return
+        elif isinstance(kind, bytes) and len(reply) == 3:  # (un)subscribe confirmations
+            message = {"type": kind.decode(), "pattern": None, "channel": reply[1],
+                       "data": reply[2]}
+        else:
+            log.warning("unexpected reply on the Redis subscriber connection: %r", reply)
+            return
+        try:
+            self._dispatch(message)
+        except Exception:  # one bad message must not stop the connection
+            log.exception("cannot deliver a message from Redis")
 
     async def _sub_exact(self, channel: str) -> None:
         await self._pubsub.subscribe(self._chan(channel))
@@ -266,6 +302,9 @@ class RedisBroker:
         if self._queues is not None:
             await self._queues.close()
         await self._close_pubsubs()
+        if self._publisher is not None:
+            self._publisher.close()
+            self._publisher = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -444,17 +483,21 @@ class RedisBroker:
         return results
 
     async def _evalsha_batch(self, batch: list[tuple[Any, ...]]) -> list[Any]:
+        """One write, one round trip, on the lean publisher connection."""
         sha = self._script.sha
         # the epoch a channel gets if its state is missing: one fresh value per
         # batch is enough (it only has to differ from that channel's last epoch)
         epoch = secrets.token_hex(4)
-        async with self._client.pipeline(transaction=False) as pipe:
-            for channel, data, sender, ts, size, ttl_ms in batch:
-                pipe.evalsha(sha, 2, self._meta(channel), self._stream(channel),
-                             *self._targets(channel), data, sender, ts, epoch,
-                             size, ttl_ms, self.meta_ttl)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-        return results
+        meta_ttl = self.meta_ttl
+        commands = [
+            ("EVALSHA", sha, 2, self._meta(channel), self._stream(channel),
+             *self._targets(channel), data, sender, ts, epoch, size, ttl_ms, meta_ttl)
+            for channel, data, sender, ts, size, ttl_ms in batch
+        ]
+        conn = self._publisher
+        if conn is None or not conn.is_open:
+            conn = self._publisher = await RespConnection.open(self._redis_url)
+        return await conn.execute(commands)
 
     def _targets(self, channel: str) -> list[bytes]:
         """Leading script arguments: the classic and the shard channel to publish on."""
