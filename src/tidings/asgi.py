@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Route, Router, WebSocketRoute
 
 from tidings.connection import Connection, ConnectionKind
 from tidings.dispatch import handle_command, send_error
-from tidings.exceptions import BrokerError, HookError, HubError
+from tidings.exceptions import BrokerError, BrokerUnavailable, HookError, HubError
 from tidings.gate import admit
 from tidings.permissions import Action, check
 from tidings.protocol.codes import CloseCode, ErrorCode
@@ -35,6 +35,7 @@ from tidings.protocol.native import (
     peek_id,
 )
 from tidings.queue import Consumer, QueueItem, WorkQueue
+from tidings.types import Publication
 
 DIRECT = "tidings.direct"  # ASGI extension of tidings.server.wsproto
 _MAX_PIPELINED = 256  # publishes of one connection in flight at once (remote brokers)
@@ -224,6 +225,54 @@ def _raw_value(payload: str | bytes) -> tuple[Any, str | None]:
         return payload, None
 
 
+class _Window:
+    """A producer's publishes in flight: at most ``_MAX_PIPELINED``; each one's
+    ack (``?ack=1``) sent as it completes, which is the order they were made in."""
+
+    __slots__ = ("ack", "conn", "count", "waiter")
+
+    def __init__(self, conn: Connection, ack: bool) -> None:
+        self.conn = conn
+        self.ack = ack
+        self.count = 0
+        self.waiter: asyncio.Future[None] | None = None
+
+    @property
+    def full(self) -> bool:
+        return self.count >= _MAX_PIPELINED
+
+    async def wait(self) -> None:
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    def add(self, future: asyncio.Future[Publication]) -> None:
+        self.count += 1
+        future.add_done_callback(self._settled)
+
+    def _settled(self, future: asyncio.Future[Publication]) -> None:
+        self.count -= 1
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            pub = future.result()
+            position = {"offset": pub.offset, "epoch": pub.epoch}
+        elif isinstance(exc, BrokerUnavailable):  # delivered locally, position unknown
+            position = {"offset": 0, "epoch": ""}
+        else:
+            log.error("publish failed: %r", exc)
+            self.conn.close(CloseCode.INTERNAL_ERROR, "internal error")
+            return
+        if self.ack:
+            self.conn.send_frame(dumps(position).decode())
+
+
 class PubEndpoint(_Endpoint):
     """``/ws/pub/{channel}``: every frame is published to the channel."""
 
@@ -238,7 +287,7 @@ class PubEndpoint(_Endpoint):
             return
         ack = _query(scope).get("ack") in ("1", "true")
         pipelined = getattr(hub.broker, "pipelined", False)
-        inflight: set[asyncio.Task[None]] = set()
+        window = _Window(conn, ack)
         idle = hub.limits.idle_timeout
         sender = conn.conn_id
         direct = scope.get("extensions", {}).get(DIRECT)
@@ -254,11 +303,6 @@ class PubEndpoint(_Endpoint):
                 return True
 
             direct.on_message = take
-
-        async def publish_one(data: Any, text: str | None) -> None:
-            pub = await hub.publish(channel, data, sender=sender, text=text)
-            if ack:  # pipelined publishes complete in order, so acks stay in order
-                conn.send_frame(dumps({"offset": pub.offset, "epoch": pub.epoch}).decode())
 
         while not conn.closed:
             if idle:
@@ -276,18 +320,16 @@ class PubEndpoint(_Endpoint):
             if not next_frame_guard(hub, conn, payload):
                 return
             data, text = _raw_value(payload)
-            if not pipelined:
+            if not pipelined:  # in-process broker: each publish completes at once
+                pub = await hub.publish(channel, data, sender=sender, text=text)
                 if ack:
-                    await publish_one(data, text)
-                else:  # the hot path of a fire-and-forget producer
-                    await hub.publish(channel, data, sender=sender, text=text)
+                    conn.send_frame(dumps({"offset": pub.offset, "epoch": pub.epoch}).decode())
                 continue
-            publishing = publish_one(data, text)
-            if len(inflight) >= _MAX_PIPELINED:  # remote broker: keep a run in flight
-                await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-            task = asyncio.get_running_loop().create_task(publishing)
-            inflight.add(task)
-            task.add_done_callback(inflight.discard)
+            # remote broker: keep up to _MAX_PIPELINED in flight, no task each;
+            # they complete in order, so acks go out in order
+            if window.full:
+                await window.wait()
+            window.add(hub.publish_soon(channel, data, sender=sender, text=text))
 
 
 class SubEndpoint(_Endpoint):

@@ -502,6 +502,35 @@ class Hub:
             text=text)
         return pub
 
+    def publish_soon(self, channel: str, data: Any, *, sender: str | None = None,
+                     text: str | None = None) -> asyncio.Future[Publication]:
+        """Start a publish and return at once; the future gets the publication.
+
+        Publishes started one after another reach the broker in that order, so
+        a producer can keep many in flight without a task each. If the broker
+        is unreachable the publication is delivered locally (as :meth:`publish`
+        does) and the future raises ``BrokerUnavailable``.
+        """
+        self._require_started()
+        if channel not in self._valid_channels:
+            validate_channel(channel, self.limits.max_name)
+            self._valid_channels.add(channel)
+        self.stats.publications_in += 1
+        start = getattr(self.broker, "publish_soon", None)
+        if start is None:  # brokers without a pipeline: a task keeps the order
+            return asyncio.ensure_future(self.publish(channel, data, sender=sender, text=text))
+        future: asyncio.Future[Publication] = start(
+            channel, data, sender=sender, history=self.history_config.options(channel),
+            text=text)
+
+        def fallback(done: asyncio.Future[Publication]) -> None:
+            if not done.cancelled() and isinstance(done.exception(), BrokerUnavailable):
+                self.on_publication(Publication(channel, data, 0, "", sender,
+                                                int(time.time() * 1000), raw=text))
+
+        future.add_done_callback(fallback)
+        return future
+
     def on_publication(self, pub: Publication) -> None:
         """Broker callback: fan a publication out to the local subscribers."""
         self.stats.publications_out += 1

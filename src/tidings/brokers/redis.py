@@ -53,7 +53,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tidings.brokers.base import BrokerHandler, BrokerHealth, HistoryOptions
 from tidings.brokers.redis_queue import RedisQueueStore
-from tidings.brokers.resp import RespConnection, RespPubSub
+from tidings.brokers.resp import RespConnection, RespPubSub, bulk
 from tidings.exceptions import BrokerUnavailable
 from tidings.protocol.names import is_pattern, pattern_matches
 from tidings.types import HistoryPage, Member, Publication, StreamPos
@@ -142,13 +142,16 @@ class RedisBroker:
         self._members: dict[str, dict[str, Member]] = {}  # our own members, for heartbeats
         self._health = BrokerHealth(False, "not connected")
         self._closing = False
-        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        # publishes of this turn: script arguments, and (future, data, text) to answer
+        self._pending: list[tuple[tuple[Any, ...], tuple[asyncio.Future[Publication], Any,
+                                                         str | None]]] = []
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._flush_scheduled = False
         self._flushing = False
         self._queues: RedisQueueStore | None = None
         self._publisher: RespConnection | None = None  # lean connection for EVALSHA batches
         self._pong_at = 0.0
+        self._evalsha_heads: dict[str, bytes] = {}  # channel -> its packed EVALSHA prefix
 
     publish_lua = PUBLISH_LUA
     pipelined = True  # publishes may be issued without waiting for the previous reply
@@ -255,23 +258,18 @@ class RedisBroker:
 
     def _on_push(self, reply: Any) -> None:
         """A pub/sub push from the lean subscriber connection."""
-        kind = reply[0]
-        if kind == b"message":
-            message = {"type": "message", "pattern": None, "channel": reply[1], "data": reply[2]}
-        elif kind == b"pmessage":
-            message = {"type": "pmessage", "pattern": reply[1], "channel": reply[2],
-                       "data": reply[3]}
-        elif kind == b"pong":
-            self._pong_at = time.monotonic()
-            return
-        elif isinstance(kind, bytes) and len(reply) == 3:  # (un)subscribe confirmations
-            message = {"type": kind.decode(), "pattern": None, "channel": reply[1],
-                       "data": reply[2]}
-        else:
-            log.warning("unexpected reply on the Redis subscriber connection: %r", reply)
-            return
         try:
-            self._dispatch(message)
+            kind = reply[0]
+            if kind == b"message":
+                self._deliver("message", None, reply[1], reply[2])
+            elif kind == b"pmessage":
+                self._deliver("pmessage", reply[1], reply[2], reply[3])
+            elif kind == b"pong":
+                self._pong_at = time.monotonic()
+            elif isinstance(kind, bytes) and len(reply) == 3:  # (un)subscribe confirmations
+                self._deliver(kind.decode(), None, reply[1], reply[2])
+            else:
+                log.warning("unexpected reply on the Redis subscriber connection: %r", reply)
         except Exception:  # one bad message must not stop the connection
             log.exception("cannot deliver a message from Redis")
 
@@ -351,31 +349,35 @@ class RedisBroker:
                 break
 
     def _dispatch(self, message: dict[str, Any]) -> None:
+        """A redis-py pub/sub message (the cluster's connections)."""
+        self._deliver(message["type"], message.get("pattern"), message["channel"],
+                      message["data"])
+
+    def _deliver(self, kind: str, pattern: bytes | None, raw_channel: bytes,
+                 data: Any) -> None:
         handler = self._handler
         if handler is None:
             return
-        kind = message["type"]
-        raw_channel: bytes = message["channel"]
         if kind in _CONFIRMATIONS:
             waiter = self._confirm.pop(raw_channel, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
             return
-        data: bytes = message["data"]
         if raw_channel == self._inbox or raw_channel == self._all:
             handler.on_node_message(data)
             return
         channel = self._channel_of(raw_channel)
-        via = self._patterns.get(message["pattern"]) if kind == "pmessage" else channel
+        via = self._patterns.get(pattern) if kind == "pmessage" and pattern else channel
         if via is None or via != self._first_match(channel):
             return  # a glob false positive, or a duplicate via another subscription
         if data[:1] == b"E":
             handler.on_event(channel, data[1:].decode())
             return
         offset, epoch, ts, sender, payload = data[1:].split(SEP, 4)
+        text = payload[1:].decode() if payload[:1] == b"j" else None  # kept: sent as is
         handler.on_publication(Publication(
             channel, _decode_data(payload), int(offset), epoch.decode(), sender.decode() or None,
-            int(ts),
+            int(ts), raw=text,
         ))
 
     def _channel_of(self, raw_channel: bytes) -> str:
@@ -400,26 +402,36 @@ class RedisBroker:
         history: HistoryOptions | None = None,
         text: str | None = None,
     ) -> Publication:
+        return await self.publish_soon(channel, data, sender=sender, history=history,
+                                       text=text)
+
+    def publish_soon(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        sender: str | None = None,
+        history: HistoryOptions | None = None,
+        text: str | None = None,
+    ) -> asyncio.Future[Publication]:
+        """``publish`` without a coroutine: the future gets the publication (or
+        ``BrokerUnavailable``). Publishes started in order reach Redis in order."""
         ts = int(time.time() * 1000)
         size, ttl_ms = 0, 0
         if history is not None and history.enabled:
             size, ttl_ms = history.size, int(history.ttl * 1000)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Publication] = loop.create_future()
         if not self._health.up:
-            raise BrokerUnavailable(self._health.reason or "Redis unreachable")
+            future.set_exception(BrokerUnavailable(self._health.reason or "Redis unreachable"))
+            return future
         encoded = _encode_data(data) if text is None else b"j" + text.encode()
-        args = (channel, encoded, sender or "", ts, size, ttl_ms)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((args, future))
+        self._pending.append(((channel, encoded, sender or "", ts, size, ttl_ms),
+                              (future, data, text)))
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_soon)
-        try:
-            offset, epoch = await future
-        except (RedisError, OSError, BrokerUnavailable) as exc:
-            # the listener owns the up/down state (it sees the server go away); the
-            # hub falls back to local delivery
-            raise BrokerUnavailable(f"publish to {channel!r} failed: {exc}") from exc
-        return Publication(channel, data, int(offset), epoch.decode(), sender, ts)
+            loop.call_soon(self._flush_soon)
+        return future
 
     def _flush_soon(self) -> None:
         self._flush_scheduled = False
@@ -439,24 +451,28 @@ class RedisBroker:
         finally:
             self._flushing = False
 
-    async def _flush(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        """Run a turn's publishes; hand each result to its caller."""
+    async def _flush(self, batch: list[tuple[tuple[Any, ...], tuple[
+            asyncio.Future[Publication], Any, str | None]]]) -> None:
+        """Run a turn's publishes; hand each its publication, in order."""
         try:
             if self._client is None:
                 raise BrokerUnavailable("not connected")
             results = await self._run_scripts([args for args, _ in batch])
         except Exception as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for (_, future), result in zip(batch, results, strict=True):
+            results = [exc] * len(batch)
+        for (args, (future, data, text)), result in zip(batch, results, strict=True):
             if future.done():
                 continue
+            channel = args[0]
             if isinstance(result, Exception):
-                future.set_exception(result)
+                # the listener owns the up/down state (it sees the server go away);
+                # the hub falls back to local delivery
+                future.set_exception(BrokerUnavailable(
+                    f"publish to {channel!r} failed: {result}"))
             else:
-                future.set_result(result)
+                offset, epoch = result
+                future.set_result(Publication(channel, data, int(offset), epoch.decode(),
+                                              args[2] or None, args[3], raw=text))
 
     def _script_call(self, args: tuple[Any, ...], client: Any) -> Any:
         channel, data, sender, ts, size, ttl_ms = args
@@ -489,15 +505,22 @@ class RedisBroker:
         # batch is enough (it only has to differ from that channel's last epoch)
         epoch = secrets.token_hex(4)
         meta_ttl = self.meta_ttl
-        commands = [
-            ("EVALSHA", sha, 2, self._meta(channel), self._stream(channel),
-             *self._targets(channel), data, sender, ts, epoch, size, ttl_ms, meta_ttl)
-            for channel, data, sender, ts, size, ttl_ms in batch
-        ]
+        heads = self._evalsha_heads
+        if len(heads) > 10_000:
+            heads.clear()
+        parts = []
+        for channel, data, sender, ts, size, ttl_ms in batch:
+            head = heads.get(channel)
+            if head is None:  # the command up to the script's own arguments, packed once
+                fixed = ["EVALSHA", sha, 2, self._meta(channel), self._stream(channel),
+                         *self._targets(channel)]
+                head = heads[channel] = b"*%d\r\n" % (len(fixed) + 7) + bulk(fixed)
+            parts.append(head)
+            parts.append(bulk((data, sender, ts, epoch, size, ttl_ms, meta_ttl)))
         conn = self._publisher
         if conn is None or not conn.is_open:
             conn = self._publisher = await RespConnection.open(self._redis_url)
-        return await conn.execute(commands)
+        return await conn.execute_packed(b"".join(parts), len(batch))
 
     def _targets(self, channel: str) -> list[bytes]:
         """Leading script arguments: the classic and the shard channel to publish on."""

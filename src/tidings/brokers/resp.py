@@ -26,14 +26,19 @@ import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-__all__ = ["RespConnection", "RespPubSub", "pack"]
+__all__ = ["RespConnection", "RespPubSub", "bulk", "pack"]
 
 Arg = bytes | str | int | float
 
 
 def pack(args: Sequence[Arg]) -> bytes:
     """One command in RESP: an array of bulk strings."""
-    parts = [b"*%d\r\n" % len(args)]
+    return b"*%d\r\n" % len(args) + bulk(args)
+
+
+def bulk(args: Sequence[Arg]) -> bytes:
+    """Arguments as RESP bulk strings (a command is ``*<count>`` and these)."""
+    parts = []
     for arg in args:
         if isinstance(arg, bytes):
             data = arg
@@ -151,14 +156,18 @@ class RespConnection(asyncio.Protocol):
     def execute(self, commands: Sequence[Sequence[Arg]]) -> asyncio.Future[list[Any]]:
         """Send ``commands`` in one write; the future gets their replies in order
         (error replies as ``ResponseError`` values, not raised)."""
+        return self.execute_packed(b"".join(pack(c) for c in commands), len(commands))
+
+    def execute_packed(self, payload: bytes, count: int) -> asyncio.Future[list[Any]]:
+        """``execute`` for ``count`` commands packed already."""
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         transport = self.transport
         if transport is None or transport.is_closing():
             future.set_exception(RedisConnectionError("connection to Redis is closed"))
             return future
-        transport.write(b"".join(pack(c) for c in commands))
-        if self.on_push is None and commands:
-            self._waiting.append((future, [], len(commands)))
+        transport.write(payload)
+        if self.on_push is None and count:
+            self._waiting.append((future, [], count))
         else:  # a subscriber's commands are answered by pushes
             future.set_result([])
         return future
