@@ -38,7 +38,7 @@ from tidings.queue import Consumer, QueueItem, WorkQueue
 from tidings.types import Publication
 
 DIRECT = "tidings.direct"  # ASGI extension of tidings.server.wsproto
-_MAX_PIPELINED = 256  # publishes of one connection in flight at once (remote brokers)
+_MAX_PIPELINED = 1024  # publishes of one connection in flight at once (remote brokers)
 
 if TYPE_CHECKING:
     from tidings.hub import Hub

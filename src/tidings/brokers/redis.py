@@ -39,6 +39,7 @@ import logging
 import random
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
@@ -92,6 +93,7 @@ _CONFIRMATIONS = frozenset({"subscribe", "psubscribe", "ssubscribe", "unsubscrib
                             "punsubscribe", "sunsubscribe"})
 _CONFIRM_TIMEOUT = 5.0
 _HEALTH_CHECK = 5.0  # seconds between PINGs on a quiet subscriber connection
+_BATCHES_IN_FLIGHT = 4  # publish batches on the wire at once (one connection keeps order)
 
 _GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 
@@ -440,30 +442,52 @@ class RedisBroker:
             asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def _flush_loop(self) -> None:
-        """One pipeline on the wire at a time: batches reach Redis in the order
-        they were made, so publishes from one sender keep their order even when
-        the sender does not wait for each reply; what queues up meanwhile goes
-        in the next (bigger) batch."""
+        """Batches go out in the order they were made: on one connection Redis
+        runs them in that order, so publishes from one sender keep their order
+        even when the sender does not wait for each reply. Up to
+        ``_BATCHES_IN_FLIGHT`` are on the wire at once; what queues up
+        meanwhile goes in the next, bigger, batch."""
+        in_flight: deque[asyncio.Task[None]] = deque()
+        loop = asyncio.get_running_loop()
         try:
             while self._pending:
+                while len(in_flight) >= _BATCHES_IN_FLIGHT:
+                    await in_flight.popleft()
                 batch, self._pending = self._pending, []
-                await self._flush(batch)
+                args = [a for a, _ in batch]
+                replies: asyncio.Future[list[Any]] | Exception
+                try:
+                    if self._client is None:
+                        raise BrokerUnavailable("not connected")
+                    replies = await self._send_scripts(args)
+                except Exception as exc:
+                    replies = exc
+                in_flight.append(loop.create_task(self._settle(batch, args, replies)))
         finally:
             self._flushing = False
 
-    async def _flush(self, batch: list[tuple[tuple[Any, ...], tuple[
-            asyncio.Future[Publication], Any, str | None]]]) -> None:
-        """Run a turn's publishes; hand each its publication, in order."""
+    async def _settle(self, batch: list[tuple[tuple[Any, ...], tuple[
+            asyncio.Future[Publication], Any, str | None]]], args: list[tuple[Any, ...]],
+            replies: asyncio.Future[list[Any]] | Exception) -> None:
+        """Hand each publish of a batch its publication, in order. A NOSCRIPT
+        reply (the script cache was flushed: nothing ran) loads it and runs
+        those publishes again."""
         try:
-            if self._client is None:
-                raise BrokerUnavailable("not connected")
-            results = await self._run_scripts([args for args, _ in batch])
+            if isinstance(replies, Exception):
+                raise replies
+            results = await replies
+            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if missing:
+                await self._client.script_load(self.publish_lua)
+                again = await (await self._send_scripts([args[i] for i in missing]))
+                for i, result in zip(missing, again, strict=True):
+                    results[i] = result
         except Exception as exc:
             results = [exc] * len(batch)
-        for (args, (future, data, text)), result in zip(batch, results, strict=True):
+        for (call, (future, data, text)), result in zip(batch, results, strict=True):
             if future.done():
                 continue
-            channel = args[0]
+            channel = call[0]
             if isinstance(result, Exception):
                 # the listener owns the up/down state (it sees the server go away);
                 # the hub falls back to local delivery
@@ -472,7 +496,7 @@ class RedisBroker:
             else:
                 offset, epoch = result
                 future.set_result(Publication(channel, data, int(offset), epoch.decode(),
-                                              args[2] or None, args[3], raw=text))
+                                              call[2] or None, call[3], raw=text))
 
     def _script_call(self, args: tuple[Any, ...], client: Any) -> Any:
         channel, data, sender, ts, size, ttl_ms = args
@@ -483,23 +507,11 @@ class RedisBroker:
             client=client,
         )
 
-    async def _run_scripts(self, batch: list[tuple[Any, ...]]) -> list[Any]:
-        """One pipeline, one round trip, for all publishes of an event-loop turn.
-
-        Plain EVALSHA: a ``Script`` object in a pipeline would first ask
-        ``SCRIPT EXISTS`` on every pipeline. After a Redis restart the script
-        is gone (NOSCRIPT, nothing ran): load it and run those again."""
-        results = await self._evalsha_batch(batch)
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:
-            await self._client.script_load(self.publish_lua)
-            again = await self._evalsha_batch([batch[i] for i in missing])
-            for i, result in zip(missing, again, strict=True):
-                results[i] = result
-        return results
-
-    async def _evalsha_batch(self, batch: list[tuple[Any, ...]]) -> list[Any]:
-        """One write, one round trip, on the lean publisher connection."""
+    async def _send_scripts(self, batch: list[tuple[Any, ...]]) -> asyncio.Future[list[Any]]:
+        """Write one batch of EVALSHA calls now (one write, on the lean publisher
+        connection); the future gets the replies. Plain EVALSHA: a ``Script``
+        object would first ask ``SCRIPT EXISTS``; the script is loaded whenever
+        the connection is (re)opened instead."""
         sha = self._script.sha
         # the epoch a channel gets if its state is missing: one fresh value per
         # batch is enough (it only has to differ from that channel's last epoch)
@@ -519,8 +531,13 @@ class RedisBroker:
             parts.append(bulk((data, sender, ts, epoch, size, ttl_ms, meta_ttl)))
         conn = self._publisher
         if conn is None or not conn.is_open:
-            conn = self._publisher = await RespConnection.open(self._redis_url)
-        return await conn.execute_packed(b"".join(parts), len(batch))
+            conn = await RespConnection.open(self._redis_url)
+            loaded = (await conn.execute([["SCRIPT", "LOAD", self.publish_lua]]))[0]
+            if isinstance(loaded, Exception):
+                conn.close()
+                raise loaded
+            self._publisher = conn
+        return conn.execute_packed(b"".join(parts), len(batch))
 
     def _targets(self, channel: str) -> list[bytes]:
         """Leading script arguments: the classic and the shard channel to publish on."""
