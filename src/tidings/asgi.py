@@ -286,22 +286,34 @@ class PubEndpoint(_Endpoint):
         if not await _permitted(hub, "publish", conn, channel):
             return
         ack = _query(scope).get("ack") in ("1", "true")
-        pipelined = getattr(hub.broker, "pipelined", False)
+        # in-process broker: publish at once; remote broker with pipelining: keep up
+        # to _MAX_PIPELINED in flight (no task each; they complete in order, so
+        # acks go out in order); any other: one after another
+        mode = ("nowait" if hub.can_publish_nowait
+                else "soon" if getattr(hub.broker, "pipelined", False) else "await")
         window = _Window(conn, ack)
         idle = hub.limits.idle_timeout
         sender = conn.conn_id
+
+        def take(payload: str | bytes) -> bool:
+            """Publish one frame without waiting; False: not now (the window is full)."""
+            if mode == "await" or (mode == "soon" and window.full):
+                return False
+            if not conn.closed and next_frame_guard(hub, conn, payload):
+                data, text = _raw_value(payload)
+                if mode == "nowait":
+                    pub = hub.publish_nowait(channel, data, sender=sender, text=text)
+                    if ack:
+                        conn.send_frame(dumps({"offset": pub.offset, "epoch": pub.epoch}
+                                              ).decode())
+                else:
+                    window.add(hub.publish_soon(channel, data, sender=sender, text=text))
+            return True
+
         direct = scope.get("extensions", {}).get(DIRECT)
-        if (not ack and not idle and hub.can_publish_nowait
-                and direct is not None and hasattr(direct, "on_message")):
-            # tidings' own server: frames are published from the read callback,
-            # no task step per frame (this loop still gets any it hands over)
-
-            def take(payload: str | bytes) -> bool:
-                if not conn.closed and next_frame_guard(hub, conn, payload):
-                    data, text = _raw_value(payload)
-                    hub.publish_nowait(channel, data, sender=sender, text=text)
-                return True
-
+        if mode != "await" and not idle and direct is not None and hasattr(direct, "on_message"):
+            # tidings' own server: frames are published from the read callback, no
+            # task step per frame; this loop gets those ``take`` hands back
             direct.on_message = take
 
         while not conn.closed:
@@ -317,19 +329,17 @@ class PubEndpoint(_Endpoint):
             payload = _payload(message)
             if payload is None:
                 continue
+            if mode != "await":
+                while window.full:
+                    await window.wait()
+                take(payload)
+                continue
             if not next_frame_guard(hub, conn, payload):
                 return
             data, text = _raw_value(payload)
-            if not pipelined:  # in-process broker: each publish completes at once
-                pub = await hub.publish(channel, data, sender=sender, text=text)
-                if ack:
-                    conn.send_frame(dumps({"offset": pub.offset, "epoch": pub.epoch}).decode())
-                continue
-            # remote broker: keep up to _MAX_PIPELINED in flight, no task each;
-            # they complete in order, so acks go out in order
-            if window.full:
-                await window.wait()
-            window.add(hub.publish_soon(channel, data, sender=sender, text=text))
+            pub = await hub.publish(channel, data, sender=sender, text=text)
+            if ack:
+                conn.send_frame(dumps({"offset": pub.offset, "epoch": pub.epoch}).decode())
 
 
 class SubEndpoint(_Endpoint):
