@@ -194,3 +194,27 @@ async def test_a_close_frame_from_the_app_ends_the_session() -> None:
         with contextlib.suppress(websockets.ConnectionClosed):
             await asyncio.wait_for(client.ws.recv(), TIMEOUT)
         assert (client.ws.close_code, client.ws.close_reason) == (4001, "kicked")
+
+
+async def test_silent_http_connections_are_closed() -> None:
+    """Idle keep-alive and stalled requests do not hold a socket forever."""
+    hub = Hub()
+    async with hub:
+        server = LeanServer(create_app(hub), ws_routes=websocket_routes(hub), http_idle=0.2)
+        await server.listen("127.0.0.1", 0)
+        assert server.address is not None
+        host, port = server.address
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive
+            answer = await asyncio.wait_for(reader.read(), TIMEOUT)  # then closed
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.count(b"HTTP/1.1") == 1
+            writer.close()
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"GET /health HTTP/1.1\r\n")  # a head that never ends
+            assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+            writer.close()
+            await wait_until(lambda: not server.peers, what="peers to go")
+        finally:
+            server.stop_listening()
+            await server.close_peers(TIMEOUT)
