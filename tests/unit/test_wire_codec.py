@@ -193,3 +193,44 @@ def test_chunked_limits() -> None:
     with pytest.raises(HTTPError) as caught:
         ChunkedReader(max_body=4).feed(b"zz\r\n")
     assert caught.value.status == 400
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=6))
+def test_any_bytes_give_messages_or_a_frame_error(chunks: list[bytes]) -> None:
+    reader = FrameReader(200)
+    try:
+        for chunk in chunks:
+            for opcode, payload in reader.feed(chunk):
+                assert opcode in (OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, 0xA)
+                assert len(payload) <= 200
+    except FrameError as exc:
+        assert exc.code in (1002, 1007, 1009)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=300) | st.text(max_size=300).map(lambda t: t.encode()))
+def test_any_head_parses_or_gives_an_http_error(head: bytes) -> None:
+    for data in (head, b"GET / HTTP/1.1\r\n" + head):
+        try:
+            req = parse_request(data, max_body=100)
+        except HTTPError as exc:
+            assert 400 <= exc.status < 600
+            continue
+        assert req.path.startswith("/") and req.content_length <= 100
+        try:
+            websocket_key(req)
+        except HTTPError as exc:
+            assert exc.status in (400, 426)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_chunked_body_decodes_or_gives_an_http_error(data: bytes) -> None:
+    reader = ChunkedReader(max_body=50)
+    try:
+        reader.feed(data)
+    except HTTPError as exc:
+        assert exc.status in (400, 413, 431)
+        return
+    assert len(reader.body) <= 50
