@@ -294,20 +294,22 @@ class PubEndpoint(_Endpoint):
         window = _Window(conn, ack)
         idle = hub.limits.idle_timeout
         sender = conn.conn_id
+        frame_hard = hub.limits.frame_hard
 
         def take(payload: str | bytes) -> bool:
             """Publish one frame without waiting; False: not now (the window is full)."""
             if mode == "await" or (mode == "soon" and window.full):
                 return False
-            if not conn.closed and next_frame_guard(hub, conn, payload):
-                data, text = _raw_value(payload)
-                if mode == "nowait":
-                    pub = hub.publish_nowait(channel, data, sender=sender, text=text)
-                    if ack:
-                        conn.send_frame(dumps({"offset": pub.offset, "epoch": pub.epoch}
-                                              ).decode())
-                else:
-                    window.add(hub.publish_soon(channel, data, sender=sender, text=text))
+            if conn.closed or (len(payload) > frame_hard
+                               and not next_frame_guard(hub, conn, payload)):
+                return True
+            data, text = _raw_value(payload)
+            if mode == "nowait":
+                pub = hub.publish_nowait(channel, data, sender=sender, text=text)
+                if ack:
+                    conn.send_frame(dumps({"offset": pub.offset, "epoch": pub.epoch}).decode())
+            else:
+                window.add(hub.publish_soon(channel, data, sender=sender, text=text))
             return True
 
         direct = scope.get("extensions", {}).get(DIRECT)

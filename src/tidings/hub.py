@@ -492,7 +492,8 @@ class Hub:
         """:meth:`publish` without a coroutine, for brokers that never wait
         (``can_publish_nowait``): a raw producer's frames are published straight
         from the socket's read callback."""
-        self._require_started()
+        if not self._started or self._closing:
+            self._require_started()
         if channel not in self._valid_channels:
             validate_channel(channel, self.limits.max_name)
             self._valid_channels.add(channel)

@@ -140,15 +140,17 @@ class MemoryBroker:
     ) -> Publication:
         """``publish`` without a coroutine: in-process publishing never waits."""
         bus = self._bus
-        state = bus.channel(channel)
-        state.offset += 1
-        now_wall = time.time()
-        pub = Publication(channel, data, state.offset, state.epoch, sender, int(now_wall * 1000),
+        state = bus.channels.get(channel) or bus.channel(channel)
+        offset = state.offset = state.offset + 1
+        pub = Publication(channel, data, offset, state.epoch, sender, int(time.time() * 1000),
                           raw=text)
         now = time.monotonic()
         state.last = now
-        if history is not None and history.enabled:
-            bus.trim(state, history, now)
+        if history is not None and history.size > 0 and history.ttl > 0:  # enabled
+            hist = state.history
+            if (hist.maxlen != history.size or state.ttl != history.ttl
+                    or (hist and hist[0][0] < now - history.ttl)):
+                bus.trim(state, history, now)
             state.history.append((now, pub))  # the deque's maxlen drops the oldest
         elif state.history:
             state.history.clear()
