@@ -14,8 +14,11 @@ import websockets
 from tests.support import native, serve_process, ws_url
 
 
-async def test_sigterm_closes_sockets_1001_and_exits_0_with_blocked_consumers() -> None:
-    with serve_process() as server:
+@pytest.mark.parametrize("server_args", [(), ("--server", "uvicorn", "--loop", "asyncio")],
+                         ids=["own-server", "uvicorn"])
+async def test_sigterm_closes_sockets_1001_and_exits_0_with_blocked_consumers(
+        server_args: tuple[str, ...]) -> None:
+    with serve_process(*server_args) as server:
         base = server.base
         async with native(base) as sub, native(base) as puller:
             await sub.request({"type": "subscribe", "channel": "x"})

@@ -278,6 +278,8 @@ class Peer(asyncio.Protocol):
         me = asyncio.current_task()
         try:
             await self.server.app(scope, receive, self._send_http)
+        except ClientDisconnected:
+            return  # the client left mid-response: nothing to answer
         except Exception:
             log.exception("error in the HTTP app for %s %s", req.method, req.path)
             if self.task is me and self._resp is None and self._state == _RUNNING:
