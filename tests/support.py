@@ -75,7 +75,6 @@ async def _lean(hub: Hub, app: Any) -> AsyncIterator[str]:
     server = LeanServer(app if app is not None else create_app(hub),
                         ws_routes=websocket_routes(hub) if app is None else (),
                         max_size=hub.limits.frame_hard)
-    server.before_wait = hub.flush_now if app is None else None
     await server.startup()
     await server.listen("127.0.0.1", 0)
     assert server.address is not None

@@ -305,13 +305,6 @@ class Hub:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_dirty)
 
-    def flush_now(self) -> None:
-        """Write what is queued for direct transports now, not at the end of the
-        loop turn. A server calls it when a reader is about to wait: the turn
-        has nothing left to add, and the write saves the loop a turn."""
-        if self._dirty:
-            self._flush_dirty()
-
     def _flush_dirty(self) -> None:
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, []

@@ -62,9 +62,6 @@ class LeanServer:
         self.tick = min(ping_interval or http_idle, http_idle / 2)
         self._ping_every = max(1, round((ping_interval or 0) / self.tick))
         self._ticks = 0
-        # called when a websocket reader is about to wait for the next frame (the
-        # hub's ``flush_now``: what this turn queued goes out without another turn)
-        self.before_wait: Callable[[], None] | None = None
         self.peers: set[Peer] = set()
         self.state: dict[str, Any] = {}
         self.address: tuple[str, int] | None = None
@@ -170,7 +167,7 @@ def loop_factory(loop: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] 
 def run(app: ASGIApp, *, host: str, port: int, ws_routes: Sequence[Any] = (),
         max_size: int = 1 << 20, sockets: Sequence[socket.socket] | None = None,
         before_close: Callable[[], Awaitable[None]] | None = None,
-        before_wait: Callable[[], None] | None = None, loop: str = "auto") -> None:
+        loop: str = "auto") -> None:
     """Serve ``app`` until SIGINT or SIGTERM, then shut down cleanly (exit status 0).
 
     ``before_close`` runs after the listening sockets close and before open
@@ -180,7 +177,6 @@ def run(app: ASGIApp, *, host: str, port: int, ws_routes: Sequence[Any] = (),
 
     async def main() -> None:
         server = LeanServer(app, ws_routes=ws_routes, max_size=max_size)
-        server.before_wait = before_wait
         await server.startup()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

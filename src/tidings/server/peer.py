@@ -430,9 +430,6 @@ class Peer(asyncio.Protocol):
         while not inbox:
             if self._close is not None:
                 return self._close
-            before_wait = self.server.before_wait
-            if before_wait is not None:
-                before_wait()
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -534,9 +531,6 @@ class Peer(asyncio.Protocol):
                 return
         if not inbox:
             self._inbox = None
-            before_wait = self.server.before_wait
-            if before_wait is not None and self.on_message is not None:
-                before_wait()  # what the frames taken above queued goes out now
             return
         waiter = self._waiter
         if waiter is not None and not waiter.done():

@@ -53,8 +53,7 @@ def run(hub: Hub, *, host: str, port: int, log_level: str = "info",
 
     lean.run(create_app(hub), host=host, port=port, ws_routes=websocket_routes(hub),
              max_size=hub.limits.frame_hard, sockets=sockets,
-             before_close=lambda: close_hub_connections(hub), before_wait=hub.flush_now,
-             loop=loop)
+             before_close=lambda: close_hub_connections(hub), loop=loop)
 
 
 def _run_uvicorn(hub: Hub, *, host: str, port: int, log_level: str, sockets: Any,
