@@ -106,7 +106,7 @@ async def serve_native(hub: Hub, conn: Connection, receive: Receive) -> None:
     # before the previous reply (the broker keeps their order); any other command
     # waits for them first, so what a client does after publishing sees it.
     pipelined = getattr(hub.broker, "pipelined", False)
-    inflight: set[asyncio.Task[None]] | None = None  # made on first use: idle sockets are many
+    inflight: _Tasks | None = None  # made on first use: idle sockets are many
     idle = limits.idle_timeout
     while not conn.closed:
         if idle:
@@ -141,16 +141,41 @@ async def serve_native(hub: Hub, conn: Connection, receive: Receive) -> None:
             continue
         if pipelined and isinstance(cmd, Publish):
             if inflight is None:
-                inflight = set()
-            if len(inflight) >= _MAX_PIPELINED:
-                await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-            task = loop.create_task(handle_command(hub, conn, cmd))
-            inflight.add(task)
-            task.add_done_callback(inflight.discard)
+                inflight = _Tasks()
+            await inflight.room(_MAX_PIPELINED)
+            inflight.add(loop.create_task(handle_command(hub, conn, cmd)))
             continue
-        if inflight:
-            await asyncio.gather(*inflight)
+        if inflight is not None and inflight.tasks:
+            await asyncio.gather(*inflight.tasks)
         await handle_command(hub, conn, cmd)
+
+
+class _Tasks:
+    """A connection's publishes in flight; ``room`` waits in O(1) for a free slot."""
+
+    __slots__ = ("tasks", "waiter")
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def add(self, task: asyncio.Task[None]) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def room(self, limit: int) -> None:
+        while len(self.tasks) >= limit:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
 
 
 class _Endpoint:
