@@ -129,3 +129,27 @@ async def test_a_fire_and_forget_producer_is_relayed_as_sent(server) -> None:
     offsets = [p.offset for p in page.publications]
     assert page.offset == len(sent) * 50 and offsets
     assert offsets == list(range(offsets[0], page.offset + 1))
+
+
+async def test_a_subscriber_dropping_mid_fanout_costs_the_others_nothing(server) -> None:
+    """Real sockets: one subscriber vanishes (RST) while a burst is fanned out;
+    every other one still gets every publication, in order."""
+    hub, base = server
+    count, subscribers = 600, 12
+    socks = [await websockets.connect(ws_url(base, "/ws/sub/burst")) for _ in range(subscribers)]
+    try:
+        await wait_until(lambda: len(hub.index.match("burst")) == subscribers,
+                         what="subscriptions")
+        async with websockets.connect(ws_url(base, "/ws/pub/burst")) as pub:
+            for i in range(count):
+                await pub.send(str(i))
+                if i == count // 3:  # gone without a close handshake
+                    socks[0].transport.abort()
+        for ws in socks[1:]:
+            got = [int(await asyncio.wait_for(ws.recv(), 5)) for _ in range(count)]
+            assert got == list(range(count))
+        await wait_until(lambda: len(hub.index.match("burst")) == subscribers - 1,
+                         what="the dropped subscriber to be forgotten")
+    finally:
+        for ws in socks[1:]:
+            await ws.close()
