@@ -114,7 +114,7 @@ class Peer(asyncio.Protocol):
         self._buf = bytearray()
         self._req: Request | None = None
         self._body: ChunkedReader | None = None
-        self._chunks = False  # HTTP response: chunked, or started (None) / not started
+        self._chunks = False  # the HTTP response goes out chunked
         self._resp: int | None = None  # HTTP response status once started
         self._head: list[tuple[bytes, bytes]] = []  # response headers; the ws key
         self._reader: FrameReader | None = None
@@ -122,7 +122,7 @@ class Peer(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._close: Message | None = None  # the disconnect message once gone
-        self._connected = False
+        self._connected = False  # HTTP: response head written; websocket: connect given
         self._paused = False
         self._writable = True
 
