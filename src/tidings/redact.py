@@ -59,7 +59,7 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-_LOGGERS: Final = ("uvicorn", "uvicorn.access", "uvicorn.error", "tidings")
+_LOGGERS: Final = ("uvicorn", "uvicorn.access", "uvicorn.error", "tidings", "tidings.access")
 
 
 def install(secrets: Iterable[str] = ()) -> RedactingFilter:
