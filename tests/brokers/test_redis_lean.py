@@ -26,7 +26,7 @@ async def test_password_database_and_a_flushed_script_cache() -> None:
         assert (await admin.execute([["CONFIG", "SET", "requirepass", "s3cret"]]))[0] == b"OK"
         admin.close()
         url = f"redis://:s3cret@127.0.0.1:{redis.port}/3"
-        with pytest.raises(Exception, match="NOAUTH|WRONGPASS|invalid"):
+        with pytest.raises(Exception, match=r"NOAUTH|WRONGPASS|invalid"):
             await RespConnection.open(f"redis://:wrong@127.0.0.1:{redis.port}/3")
         async with Hub(url) as hub:
             sink = Sink()
