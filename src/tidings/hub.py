@@ -22,6 +22,7 @@ from tidings.auth import Authenticator, Identity, select_subprotocol
 from tidings.brokers import (
     Broker,
     BrokerHealth,
+    HistoryOptions,
     HistoryStore,
     PresenceStore,
     QueueStoreProvider,
@@ -457,23 +458,32 @@ class Hub:
         ``text``: ``data`` as JSON text, when the caller has it already (a raw
         producer's frame); raw-stream subscribers then get that text as is.
         """
-        self._require_started()
+        history = self._publishing(channel)
+        try:
+            return await self.broker.publish(channel, data, sender=sender, history=history,
+                                             text=text)
+        except BrokerUnavailable:
+            return self._publish_locally(channel, data, sender, text)
+
+    def _publishing(self, channel: str) -> HistoryOptions:
+        """What every publish checks first; the channel's history options."""
+        if not self._started or self._closing:
+            self._require_started()
         if channel not in self._valid_channels:  # validated once per name, not per publish
             validate_channel(channel, self.limits.max_name)
             if len(self._valid_channels) >= 10_000:
                 self._valid_channels.clear()
             self._valid_channels.add(channel)
         self.stats.publications_in += 1
-        try:
-            return await self.broker.publish(
-                channel, data, sender=sender, history=self.history_config.options(channel),
-                text=text,
-            )
-        except BrokerUnavailable:
-            # SPEC 7: local subscribers still get it; its position is unknown (0, "")
-            pub = Publication(channel, data, 0, "", sender, int(time.time() * 1000), raw=text)
-            self.on_publication(pub)
-            return pub
+        return self.history_config.options(channel)
+
+    def _publish_locally(self, channel: str, data: Any, sender: str | None,
+                         text: str | None) -> Publication:
+        """SPEC 7: with the broker unreachable, local subscribers still get it;
+        its position is unknown (offset 0, epoch "")."""
+        pub = Publication(channel, data, 0, "", sender, int(time.time() * 1000), raw=text)
+        self.on_publication(pub)
+        return pub
 
     @property
     def can_publish_nowait(self) -> bool:
@@ -485,15 +495,9 @@ class Hub:
         """:meth:`publish` without a coroutine, for brokers that never wait
         (``can_publish_nowait``): a raw producer's frames are published straight
         from the socket's read callback."""
-        if not self._started or self._closing:
-            self._require_started()
-        if channel not in self._valid_channels:
-            validate_channel(channel, self.limits.max_name)
-            self._valid_channels.add(channel)
-        self.stats.publications_in += 1
+        history = self._publishing(channel)
         pub: Publication = self.broker.publish_nowait(  # type: ignore[attr-defined]
-            channel, data, sender=sender, history=self.history_config.options(channel),
-            text=text)
+            channel, data, sender=sender, history=history, text=text)
         return pub
 
     def publish_soon(self, channel: str, data: Any, *, sender: str | None = None,
@@ -505,22 +509,15 @@ class Hub:
         is unreachable the publication is delivered locally (as :meth:`publish`
         does) and the future raises ``BrokerUnavailable``.
         """
-        self._require_started()
-        if channel not in self._valid_channels:
-            validate_channel(channel, self.limits.max_name)
-            self._valid_channels.add(channel)
-        self.stats.publications_in += 1
         start = getattr(self.broker, "publish_soon", None)
         if start is None:  # brokers without a pipeline: a task keeps the order
             return asyncio.ensure_future(self.publish(channel, data, sender=sender, text=text))
         future: asyncio.Future[Publication] = start(
-            channel, data, sender=sender, history=self.history_config.options(channel),
-            text=text)
+            channel, data, sender=sender, history=self._publishing(channel), text=text)
 
         def fallback(done: asyncio.Future[Publication]) -> None:
             if not done.cancelled() and isinstance(done.exception(), BrokerUnavailable):
-                self.on_publication(Publication(channel, data, 0, "", sender,
-                                                int(time.time() * 1000), raw=text))
+                self._publish_locally(channel, data, sender, text)
 
         future.add_done_callback(fallback)
         return future
