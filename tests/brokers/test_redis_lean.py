@@ -59,3 +59,29 @@ async def test_a_reply_stream_out_of_step_closes_the_connection() -> None:
             await conn.execute([["PING"]])
     finally:
         redis.stop()
+
+
+async def test_a_frozen_redis_is_noticed_by_its_silence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGSTOP keeps the TCP connection open but nothing answers: the PING on
+    the quiet subscriber connection goes unanswered, the node reports the broker
+    down, and up again once Redis runs on."""
+    import signal
+
+    import tidings.brokers.redis as redis_module
+    from tests.support import wait_until
+
+    monkeypatch.setattr(redis_module, "_HEALTH_CHECK", 0.2)
+    redis = RedisServer()
+    try:
+        async with Hub(redis.url) as hub:
+            assert hub.health().up
+            assert redis.proc is not None
+            redis.proc.send_signal(signal.SIGSTOP)
+            try:
+                await wait_until(lambda: not hub.health().up, 5, "the broker to be reported down")
+            finally:
+                redis.proc.send_signal(signal.SIGCONT)
+            await wait_until(lambda: hub.health().up, 10, "the broker to be back")
+            assert (await hub.publish("after/freeze", 1)).offset == 1
+    finally:
+        redis.stop()

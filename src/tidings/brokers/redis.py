@@ -227,7 +227,6 @@ class RedisBroker:
         if self._client is None:
             raise BrokerUnavailable("not connected")
         pubsub = RespPubSub(await RespConnection.open(self._redis_url, on_push=self._on_push))
-        self._pong_at = time.monotonic()
         await pubsub.subscribe(self._inbox, self._all, *(self._chan(c) for c in self._exact))
         if self._patterns:
             await pubsub.psubscribe(*self._patterns)
@@ -246,14 +245,15 @@ class RedisBroker:
         """Wait while the subscriber connection delivers (``_on_push``); raise when
         it is lost or stops answering PINGs (a silent network failure)."""
         pubsub: RespPubSub = self._pubsub
+        pinged: float | None = None
         while True:
-            pinged = time.monotonic()
             try:
                 await asyncio.wait_for(asyncio.shield(pubsub.conn.lost), _HEALTH_CHECK)
             except TimeoutError:
-                if self._pong_at < pinged - _HEALTH_CHECK:
+                if pinged is not None and self._pong_at < pinged:  # no answer in 5 s
                     pubsub.conn.close()
                     raise RedisConnectionError("Redis stopped answering PING") from None
+                pinged = time.monotonic()
                 pubsub.ping()
                 continue
             raise RedisConnectionError("connection to Redis lost")
