@@ -1,9 +1,10 @@
 """One websocket session: its subscriptions and its bounded outbox.
 
 Delivery never awaits: the hub appends an already-encoded frame (the same
-``str`` object for every subscriber of a publication) to each connection's
-outbox and returns. One writer task per connection drains the outbox into
-the ASGI ``send``. When the outbox passes its limits (frames or bytes) the
+object for every subscriber of a publication) to each connection's outbox
+and returns. With a direct transport (see :class:`DirectTransport`) the
+outbox goes out in one write at the end of the event-loop turn; otherwise one
+writer task per connection drains it into the ASGI ``send``. When the outbox passes its limits (frames or bytes) the
 policy applies: ``disconnect`` closes with 1013 so the client reconnects and
 recovers from history; ``drop`` discards the oldest publications and tells the
 client with a ``lagged`` frame. Replies and other control frames are never
