@@ -14,8 +14,9 @@ import websockets
 from tests.support import native, serve_process, ws_url
 
 
-@pytest.mark.parametrize("server_args", [(), ("--server", "uvicorn", "--loop", "asyncio")],
-                         ids=["own-server", "uvicorn"])
+@pytest.mark.parametrize("server_args", [(), ("--loop", "asyncio"),
+                                         ("--server", "uvicorn", "--loop", "asyncio")],
+                         ids=["own-server", "own-server-asyncio-loop", "uvicorn"])
 async def test_sigterm_closes_sockets_1001_and_exits_0_with_blocked_consumers(
         server_args: tuple[str, ...]) -> None:
     with serve_process(*server_args) as server:
