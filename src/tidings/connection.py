@@ -4,11 +4,11 @@ Delivery never awaits: the hub appends an already-encoded frame (the same
 object for every subscriber of a publication) to each connection's outbox
 and returns. With a direct transport (see :class:`DirectTransport`) the
 outbox goes out in one write at the end of the event-loop turn; otherwise one
-writer task per connection drains it into the ASGI ``send``. When the outbox passes its limits (frames or bytes) the
-policy applies: ``disconnect`` closes with 1013 so the client reconnects and
-recovers from history; ``drop`` discards the oldest publications and tells the
-client with a ``lagged`` frame. Replies and other control frames are never
-dropped.
+writer task per connection drains it into the ASGI ``send``. When the outbox
+passes its limits (frames or bytes) the policy applies: ``disconnect`` closes
+with 1013 so the client reconnects and recovers from history; ``drop``
+discards the oldest publications and tells the client with a ``lagged``
+frame. Replies and other control frames are never dropped.
 """
 
 from __future__ import annotations
