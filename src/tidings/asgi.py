@@ -21,7 +21,7 @@ from tidings.connection import Connection, ConnectionKind
 from tidings.dispatch import handle_command, send_error
 from tidings.exceptions import BrokerError, BrokerUnavailable, HookError, HubError
 from tidings.gate import admit
-from tidings.permissions import Action, check
+from tidings.permissions import Action, check, check_now
 from tidings.protocol.codes import CloseCode, ErrorCode
 from tidings.protocol.errors import ProtocolError
 from tidings.protocol.names import validate_channel, validate_pattern
@@ -143,27 +143,64 @@ async def serve_native(hub: Hub, conn: Connection, receive: Receive) -> None:
             if inflight is None:
                 inflight = _Tasks()
             await inflight.room(_MAX_PIPELINED)
-            inflight.add(loop.create_task(handle_command(hub, conn, cmd)))
+            if hub.can_publish is not None:  # a hook may need awaiting: a task keeps order
+                inflight.add(loop.create_task(handle_command(hub, conn, cmd)))
+            else:
+                _publish_soon(hub, conn, cmd, inflight)
             continue
         if inflight is not None and inflight.tasks:
-            await asyncio.gather(*inflight.tasks)
+            await asyncio.gather(*inflight.tasks, return_exceptions=True)
         await handle_command(hub, conn, cmd)
 
 
+def _publish_soon(hub: Hub, conn: Connection, cmd: Publish, inflight: _Tasks) -> None:
+    """A native ``publish`` on a pipelined broker without a task: checked now,
+    started now (so publishes keep their order), answered when it completes."""
+    rid = cmd.id
+    try:
+        check_now(hub, "publish", conn, cmd.channel)
+        future = hub.publish_soon(cmd.channel, cmd.data, sender=conn.conn_id)
+    except ProtocolError as exc:
+        send_error(hub, conn, rid, exc.code, exc.message)
+        return
+    except Exception:
+        log.exception("node %s: publish from %s failed", hub.node, conn.conn_id)
+        send_error(hub, conn, rid, ErrorCode.INTERNAL, "internal error")
+        return
+
+    def answer(done: asyncio.Future[Publication]) -> None:
+        if done.cancelled():
+            return
+        exc = done.exception()
+        if exc is None:
+            pub = done.result()
+            conn.send_frame(encode_reply(rid, {"offset": pub.offset, "epoch": pub.epoch}
+                                         ).decode())
+        elif isinstance(exc, BrokerUnavailable):  # delivered locally (SPEC 7)
+            conn.send_frame(encode_reply(rid, {"offset": 0, "epoch": ""}).decode())
+        else:
+            log.error("node %s: publish from %s failed: %r", hub.node, conn.conn_id, exc)
+            send_error(hub, conn, rid, ErrorCode.INTERNAL, "internal error")
+
+    future.add_done_callback(answer)
+    inflight.add(future)
+
+
 class _Tasks:
-    """A connection's publishes in flight; ``room`` waits in O(1) for a free slot."""
+    """A connection's publishes in flight (tasks or futures); ``room`` waits in
+    O(1) for a free slot."""
 
     __slots__ = ("tasks", "waiter")
 
     def __init__(self) -> None:
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Future[Any]] = set()
         self.waiter: asyncio.Future[None] | None = None
 
-    def add(self, task: asyncio.Task[None]) -> None:
+    def add(self, task: asyncio.Future[Any]) -> None:
         self.tasks.add(task)
         task.add_done_callback(self._done)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, task: asyncio.Future[Any]) -> None:
         self.tasks.discard(task)
         waiter = self.waiter
         if waiter is not None and not waiter.done():

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from tidings.connection import Connection
     from tidings.hub import Hub
 
-__all__ = ["ACTIONS", "Action", "Rule", "check", "covers", "decide", "is_wide"]
+__all__ = ["ACTIONS", "Action", "Rule", "check", "check_now", "covers", "decide", "is_wide"]
 
 Action = Literal["subscribe", "publish", "presence", "history"]
 ACTIONS: tuple[Action, ...] = ("subscribe", "publish", "presence", "history")
@@ -155,6 +155,15 @@ def decide(hub: Hub, action: Action, conn: Connection, name: str) -> str | None:
     if action == "publish":
         return f"not allowed to publish to {name!r}"
     return None if user is not None else "not authenticated"
+
+
+def check_now(hub: Hub, action: Action, conn: Connection, name: str) -> None:
+    """:func:`check` for when no hook is set for ``action`` (nothing to await)."""
+    if action == "publish" and name.startswith("$"):
+        raise ProtocolError(ErrorCode.FORBIDDEN, "'$' channels are reserved to the server")
+    reason = decide(hub, action, conn, name)
+    if reason is not None:
+        raise ProtocolError(ErrorCode.FORBIDDEN, reason)
 
 
 async def check(hub: Hub, action: Action, conn: Connection, name: str) -> None:

@@ -112,6 +112,37 @@ async def test_pipelined_publishes_keep_their_order(redis_url: str) -> None:
         assert got == list(range(500))
 
 
+async def test_pipelined_publishes_checked_and_answered_in_order(redis_url: str) -> None:
+    """Refused publishes among pipelined ones get their error (errors may come
+    before earlier replies: clients match by id); the accepted ones keep their
+    order, with or without a hook to await."""
+    from tests.support import running
+    from tidings import Hub
+
+    for hooked in (False, True):
+        hub = Hub(redis_url)
+        if hooked:
+            async def can_publish(conn: object, channel: str) -> bool | None:
+                await asyncio.sleep(0)
+                return False if channel.endswith("/no") else None
+
+            hub.can_publish = can_publish
+        async with running(hub) as base, native(base) as pub:
+            for i in range(60):
+                channel = "$sys" if i % 10 == 3 else ("chk/no" if hooked and i % 10 == 7
+                                                      else "chk/yes")
+                await pub.send({"type": "publish", "id": i, "channel": channel, "data": i})
+            answers = sorted([await pub.recv() for _ in range(60)], key=lambda a: a["id"])
+        assert [a["id"] for a in answers] == list(range(60))
+        for a in answers:
+            refused = a["id"] % 10 == 3 or (hooked and a["id"] % 10 == 7)
+            assert a["type"] == ("error" if refused else "reply"), a
+            if refused:
+                assert a["code"] == "forbidden"
+        offsets = [a["result"]["offset"] for a in answers if a["type"] == "reply"]
+        assert offsets == list(range(offsets[0], offsets[0] + len(offsets)))
+
+
 async def test_raw_publisher_is_pipelined_in_order(redis_url: str) -> None:
     import json
 
