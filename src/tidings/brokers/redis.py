@@ -39,7 +39,6 @@ import logging
 import random
 import secrets
 import time
-from collections import deque
 from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
@@ -94,7 +93,6 @@ _CONFIRMATIONS = frozenset({"subscribe", "psubscribe", "ssubscribe", "unsubscrib
                             "punsubscribe", "sunsubscribe"})
 _CONFIRM_TIMEOUT = 5.0
 _HEALTH_CHECK = 5.0  # seconds between PINGs on a quiet subscriber connection
-_BATCHES_IN_FLIGHT = 1  # batches on the wire at once; 2-4 measured no faster here (docs)
 
 _GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 
@@ -443,44 +441,32 @@ class RedisBroker(RedisPresence):
             asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def _flush_loop(self) -> None:
-        """Batches go out in the order they were made: on one connection Redis
-        runs them in that order, so publishes from one sender keep their order
-        even when the sender does not wait for each reply. Up to
-        ``_BATCHES_IN_FLIGHT`` are on the wire at once; what queues up
-        meanwhile goes in the next, bigger, batch."""
-        in_flight: deque[asyncio.Task[None]] = deque()
-        loop = asyncio.get_running_loop()
+        """One batch on the wire at a time: batches reach Redis in the order they
+        were made, so publishes from one sender keep their order even when the
+        sender does not wait for each reply; what queues up meanwhile goes in
+        the next, bigger, batch. (Several batches in flight on the one
+        connection would keep the order too, but measured no faster here.)"""
         try:
             while self._pending:
-                while len(in_flight) >= _BATCHES_IN_FLIGHT:
-                    await in_flight.popleft()
                 batch, self._pending = self._pending, []
-                args = [a for a, _ in batch]
-                replies: asyncio.Future[list[Any]] | Exception
-                try:
-                    if self._client is None:
-                        raise BrokerUnavailable("not connected")
-                    replies = await self._send_scripts(args)
-                except Exception as exc:
-                    replies = exc
-                in_flight.append(loop.create_task(self._settle(batch, args, replies)))
+                await self._settle(batch)
         finally:
             self._flushing = False
 
     async def _settle(self, batch: list[tuple[tuple[Any, ...], tuple[
-            asyncio.Future[Publication], Any, str | None]]], args: list[tuple[Any, ...]],
-            replies: asyncio.Future[list[Any]] | Exception) -> None:
-        """Hand each publish of a batch its publication, in order. A NOSCRIPT
+            asyncio.Future[Publication], Any, str | None]]]) -> None:
+        """Run one batch; hand each publish its publication, in order. A NOSCRIPT
         reply (the script cache was flushed: nothing ran) loads it and runs
         those publishes again."""
+        args = [call for call, _ in batch]
         try:
-            if isinstance(replies, Exception):
-                raise replies
-            results = await replies
+            if self._client is None:
+                raise BrokerUnavailable("not connected")
+            results = await self._run_scripts(args)
             missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
             if missing:
                 await self._client.script_load(self.publish_lua)
-                again = await (await self._send_scripts([args[i] for i in missing]))
+                again = await self._run_scripts([args[i] for i in missing])
                 for i, result in zip(missing, again, strict=True):
                     results[i] = result
         except Exception as exc:
@@ -508,9 +494,9 @@ class RedisBroker(RedisPresence):
             client=client,
         )
 
-    async def _send_scripts(self, batch: list[tuple[Any, ...]]) -> asyncio.Future[list[Any]]:
-        """Write one batch of EVALSHA calls now (one write, on the lean publisher
-        connection); the future gets the replies. Plain EVALSHA: a ``Script``
+    async def _run_scripts(self, batch: list[tuple[Any, ...]]) -> list[Any]:
+        """One batch of EVALSHA calls: one write on the lean publisher connection,
+        the replies in order (errors as values). Plain EVALSHA: a ``Script``
         object would first ask ``SCRIPT EXISTS``; the script is loaded whenever
         the connection is (re)opened instead."""
         sha = self._script.sha
@@ -538,7 +524,7 @@ class RedisBroker(RedisPresence):
                 conn.close()
                 raise loaded
             self._publisher = conn
-        return conn.execute_packed(b"".join(parts), len(batch))
+        return await conn.execute_packed(b"".join(parts), len(batch))
 
     def _targets(self, channel: str) -> list[bytes]:
         """Leading script arguments: the classic and the shard channel to publish on."""

@@ -74,13 +74,6 @@ class RedisClusterBroker(RedisBroker):
         await asyncio.gather(*(run(ix) for ix in by_channel.values()))
         return results
 
-    async def _send_scripts(self, batch: list[tuple[Any, ...]]) -> asyncio.Future[list[Any]]:
-        """Runs the batch to its end here: overlapping batches could reorder one
-        channel's publishes, which go to its shard one after another."""
-        done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        done.set_result(await self._run_scripts(batch))
-        return done
-
     def _shard_chan(self, channel: str) -> bytes:
         return f"{self.prefix}:{self._tag(channel)}:s".encode()
 
