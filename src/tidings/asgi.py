@@ -171,19 +171,28 @@ def _publish_soon(hub: Hub, conn: Connection, cmd: Publish, inflight: _Tasks) ->
     def answer(done: asyncio.Future[Publication]) -> None:
         if done.cancelled():
             return
-        exc = done.exception()
-        if exc is None:
-            pub = done.result()
-            conn.send_frame(encode_reply(rid, {"offset": pub.offset, "epoch": pub.epoch}
-                                         ).decode())
-        elif isinstance(exc, BrokerUnavailable):  # delivered locally (SPEC 7)
-            conn.send_frame(encode_reply(rid, {"offset": 0, "epoch": ""}).decode())
-        else:
-            log.error("node %s: publish from %s failed: %r", hub.node, conn.conn_id, exc)
+        position = _position(done, conn)
+        if position is None:
             send_error(hub, conn, rid, ErrorCode.INTERNAL, "internal error")
+        else:
+            conn.send_frame(encode_reply(rid, position).decode())
 
     future.add_done_callback(answer)
     inflight.add(future)
+
+
+def _position(done: asyncio.Future[Publication], conn: Connection) -> dict[str, Any] | None:
+    """What a completed ``publish_soon`` answers: the publication's position,
+    offset 0 and no epoch when the broker was down (delivered locally, SPEC 7),
+    None after an unexpected failure (logged)."""
+    exc = done.exception()
+    if exc is None:
+        pub = done.result()
+        return {"offset": pub.offset, "epoch": pub.epoch}
+    if isinstance(exc, BrokerUnavailable):
+        return {"offset": 0, "epoch": ""}
+    log.error("publish from %s failed: %r", conn.conn_id, exc)
+    return None
 
 
 class _Tasks:
@@ -287,51 +296,28 @@ def _raw_value(payload: str | bytes) -> tuple[Any, str | None]:
         return payload, None
 
 
-class _Window:
-    """A producer's publishes in flight: at most ``_MAX_PIPELINED``; each one's
-    ack (``?ack=1``) sent as it completes, which is the order they were made in."""
+class _Window(_Tasks):
+    """A producer's publishes in flight; each one's ack (``?ack=1``) is sent as
+    it completes, which is the order they were made in."""
 
-    __slots__ = ("ack", "conn", "count", "waiter")
+    __slots__ = ("ack", "conn")
 
     def __init__(self, conn: Connection, ack: bool) -> None:
+        super().__init__()
         self.conn = conn
         self.ack = ack
-        self.count = 0
-        self.waiter: asyncio.Future[None] | None = None
 
-    @property
-    def full(self) -> bool:
-        return self.count >= _MAX_PIPELINED
-
-    async def wait(self) -> None:
-        self.waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self.waiter
-        finally:
-            self.waiter = None
-
-    def add(self, future: asyncio.Future[Publication]) -> None:
-        self.count += 1
+    def add(self, future: asyncio.Future[Any]) -> None:
+        super().add(future)
         future.add_done_callback(self._settled)
 
     def _settled(self, future: asyncio.Future[Publication]) -> None:
-        self.count -= 1
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
         if future.cancelled():
             return
-        exc = future.exception()
-        if exc is None:
-            pub = future.result()
-            position = {"offset": pub.offset, "epoch": pub.epoch}
-        elif isinstance(exc, BrokerUnavailable):  # delivered locally, position unknown
-            position = {"offset": 0, "epoch": ""}
-        else:
-            log.error("publish failed: %r", exc)
+        position = _position(future, self.conn)
+        if position is None:
             self.conn.close(CloseCode.INTERNAL_ERROR, "internal error")
-            return
-        if self.ack:
+        elif self.ack:
             self.conn.send_frame(dumps(position).decode())
 
 
@@ -360,7 +346,7 @@ class PubEndpoint(_Endpoint):
 
         def take(payload: str | bytes) -> bool:
             """Publish one frame without waiting; False: not now (the window is full)."""
-            if mode == "await" or (mode == "soon" and window.full):
+            if mode == "await" or (mode == "soon" and len(window.tasks) >= _MAX_PIPELINED):
                 return False
             if conn.closed or (len(payload) > frame_hard
                                and not next_frame_guard(hub, conn, payload)):
@@ -394,8 +380,7 @@ class PubEndpoint(_Endpoint):
             if payload is None:
                 continue
             if mode != "await":
-                while window.full:
-                    await window.wait()
+                await window.room(_MAX_PIPELINED)
                 take(payload)
                 continue
             if not next_frame_guard(hub, conn, payload):

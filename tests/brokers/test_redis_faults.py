@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import urllib.error
 import urllib.request
 
 import pytest
+import websockets
 
 from tests.brokers.conftest import RedisServer
-from tests.support import apost, native, running
+from tests.support import apost, native, running, ws_url
 from tidings import Hub
 
 pytestmark = pytest.mark.redis
@@ -51,6 +53,15 @@ async def test_redis_killed_and_restarted(caplog: pytest.LogCaptureFixture) -> N
             assert status == 200  # local delivery goes on during the outage
             local = await client.next("publication")
             assert (local["data"], local["offset"]) == ("local", 0)
+            # the pipelined paths answer the same way: position unknown, delivered here
+            reply = await client.request({"type": "publish", "channel": "live", "data": "n"})
+            assert reply["result"] == {"offset": 0, "epoch": ""}
+            assert (await client.next("publication"))["data"] == "n"
+            async with websockets.connect(ws_url(base1, "/ws/pub/live?ack=1")) as raw:
+                await raw.send('"r"')
+                ack = json.loads(await asyncio.wait_for(raw.recv(), 10))
+            assert ack == {"offset": 0, "epoch": ""}
+            assert (await client.next("publication"))["data"] == "r"
             assert (await client.request({"type": "ping"}))["type"] == "pong"
             async with native(base1) as newcomer:  # subscribing during the outage works too
                 reply = await newcomer.request({"type": "subscribe", "channel": "fresh",
