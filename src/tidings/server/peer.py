@@ -116,7 +116,7 @@ class Peer(asyncio.Protocol):
         self._body: ChunkedReader | None = None
         self._chunks = False  # the HTTP response goes out chunked
         self._resp: int | None = None  # HTTP response status once started
-        self._head: list[tuple[bytes, bytes]] = []  # response headers; the ws key
+        self._head: list[tuple[bytes, bytes]] = []  # the HTTP response's headers
         self._reader: FrameReader | None = None
         self._inbox: deque[Message] | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -205,13 +205,13 @@ class Peer(asyncio.Protocol):
         try:
             req = parse_request(head, max_body=self.server.max_body)
             if req.upgrade:
-                key = websocket_key(req)
+                websocket_key(req)  # the rest of the handshake is checked here
         except HTTPError as exc:
             self._refuse(exc)
             return
         self._req = req
         if req.upgrade:
-            self._start_websocket(req, key)
+            self._start_websocket(req)
             return
         if req.expect_continue:
             self.transport.write(_CONTINUE)
@@ -384,7 +384,7 @@ class Peer(asyncio.Protocol):
 
     # -- websocket ---------------------------------------------------------------
 
-    def _start_websocket(self, req: Request, key: bytes) -> None:
+    def _start_websocket(self, req: Request) -> None:
         self._state = _WS_HANDSHAKE
         scope = self._scope(req, "websocket")
         del scope["method"]
@@ -393,7 +393,6 @@ class Peer(asyncio.Protocol):
                                   if p.strip()] if protocols else [])
         scope["extensions"] = {EXTENSION: self}
         self._body = None
-        self._head = [(b"k", key)]
         app: Callable[..., Awaitable[None]] = self.server.app
         for route in self.server.ws_routes:
             match, child = route.matches(scope)
@@ -461,9 +460,11 @@ class Peer(asyncio.Protocol):
             if state != _WS_HANDSHAKE:
                 raise RuntimeError("websocket.accept twice or after close")
             extra = [(bytes(k).lower(), bytes(v)) for k, v in message.get("headers") or ()]
-            self.transport.write(handshake_response(self._head[0][1],
-                                                    message.get("subprotocol"), extra))
-            self._head = []
+            req = self._req
+            assert req is not None
+            key = req.header(b"sec-websocket-key")
+            assert key is not None  # checked by websocket_key before the app ran
+            self.transport.write(handshake_response(key, message.get("subprotocol"), extra))
             self._state = _WS_OPEN
             self._access(self._req, "[accepted]")
             self._req = None
