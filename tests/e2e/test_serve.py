@@ -95,6 +95,14 @@ def test_env_vars_and_refused_options() -> None:
     )
     assert out.returncode != 0
     assert "unknown broker URL scheme" in out.stderr
+    for option, value, says in (("--server", "nginx", "--server must be one of"),
+                                ("--loop", "trio", "unknown loop 'trio'")):
+        out = subprocess.run(
+            [sys.executable, "-m", "tidings.server.cli", "serve", option, value],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert out.returncode != 0
+        assert says in out.stderr
 
 
 def test_api_key_from_environment() -> None:

@@ -111,7 +111,8 @@ def _load_config(path: str | None) -> dict[str, Any]:
 def _serve(args: argparse.Namespace) -> int:
     from tidings.config import HistoryRule, Limits
     from tidings.hub import Hub
-    from tidings.server.runner import run
+    from tidings.server.lean import loop_factory
+    from tidings.server.runner import SERVERS, run
 
     config = _load_config(args.config)
     for key, value in config.items():
@@ -125,16 +126,12 @@ def _serve(args: argparse.Namespace) -> int:
     install(secrets=[s for s in (args.api_key, args.api_key_publish, args.jwt_secret) if s])
     if args.workers < 1:
         raise SystemExit("tidings: --workers must be >= 1")
-    if args.server not in ("tidings", "uvicorn"):
-        raise SystemExit("tidings: --server must be 'tidings' or 'uvicorn'")
-    if args.loop not in ("auto", "asyncio", "uvloop"):
-        raise SystemExit("tidings: --loop must be auto, asyncio or uvloop")
-    if args.loop == "uvloop":
-        try:
-            import uvloop  # noqa: F401
-        except ImportError:
-            raise SystemExit("tidings: --loop uvloop needs pip install 'tidings[uvloop]'"
-                             ) from None
+    if args.server not in SERVERS:
+        raise SystemExit(f"tidings: --server must be one of {', '.join(SERVERS)}")
+    try:
+        loop_factory(args.loop)  # refuses an unknown loop, or uvloop when missing
+    except ValueError as exc:
+        raise SystemExit(f"tidings: --loop: {exc}") from None
     if args.overflow not in ("disconnect", "drop"):
         raise SystemExit("tidings: --overflow must be 'disconnect' or 'drop'")
     try:
