@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from typing import Any
 
 import orjson
@@ -81,11 +82,8 @@ async def _lean(hub: Hub, app: Any) -> AsyncIterator[str]:
     try:
         yield f"http://127.0.0.1:{server.address[1]}"
     finally:
-        server.stop_listening()
-        if app is None:
-            await close_hub_connections(hub)
-        await server.close_peers(TIMEOUT)
-        await server.shutdown_app()
+        await server.shutdown(partial(close_hub_connections, hub) if app is None else None,
+                              TIMEOUT)
 
 
 def ws_url(base: str, path: str = "/ws") -> str:

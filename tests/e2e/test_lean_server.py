@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from functools import partial
 
 import websockets
 from websockets.frames import Frame, Opcode
@@ -182,9 +183,7 @@ async def test_silent_peers_are_pinged_and_dead_ones_closed() -> None:
                 assert alive.state is websockets.State.OPEN  # websockets answers pings
                 assert json.loads(await alive.recv())["type"] == "welcome"
         finally:
-            server.stop_listening()
-            await close_hub_connections(hub)
-            await server.close_peers(TIMEOUT)
+            await server.shutdown(partial(close_hub_connections, hub), TIMEOUT)
 
 
 async def test_a_close_frame_from_the_app_ends_the_session() -> None:
@@ -216,5 +215,4 @@ async def test_silent_http_connections_are_closed() -> None:
             writer.close()
             await wait_until(lambda: not server.peers, what="peers to go")
         finally:
-            server.stop_listening()
-            await server.close_peers(TIMEOUT)
+            await server.shutdown(None, TIMEOUT)

@@ -133,6 +133,17 @@ class LeanServer:
             self._ticker.cancel()
             self._ticker = None
 
+    async def shutdown(self, before_close: Callable[[], Awaitable[None]] | None = None,
+                       timeout: float = 2.0) -> None:
+        """Stop listening; ``before_close`` (the hub closes its websockets with
+        1001 there); let running requests finish, at most ``timeout`` seconds;
+        drop what is left; end the app's lifespan (if :meth:`startup` ran it)."""
+        self.stop_listening()
+        if before_close is not None:
+            await before_close()
+        await self.close_peers(timeout)
+        await self.shutdown_app()
+
     async def close_peers(self, timeout: float) -> None:
         """Let running requests finish (bounded), then drop every connection."""
         tasks = [p.task for p in self.peers if p.task is not None]
@@ -193,11 +204,7 @@ def run(app: ASGIApp, *, host: str, port: int, ws_routes: Sequence[Any] = (),
                  type(asyncio.get_running_loop()).__module__.split(".")[0])
         await stop.wait()
         log.info("shutting down")
-        server.stop_listening()
-        if before_close is not None:
-            await before_close()
-        await server.close_peers(2.0)
-        await server.shutdown_app()
+        await server.shutdown(before_close)
 
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(main())
