@@ -497,23 +497,22 @@ class Peer(asyncio.Protocol):
             return
         closing = self._state == _WS_CLOSING
         for opcode, payload in messages:
-            if opcode == OP_TEXT:
+            if opcode in (OP_TEXT, OP_BINARY):
                 if closing:
                     continue
-                try:
-                    text = payload.decode()
-                except UnicodeDecodeError:
-                    self._fail(1007, "text frame is not UTF-8")
-                    return
-                if not (self.on_message is not None and not inbox and self._waiter is not None
-                        and self._take(text)):
-                    inbox.append({"type": "websocket.receive", "text": text})
-            elif opcode == OP_BINARY:
-                if closing:
+                message: str | bytes = payload
+                if opcode == OP_TEXT:
+                    try:
+                        message = payload.decode()
+                    except UnicodeDecodeError:
+                        self._fail(1007, "text frame is not UTF-8")
+                        return
+                # taken at once only while the reader waits with nothing queued
+                if (self.on_message is not None and not inbox and self._waiter is not None
+                        and self._take(message)):
                     continue
-                if not (self.on_message is not None and not inbox and self._waiter is not None
-                        and self._take(payload)):
-                    inbox.append({"type": "websocket.receive", "bytes": payload})
+                inbox.append({"type": "websocket.receive",
+                              "text" if opcode == OP_TEXT else "bytes": message})
             elif opcode == OP_PING:
                 if not self.close_sent:
                     self.transport.write(encode_frame(payload, OP_PONG))
