@@ -41,8 +41,9 @@ async def running(hub: Hub, app: Any = None, ws: str = LEAN) -> AsyncIterator[st
     (``ws=LEAN``, as ``tidings serve``) or with uvicorn and the given websocket
     protocol; yield the base URL."""
     if ws == LEAN:
-        async with _lean(hub, app) as base:
-            yield base
+        async with lean_server(hub, app) as server:
+            assert server.address is not None
+            yield f"http://127.0.0.1:{server.address[1]}"
         return
     port = free_port()
     config = uvicorn.Config(
@@ -69,18 +70,19 @@ async def running(hub: Hub, app: Any = None, ws: str = LEAN) -> AsyncIterator[st
 
 
 @contextlib.asynccontextmanager
-async def _lean(hub: Hub, app: Any) -> AsyncIterator[str]:
+async def lean_server(hub: Hub, app: Any = None, **options: Any) -> AsyncIterator[Any]:
+    """tidings' own server for ``hub`` (or ``app``) on a free port, as ``tidings
+    serve`` runs it; ``options`` go to ``LeanServer`` (``ping_interval``, ...)."""
     from tidings.server.lean import LeanServer
     from tidings.server.runner import close_hub_connections, websocket_routes
 
     server = LeanServer(app if app is not None else create_app(hub),
                         ws_routes=websocket_routes(hub) if app is None else (),
-                        max_size=hub.limits.frame_hard)
+                        max_size=hub.limits.frame_hard, **options)
     await server.startup()
     await server.listen("127.0.0.1", 0)
-    assert server.address is not None
     try:
-        yield f"http://127.0.0.1:{server.address[1]}"
+        yield server
     finally:
         await server.shutdown(partial(close_hub_connections, hub) if app is None else None,
                               TIMEOUT)

@@ -6,18 +6,14 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from functools import partial
 
 import websockets
 from websockets.frames import Frame, Opcode
 
-from tests.support import TIMEOUT, native, running, wait_until, ws_url
+from tests.support import TIMEOUT, lean_server, native, running, wait_until, ws_url
 from tidings import Hub
 from tidings.config import Limits
 from tidings.protocol.frames import parse_close
-from tidings.server.app import create_app
-from tidings.server.lean import LeanServer
-from tidings.server.runner import close_hub_connections, websocket_routes
 
 UPGRADE = ("GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: {version}"
@@ -169,21 +165,15 @@ async def test_bad_requests_get_clear_statuses() -> None:
 
 async def test_silent_peers_are_pinged_and_dead_ones_closed() -> None:
     hub = Hub()
-    async with hub:
-        server = LeanServer(create_app(hub), ws_routes=websocket_routes(hub), ping_interval=0.1)
-        await server.listen("127.0.0.1", 0)
-        assert server.address is not None
+    async with lean_server(hub, ping_interval=0.1) as server:
         base = f"http://127.0.0.1:{server.address[1]}"
-        try:
-            async with websockets.connect(ws_url(base)) as alive, raw(base) as dead:
-                await upgraded(dead)  # never answers a ping
-                frames = await dead.frames()
-                assert (0x9, b"") in frames  # it was pinged ...
-                assert parse_close(frames[-1][1])[0] == 1011  # ... then given up on
-                assert alive.state is websockets.State.OPEN  # websockets answers pings
-                assert json.loads(await alive.recv())["type"] == "welcome"
-        finally:
-            await server.shutdown(partial(close_hub_connections, hub), TIMEOUT)
+        async with websockets.connect(ws_url(base)) as alive, raw(base) as dead:
+            await upgraded(dead)  # never answers a ping
+            frames = await dead.frames()
+            assert (0x9, b"") in frames  # it was pinged ...
+            assert parse_close(frames[-1][1])[0] == 1011  # ... then given up on
+            assert alive.state is websockets.State.OPEN  # websockets answers pings
+            assert json.loads(await alive.recv())["type"] == "welcome"
 
 
 async def test_a_close_frame_from_the_app_ends_the_session() -> None:
@@ -197,22 +187,15 @@ async def test_a_close_frame_from_the_app_ends_the_session() -> None:
 
 async def test_silent_http_connections_are_closed() -> None:
     """Idle keep-alive and stalled requests do not hold a socket forever."""
-    hub = Hub()
-    async with hub:
-        server = LeanServer(create_app(hub), ws_routes=websocket_routes(hub), http_idle=0.2)
-        await server.listen("127.0.0.1", 0)
-        assert server.address is not None
+    async with lean_server(Hub(), http_idle=0.2) as server:
         host, port = server.address
-        try:
-            reader, writer = await asyncio.open_connection(host, port)
-            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive
-            answer = await asyncio.wait_for(reader.read(), TIMEOUT)  # then closed
-            assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.count(b"HTTP/1.1") == 1
-            writer.close()
-            reader, writer = await asyncio.open_connection(host, port)
-            writer.write(b"GET /health HTTP/1.1\r\n")  # a head that never ends
-            assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
-            writer.close()
-            await wait_until(lambda: not server.peers, what="peers to go")
-        finally:
-            await server.shutdown(None, TIMEOUT)
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive
+        answer = await asyncio.wait_for(reader.read(), TIMEOUT)  # then closed
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.count(b"HTTP/1.1") == 1
+        writer.close()
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /health HTTP/1.1\r\n")  # a head that never ends
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+        writer.close()
+        await wait_until(lambda: not server.peers, what="peers to go")
