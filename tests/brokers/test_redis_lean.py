@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 
-from tests.brokers.conftest import RedisServer
+from tests.brokers.conftest import REDIS_URL, RedisServer, redis_ping, unavailable
 from tests.support import Sink
 from tidings import Hub
 from tidings.brokers.resp import RespConnection, pack
@@ -85,3 +86,44 @@ async def test_a_frozen_redis_is_noticed_by_its_silence(monkeypatch: pytest.Monk
             assert (await hub.publish("after/freeze", 1)).offset == 1
     finally:
         redis.stop()
+
+
+async def test_publishes_started_together_go_as_grouped_script_calls() -> None:
+    """Consecutive publishes to one channel share one script call and one pub/sub
+    message; what another node receives and what history keeps are unchanged:
+    binary data holding the field separator, senders, order, offsets."""
+    if not redis_ping(REDIS_URL):
+        unavailable(f"no Redis at {REDIS_URL}")
+    url = REDIS_URL + f"?prefix=t{uuid.uuid4().hex[:8]}"
+    async with Hub(url, history_size=100, history_ttl=60) as h1, Hub(url) as h2:
+        sink = Sink()
+        conn = h2.register(sink)
+        await h2.subscribe(conn, "grp/#")
+        calls: list[int] = []
+        run_scripts = h1.broker._run_scripts  # type: ignore[attr-defined]
+
+        async def counted(batch: list[tuple[object, ...]]) -> list[object]:
+            results = await run_scripts(batch)
+            calls.append(len(batch))
+            return list(results)
+
+        h1.broker._run_scripts = counted  # type: ignore[attr-defined]
+        plan = ([("grp/a", i) for i in range(100)] + [("grp/b", "b0"), ("grp/a", "after-b")]
+                + [("grp/a", b"\x1f\x00bin\x1f" + bytes([i])) for i in range(3)])
+        senders = [None, "s.1", ""]
+        pubs = await asyncio.gather(*(h1.publish(ch, data, sender=senders[k % 3] or None)
+                                      for k, (ch, data) in enumerate(plan)))
+        assert calls and sum(calls) == len(plan) and len(calls) < len(plan)
+        a_offsets = [p.offset for (ch, _), p in zip(plan, pubs, strict=True) if ch == "grp/a"]
+        assert a_offsets == list(range(1, 105))  # consecutive across the groups
+        await sink.wait_for(lambda f: len(f) == len(plan), timeout=10)
+        got = sink.of("publication")
+        assert [(f["channel"], f["offset"]) for f in got] == [
+            (p.channel, p.offset) for p in pubs]
+        assert [f["data"] for f in got[:101]] == [d for _, d in plan[:101]]
+        assert [f.get("sender") for f in got] == [
+            senders[k % 3] or None for k in range(len(plan))]
+        page = await h2.history("grp/a", limit=-1)
+        assert [p.offset for p in page.publications] == list(range(5, 105))  # size 100
+        assert [p.data for p in page.publications[-3:]] == [d for _, d in plan[-3:]]
+        assert page.publications[-1].data == b"\x1f\x00bin\x1f\x02"

@@ -66,7 +66,11 @@ log = logging.getLogger("tidings.brokers.redis")
 SEP = b"\x1f"  # JSON never contains a raw 0x1f, so it can separate header fields
 
 # KEYS: meta hash, history stream.  ARGV: classic channel (or ""), shard channel (or ""),
-# data, sender, ts, new epoch, history size, history ttl ms, meta ttl s.
+# history size, history ttl ms, meta ttl s, new epoch, then (data, sender, ts) for each of
+# the n publications (n >= 1), which get consecutive offsets. One is published as
+# 'P' offset SEP epoch SEP ts SEP sender SEP data; several as one message,
+# 'B' first offset SEP epoch SEP n, then per publication SEP ts SEP sender SEP
+# data length SEP data (binary data may hold the separator: its length says where it ends).
 PUBLISH_LUA = """
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
@@ -74,20 +78,40 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'e', epoch)
   redis.call('DEL', KEYS[2])
 end
-local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[9]))
-local size = tonumber(ARGV[7])
+local n = (#ARGV - 6) / 3
+local last = redis.call('HINCRBY', KEYS[1], 'o', n)
+local first = last - n + 1
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+local size = tonumber(ARGV[3])
 if size > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-1', 'd', ARGV[3], 's', ARGV[4],
-             't', ARGV[5])
-  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[8]))
+  for i = 0, n - 1 do
+    local a = 7 + 3 * i
+    redis.call('XADD', KEYS[2], (first + i) .. '-1', 'd', ARGV[a], 's', ARGV[a + 1],
+               't', ARGV[a + 2])
+  end
+  redis.call('XTRIM', KEYS[2], 'MAXLEN', size)
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[4]))
 end
-local msg = 'P' .. offset .. '\\31' .. epoch .. '\\31' .. ARGV[5] .. '\\31' .. ARGV[4]
-            .. '\\31' .. ARGV[3]
+local msg
+if n == 1 then
+  msg = 'P' .. first .. '\\31' .. epoch .. '\\31' .. ARGV[9] .. '\\31' .. ARGV[8]
+        .. '\\31' .. ARGV[7]
+else
+  local parts = {'B' .. first .. '\\31' .. epoch .. '\\31' .. n}
+  for i = 0, n - 1 do
+    local a = 7 + 3 * i
+    parts[#parts + 1] = ARGV[a + 2] .. '\\31' .. ARGV[a + 1] .. '\\31' .. #ARGV[a]
+                        .. '\\31' .. ARGV[a]
+  end
+  msg = table.concat(parts, '\\31')
+end
 if ARGV[1] ~= '' then redis.call('PUBLISH', ARGV[1], msg) end
 if ARGV[2] ~= '' then redis.call('SPUBLISH', ARGV[2], msg) end
-return {offset, epoch}
+return {first, epoch}
 """
+# publications of one channel sent as one script call, at most
+_GROUP_MAX = 64
+_GROUP_BYTES = 64 * 1024
 
 _CONFIRMATIONS = frozenset({"subscribe", "psubscribe", "ssubscribe", "unsubscribe",
                             "punsubscribe", "sunsubscribe"})
@@ -116,6 +140,34 @@ def _decode_data(raw: bytes) -> Any:
     if raw[:1] == b"b":
         return raw[1:]
     return orjson.loads(raw[1:])
+
+
+def _publication(channel: str, offset: int, epoch: str, ts: bytes, sender: bytes,
+                 payload: bytes) -> Publication:
+    text = payload[1:].decode() if payload[:1] == b"j" else None  # kept: sent as is
+    return Publication(channel, _decode_data(payload), offset, epoch, sender.decode() or None,
+                       int(ts), raw=text)
+
+
+def _unbatch(channel: str, data: bytes) -> list[Publication]:
+    """The publications of a 'B' message (see ``PUBLISH_LUA``), in order."""
+    first_end = data.index(SEP)
+    epoch_end = data.index(SEP, first_end + 1)
+    count_end = data.index(SEP, epoch_end + 1)
+    offset = int(data[1:first_end])
+    epoch = data[first_end + 1:epoch_end].decode()
+    count = int(data[epoch_end + 1:count_end])
+    pos = count_end + 1
+    out = []
+    for k in range(count):
+        ts_end = data.index(SEP, pos)
+        sender_end = data.index(SEP, ts_end + 1)
+        len_end = data.index(SEP, sender_end + 1)
+        end = len_end + 1 + int(data[sender_end + 1:len_end])
+        out.append(_publication(channel, offset + k, epoch, data[pos:ts_end],
+                                data[ts_end + 1:sender_end], data[len_end + 1:end]))
+        pos = end + 1
+    return out
 
 
 class RedisBroker(RedisPresence):
@@ -152,7 +204,8 @@ class RedisBroker(RedisPresence):
         self._queues: RedisQueueStore | None = None
         self._publisher: RespConnection | None = None  # lean connection for EVALSHA batches
         self._pong_at = 0.0
-        self._evalsha_heads: dict[str, bytes] = {}  # channel -> its packed EVALSHA prefix
+        # (channel, history size, ttl) -> its packed EVALSHA prefix
+        self._evalsha_heads: dict[tuple[str, int, int], bytes] = {}
 
     publish_lua = PUBLISH_LUA
     pipelined = True  # publishes may be issued without waiting for the previous reply
@@ -371,15 +424,16 @@ class RedisBroker(RedisPresence):
         via = self._patterns.get(pattern) if kind == "pmessage" and pattern else channel
         if via is None or via != self._first_match(channel):
             return  # a glob false positive, or a duplicate via another subscription
-        if data[:1] == b"E":
+        kind_byte = data[:1]
+        if kind_byte == b"E":
             handler.on_event(channel, data[1:].decode())
-            return
-        offset, epoch, ts, sender, payload = data[1:].split(SEP, 4)
-        text = payload[1:].decode() if payload[:1] == b"j" else None  # kept: sent as is
-        handler.on_publication(Publication(
-            channel, _decode_data(payload), int(offset), epoch.decode(), sender.decode() or None,
-            int(ts), raw=text,
-        ))
+        elif kind_byte == b"B":
+            for pub in _unbatch(channel, data):
+                handler.on_publication(pub)
+        else:
+            offset, epoch, ts, sender, payload = data[1:].split(SEP, 4)
+            handler.on_publication(_publication(channel, int(offset), epoch.decode(), ts,
+                                                sender, payload))
 
     def _channel_of(self, raw_channel: bytes) -> str:
         return raw_channel[len(self.prefix) + 3:].decode()
@@ -486,36 +540,59 @@ class RedisBroker(RedisPresence):
                                               call[2] or None, call[3], raw=text))
 
     def _script_call(self, args: tuple[Any, ...], client: Any) -> Any:
+        """One publish through redis-py (the cluster's path)."""
         channel, data, sender, ts, size, ttl_ms = args
         return self._script(
             keys=[self._meta(channel), self._stream(channel)],
-            args=[*self._targets(channel), data, sender, ts, secrets.token_hex(4),
-                  size, ttl_ms, self.meta_ttl],
+            args=[*self._targets(channel), size, ttl_ms, self.meta_ttl, secrets.token_hex(4),
+                  data, sender, ts],
             client=client,
         )
 
     async def _run_scripts(self, batch: list[tuple[Any, ...]]) -> list[Any]:
         """One batch of EVALSHA calls: one write on the lean publisher connection,
-        the replies in order (errors as values). Plain EVALSHA: a ``Script``
-        object would first ask ``SCRIPT EXISTS``; the script is loaded whenever
-        the connection is (re)opened instead."""
-        sha = self._script.sha
+        a result per publish in order (errors as values).
+
+        Consecutive publishes to one channel (with the same history settings) go
+        as one call, up to ``_GROUP_MAX`` of them: Redis runs the script once,
+        they get consecutive offsets, and subscribers get them in one message.
+        Plain EVALSHA: a ``Script`` object would first ask ``SCRIPT EXISTS``;
+        the script is loaded whenever the connection is (re)opened instead."""
         # the epoch a channel gets if its state is missing: one fresh value per
         # batch is enough (it only has to differ from that channel's last epoch)
-        epoch = secrets.token_hex(4)
-        meta_ttl = self.meta_ttl
+        epoch = bulk((secrets.token_hex(4),))
         heads = self._evalsha_heads
         if len(heads) > 10_000:
             heads.clear()
-        parts = []
-        for channel, data, sender, ts, size, ttl_ms in batch:
-            head = heads.get(channel)
-            if head is None:  # the command up to the script's own arguments, packed once
-                fixed = ["EVALSHA", sha, 2, self._meta(channel), self._stream(channel),
-                         *self._targets(channel)]
-                head = heads[channel] = b"*%d\r\n" % (len(fixed) + 7) + bulk(fixed)
+        parts: list[bytes] = []
+        sizes: list[int] = []  # publishes per call
+        i, total = 0, len(batch)
+        while i < total:
+            channel, _, _, _, size, ttl_ms = batch[i]
+            j, group_bytes = i, 0
+            entries = []
+            while j < total and j - i < _GROUP_MAX and group_bytes < _GROUP_BYTES:
+                other, data, sender, ts, other_size, other_ttl = batch[j]
+                if j > i and (other != channel or other_size != size or other_ttl != ttl_ms):
+                    break
+                sender_b = sender.encode()
+                ts_b = b"%d" % ts
+                entries.append(b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+                    len(data), data, len(sender_b), sender_b, len(ts_b), ts_b))
+                group_bytes += len(data)
+                j += 1
+            key = (channel, size, ttl_ms)
+            head = heads.get(key)
+            if head is None:  # the command up to the publications, packed once
+                head = heads[key] = bulk([
+                    "EVALSHA", self._script.sha, 2, self._meta(channel), self._stream(channel),
+                    *self._targets(channel), size, ttl_ms, self.meta_ttl])
+            parts.append(b"*%d\r\n" % (11 + 3 * (j - i)))
             parts.append(head)
-            parts.append(bulk((data, sender, ts, epoch, size, ttl_ms, meta_ttl)))
+            parts.append(epoch)
+            parts.extend(entries)
+            sizes.append(j - i)
+            i = j
         conn = self._publisher
         if conn is None or not conn.is_open:
             conn = await RespConnection.open(self._redis_url)
@@ -524,7 +601,15 @@ class RedisBroker(RedisPresence):
                 conn.close()
                 raise loaded
             self._publisher = conn
-        return await conn.execute_packed(b"".join(parts), len(batch))
+        replies = await conn.execute_packed(b"".join(parts), len(sizes))
+        results: list[Any] = []
+        for n, reply in zip(sizes, replies, strict=True):
+            if isinstance(reply, Exception):
+                results.extend([reply] * n)
+            else:
+                first, channel_epoch = reply
+                results.extend([(int(first) + k, channel_epoch) for k in range(n)])
+        return results
 
     def _targets(self, channel: str) -> list[bytes]:
         """Leading script arguments: the classic and the shard channel to publish on."""
