@@ -160,6 +160,9 @@ class Hub:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dirty: list[Connection] = []
         self._flush_scheduled = False
+        # the loop it runs on, kept: asyncio.get_running_loop() costs a getpid()
+        # system call on CPython 3.11 (its fork check)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -168,6 +171,7 @@ class Hub:
         if self._started:
             return
         self._closing = False
+        self._loop = asyncio.get_running_loop()
         await self.broker.connect(self.node, self)
         self._started = True
         log.info("tidings node %s started on %s", self.node, self.broker.url)
@@ -304,7 +308,7 @@ class Hub:
         self._dirty.append(conn)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_dirty)
+            (self._loop or asyncio.get_running_loop()).call_soon(self._flush_dirty)
 
     def _flush_dirty(self) -> None:
         self._flush_scheduled = False

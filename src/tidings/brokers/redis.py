@@ -204,6 +204,7 @@ class RedisBroker(RedisPresence):
         self._queues: RedisQueueStore | None = None
         self._publisher: RespConnection | None = None  # lean connection for EVALSHA batches
         self._pong_at = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None  # see RespConnection.loop
         # (channel, history size, ttl) -> its packed EVALSHA prefix
         self._evalsha_heads: dict[tuple[str, int, int], bytes] = {}
 
@@ -270,7 +271,7 @@ class RedisBroker(RedisPresence):
             self._client = None
             raise BrokerUnavailable(f"cannot reach Redis at {self._redis_url}: {exc}") from exc
         self._set_health(BrokerHealth(True))
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._listener = loop.create_task(self._listen(), name=f"tidings-redis-{node_id}")
         self._heartbeat = loop.create_task(self._beat(), name=f"tidings-presence-{node_id}")
 
@@ -475,7 +476,7 @@ class RedisBroker(RedisPresence):
         size, ttl_ms = 0, 0
         if history is not None and history.enabled:
             size, ttl_ms = history.size, int(history.ttl * 1000)
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[Publication] = loop.create_future()
         if not self._health.up:
             future.set_exception(BrokerUnavailable(self._health.reason or "Redis unreachable"))
@@ -492,7 +493,7 @@ class RedisBroker(RedisPresence):
         self._flush_scheduled = False
         if self._pending and not self._flushing:
             self._flushing = True
-            asyncio.get_running_loop().create_task(self._flush_loop())
+            (self._loop or asyncio.get_running_loop()).create_task(self._flush_loop())
 
     async def _flush_loop(self) -> None:
         """One batch on the wire at a time: batches reach Redis in the order they

@@ -63,7 +63,10 @@ class RespConnection(asyncio.Protocol):
     def __init__(self, on_push: Callable[[list[Any]], None] | None = None) -> None:
         self.on_push = on_push
         self.transport: asyncio.Transport | None = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # the loop, kept: asyncio.get_running_loop() costs a getpid() system call
+        # on CPython 3.11 (its fork check), too much for once per batch
+        self.loop = asyncio.get_running_loop()
+        self.lost: asyncio.Future[None] = self.loop.create_future()
         self._reader = hiredis.Reader()
         # per batch in flight: its future, the replies so far, how many it waits for
         self._waiting: deque[tuple[asyncio.Future[list[Any]], list[Any], int]] = deque()
@@ -160,7 +163,7 @@ class RespConnection(asyncio.Protocol):
 
     def execute_packed(self, payload: bytes, count: int) -> asyncio.Future[list[Any]]:
         """``execute`` for ``count`` commands packed already."""
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[Any]] = self.loop.create_future()
         transport = self.transport
         if transport is None or transport.is_closing():
             future.set_exception(RedisConnectionError("connection to Redis is closed"))

@@ -70,6 +70,9 @@ class LeanServer:
         self._lifespan_in: asyncio.Queue[Message] = asyncio.Queue()
         self._lifespan_out: asyncio.Queue[Message] = asyncio.Queue()
         self._ticker: asyncio.TimerHandle | None = None
+        # the loop it serves on, kept: asyncio.get_running_loop() costs a getpid()
+        # system call on CPython 3.11 (its fork check)
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifespan ----------------------------------------------------------------
 
@@ -107,7 +110,7 @@ class LeanServer:
 
     async def listen(self, host: str = "127.0.0.1", port: int = 8000,
                      sockets: Sequence[socket.socket] | None = None) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         if sockets:
             for sock in sockets:
                 self.servers.append(await loop.create_server(
@@ -124,7 +127,8 @@ class LeanServer:
         ping = bool(self.ping_interval) and self._ticks % self._ping_every == 0
         for peer in list(self.peers):
             peer.tick(ping)
-        self._ticker = asyncio.get_running_loop().call_later(self.tick, self._tick)
+        self._ticker = (self.loop or asyncio.get_running_loop()).call_later(self.tick,
+                                                                          self._tick)
 
     def stop_listening(self) -> None:
         for server in self.servers:

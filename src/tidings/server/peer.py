@@ -429,7 +429,7 @@ class Peer(asyncio.Protocol):
         while not inbox:
             if self._close is not None:
                 return self._close
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = (self.server.loop or asyncio.get_running_loop()).create_future()
             try:
                 await self._waiter
             finally:
