@@ -308,10 +308,11 @@ class _Window(_Tasks):
         self.ack = ack
 
     def add(self, future: asyncio.Future[Any]) -> None:
-        super().add(future)
-        future.add_done_callback(self._settled)
+        self.tasks.add(future)
+        future.add_done_callback(self._settled)  # one callback: one loop handle each
 
     def _settled(self, future: asyncio.Future[Publication]) -> None:
+        self._done(future)
         if future.cancelled():
             return
         position = _position(future, self.conn)
