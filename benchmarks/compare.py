@@ -133,9 +133,11 @@ def _tidings(*extra: str) -> Callable[[int, str], list[str]]:
     return argv
 
 
-def _tidings_fastapi(port: int, tag: str) -> list[str]:
-    return [sys.executable, "-m", "uvicorn", "examples.fastapi_app:app", "--port", str(port),
-            "--log-level", "warning"]
+def _tidings_fastapi(*extra: str) -> Callable[[int, str], list[str]]:
+    def argv(port: int, tag: str) -> list[str]:
+        return [sys.executable, "-m", "uvicorn", "examples.fastapi_app:app", "--port",
+                str(port), "--log-level", "warning", *extra]
+    return argv
 
 
 STACKS: dict[str, Stack] = {s.key: s for s in [
@@ -155,14 +157,19 @@ STACKS: dict[str, Stack] = {s.key: s for s in [
           sizes=(1,), redis=True, requires=("fastapi", "broadcaster", "redis")),
     Stack("tidings", "**tidings serve** (memory)", _tidings(), "tidings",
           sub_path="/ws", pub_path=f"/ws/pub/{CHANNEL}", peer=False, requires=()),
-    Stack("tidings-fastapi", "**tidings in FastAPI** (uvicorn, `hub.router`)", _tidings_fastapi,
+    Stack("tidings-fastapi", "**tidings in FastAPI** (uvicorn, `hub.router`)", _tidings_fastapi(),
+          "tidings", sub_path="/rt/ws", pub_path=f"/rt/ws/pub/{CHANNEL}", peer=False),
+    Stack("tidings-fastapi-direct",
+          "**tidings in FastAPI**, uvicorn `--ws tidings.server.wsproto:DirectWSProtocol`",
+          _tidings_fastapi("--ws", "tidings.server.wsproto:DirectWSProtocol"),
           "tidings", sub_path="/rt/ws", pub_path=f"/rt/ws/pub/{CHANNEL}", peer=False),
     Stack("tidings-redis", "**tidings serve --broker redis**",
           _tidings("--broker", f"{REDIS_URL}?prefix=bench{{tag}}"), "tidings",
           sub_path="/ws", pub_path=f"/ws/pub/{CHANNEL}", sizes=(1, 1000), redis=True,
           peer=False, requires=("redis",)),
 ]}
-QUICK_STACKS = ("websockets", "fastapi-loop", "tidings", "tidings-fastapi")
+QUICK_STACKS = ("websockets", "fastapi-loop", "tidings", "tidings-fastapi",
+                "tidings-fastapi-direct")
 
 SUB_STEPS: dict[str, list[tuple[str, bytes]]] = {
     "raw": [("recv", b'{"type":"subscribed"')],
@@ -990,11 +997,15 @@ def targets(results: Sequence[StackResult]) -> list[dict[str, Any]]:
             add(f"idle connections: ≤ {T_IDLE_KIB:g} KiB each ({t.idle.opened:,} subscribed)",
                 f"{kib:.1f} KiB/conn", kib <= T_IDLE_KIB,
                 f"{kib / T_IDLE_KIB:.2f}x the target{extra}")
-    e = by.get("tidings-fastapi")
-    if e is not None and (p := e.throughput(1000)) is not None and p.us:
-        add(f"embedded in FastAPI under uvicorn: ≤ {T_EMBEDDED_US:g} µs per delivery, N = 1000",
-            f"{p.us:.2f} µs, lost {p.lost}", p.us <= T_EMBEDDED_US and not p.lost,
-            f"{p.us / T_EMBEDDED_US:.2f}x the target")
+    for key, how in (("tidings-fastapi-direct", "uvicorn --ws tidings.server.wsproto:"
+                                                "DirectWSProtocol"),
+                     ("tidings-fastapi", "uvicorn's default websocket protocol")):
+        e = by.get(key)
+        if e is not None and (p := e.throughput(1000)) is not None and p.us:
+            add(f"embedded in FastAPI under uvicorn: ≤ {T_EMBEDDED_US:g} µs per delivery, "
+                f"N = 1000 ({how})",
+                f"{p.us:.2f} µs, lost {p.lost}", p.us <= T_EMBEDDED_US and not p.lost,
+                f"{p.us / T_EMBEDDED_US:.2f}x the target")
     tr, br = by.get("tidings-redis"), by.get("broadcaster-redis")
     if tr is not None and br is not None:
         a, b = tr.throughput(1), br.throughput(1)

@@ -205,8 +205,8 @@ class RedisBroker(RedisPresence):
         self._publisher: RespConnection | None = None  # lean connection for EVALSHA batches
         self._pong_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None  # see RespConnection.loop
-        # (channel, history size, ttl) -> its packed EVALSHA prefix
-        self._evalsha_heads: dict[tuple[str, int, int], bytes] = {}
+        # (channel, history size, ttl) -> its EVALSHA prefix: argument count, packed
+        self._evalsha_heads: dict[tuple[str, int, int], tuple[int, bytes]] = {}
 
     publish_lua = PUBLISH_LUA
     pipelined = True  # publishes may be issued without waiting for the previous reply
@@ -585,11 +585,12 @@ class RedisBroker(RedisPresence):
             key = (channel, size, ttl_ms)
             head = heads.get(key)
             if head is None:  # the command up to the publications, packed once
-                head = heads[key] = bulk([
-                    "EVALSHA", self._script.sha, 2, self._meta(channel), self._stream(channel),
-                    *self._targets(channel), size, ttl_ms, self.meta_ttl])
-            parts.append(b"*%d\r\n" % (11 + 3 * (j - i)))
-            parts.append(head)
+                fixed = ["EVALSHA", self._script.sha, 2, self._meta(channel),
+                         self._stream(channel), *self._targets(channel), size, ttl_ms,
+                         self.meta_ttl]
+                head = heads[key] = (len(fixed) + 1, bulk(fixed))  # + 1: the epoch
+            parts.append(b"*%d\r\n" % (head[0] + 3 * (j - i)))
+            parts.append(head[1])
             parts.append(epoch)
             parts.extend(entries)
             sizes.append(j - i)
