@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 from fastapi import FastAPI, WebSocket
 
-from tests.support import ASGI_WS, native, running, ws_url
+from tests.support import ASGI_WS, DIRECT_WS, native, running, ws_url
 from tidings import Hub
 
 
@@ -30,12 +31,18 @@ def make_app(hub: Hub) -> FastAPI:
     return app
 
 
-async def test_fastapi_prefix_handlers_and_custom_endpoint() -> None:
+# uvicorn's own websocket protocol, and tidings' subclass of it with the direct
+# write path (``uvicorn app:app --ws tidings.server.wsproto:DirectWSProtocol``)
+@pytest.mark.parametrize("ws", [ASGI_WS, DIRECT_WS], ids=["uvicorn-ws", "direct-ws"])
+async def test_fastapi_prefix_handlers_and_custom_endpoint(ws: str) -> None:
     hub = Hub()
     app = make_app(hub)
-    async with running(hub, app, ws=ASGI_WS) as base:
+    async with running(hub, app, ws=ws) as base:
         async with native(base, "/rt/ws") as sub:
             await sub.request({"type": "subscribe", "channel": "orders/+"})
+            (conn,) = hub.connections.values()
+            # frames written straight to the socket with tidings' protocol only
+            assert (conn._direct is not None) == (ws == DIRECT_WS)
             async with httpx.AsyncClient() as http:
                 r = await http.post(f"{base}/orders/7/pay")
                 assert r.status_code == 200
