@@ -7,10 +7,12 @@ Design:
 - One Lua script per publication, one round trip: bump the channel's offset
   (creating a new random epoch if the channel's state was lost: a Redis
   restart without persistence, eviction, expiry), append to its history
-  stream (explicit stream id ``<offset>-1``, ``MAXLEN`` = history size,
+  stream (explicit stream id ``<offset>-1``, trimmed to the history size,
   ``PEXPIRE`` = history ttl) and ``PUBLISH`` the message, so history and live
-  never disagree and offsets are global across nodes. Publishes issued in the
-  same event-loop turn go out in one pipeline.
+  never disagree and offsets are global across nodes. Publishes issued while
+  the previous batch is on the wire go out together in one write; consecutive
+  ones to one channel are one script call and one message
+  (:mod:`tidings.brokers.redis_wire`). History reads: :mod:`.redis_history`.
 - Interest routing: a node SUBSCRIBEs to exact channels and PSUBSCRIBEs to its
   patterns mapped onto globs (``+`` -> ``*``, ``a/#`` -> ``a*``). A glob is
   wider than the MQTT pattern, so every message is filtered exactly on receipt
@@ -43,7 +45,6 @@ from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
-import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -52,66 +53,26 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tidings.brokers.base import BrokerHandler, BrokerHealth, HistoryOptions
+from tidings.brokers.redis_history import RedisHistory
 from tidings.brokers.redis_presence import RedisPresence
 from tidings.brokers.redis_queue import RedisQueueStore
+from tidings.brokers.redis_wire import (
+    GROUP_BYTES,
+    GROUP_MAX,
+    PUBLISH_LUA,
+    SEP,
+    encode_data,
+    publication_from,
+    unbatch,
+)
 from tidings.brokers.resp import RespConnection, RespPubSub, bulk
 from tidings.exceptions import BrokerUnavailable
 from tidings.protocol.names import is_pattern, pattern_matches
-from tidings.types import HistoryPage, Member, Publication, StreamPos
+from tidings.types import Member, Publication
 
 __all__ = ["RedisBroker", "glob_for"]
 
 log = logging.getLogger("tidings.brokers.redis")
-
-SEP = b"\x1f"  # JSON never contains a raw 0x1f, so it can separate header fields
-
-# KEYS: meta hash, history stream.  ARGV: classic channel (or ""), shard channel (or ""),
-# history size, history ttl ms, meta ttl s, new epoch, then (data, sender, ts) for each of
-# the n publications (n >= 1), which get consecutive offsets. One is published as
-# 'P' offset SEP epoch SEP ts SEP sender SEP data; several as one message,
-# 'B' first offset SEP epoch SEP n, then per publication SEP ts SEP sender SEP
-# data length SEP data (binary data may hold the separator: its length says where it ends).
-PUBLISH_LUA = """
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  epoch = ARGV[6]
-  redis.call('HSET', KEYS[1], 'e', epoch)
-  redis.call('DEL', KEYS[2])
-end
-local n = (#ARGV - 6) / 3
-local last = redis.call('HINCRBY', KEYS[1], 'o', n)
-local first = last - n + 1
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
-local size = tonumber(ARGV[3])
-if size > 0 then
-  for i = 0, n - 1 do
-    local a = 7 + 3 * i
-    redis.call('XADD', KEYS[2], (first + i) .. '-1', 'd', ARGV[a], 's', ARGV[a + 1],
-               't', ARGV[a + 2])
-  end
-  redis.call('XTRIM', KEYS[2], 'MAXLEN', size)
-  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[4]))
-end
-local msg
-if n == 1 then
-  msg = 'P' .. first .. '\\31' .. epoch .. '\\31' .. ARGV[9] .. '\\31' .. ARGV[8]
-        .. '\\31' .. ARGV[7]
-else
-  local parts = {'B' .. first .. '\\31' .. epoch .. '\\31' .. n}
-  for i = 0, n - 1 do
-    local a = 7 + 3 * i
-    parts[#parts + 1] = ARGV[a + 2] .. '\\31' .. ARGV[a + 1] .. '\\31' .. #ARGV[a]
-                        .. '\\31' .. ARGV[a]
-  end
-  msg = table.concat(parts, '\\31')
-end
-if ARGV[1] ~= '' then redis.call('PUBLISH', ARGV[1], msg) end
-if ARGV[2] ~= '' then redis.call('SPUBLISH', ARGV[2], msg) end
-return {first, epoch}
-"""
-# publications of one channel sent as one script call, at most
-_GROUP_MAX = 64
-_GROUP_BYTES = 64 * 1024
 
 _CONFIRMATIONS = frozenset({"subscribe", "psubscribe", "ssubscribe", "unsubscribe",
                             "punsubscribe", "sunsubscribe"})
@@ -130,47 +91,7 @@ def glob_for(pattern: str) -> str:
     return "/".join(lv.translate(_GLOB_SPECIAL) if lv != "+" else "*" for lv in levels)
 
 
-def _encode_data(data: Any) -> bytes:
-    if isinstance(data, bytes):
-        return b"b" + data
-    return b"j" + orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
-
-
-def _decode_data(raw: bytes) -> Any:
-    if raw[:1] == b"b":
-        return raw[1:]
-    return orjson.loads(raw[1:])
-
-
-def _publication(channel: str, offset: int, epoch: str, ts: bytes, sender: bytes,
-                 payload: bytes) -> Publication:
-    text = payload[1:].decode() if payload[:1] == b"j" else None  # kept: sent as is
-    return Publication(channel, _decode_data(payload), offset, epoch, sender.decode() or None,
-                       int(ts), raw=text)
-
-
-def _unbatch(channel: str, data: bytes) -> list[Publication]:
-    """The publications of a 'B' message (see ``PUBLISH_LUA``), in order."""
-    first_end = data.index(SEP)
-    epoch_end = data.index(SEP, first_end + 1)
-    count_end = data.index(SEP, epoch_end + 1)
-    offset = int(data[1:first_end])
-    epoch = data[first_end + 1:epoch_end].decode()
-    count = int(data[epoch_end + 1:count_end])
-    pos = count_end + 1
-    out = []
-    for k in range(count):
-        ts_end = data.index(SEP, pos)
-        sender_end = data.index(SEP, ts_end + 1)
-        len_end = data.index(SEP, sender_end + 1)
-        end = len_end + 1 + int(data[sender_end + 1:len_end])
-        out.append(_publication(channel, offset + k, epoch, data[pos:ts_end],
-                                data[ts_end + 1:sender_end], data[len_end + 1:end]))
-        pos = end + 1
-    return out
-
-
-class RedisBroker(RedisPresence):
+class RedisBroker(RedisPresence, RedisHistory):
     """Broker, HistoryStore and PresenceStore on one Redis server."""
 
     def __init__(self, url: str) -> None:
@@ -429,11 +350,11 @@ class RedisBroker(RedisPresence):
         if kind_byte == b"E":
             handler.on_event(channel, data[1:].decode())
         elif kind_byte == b"B":
-            for pub in _unbatch(channel, data):
+            for pub in unbatch(channel, data):
                 handler.on_publication(pub)
         else:
             offset, epoch, ts, sender, payload = data[1:].split(SEP, 4)
-            handler.on_publication(_publication(channel, int(offset), epoch.decode(), ts,
+            handler.on_publication(publication_from(channel, int(offset), epoch.decode(), ts,
                                                 sender, payload))
 
     def _channel_of(self, raw_channel: bytes) -> str:
@@ -481,7 +402,7 @@ class RedisBroker(RedisPresence):
         if not self._health.up:
             future.set_exception(BrokerUnavailable(self._health.reason or "Redis unreachable"))
             return future
-        encoded = _encode_data(data) if text is None else b"j" + text.encode()
+        encoded = encode_data(data) if text is None else b"j" + text.encode()
         self._pending.append(((channel, encoded, sender or "", ts, size, ttl_ms),
                               (future, data, text)))
         if not self._flush_scheduled:
@@ -555,7 +476,7 @@ class RedisBroker(RedisPresence):
         a result per publish in order (errors as values).
 
         Consecutive publishes to one channel (with the same history settings) go
-        as one call, up to ``_GROUP_MAX`` of them: Redis runs the script once,
+        as one call, up to ``GROUP_MAX`` of them: Redis runs the script once,
         they get consecutive offsets, and subscribers get them in one message.
         Plain EVALSHA: a ``Script`` object would first ask ``SCRIPT EXISTS``;
         the script is loaded whenever the connection is (re)opened instead."""
@@ -572,7 +493,7 @@ class RedisBroker(RedisPresence):
             channel, _, _, _, size, ttl_ms = batch[i]
             j, group_bytes = i, 0
             entries = []
-            while j < total and j - i < _GROUP_MAX and group_bytes < _GROUP_BYTES:
+            while j < total and j - i < GROUP_MAX and group_bytes < GROUP_BYTES:
                 other, data, sender, ts, other_size, other_ttl = batch[j]
                 if j > i and (other != channel or other_size != size or other_ttl != ttl_ms):
                     break
@@ -683,70 +604,3 @@ class RedisBroker(RedisPresence):
 
     async def send_all(self, payload: bytes) -> None:
         await self._call("publish", self._all, payload)
-
-    # -- history -------------------------------------------------------------------------
-
-    async def history(
-        self,
-        channel: str,
-        *,
-        since: StreamPos | None = None,
-        limit: int | None = None,
-        reverse: bool = False,
-    ) -> HistoryPage:
-        client = self._client
-        if client is None:
-            raise BrokerUnavailable("not connected")
-        try:
-            async with client.pipeline(transaction=True) as pipe:
-                pipe.hmget(self._meta(channel), "o", "e")
-                if since is not None:
-                    pipe.xrange(self._stream(channel), f"{since.offset + 1}-0", "+")
-                else:
-                    pipe.xrange(self._stream(channel), "-", "+")
-                (raw_offset, raw_epoch), entries = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable(str(exc)) from exc
-        if raw_epoch is None:  # never published, or the state was lost: start an epoch
-            epoch = await self._ensure_epoch(channel)
-            return HistoryPage([], 0, epoch, since is None or since.offset == 0)
-        offset, epoch = int(raw_offset or 0), raw_epoch.decode()
-        pubs = [self._from_entry(channel, epoch, entry_id, fields)
-                for entry_id, fields in entries]
-        recovered = True
-        if since is not None:
-            if since.epoch != epoch:
-                recovered, pubs = False, []
-            elif since.offset < offset:
-                first = pubs[0].offset if pubs else offset + 1
-                recovered = since.offset + 1 >= first
-        if reverse:
-            pubs.reverse()
-        if limit is not None:
-            pubs = pubs[:limit]
-        return HistoryPage(pubs, offset, epoch, recovered)
-
-    @staticmethod
-    def _from_entry(channel: str, epoch: str, entry_id: bytes,
-                    fields: dict[bytes, bytes]) -> Publication:
-        return Publication(
-            channel, _decode_data(fields[b"d"]), int(entry_id.split(b"-", 1)[0]), epoch,
-            fields[b"s"].decode() or None, int(fields[b"t"]),
-        )
-
-    async def _ensure_epoch(self, channel: str) -> str:
-        key = self._meta(channel)
-        await self._call("hsetnx", key, "e", secrets.token_hex(4))
-        await self._call("expire", key, self.meta_ttl)
-        raw = await self._call("hget", key, "e")
-        return str(raw.decode()) if raw is not None else ""
-
-    async def remove_history(self, channel: str) -> None:
-        await self._call("delete", self._stream(channel))
-        await self._call("hset", self._meta(channel), "e", secrets.token_hex(4))
-
-    async def position(self, channel: str) -> StreamPos:
-        raw_offset, raw_epoch = await self._call("hmget", self._meta(channel), "o", "e")
-        if raw_epoch is None:
-            return StreamPos(0, await self._ensure_epoch(channel))
-        return StreamPos(int(raw_offset or 0), raw_epoch.decode())

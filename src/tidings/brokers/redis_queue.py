@@ -42,6 +42,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from tidings.brokers.base import QueueStoreStats, StoredItem
+from tidings.brokers.redis_wire import decode_data, encode_data
 from tidings.exceptions import BrokerUnavailable, QueueFull
 
 if TYPE_CHECKING:
@@ -260,10 +261,8 @@ class RedisQueueStore:
 
     @staticmethod
     def _item(entry_id: Any, fields: dict[bytes, bytes], attempts: int) -> StoredItem:
-        from tidings.brokers.redis import _decode_data
-
         item_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-        data = _decode_data(fields[b"d"])
+        data = decode_data(fields[b"d"])
         if b"q" in fields:  # a dead letter: the shape the memory queue gives it too
             data = {"id": fields[b"i"].decode(), "data": data,
                     "attempts": int(fields[b"x"]), "queue": fields[b"q"].decode()}
@@ -273,10 +272,8 @@ class RedisQueueStore:
         """Batched: the pushes made while the previous batch was on the wire go out
         in one pipeline, one batch at a time, so items keep the order they were
         pushed in (batches on two pooled connections could overtake each other)."""
-        from tidings.brokers.redis import _encode_data
-
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((queue, _encode_data(data), future))
+        self._pending.append((queue, encode_data(data), future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().create_task(self._flush_all())
