@@ -17,6 +17,7 @@ from urllib.parse import parse_qs
 
 from starlette.routing import BaseRoute, Route, Router, WebSocketRoute
 
+from tidings.brokers.base import PublishOutcome, outcome_of
 from tidings.connection import Connection, ConnectionKind
 from tidings.dispatch import handle_command, send_error
 from tidings.exceptions import BrokerError, BrokerUnavailable, HookError, HubError
@@ -171,7 +172,7 @@ def _publish_soon(hub: Hub, conn: Connection, cmd: Publish, inflight: _Tasks) ->
     def answer(done: asyncio.Future[Publication]) -> None:
         if done.cancelled():
             return
-        position = _position(done, conn)
+        position = _position(outcome_of(done), conn)
         if position is None:
             send_error(hub, conn, rid, ErrorCode.INTERNAL, "internal error")
         else:
@@ -181,29 +182,54 @@ def _publish_soon(hub: Hub, conn: Connection, cmd: Publish, inflight: _Tasks) ->
     inflight.add(future)
 
 
-def _position(done: asyncio.Future[Publication], conn: Connection) -> dict[str, Any] | None:
-    """What a completed ``publish_soon`` answers: the publication's position,
-    offset 0 and no epoch when the broker was down (delivered locally, SPEC 7),
-    None after an unexpected failure (logged)."""
-    exc = done.exception()
-    if exc is None:
-        pub = done.result()
-        return {"offset": pub.offset, "epoch": pub.epoch}
-    if isinstance(exc, BrokerUnavailable):
+def _position(outcome: PublishOutcome, conn: Connection) -> dict[str, Any] | None:
+    """What a completed publish answers: the publication's position, offset 0
+    and no epoch when the broker was down (delivered locally, SPEC 7), None
+    after an unexpected failure (logged)."""
+    if isinstance(outcome, Publication):
+        return {"offset": outcome.offset, "epoch": outcome.epoch}
+    if isinstance(outcome, BrokerUnavailable):
         return {"offset": 0, "epoch": ""}
-    log.error("publish from %s failed: %r", conn.conn_id, exc)
+    log.error("publish from %s failed: %r", conn.conn_id, outcome)
     return None
 
 
-class _Tasks:
-    """A connection's publishes in flight (tasks or futures); ``room`` waits in
-    O(1) for a free slot."""
+class _Room:
+    """Publishes in flight; ``room`` waits in O(1) for a free slot."""
 
-    __slots__ = ("tasks", "waiter")
+    __slots__ = ("waiter",)
 
     def __init__(self) -> None:
-        self.tasks: set[asyncio.Future[Any]] = set()
         self.waiter: asyncio.Future[None] | None = None
+
+    def in_flight(self) -> int:
+        raise NotImplementedError
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def room(self, limit: int) -> None:
+        while self.in_flight() >= limit:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+
+
+class _Tasks(_Room):
+    """A connection's publishes in flight as tasks or futures (to wait for them)."""
+
+    __slots__ = ("tasks",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tasks: set[asyncio.Future[Any]] = set()
+
+    def in_flight(self) -> int:
+        return len(self.tasks)
 
     def add(self, task: asyncio.Future[Any]) -> None:
         self.tasks.add(task)
@@ -211,17 +237,7 @@ class _Tasks:
 
     def _done(self, task: asyncio.Future[Any]) -> None:
         self.tasks.discard(task)
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def room(self, limit: int) -> None:
-        while len(self.tasks) >= limit:
-            self.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
+        self._wake()
 
 
 class _Endpoint:
@@ -296,26 +312,29 @@ def _raw_value(payload: str | bytes) -> tuple[Any, str | None]:
         return payload, None
 
 
-class _Window(_Tasks):
-    """A producer's publishes in flight; each one's ack (``?ack=1``) is sent as
-    it completes, which is the order they were made in."""
+class _Window(_Room):
+    """A producer's publishes in flight (``Hub.publish_then``), counted; each
+    one's ack (``?ack=1``) is sent as it completes, which is the order they
+    were made in."""
 
-    __slots__ = ("ack", "conn")
+    __slots__ = ("ack", "conn", "count")
 
     def __init__(self, conn: Connection, ack: bool) -> None:
         super().__init__()
         self.conn = conn
         self.ack = ack
+        self.count = 0
 
-    def add(self, future: asyncio.Future[Any]) -> None:
-        self.tasks.add(future)
-        future.add_done_callback(self._settled)  # one callback: one loop handle each
+    def in_flight(self) -> int:
+        return self.count
 
-    def _settled(self, future: asyncio.Future[Publication]) -> None:
-        self._done(future)
-        if future.cancelled():
+    def settled(self, outcome: PublishOutcome) -> None:
+        """The ``publish_then`` callback of each publish this window started."""
+        self.count -= 1
+        self._wake()
+        if isinstance(outcome, asyncio.CancelledError):
             return
-        position = _position(future, self.conn)
+        position = _position(outcome, self.conn)
         if position is None:
             self.conn.close(CloseCode.INTERNAL_ERROR, "internal error")
         elif self.ack:
@@ -347,7 +366,7 @@ class PubEndpoint(_Endpoint):
 
         def take(payload: str | bytes) -> bool:
             """Publish one frame without waiting; False: not now (the window is full)."""
-            if mode == "await" or (mode == "soon" and len(window.tasks) >= _MAX_PIPELINED):
+            if mode == "await" or (mode == "soon" and window.count >= _MAX_PIPELINED):
                 return False
             if conn.closed or (len(payload) > frame_hard
                                and not next_frame_guard(hub, conn, payload)):
@@ -358,7 +377,8 @@ class PubEndpoint(_Endpoint):
                 if ack:
                     conn.send_frame(dumps({"offset": pub.offset, "epoch": pub.epoch}).decode())
             else:
-                window.add(hub.publish_soon(channel, data, sender=sender, text=text))
+                window.count += 1
+                hub.publish_then(channel, data, sender=sender, text=text, done=window.settled)
             return True
 
         direct = scope.get("extensions", {}).get(DIRECT)

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tidings._version import __version__
@@ -28,6 +29,7 @@ from tidings.brokers import (
     QueueStoreProvider,
     create_broker,
 )
+from tidings.brokers.base import PublishDone, PublishOutcome, outcome_of, settle_future
 from tidings.config import HistoryConfig, HistoryRule, Limits
 from tidings.connection import Connection, ConnectionKind, DirectTransport
 from tidings.errors import ErrorHandlers
@@ -513,18 +515,33 @@ class Hub:
         is unreachable the publication is delivered locally (as :meth:`publish`
         does) and the future raises ``BrokerUnavailable``.
         """
-        start = getattr(self.broker, "publish_soon", None)
-        if start is None:  # brokers without a pipeline: a task keeps the order
+        if not hasattr(self.broker, "publish_then"):  # no pipeline: a task keeps the order
             return asyncio.ensure_future(self.publish(channel, data, sender=sender, text=text))
-        future: asyncio.Future[Publication] = start(
-            channel, data, sender=sender, history=self._publishing(channel), text=text)
-
-        def fallback(done: asyncio.Future[Publication]) -> None:
-            if not done.cancelled() and isinstance(done.exception(), BrokerUnavailable):
-                self._publish_locally(channel, data, sender, text)
-
-        future.add_done_callback(fallback)
+        future: asyncio.Future[Publication] = (
+            self._loop or asyncio.get_running_loop()).create_future()
+        self.publish_then(channel, data, sender=sender, text=text,
+                          done=partial(settle_future, future))
         return future
+
+    def publish_then(self, channel: str, data: Any, *, sender: str | None = None,
+                     text: str | None = None, done: PublishDone) -> None:
+        """:meth:`publish_soon` with a callback instead of a future: ``done`` gets
+        the publication, or ``BrokerUnavailable`` after the local delivery, in
+        the order the publishes were started (maybe before this returns). On a
+        pipelined broker (Redis) no future and no loop handle per publish."""
+        start = getattr(self.broker, "publish_then", None)
+        if start is None:
+            self.publish_soon(channel, data, sender=sender, text=text).add_done_callback(
+                lambda future: done(outcome_of(future)))
+            return
+
+        def finished(outcome: PublishOutcome) -> None:
+            if isinstance(outcome, BrokerUnavailable):
+                self._publish_locally(channel, data, sender, text)
+            done(outcome)
+
+        start(channel, data, sender=sender, history=self._publishing(channel), text=text,
+              done=finished)
 
     def on_publication(self, pub: Publication) -> None:
         """Broker callback: fan a publication out to the local subscribers."""

@@ -33,7 +33,8 @@ Contracts every backend keeps:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -50,7 +51,31 @@ __all__ = [
     "QueueStoreProvider",
     "QueueStoreStats",
     "StoredItem",
+    "outcome_of",
+    "settle_future",
 ]
+
+# what a pipelined publish (``publish_then``) hands its callback
+PublishOutcome = Publication | BaseException
+PublishDone = Callable[[PublishOutcome], None]
+
+
+def settle_future(future: asyncio.Future[Publication], outcome: PublishOutcome) -> None:
+    """A ``publish_then`` callback that completes ``future`` (``publish_soon``)."""
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def outcome_of(future: asyncio.Future[Publication]) -> PublishOutcome:
+    """A completed publish future as a ``publish_then`` outcome."""
+    if future.cancelled():
+        return asyncio.CancelledError()
+    exc = future.exception()
+    return exc if exc is not None else future.result()
 
 
 @dataclass(frozen=True, slots=True)

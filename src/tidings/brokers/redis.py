@@ -42,6 +42,7 @@ import random
 import secrets
 import time
 from collections.abc import Awaitable
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
@@ -52,7 +53,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tidings.brokers.base import BrokerHandler, BrokerHealth, HistoryOptions
+from tidings.brokers.base import (
+    BrokerHandler,
+    BrokerHealth,
+    HistoryOptions,
+    PublishDone,
+    PublishOutcome,
+    settle_future,
+)
 from tidings.brokers.redis_history import RedisHistory
 from tidings.brokers.redis_presence import RedisPresence
 from tidings.brokers.redis_queue import RedisQueueStore
@@ -116,9 +124,8 @@ class RedisBroker(RedisPresence, RedisHistory):
         self._members: dict[str, dict[str, Member]] = {}  # our own members, for heartbeats
         self._health = BrokerHealth(False, "not connected")
         self._closing = False
-        # publishes of this turn: script arguments, and (future, data, text) to answer
-        self._pending: list[tuple[tuple[Any, ...], tuple[asyncio.Future[Publication], Any,
-                                                         str | None]]] = []
+        # publishes of this turn: script arguments, and (callback, data, text) to answer
+        self._pending: list[tuple[tuple[Any, ...], tuple[PublishDone, Any, str | None]]] = []
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._flush_scheduled = False
         self._flushing = False
@@ -393,22 +400,38 @@ class RedisBroker(RedisPresence, RedisHistory):
     ) -> asyncio.Future[Publication]:
         """``publish`` without a coroutine: the future gets the publication (or
         ``BrokerUnavailable``). Publishes started in order reach Redis in order."""
-        ts = int(time.time() * 1000)
+        future: asyncio.Future[Publication] = (
+            self._loop or asyncio.get_running_loop()).create_future()
+        self.publish_then(channel, data, sender=sender, history=history, text=text,
+                          done=partial(settle_future, future))
+        return future
+
+    def publish_then(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        sender: str | None = None,
+        history: HistoryOptions | None = None,
+        text: str | None = None,
+        done: PublishDone,
+    ) -> None:
+        """``publish_soon`` with a callback instead of a future (no future, no
+        loop handle per publish): ``done`` gets the publication or
+        ``BrokerUnavailable``, in the order the publishes were started, maybe
+        before this returns."""
+        if not self._health.up:
+            done(BrokerUnavailable(self._health.reason or "Redis unreachable"))
+            return
         size, ttl_ms = 0, 0
         if history is not None and history.enabled:
             size, ttl_ms = history.size, int(history.ttl * 1000)
-        loop = self._loop or asyncio.get_running_loop()
-        future: asyncio.Future[Publication] = loop.create_future()
-        if not self._health.up:
-            future.set_exception(BrokerUnavailable(self._health.reason or "Redis unreachable"))
-            return future
         encoded = encode_data(data) if text is None else b"j" + text.encode()
-        self._pending.append(((channel, encoded, sender or "", ts, size, ttl_ms),
-                              (future, data, text)))
+        self._pending.append(((channel, encoded, sender or "", int(time.time() * 1000), size,
+                               ttl_ms), (done, data, text)))
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            loop.call_soon(self._flush_soon)
-        return future
+            (self._loop or asyncio.get_running_loop()).call_soon(self._flush_soon)
 
     def _flush_soon(self) -> None:
         self._flush_scheduled = False
@@ -430,7 +453,7 @@ class RedisBroker(RedisPresence, RedisHistory):
             self._flushing = False
 
     async def _settle(self, batch: list[tuple[tuple[Any, ...], tuple[
-            asyncio.Future[Publication], Any, str | None]]]) -> None:
+            PublishDone, Any, str | None]]]) -> None:
         """Run one batch; hand each publish its publication, in order. A NOSCRIPT
         reply (the script cache was flushed: nothing ran) loads it and runs
         those publishes again."""
@@ -447,19 +470,21 @@ class RedisBroker(RedisPresence, RedisHistory):
                     results[i] = result
         except Exception as exc:
             results = [exc] * len(batch)
-        for (call, (future, data, text)), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
+        for (call, (done, data, text)), result in zip(batch, results, strict=True):
             channel = call[0]
+            outcome: PublishOutcome
             if isinstance(result, Exception):
                 # the listener owns the up/down state (it sees the server go away);
                 # the hub falls back to local delivery
-                future.set_exception(BrokerUnavailable(
-                    f"publish to {channel!r} failed: {result}"))
+                outcome = BrokerUnavailable(f"publish to {channel!r} failed: {result}")
             else:
                 offset, epoch = result
-                future.set_result(Publication(channel, data, int(offset), epoch.decode(),
-                                              call[2] or None, call[3], raw=text))
+                outcome = Publication(channel, data, int(offset), epoch.decode(),
+                                      call[2] or None, call[3], raw=text)
+            try:
+                done(outcome)
+            except Exception:  # one caller's bug must not cost the others their answer
+                log.exception("publish callback failed")
 
     def _script_call(self, args: tuple[Any, ...], client: Any) -> Any:
         """One publish through redis-py (the cluster's path)."""
