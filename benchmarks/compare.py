@@ -681,7 +681,7 @@ class Session:
         pid = self.phase_id
         base = self.seq
         result = Phase(name, self.n, count, rate)
-        interval = 0.005 if rate is None else 0.05
+        interval = 0.001 if rate is None else 0.05
         for w in self.workers:
             w.progress = 0
             w.pipe.send(("phase", pid, base, count, sample, latency, warmup, interval))

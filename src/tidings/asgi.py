@@ -377,8 +377,8 @@ class PubEndpoint(_Endpoint):
                 if ack:
                     conn.send_frame(dumps({"offset": pub.offset, "epoch": pub.epoch}).decode())
             else:
-                window.count += 1
                 hub.publish_then(channel, data, sender=sender, text=text, done=window.settled)
+                window.count += 1  # after: a refused publish (it raises) is not counted
             return True
 
         direct = scope.get("extensions", {}).get(DIRECT)
