@@ -36,12 +36,13 @@ from tidings.errors import ErrorHandlers
 from tidings.exceptions import AuthError, BrokerUnavailable, HubError
 from tidings.gate import arm_expiry
 from tidings.index import SubscriptionIndex
+from tidings.messaging import DirectMessages
 from tidings.permissions import Rule
 from tidings.protocol import centrifuge
 from tidings.protocol.codes import CloseCode
 from tidings.protocol.errors import ProtocolError
 from tidings.protocol.names import is_pattern, pattern_matches, validate_channel, validate_pattern
-from tidings.protocol.native import StreamPos, dumps, encode_join_leave, encode_message, loads
+from tidings.protocol.native import StreamPos, encode_join_leave
 from tidings.queue import WorkQueue, WorkQueues
 from tidings.types import HistoryPage, Member, Publication
 
@@ -74,7 +75,7 @@ class HubStats:
         self.refusals: Counter[str] = Counter()  # connections/requests refused, by reason
 
 
-class Hub:
+class Hub(DirectMessages):
     """Real-time channels for one process. See the README for a tour.
 
     ``broker`` is a URL (``memory://``, ``redis://...``) or a Broker object.
@@ -577,106 +578,6 @@ class Hub:
 
     def health(self) -> BrokerHealth:
         return self.broker.health() if self._started else BrokerHealth(False, "not started")
-
-    # -- direct messages ---------------------------------------------------------------
-
-    async def send(self, to: str | Iterable[str], data: Any, *, sender: str = "server") -> int:
-        """Send ``data`` as a ``message`` frame to one or many conn_ids on any node.
-
-        Returns how many of the targets exist locally or were routed to another
-        node (a remote target's existence is not checked synchronously).
-        """
-        self._require_started()
-        targets = [to] if isinstance(to, str) else list(to)
-        local: list[Connection] = []
-        remote: dict[str, list[str]] = {}
-        for conn_id in targets:
-            node = conn_id.partition(".")[0]
-            if node == self.node:
-                conn = self.connections.get(conn_id)
-                if conn is not None:
-                    local.append(conn)
-            elif node:
-                remote.setdefault(node, []).append(conn_id)
-        if local:
-            self._send_message(local, sender, data)
-        for node, ids in remote.items():
-            await self.broker.send_node(
-                node, dumps({"k": "send", "to": ids, "from": sender, "data": data})
-            )
-        return len(local) + sum(len(ids) for ids in remote.values())
-
-    async def send_user(self, user: str, data: Any, *, sender: str = "server") -> None:
-        """Send to every connection of ``user`` on every node."""
-        self._require_started()
-        await self.broker.send_all(dumps({"k": "user", "user": user, "from": sender,
-                                          "data": data}))
-
-    async def broadcast(self, data: Any, *, sender: str = "server") -> None:
-        """Send a ``message`` frame to every native connection on every node."""
-        self._require_started()
-        await self.broker.send_all(dumps({"k": "all", "from": sender, "data": data}))
-
-    async def disconnect(self, user: str, *, code: int = CloseCode.NORMAL,
-                         reason: str = "disconnected by server") -> None:
-        """Close every connection of ``user`` on every node."""
-        self._require_started()
-        await self.broker.send_all(dumps({"k": "disconnect", "user": user, "code": code,
-                                          "reason": reason}))
-
-    async def subscribe_user(self, user: str, channel: str) -> None:
-        """Subscribe every connection of ``user``, on every node, to ``channel``."""
-        self._require_started()
-        validate_pattern(channel, self.limits.max_name)
-        await self.broker.send_all(dumps({"k": "sub", "user": user, "channel": channel}))
-
-    async def unsubscribe_user(self, user: str, channel: str) -> None:
-        """Unsubscribe every connection of ``user``, on every node, from ``channel``."""
-        self._require_started()
-        await self.broker.send_all(dumps({"k": "unsub", "user": user, "channel": channel}))
-
-    def on_node_message(self, payload: bytes) -> None:
-        """Broker callback: a direct message, a broadcast, or a disconnect order."""
-        try:
-            msg = loads(payload)
-            kind = msg["k"]
-        except Exception:
-            log.warning("node %s got a malformed node message", self.node)
-            return
-        if kind == "disconnect":
-            for conn in list(self.users.get(msg["user"], ())):
-                conn.close(msg.get("code", CloseCode.NORMAL), msg.get("reason", ""))
-            return
-        if kind in ("sub", "unsub"):
-            for conn in list(self.users.get(msg["user"], ())):
-                if kind == "sub":
-                    self._spawn(self.subscribe(conn, msg["channel"]))
-                else:
-                    self._spawn(self.unsubscribe(conn, msg["channel"]))
-            return
-        if kind == "send":
-            conns = [c for c in map(self.connections.get, msg["to"]) if c is not None]
-        elif kind == "user":
-            conns = list(self.users.get(msg["user"], ()))
-        elif kind == "all":
-            conns = [c for c in self.connections.values() if c.kind is not ConnectionKind.RAW]
-        else:
-            return
-        if conns:
-            self._send_message(conns, msg.get("from", "server"), msg.get("data"))
-
-    def _send_message(self, conns: list[Connection], sender: str, data: Any) -> None:
-        """A direct message to local connections, each in its protocol's frame."""
-        frame = encode_message(sender, data).decode()
-        push: str | None = None
-        for conn in conns:
-            if conn.kind is ConnectionKind.CENTRIFUGE:
-                if push is None:
-                    push = centrifuge.encode_message(data).decode()
-                conn.send_frame(push)
-            else:
-                conn.send_frame(frame)
-        self.stats.messages += len(conns)
 
     # -- presence and history -------------------------------------------------------------
 
