@@ -127,3 +127,24 @@ async def test_publishes_started_together_go_as_grouped_script_calls() -> None:
         assert [p.offset for p in page.publications] == list(range(5, 105))  # size 100
         assert [p.data for p in page.publications[-3:]] == [d for _, d in plan[-3:]]
         assert page.publications[-1].data == b"\x1f\x00bin\x1f\x02"
+
+
+async def test_grouped_publishes_survive_a_flushed_script_cache() -> None:
+    """NOSCRIPT on grouped calls: the script is loaded again and every publish of
+    the batch runs once, in order, with consecutive offsets."""
+    redis = RedisServer()
+    try:
+        async with Hub(redis.url) as hub:
+            sink = Sink()
+            conn = hub.register(sink)
+            await hub.subscribe(conn, "flush/x")
+            await hub.publish("flush/x", 0)
+            probe = await RespConnection.open(redis.url)
+            assert (await probe.execute([["SCRIPT", "FLUSH"]]))[0] == b"OK"
+            probe.close()
+            pubs = await asyncio.gather(*(hub.publish("flush/x", i) for i in range(1, 101)))
+            assert [p.offset for p in pubs] == list(range(2, 102))
+            await sink.wait_for(lambda f: len(f) == 101, timeout=10)
+            assert [f["data"] for f in sink.of("publication")] == list(range(101))
+    finally:
+        redis.stop()
