@@ -13,9 +13,9 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from tidings.brokers.redis_wire import decode_data
+from tidings.brokers.redis_wire import publication_from
 from tidings.exceptions import BrokerUnavailable
-from tidings.types import HistoryPage, Publication, StreamPos
+from tidings.types import HistoryPage, StreamPos
 
 __all__ = ["RedisHistory"]
 
@@ -60,7 +60,8 @@ class RedisHistory:
             epoch = await self._ensure_epoch(channel)
             return HistoryPage([], 0, epoch, since is None or since.offset == 0)
         offset, epoch = int(raw_offset or 0), raw_epoch.decode()
-        pubs = [self._from_entry(channel, epoch, entry_id, fields)
+        pubs = [publication_from(channel, int(entry_id.split(b"-", 1)[0]), epoch,
+                                 fields[b"t"], fields[b"s"], fields[b"d"])
                 for entry_id, fields in entries]
         recovered = True
         if since is not None:
@@ -74,14 +75,6 @@ class RedisHistory:
         if limit is not None:
             pubs = pubs[:limit]
         return HistoryPage(pubs, offset, epoch, recovered)
-
-    @staticmethod
-    def _from_entry(channel: str, epoch: str, entry_id: bytes,
-                    fields: dict[bytes, bytes]) -> Publication:
-        return Publication(
-            channel, decode_data(fields[b"d"]), int(entry_id.split(b"-", 1)[0]), epoch,
-            fields[b"s"].decode() or None, int(fields[b"t"]),
-        )
 
     async def _ensure_epoch(self, channel: str) -> str:
         key = self._meta(channel)
