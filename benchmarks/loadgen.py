@@ -36,6 +36,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import random
 import resource
 import signal
 import time
@@ -49,6 +50,7 @@ import orjson
 __all__ = ["Publisher", "client_frame", "raise_nofile", "upgrade_request", "worker_main"]
 
 perf_ns = time.perf_counter_ns
+_randbytes = random.Random().randbytes
 loads = orjson.loads
 
 HTTP, STEPS, READY = 0, 1, 2
@@ -64,7 +66,7 @@ def client_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
         header = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
     else:
         header = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
-    mask = os.urandom(4)
+    mask = _randbytes(4)  # a fresh key per frame, without a getrandom() system call
     if not n:
         return header + mask
     key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
@@ -125,6 +127,11 @@ class WSClient(asyncio.Protocol):
     def send(self, payload: bytes, opcode: int = OP_TEXT) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(client_frame(payload, opcode))
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        """Ready-made frames (``client_frame``) in one write: one system call."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(frames))
 
     def _fail(self, why: str) -> None:
         if not self.ready.done():

@@ -381,11 +381,37 @@ class PubEndpoint(_Endpoint):
                 window.count += 1  # after: a refused publish (it raises) is not counted
             return True
 
+        def take_many(payloads: list[str | bytes]) -> int:
+            """Publish frames read together without waiting; how many were taken
+            (fewer when the window fills: the rest come through ``receive``). On an
+            in-process broker they are published as one batch."""
+            if mode != "nowait":
+                taken = 0
+                for payload in payloads:
+                    if not take(payload):
+                        break
+                    taken += 1
+                return taken
+            if conn.closed:
+                return len(payloads)
+            items = []
+            for payload in payloads:
+                if len(payload) > frame_hard and not next_frame_guard(hub, conn, payload):
+                    break  # closing: the frames before it still count
+                items.append(_raw_value(payload))
+            if items:
+                pubs = hub.publish_many_nowait(channel, items, sender=sender)
+                if ack:
+                    for pub in pubs:
+                        conn.send_frame(dumps({"offset": pub.offset,
+                                               "epoch": pub.epoch}).decode())
+            return len(payloads)
+
         direct = scope.get("extensions", {}).get(DIRECT)
-        if mode != "await" and not idle and direct is not None and hasattr(direct, "on_message"):
+        if mode != "await" and not idle and direct is not None and hasattr(direct, "on_messages"):
             # tidings' own server: frames are published from the read callback, no
-            # task step per frame; this loop gets those ``take`` hands back
-            direct.on_message = take
+            # task step per frame; this loop gets those ``take_many`` hands back
+            direct.on_messages = take_many
 
         while not conn.closed:
             if idle:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -194,6 +194,27 @@ class Connection:
         out = self._out
         out.append(payload)
         self._out_bytes += len(payload)
+        limits = self.limits
+        if len(out) > limits.outbox_size or self._out_bytes > limits.outbox_bytes:
+            self._overflow()
+        self._wake()
+
+    def deliver_many(self, pubs: Sequence[Publication]) -> None:
+        """Queue consecutive publications of one channel (``deliver`` each, with
+        the common case of a native or raw subscriber on a direct transport
+        done in one pass: one limit check and one wake-up)."""
+        kind = self.kind
+        if (self._direct is None or self._pending is not None or self._floors
+                or self._close is not None
+                or (kind is not ConnectionKind.NATIVE and kind is not ConnectionKind.RAW)):
+            for pub in pubs:
+                self.deliver(pub)
+            return
+        frames = ([pub.ws_frame for pub in pubs] if kind is ConnectionKind.NATIVE
+                  else [pub.ws_raw for pub in pubs])
+        out = self._out
+        out.extend(frames)
+        self._out_bytes += sum(map(len, frames))
         limits = self.limits
         if len(out) > limits.outbox_size or self._out_bytes > limits.outbox_bytes:
             self._overflow()

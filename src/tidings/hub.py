@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -472,7 +472,7 @@ class Hub(DirectMessages):
         except BrokerUnavailable:
             return self._publish_locally(channel, data, sender, text)
 
-    def _publishing(self, channel: str) -> HistoryOptions:
+    def _publishing(self, channel: str, count: int = 1) -> HistoryOptions:
         """What every publish checks first; the channel's history options."""
         if not self._started or self._closing:
             self._require_started()
@@ -481,7 +481,7 @@ class Hub(DirectMessages):
             if len(self._valid_channels) >= 10_000:
                 self._valid_channels.clear()
             self._valid_channels.add(channel)
-        self.stats.publications_in += 1
+        self.stats.publications_in += count
         return self.history_config.options(channel)
 
     def _publish_locally(self, channel: str, data: Any, sender: str | None,
@@ -506,6 +506,15 @@ class Hub(DirectMessages):
         pub: Publication = self.broker.publish_nowait(  # type: ignore[attr-defined]
             channel, data, sender=sender, history=history, text=text)
         return pub
+
+    def publish_many_nowait(self, channel: str, items: Sequence[tuple[Any, str | None]], *,
+                            sender: str | None = None) -> list[Publication]:
+        """:meth:`publish_nowait` of several ``(data, text)`` items at once, in
+        order (a burst of a raw producer's frames read together)."""
+        history = self._publishing(channel, len(items))
+        pubs: list[Publication] = self.broker.publish_many_nowait(  # type: ignore[attr-defined]
+            channel, items, sender=sender, history=history)
+        return pubs
 
     def publish_soon(self, channel: str, data: Any, *, sender: str | None = None,
                      text: str | None = None) -> asyncio.Future[Publication]:
@@ -553,6 +562,16 @@ class Hub(DirectMessages):
         for conn in conns:  # each frame kind is encoded once, by the first that needs it
             conn.deliver(pub)
         self.stats.deliveries += len(conns)
+
+    def on_publications(self, pubs: Sequence[Publication]) -> None:
+        """Broker callback: several consecutive publications of one channel."""
+        self.stats.publications_out += len(pubs)
+        conns = self.index.match(pubs[0].channel)
+        if not conns:
+            return
+        for conn in conns:
+            conn.deliver_many(pubs)
+        self.stats.deliveries += len(conns) * len(pubs)
 
     def on_event(self, channel: str, frame: str) -> None:
         """Broker callback: join/leave frames for subscribers that asked for them."""

@@ -254,6 +254,10 @@ class _Worker:
     def on_publication(self, pub: Publication) -> None:
         self.push(self.relay._publication_frame(pub))
 
+    def on_publications(self, pubs: Sequence[Publication]) -> None:
+        for pub in pubs:
+            self.push(self.relay._publication_frame(pub))
+
     def on_event(self, channel: str, frame: str) -> None:
         self.push(dumps(["e", channel, frame]))
 

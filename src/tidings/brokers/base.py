@@ -105,6 +105,9 @@ class BrokerHandler(Protocol):
     def on_publication(self, pub: Publication) -> None:
         """A publication on a channel this node subscribed to (or matching a pattern)."""
 
+    def on_publications(self, pubs: Sequence[Publication]) -> None:
+        """Several consecutive publications of one channel, in order (a batch)."""
+
     def on_event(self, channel: str, frame: str) -> None:
         """A transient, position-less frame for a channel (join/leave)."""
 

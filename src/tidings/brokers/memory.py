@@ -14,6 +14,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -139,11 +140,27 @@ class MemoryBroker:
         text: str | None = None,
     ) -> Publication:
         """``publish`` without a coroutine: in-process publishing never waits."""
+        return self.publish_many_nowait(channel, ((data, text),), sender=sender,
+                                        history=history)[0]
+
+    def publish_many_nowait(
+        self,
+        channel: str,
+        items: Iterable[tuple[Any, str | None]],
+        *,
+        sender: str | None = None,
+        history: HistoryOptions | None = None,
+    ) -> list[Publication]:
+        """Publish ``(data, text)`` items of one sender to one channel, in order, at
+        consecutive offsets; each subscribing node gets them in one call."""
         bus = self._bus
         state = bus.channels.get(channel) or bus.channel(channel)
-        offset = state.offset = state.offset + 1
-        pub = Publication(channel, data, offset, state.epoch, sender, int(time.time() * 1000),
-                          raw=text)
+        offset = state.offset
+        epoch = state.epoch
+        ts = int(time.time() * 1000)
+        pubs = [Publication(channel, data, offset + i, epoch, sender, ts, raw=text)
+                for i, (data, text) in enumerate(items, 1)]
+        state.offset = offset + len(pubs)
         now = time.monotonic()
         state.last = now
         if history is not None and history.size > 0 and history.ttl > 0:  # enabled
@@ -151,10 +168,11 @@ class MemoryBroker:
             if (hist.maxlen != history.size or state.ttl != history.ttl
                     or (hist and hist[0][0] < now - history.ttl)):
                 bus.trim(state, history, now)
-            state.history.append((now, pub))  # the deque's maxlen drops the oldest
+            # the deque's maxlen drops the oldest
+            state.history.extend([(now, pub) for pub in pubs])
         elif state.history:
             state.history.clear()
-        bus._since_sweep += 1
+        bus._since_sweep += len(pubs)
         if bus._since_sweep >= _SWEEP_EVERY:
             bus._since_sweep = 0
             bus.sweep(now)
@@ -162,8 +180,11 @@ class MemoryBroker:
         for node in bus.index.match(channel):
             handler = nodes.get(node)
             if handler is not None:
-                handler.on_publication(pub)
-        return pub
+                if len(pubs) == 1:
+                    handler.on_publication(pubs[0])
+                else:
+                    handler.on_publications(pubs)
+        return pubs
 
     async def publish_event(self, channel: str, frame: str) -> None:
         nodes = self._bus.nodes

@@ -3,7 +3,7 @@
 ``Peer`` is the ``asyncio.Protocol`` of a client socket: an HTTP/1.1
 keep-alive session (requests run as ASGI ``http`` scopes, one at a time,
 pipelined ones queued) that may turn into a websocket (an ASGI ``websocket``
-scope, plus the ``tidings.direct`` write path and the ``on_message`` read
+scope, plus the ``tidings.direct`` write path and the ``on_messages`` read
 path). Parsing is sans-I/O, in :mod:`tidings.protocol.http` and
 :mod:`tidings.protocol.frames`.
 """
@@ -88,7 +88,7 @@ class Peer(asyncio.Protocol):
         "_writable",
         "client",
         "close_sent",
-        "on_message",
+        "on_messages",
         "on_resume",
         "ping_out",
         "seen",
@@ -103,10 +103,11 @@ class Peer(asyncio.Protocol):
         self.client: tuple[str, int] | None = None
         self.task: asyncio.Task[None] | None = None
         self.on_resume: Callable[[], None] | None = None
-        # set by an endpoint that can take a frame synchronously: called from the
-        # read callback (only while the endpoint waits with nothing queued, so
-        # order holds); False hands the frame to ``receive`` after all
-        self.on_message: Callable[[str | bytes], bool] | None = None
+        # set by an endpoint that can take frames synchronously: called from the
+        # read callback with the data messages of one read (only while the endpoint
+        # waits with nothing queued, so order holds); it answers how many it took,
+        # and the rest go to ``receive`` after all
+        self.on_messages: Callable[[list[str | bytes]], int] | None = None
         self.close_sent = False
         self.ping_out = False
         self.seen = True
@@ -496,6 +497,10 @@ class Peer(asyncio.Protocol):
             self._fail(exc.code, exc.reason)
             return
         closing = self._state == _WS_CLOSING
+        # data messages for ``on_messages``, taken together at the end
+        batch: list[str | bytes] | None = (
+            [] if self.on_messages is not None and not inbox and self._waiter is not None
+            else None)
         for opcode, payload in messages:
             if opcode in (OP_TEXT, OP_BINARY):
                 if closing:
@@ -507,9 +512,8 @@ class Peer(asyncio.Protocol):
                     except UnicodeDecodeError:
                         self._fail(1007, "text frame is not UTF-8")
                         return
-                # taken at once only while the reader waits with nothing queued
-                if (self.on_message is not None and not inbox and self._waiter is not None
-                        and self._take(message)):
+                if batch is not None:
+                    batch.append(message)
                     continue
                 inbox.append({"type": "websocket.receive",
                               "text" if opcode == OP_TEXT else "bytes": message})
@@ -519,6 +523,9 @@ class Peer(asyncio.Protocol):
             elif opcode == OP_PONG:
                 self.ping_out = False
             elif opcode == OP_CLOSE:
+                if batch:
+                    self._take(batch, inbox)
+                    batch = None
                 try:
                     code, reason = parse_close(payload)
                 except FrameError as exc:
@@ -529,6 +536,8 @@ class Peer(asyncio.Protocol):
                     self.transport.write(encode_close(code, ""))
                 self._gone(code, reason)
                 return
+        if batch:
+            self._take(batch, inbox)
         if not inbox:
             self._inbox = None
             return
@@ -539,16 +548,21 @@ class Peer(asyncio.Protocol):
             self._paused = True
             self.transport.pause_reading()
 
-    def _take(self, data: str | bytes) -> bool:
-        handler = self.on_message
+    def _take(self, batch: list[str | bytes], inbox: deque[Message]) -> None:
+        """Hand ``batch`` to ``on_messages``; what it leaves goes to the inbox."""
+        handler = self.on_messages
         assert handler is not None
         try:
-            return handler(data)
+            taken = handler(batch)
         except Exception:
             log.exception("error in a websocket message handler")
-            self.on_message = None
+            self.on_messages = None
             self._send_close(1011, "internal error")
-            return True
+            return
+        for message in batch[taken:]:
+            inbox.append({"type": "websocket.receive", "text": message}
+                         if isinstance(message, str)
+                         else {"type": "websocket.receive", "bytes": message})
 
     def _send_close(self, code: int, reason: str) -> None:
         """Our close frame; the transport closes on the peer's answer or a timeout."""

@@ -1,0 +1,164 @@
+"""The Python cost of one publication on ``tidings serve``'s hot path, without sockets.
+
+A ``/ws/pub/{channel}`` producer and ``/ws`` subscribers are :class:`Peer`
+objects of the lean server on fake transports: the producer is fed bursts of
+masked frames (as ``data_received`` would get them from the kernel), the
+subscribers' transports only count bytes. Each burst runs one event-loop turn,
+like a real read, so the end-of-turn flush is included. What is left out is the
+kernel: ``epoll_wait``, ``recv`` and ``send``, which ``benchmarks.compare``
+measures with everything else.
+
+    python -m benchmarks.hotpath [--subscribers 1] [--burst 20] [--seconds 3]
+
+Use it to compare changes of the hot path (and under ``py-spy`` or callgrind
+to see where the time goes); it prints µs per publication and per delivery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from benchmarks.loadgen import client_frame, upgrade_request
+from tidings import Hub
+from tidings.server.app import create_app
+from tidings.server.lean import LeanServer
+from tidings.server.peer import Peer
+from tidings.server.runner import tune_gc, websocket_routes
+
+
+class CountingTransport:
+    """What a Peer needs of an ``asyncio.Transport``; writes are only counted."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.writes = 0
+        self.closing = False
+        self.received = bytearray()
+        self.keep = True  # keep the bytes until the handshake is done
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.bytes += len(data)
+        if self.keep:
+            self.received += data
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name in ("peername", "sockname") else default
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+async def _until(predicate: Any, what: str) -> None:
+    for _ in range(10_000):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise RuntimeError(f"hotpath: gave up waiting for {what}")
+
+
+async def _open(server: LeanServer, path: str) -> tuple[Peer, CountingTransport]:
+    peer = Peer(server)
+    transport = CountingTransport()
+    peer.connection_made(transport)  # type: ignore[arg-type]
+    peer.data_received(upgrade_request("127.0.0.1", 8000, path))
+    await _until(lambda: b"\r\n\r\n" in transport.received, f"the upgrade of {path}")
+    if not transport.received.startswith(b"HTTP/1.1 101"):
+        raise RuntimeError(f"hotpath: {path} refused: {bytes(transport.received[:200])!r}")
+    return peer, transport
+
+
+async def measure(subscribers: int, burst: int, seconds: float) -> dict[str, float]:
+    hub = Hub("memory://")
+    server = LeanServer(create_app(hub), ws_routes=websocket_routes(hub),
+                        max_size=hub.limits.frame_hard, ping_interval=None)
+    server.loop = asyncio.get_running_loop()
+    await server.startup()
+    subs = []
+    for _ in range(subscribers):
+        peer, transport = await _open(server, "/ws")
+        peer.data_received(client_frame(orjson.dumps(
+            {"type": "subscribe", "id": 1, "channel": "bench"})))
+        await _until(lambda t=transport: b'"type":"reply"' in t.received, "a subscription")
+        transport.keep = False
+        subs.append(transport)
+    pub, _ = await _open(server, "/ws/pub/bench")
+    pad = "x" * 60
+    seq = 0
+
+    def chunk() -> bytes:
+        nonlocal seq
+        out = []
+        for _ in range(burst):
+            seq += 1
+            out.append(client_frame(orjson.dumps({"ts": 0, "seq": seq, "pad": pad})))
+        return b"".join(out)
+
+    chunks = [chunk() for _ in range(64)]  # masked once, fed round-robin
+    tune_gc()
+    published = 0
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    deadline = t0 + seconds
+    while time.perf_counter() < deadline:
+        for data in chunks:
+            pub.data_received(data)
+            await asyncio.sleep(0)  # the turn's end: flush
+        published += burst * len(chunks)
+    cpu = time.process_time() - cpu0
+    delivered = sum(t.writes for t in subs)
+    if published * subscribers != hub.stats.deliveries:
+        raise RuntimeError(f"hotpath: {hub.stats.deliveries} deliveries of "
+                           f"{published * subscribers} ({delivered} writes)")
+    await server.shutdown_app() if hasattr(server, "shutdown_app") else None
+    return {"publications": published, "us_per_publication": cpu / published * 1e6,
+            "us_per_delivery": cpu / (published * subscribers) * 1e6}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.hotpath", description=__doc__)
+    parser.add_argument("--subscribers", type=int, default=1)
+    parser.add_argument("--burst", type=int, default=20, help="frames per read")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
+    opts = parser.parse_args(argv)
+    coro = measure(opts.subscribers, opts.burst, opts.seconds)
+    if opts.loop == "uvloop":
+        import uvloop
+
+        result = uvloop.run(coro)
+    else:
+        result = asyncio.run(coro)
+    print(f"pid {os.getpid()}: {result['publications']:,} publications, "
+          f"{result['us_per_publication']:.3f} µs each, "
+          f"{result['us_per_delivery']:.3f} µs per delivery "
+          f"(N = {opts.subscribers}, {opts.burst} frames per read)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
