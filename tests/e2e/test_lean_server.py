@@ -132,6 +132,60 @@ async def test_a_burst_of_publishes_arrives_whole_and_in_order() -> None:
     assert seen == list(range(count))
 
 
+def _acks(data: bytes) -> list[dict[str, object]]:
+    """The JSON text frames in ``data`` (unmasked server frames, all short)."""
+    out, pos = [], 0
+    while pos + 2 <= len(data):
+        op, length = data[pos] & 0x0F, data[pos + 1] & 0x7F
+        if op == 0x1:
+            out.append(json.loads(data[pos + 2:pos + 2 + length]))
+        pos += 2 + length
+    return out
+
+
+async def test_frames_read_together_publish_in_order_and_stop_at_a_bad_one() -> None:
+    """One read holding JSON, plain text and binary frames, a ping, then a frame
+    above the hard limit and more frames: those before it are published (one
+    batch, consecutive offsets, acks in order), the big one closes with 1009,
+    nothing after it is published."""
+    hub = Hub(limits=Limits(frame_soft=500, frame_hard=1000))
+    async with running(hub) as base, native(base) as sub:
+        assert (await sub.request({"type": "subscribe", "channel": "b"}))["type"] == "reply"
+        async with raw(base, "/ws/pub/b?ack=1") as client:
+            await upgraded(client)
+            good = [Frame(Opcode.TEXT, b'{"n":1}'), Frame(Opcode.TEXT, b"plain"),
+                    Frame(Opcode.BINARY, b"\x00\x01"), Frame(Opcode.PING, b"p"),
+                    Frame(Opcode.TEXT, b"[2,3]")]
+            after = [Frame(Opcode.BINARY, b"x" * 1001), Frame(Opcode.TEXT, b'"late"')]
+            client.writer.write(b"".join(f.serialize(mask=True) for f in good + after))
+            data = await asyncio.wait_for(client.reader.read(), TIMEOUT)
+        seen = [await sub.next("publication") for _ in range(4)]
+    assert [p["data"] for p in seen] == [{"n": 1}, "plain", {"b64": "AAE="}, [2, 3]]
+    offsets = [p["offset"] for p in seen]
+    assert offsets == list(range(offsets[0], offsets[0] + 4))
+    assert [a["offset"] for a in _acks(data)] == offsets
+    assert b"\x8a\x01p" in data  # the pong
+    close = data[data.rindex(b"\x88"):]
+    assert parse_close(close[2:])[0] == 1009 and close[1] == len(close) - 2
+    assert hub.stats.publications_in == 4
+    assert not sub.pending
+
+
+async def test_frames_then_a_close_in_one_read_are_published_first() -> None:
+    hub = Hub()
+    async with running(hub) as base, native(base) as sub:
+        assert (await sub.request({"type": "subscribe", "channel": "c"}))["type"] == "reply"
+        async with raw(base, "/ws/pub/c") as client:
+            await upgraded(client)
+            frames = [Frame(Opcode.TEXT, str(i).encode()) for i in range(50)]
+            frames.append(Frame(Opcode.CLOSE, (1000).to_bytes(2, "big")))
+            client.writer.write(b"".join(f.serialize(mask=True) for f in frames))
+            assert await client.close_code() == 1000
+        assert [(await sub.next("publication"))["data"] for _ in range(50)] == list(range(50))
+        page = await hub.history("c", limit=100)
+        assert [p.data for p in page.publications] == list(range(50))
+
+
 async def test_http_keep_alive_pipelining_chunked_and_continue() -> None:
     hub = Hub()
     async with running(hub) as base:

@@ -89,3 +89,40 @@ async def test_paused_socket_keeps_frames_bounded_until_resume(hub: Hub) -> None
     direct.on_resume()
     assert len(direct.writes) == 1
     assert direct.writes[0].count(b'"channel":"p"') == 10
+
+
+async def test_a_batch_of_publications_is_one_write_in_order(hub: Hub) -> None:
+    """``publish_many_nowait``: consecutive offsets, one call per subscribing node,
+    one write per connection, history in order."""
+    directs = [FakeDirect() for _ in range(3)]
+    for d in directs:
+        await hub.subscribe(hub.register(Sink(), direct=d), "many")
+    pubs = hub.publish_many_nowait("many", [({"i": 1}, '{"i":1}'), ("two", None),
+                                            (b"\x00", None)], sender="me")
+    assert [p.offset for p in pubs] == [1, 2, 3]
+    await turn()
+    expected = b"".join(p.ws_frame for p in pubs)
+    assert all(d.writes == [expected] for d in directs)
+    assert hub.stats.deliveries == 9 and hub.stats.publications_in == 3
+    page = await hub.history("many", limit=10)
+    assert [p.data for p in page.publications] == [{"i": 1}, "two", b"\x00"]
+    assert all(p.sender == "me" for p in page.publications)
+
+
+async def test_a_batch_respects_recovery_floors_and_the_outbox_limit() -> None:
+    """A connection that is recovering (a floor on the channel) gets only what
+    is past its floor; one whose outbox overflows is closed (disconnect policy)."""
+    from tidings.config import Limits
+
+    async with Hub(limits=Limits(outbox_size=4)) as hub:
+        floored, small = FakeDirect(), FakeDirect()
+        conn = hub.register(Sink(), direct=floored)
+        await hub.subscribe(conn, "f")
+        conn._floors["f"] = 2  # as after a recovery up to offset 2
+        slow = hub.register(Sink(), direct=small)
+        await hub.subscribe(slow, "f")
+        small.can_write = False  # nothing leaves: the outbox fills
+        pubs = hub.publish_many_nowait("f", [(i, None) for i in range(6)])
+        await turn()
+        assert floored.writes == [b"".join(p.ws_frame for p in pubs[2:])]
+        assert slow.closed and not small.writes

@@ -89,6 +89,16 @@ def test_protocol_errors_carry_their_close_code(wire: bytes, code: int) -> None:
     assert caught.value.code == code
 
 
+def test_a_protocol_error_keeps_the_messages_read_before_it() -> None:
+    wire = (client_frame(Opcode.TEXT, b"one") + client_frame(Opcode.PING, b"p")
+            + client_frame(Opcode.BINARY, b"two") + bytes([0x83, 0x80, 0, 0, 0, 0])
+            + client_frame(Opcode.TEXT, b"after"))
+    with pytest.raises(FrameError) as caught:
+        FrameReader(1000).feed(wire)
+    assert caught.value.code == 1002
+    assert caught.value.messages == [(1, b"one"), (9, b"p"), (2, b"two")]
+
+
 def test_fragments_count_against_the_size_limit() -> None:
     reader = FrameReader(10)
     assert reader.feed(client_frame(Opcode.TEXT, b"123456", fin=False)) == []

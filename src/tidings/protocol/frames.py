@@ -94,6 +94,9 @@ class FrameError(Exception):
         super().__init__(f"{code} {reason}")
         self.code = code
         self.reason = reason
+        # raised by FrameReader.feed: the messages of that input before the bad
+        # frame, which are still valid and should be handled before closing
+        self.messages: list[tuple[int, bytes]] = []
 
 
 def _valid_close_code(code: int) -> bool:
@@ -140,12 +143,22 @@ class FrameReader:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """The messages completed by ``data``. A protocol violation raises
+        :class:`FrameError` carrying the messages completed before it."""
+        out: list[tuple[int, bytes]] = []
+        try:
+            self._parse(data, out)
+        except FrameError as exc:
+            exc.messages = out
+            raise
+        return out
+
+    def _parse(self, data: bytes, out: list[tuple[int, bytes]]) -> None:
         buf = self._buf + data if self._buf else data
         size = len(buf)
         if size < self._need:
             self._buf = buf
-            return []
-        out: list[tuple[int, bytes]] = []
+            return
         pos = 0
         max_size = self.max_size
         self._need = 2
@@ -204,4 +217,3 @@ class FrameReader:
             else:
                 raise FrameError(1002, f"unknown opcode {opcode}")
         self._buf = buf[pos:] if pos < size else b""
-        return out

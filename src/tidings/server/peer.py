@@ -491,11 +491,11 @@ class Peer(asyncio.Protocol):
         if inbox is None:
             inbox = self._inbox = deque()
         self.seen = True
+        error: FrameError | None = None
         try:
             messages = reader.feed(data)
-        except FrameError as exc:
-            self._fail(exc.code, exc.reason)
-            return
+        except FrameError as exc:  # what came before the bad frame still counts
+            messages, error = exc.messages, exc
         closing = self._state == _WS_CLOSING
         # data messages for ``on_messages``, taken together at the end
         batch: list[str | bytes] | None = (
@@ -538,6 +538,10 @@ class Peer(asyncio.Protocol):
                 return
         if batch:
             self._take(batch, inbox)
+        if error is not None:  # after this turn's writes (acks of what was taken)
+            self._reader = None
+            (self.server.loop or asyncio.get_running_loop()).call_soon(
+                self._fail_later, error.code, error.reason)
         if not inbox:
             self._inbox = None
             return
@@ -583,6 +587,10 @@ class Peer(asyncio.Protocol):
             self.close_sent = True
             self.transport.write(encode_close(code, reason))
         self._gone(code, reason)
+
+    def _fail_later(self, code: int, reason: str) -> None:
+        if self._state != _GONE:
+            self._fail(code, reason)
 
     def _gone(self, code: int, reason: str) -> None:
         self._close = {"type": "websocket.disconnect", "code": code, "reason": reason}
