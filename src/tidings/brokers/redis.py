@@ -357,8 +357,7 @@ class RedisBroker(RedisPresence, RedisHistory):
         if kind_byte == b"E":
             handler.on_event(channel, data[1:].decode())
         elif kind_byte == b"B":
-            for pub in unbatch(channel, data):
-                handler.on_publication(pub)
+            handler.on_publications(unbatch(channel, data))
         else:
             offset, epoch, ts, sender, payload = data[1:].split(SEP, 4)
             handler.on_publication(publication_from(channel, int(offset), epoch.decode(), ts,
