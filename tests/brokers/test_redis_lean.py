@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import pytest
+import websockets
+from websockets.frames import Frame, Opcode
 
 from tests.brokers.conftest import REDIS_URL, RedisServer, redis_ping, unavailable
-from tests.support import Sink
-from tidings import Hub
+from tests.support import DIRECT_WS, LEAN, TIMEOUT, Sink, native, running, ws_url
+from tidings import Hub, Limits
 from tidings.brokers.resp import RespConnection, pack
 
 pytestmark = pytest.mark.redis
@@ -148,3 +151,27 @@ async def test_grouped_publishes_survive_a_flushed_script_cache() -> None:
             assert [f["data"] for f in sink.of("publication")] == list(range(101))
     finally:
         redis.stop()
+
+
+@pytest.mark.parametrize("ws", [LEAN, DIRECT_WS], ids=["lean", "direct"])
+async def test_a_producer_burst_above_the_window_keeps_its_order(ws: str) -> None:
+    """3,000 frames of a raw producer in one write, on Redis: the read callback
+    takes what fits in the window of publishes in flight (1,024), the rest
+    waits its turn through ``receive``; the subscriber gets all, in order, and
+    the acks count up."""
+    if not redis_ping(REDIS_URL):
+        unavailable(f"no Redis at {REDIS_URL}")
+    url = REDIS_URL + f"?prefix=t{uuid.uuid4().hex[:8]}"
+    count = 3000
+    hub = Hub(url, limits=Limits(outbox_size=10_000, outbox_bytes=1 << 24))
+    async with running(hub, ws=ws) as base, native(base) as sub:
+        assert (await sub.request({"type": "subscribe", "channel": "w"}))["type"] == "reply"
+        async with websockets.connect(ws_url(base, "/ws/pub/w?ack=1")) as pub:
+            wire = b"".join(Frame(Opcode.TEXT, str(i).encode()).serialize(mask=True)
+                            for i in range(count))
+            pub.transport.write(wire)
+            acks = [json.loads(await asyncio.wait_for(pub.recv(), TIMEOUT))["offset"]
+                    for _ in range(count)]
+        seen = [(await sub.next("publication"))["data"] for _ in range(count)]
+    assert seen == list(range(count))
+    assert acks == list(range(1, count + 1))

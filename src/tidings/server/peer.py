@@ -491,11 +491,12 @@ class Peer(asyncio.Protocol):
         if inbox is None:
             inbox = self._inbox = deque()
         self.seen = True
-        error: FrameError | None = None
+        # how the connection ends, if this read ends it: (method, code, reason)
+        end: tuple[Callable[[int, str], None], int, str] | None = None
         try:
             messages = reader.feed(data)
         except FrameError as exc:  # what came before the bad frame still counts
-            messages, error = exc.messages, exc
+            messages, end = exc.messages, (self._fail, exc.code, exc.reason)
         closing = self._state == _WS_CLOSING
         # data messages for ``on_messages``, taken together at the end
         batch: list[str | bytes] | None = (
@@ -510,8 +511,8 @@ class Peer(asyncio.Protocol):
                     try:
                         message = payload.decode()
                     except UnicodeDecodeError:
-                        self._fail(1007, "text frame is not UTF-8")
-                        return
+                        end = (self._fail, 1007, "text frame is not UTF-8")
+                        break
                 if batch is not None:
                     batch.append(message)
                     continue
@@ -523,25 +524,22 @@ class Peer(asyncio.Protocol):
             elif opcode == OP_PONG:
                 self.ping_out = False
             elif opcode == OP_CLOSE:
-                if batch:
-                    self._take(batch, inbox)
-                    batch = None
                 try:
                     code, reason = parse_close(payload)
                 except FrameError as exc:
-                    self._fail(exc.code, exc.reason)
-                    return
-                if not self.close_sent:
-                    self.close_sent = True
-                    self.transport.write(encode_close(code, ""))
-                self._gone(code, reason)
-                return
+                    end = (self._fail, exc.code, exc.reason)
+                else:
+                    end = (self._closed_by_peer, code, reason)
+                break
         if batch:
             self._take(batch, inbox)
-        if error is not None:  # after this turn's writes (acks of what was taken)
-            self._reader = None
-            (self.server.loop or asyncio.get_running_loop()).call_soon(
-                self._fail_later, error.code, error.reason)
+        if end is not None:
+            self._reader = None  # nothing more is read
+            if batch:  # after this turn's writes: the acks of what was taken go first
+                (self.server.loop or asyncio.get_running_loop()).call_soon(self._end, *end)
+            else:
+                self._end(*end)
+            return
         if not inbox:
             self._inbox = None
             return
@@ -588,9 +586,18 @@ class Peer(asyncio.Protocol):
             self.transport.write(encode_close(code, reason))
         self._gone(code, reason)
 
-    def _fail_later(self, code: int, reason: str) -> None:
+    def _closed_by_peer(self, code: int, reason: str) -> None:
+        """The peer's close frame: echo it, then the connection is gone."""
+        if self._state == _GONE:
+            return
+        if not self.close_sent:
+            self.close_sent = True
+            self.transport.write(encode_close(code, ""))
+        self._gone(code, reason)
+
+    def _end(self, how: Callable[[int, str], None], code: int, reason: str) -> None:
         if self._state != _GONE:
-            self._fail(code, reason)
+            how(code, reason)
 
     def _gone(self, code: int, reason: str) -> None:
         self._close = {"type": "websocket.disconnect", "code": code, "reason": reason}
