@@ -8,7 +8,7 @@ like a real read, so the end-of-turn flush is included. What is left out is the
 kernel: ``epoll_wait``, ``recv`` and ``send``, which ``benchmarks.compare``
 measures with everything else.
 
-    python -m benchmarks.hotpath [--subscribers 1] [--burst 20] [--seconds 3]
+    python -m benchmarks.hotpath [--subscribers 1] [--burst 20] [--seconds 3] [--native]
 
 Use it to compare changes of the hot path (and under ``py-spy`` or callgrind
 to see where the time goes); it prints µs per publication and per delivery.
@@ -93,7 +93,8 @@ async def _open(server: LeanServer, path: str) -> tuple[Peer, CountingTransport]
     return peer, transport
 
 
-async def measure(subscribers: int, burst: int, seconds: float) -> dict[str, float]:
+async def measure(subscribers: int, burst: int, seconds: float,
+                  native: bool = False) -> dict[str, float]:
     hub = Hub("memory://")
     server = LeanServer(create_app(hub), ws_routes=websocket_routes(hub),
                         max_size=hub.limits.frame_hard, ping_interval=None)
@@ -107,7 +108,7 @@ async def measure(subscribers: int, burst: int, seconds: float) -> dict[str, flo
         await _until(lambda t=transport: b'"type":"reply"' in t.received, "a subscription")
         transport.keep = False
         subs.append(transport)
-    pub, _ = await _open(server, "/ws/pub/bench")
+    pub, _ = await _open(server, "/ws" if native else "/ws/pub/bench")
     pad = "x" * 60
     seq = 0
 
@@ -116,7 +117,10 @@ async def measure(subscribers: int, burst: int, seconds: float) -> dict[str, flo
         out = []
         for _ in range(burst):
             seq += 1
-            out.append(client_frame(orjson.dumps({"ts": 0, "seq": seq, "pad": pad})))
+            data = {"ts": 0, "seq": seq, "pad": pad}
+            out.append(client_frame(orjson.dumps(
+                {"type": "publish", "id": seq, "channel": "bench", "data": data}
+                if native else data)))
         return b"".join(out)
 
     chunks = [chunk() for _ in range(64)]  # masked once, fed round-robin
@@ -145,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", type=int, default=20, help="frames per read")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
+    parser.add_argument("--native", action="store_true",
+                        help="publish with native ``publish`` commands on /ws (each "
+                             "answered) instead of a raw /ws/pub producer")
     opts = parser.parse_args(argv)
-    coro = measure(opts.subscribers, opts.burst, opts.seconds)
+    coro = measure(opts.subscribers, opts.burst, opts.seconds, opts.native)
     if opts.loop == "uvloop":
         import uvloop
 
@@ -156,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pid {os.getpid()}: {result['publications']:,} publications, "
           f"{result['us_per_publication']:.3f} µs each, "
           f"{result['us_per_delivery']:.3f} µs per delivery "
-          f"(N = {opts.subscribers}, {opts.burst} frames per read)")
+          f"(N = {opts.subscribers}, {opts.burst} frames per read, "
+          f"{'native publish commands' if opts.native else 'raw producer'})")
     return 0
 
 

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs
 
 from starlette.routing import BaseRoute, Route, Router, WebSocketRoute
 
-from tidings.brokers.base import PublishOutcome, outcome_of
+from tidings.brokers.base import PublishOutcome
 from tidings.connection import Connection, ConnectionKind
 from tidings.dispatch import handle_command, send_error
 from tidings.exceptions import BrokerError, BrokerUnavailable, HookError, HubError
@@ -107,7 +107,8 @@ async def serve_native(hub: Hub, conn: Connection, receive: Receive) -> None:
     # before the previous reply (the broker keeps their order); any other command
     # waits for them first, so what a client does after publishing sees it.
     pipelined = getattr(hub.broker, "pipelined", False)
-    inflight: _Tasks | None = None  # made on first use: idle sockets are many
+    nowait = hub.can_publish_nowait  # in-process broker: a publish never waits
+    inflight: _InFlight | None = None  # made on first use: idle sockets are many
     idle = limits.idle_timeout
     while not conn.closed:
         if idle:
@@ -140,27 +141,64 @@ async def serve_native(hub: Hub, conn: Connection, receive: Receive) -> None:
         except ProtocolError as exc:
             send_error(hub, conn, exc.id, exc.code, exc.message)
             continue
+        if nowait and isinstance(cmd, Publish) and hub.can_publish is None:
+            _publish_now(hub, conn, cmd)  # no coroutine, no task
+            continue
         if pipelined and isinstance(cmd, Publish):
             if inflight is None:
-                inflight = _Tasks()
+                inflight = _InFlight()
             await inflight.room(_MAX_PIPELINED)
             if hub.can_publish is not None:  # a hook may need awaiting: a task keeps order
-                inflight.add(loop.create_task(handle_command(hub, conn, cmd)))
+                task = loop.create_task(handle_command(hub, conn, cmd))
+                inflight.count += 1
+                task.add_done_callback(inflight.finished)
             else:
                 _publish_soon(hub, conn, cmd, inflight)
             continue
-        if inflight is not None and inflight.tasks:
-            await asyncio.gather(*inflight.tasks, return_exceptions=True)
+        if inflight is not None and inflight.count:
+            await inflight.drain()
         await handle_command(hub, conn, cmd)
 
 
-def _publish_soon(hub: Hub, conn: Connection, cmd: Publish, inflight: _Tasks) -> None:
-    """A native ``publish`` on a pipelined broker without a task: checked now,
-    started now (so publishes keep their order), answered when it completes."""
+def _publish_now(hub: Hub, conn: Connection, cmd: Publish) -> None:
+    """A native ``publish`` on an in-process broker with no hook to await: what
+    ``handle_command`` does, without its coroutines."""
+    try:
+        check_now(hub, "publish", conn, cmd.channel)
+        pub = hub.publish_nowait(cmd.channel, cmd.data, sender=conn.conn_id)
+    except ProtocolError as exc:
+        send_error(hub, conn, cmd.id, exc.code, exc.message)
+        return
+    except Exception:
+        log.exception("node %s: publish from %s failed", hub.node, conn.conn_id)
+        send_error(hub, conn, cmd.id, ErrorCode.INTERNAL, "internal error")
+        return
+    conn.send_frame(encode_reply(cmd.id, {"offset": pub.offset, "epoch": pub.epoch}).decode())
+
+
+def _publish_soon(hub: Hub, conn: Connection, cmd: Publish, inflight: _InFlight) -> None:
+    """A native ``publish`` on a pipelined broker without a task or a future:
+    checked now, started now (so publishes keep their order), answered when it
+    completes."""
     rid = cmd.id
     try:
         check_now(hub, "publish", conn, cmd.channel)
-        future = hub.publish_soon(cmd.channel, cmd.data, sender=conn.conn_id)
+    except ProtocolError as exc:
+        send_error(hub, conn, rid, exc.code, exc.message)
+        return
+
+    def answer(outcome: PublishOutcome) -> None:
+        inflight.finished()
+        if isinstance(outcome, asyncio.CancelledError):
+            return
+        position = _position(outcome, conn)
+        if position is None:
+            send_error(hub, conn, rid, ErrorCode.INTERNAL, "internal error")
+        else:
+            conn.send_frame(encode_reply(rid, position).decode())
+
+    try:
+        hub.publish_then(cmd.channel, cmd.data, sender=conn.conn_id, done=answer)
     except ProtocolError as exc:
         send_error(hub, conn, rid, exc.code, exc.message)
         return
@@ -168,18 +206,7 @@ def _publish_soon(hub: Hub, conn: Connection, cmd: Publish, inflight: _Tasks) ->
         log.exception("node %s: publish from %s failed", hub.node, conn.conn_id)
         send_error(hub, conn, rid, ErrorCode.INTERNAL, "internal error")
         return
-
-    def answer(done: asyncio.Future[Publication]) -> None:
-        if done.cancelled():
-            return
-        position = _position(outcome_of(done), conn)
-        if position is None:
-            send_error(hub, conn, rid, ErrorCode.INTERNAL, "internal error")
-        else:
-            conn.send_frame(encode_reply(rid, position).decode())
-
-    future.add_done_callback(answer)
-    inflight.add(future)
+    inflight.count += 1  # after: a refused publish (it raises) is not counted
 
 
 def _position(outcome: PublishOutcome, conn: Connection) -> dict[str, Any] | None:
@@ -194,50 +221,36 @@ def _position(outcome: PublishOutcome, conn: Connection) -> dict[str, Any] | Non
     return None
 
 
-class _Room:
-    """Publishes in flight; ``room`` waits in O(1) for a free slot."""
+class _InFlight:
+    """A connection's publishes in flight, counted: ``room`` waits for a free
+    slot, ``drain`` for none left (both O(1), no future per publish)."""
 
-    __slots__ = ("waiter",)
+    __slots__ = ("count", "waiter")
 
     def __init__(self) -> None:
+        self.count = 0
         self.waiter: asyncio.Future[None] | None = None
 
-    def in_flight(self) -> int:
-        raise NotImplementedError
-
-    def _wake(self) -> None:
+    def finished(self, _: object = None) -> None:
+        """One publish completed (also a task's done callback)."""
+        self.count -= 1
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     async def room(self, limit: int) -> None:
-        while self.in_flight() >= limit:
+        await self._until(limit - 1)
+
+    async def drain(self) -> None:
+        await self._until(0)
+
+    async def _until(self, most: int) -> None:
+        while self.count > most:
             self.waiter = asyncio.get_running_loop().create_future()
             try:
                 await self.waiter
             finally:
                 self.waiter = None
-
-
-class _Tasks(_Room):
-    """A connection's publishes in flight as tasks or futures (to wait for them)."""
-
-    __slots__ = ("tasks",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tasks: set[asyncio.Future[Any]] = set()
-
-    def in_flight(self) -> int:
-        return len(self.tasks)
-
-    def add(self, task: asyncio.Future[Any]) -> None:
-        self.tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Future[Any]) -> None:
-        self.tasks.discard(task)
-        self._wake()
 
 
 class _Endpoint:
@@ -312,26 +325,20 @@ def _raw_value(payload: str | bytes) -> tuple[Any, str | None]:
         return payload, None
 
 
-class _Window(_Room):
-    """A producer's publishes in flight (``Hub.publish_then``), counted; each
-    one's ack (``?ack=1``) is sent as it completes, which is the order they
-    were made in."""
+class _Window(_InFlight):
+    """A producer's publishes in flight (``Hub.publish_then``); each one's ack
+    (``?ack=1``) is sent as it completes, which is the order they were made in."""
 
-    __slots__ = ("ack", "conn", "count")
+    __slots__ = ("ack", "conn")
 
     def __init__(self, conn: Connection, ack: bool) -> None:
         super().__init__()
         self.conn = conn
         self.ack = ack
-        self.count = 0
-
-    def in_flight(self) -> int:
-        return self.count
 
     def settled(self, outcome: PublishOutcome) -> None:
         """The ``publish_then`` callback of each publish this window started."""
-        self.count -= 1
-        self._wake()
+        self.finished()
         if isinstance(outcome, asyncio.CancelledError):
             return
         position = _position(outcome, self.conn)

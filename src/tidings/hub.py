@@ -144,7 +144,6 @@ class Hub(DirectMessages):
         # the subset of subscriptions that asked for join/leave frames
         self.join_leave_index: SubscriptionIndex[Connection] = SubscriptionIndex()
         self.connections: dict[str, Connection] = {}
-        self._valid_channels: set[str] = set()
         self.users: dict[str, set[Connection]] = {}
         # queues live in the broker when it can share them between nodes (Redis),
         # else in this process
@@ -476,11 +475,7 @@ class Hub(DirectMessages):
         """What every publish checks first; the channel's history options."""
         if not self._started or self._closing:
             self._require_started()
-        if channel not in self._valid_channels:  # validated once per name, not per publish
-            validate_channel(channel, self.limits.max_name)
-            if len(self._valid_channels) >= 10_000:
-                self._valid_channels.clear()
-            self._valid_channels.add(channel)
+        validate_channel(channel, self.limits.max_name)  # a set lookup for names seen before
         self.stats.publications_in += count
         return self.history_config.options(channel)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -140,8 +140,12 @@ class MemoryBroker:
         text: str | None = None,
     ) -> Publication:
         """``publish`` without a coroutine: in-process publishing never waits."""
-        return self.publish_many_nowait(channel, ((data, text),), sender=sender,
-                                        history=history)[0]
+        state = self._bus.channels.get(channel) or self._bus.channel(channel)
+        offset = state.offset = state.offset + 1
+        pub = Publication(channel, data, offset, state.epoch, sender, int(time.time() * 1000),
+                          raw=text)
+        self._store_and_fan_out(state, history, (pub,))
+        return pub
 
     def publish_many_nowait(
         self,
@@ -153,14 +157,20 @@ class MemoryBroker:
     ) -> list[Publication]:
         """Publish ``(data, text)`` items of one sender to one channel, in order, at
         consecutive offsets; each subscribing node gets them in one call."""
-        bus = self._bus
-        state = bus.channels.get(channel) or bus.channel(channel)
+        state = self._bus.channels.get(channel) or self._bus.channel(channel)
         offset = state.offset
         epoch = state.epoch
         ts = int(time.time() * 1000)
         pubs = [Publication(channel, data, offset + i, epoch, sender, ts, raw=text)
                 for i, (data, text) in enumerate(items, 1)]
         state.offset = offset + len(pubs)
+        self._store_and_fan_out(state, history, pubs)
+        return pubs
+
+    def _store_and_fan_out(self, state: _Channel, history: HistoryOptions | None,
+                           pubs: Sequence[Publication]) -> None:
+        """History, the idle-state sweep and delivery to every subscribing node."""
+        bus = self._bus
         now = time.monotonic()
         state.last = now
         if history is not None and history.size > 0 and history.ttl > 0:  # enabled
@@ -168,8 +178,9 @@ class MemoryBroker:
             if (hist.maxlen != history.size or state.ttl != history.ttl
                     or (hist and hist[0][0] < now - history.ttl)):
                 bus.trim(state, history, now)
-            # the deque's maxlen drops the oldest
-            state.history.extend([(now, pub) for pub in pubs])
+                hist = state.history
+            for pub in pubs:
+                hist.append((now, pub))  # the deque's maxlen drops the oldest
         elif state.history:
             state.history.clear()
         bus._since_sweep += len(pubs)
@@ -177,14 +188,13 @@ class MemoryBroker:
             bus._since_sweep = 0
             bus.sweep(now)
         nodes = bus.nodes
-        for node in bus.index.match(channel):
+        for node in bus.index.match(pubs[0].channel):
             handler = nodes.get(node)
             if handler is not None:
                 if len(pubs) == 1:
                     handler.on_publication(pubs[0])
                 else:
                     handler.on_publications(pubs)
-        return pubs
 
     async def publish_event(self, channel: str, frame: str) -> None:
         nodes = self._bus.nodes

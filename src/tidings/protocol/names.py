@@ -35,13 +35,22 @@ def _check_common(name: object, code: ErrorCode, what: str, max_length: int) -> 
     return name
 
 
+_VALID_CHANNELS: set[str] = set()  # names that passed, checked again for length only
+_VALID_CHANNELS_MAX = 4096
+
+
 def validate_channel(name: object, max_length: int = MAX_NAME_LENGTH) -> str:
     """Return ``name`` if it is a valid channel, else raise ``bad_channel``."""
+    if type(name) is str and name in _VALID_CHANNELS and len(name) <= max_length:
+        return name  # every publish names its channel: most are seen before
     channel = _check_common(name, ErrorCode.BAD_CHANNEL, "channel", max_length)
     if "+" in channel or "#" in channel:
         raise ProtocolError(ErrorCode.BAD_CHANNEL, "channel must not contain '+' or '#'")
     if "" in channel.split("/"):
         raise ProtocolError(ErrorCode.BAD_CHANNEL, "channel must not have an empty level")
+    if len(_VALID_CHANNELS) >= _VALID_CHANNELS_MAX:
+        _VALID_CHANNELS.clear()
+    _VALID_CHANNELS.add(channel)
     return channel
 
 
