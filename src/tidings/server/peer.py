@@ -41,7 +41,8 @@ from tidings.protocol.http import (
 if TYPE_CHECKING:
     from tidings.server.lean import LeanServer
 
-__all__ = ["ASGI_VERSION", "EXTENSION", "ASGIApp", "ClientDisconnected", "Message", "Peer"]
+__all__ = ["ASGI_VERSION", "EXTENSION", "ASGIApp", "ClientDisconnected", "Message", "Peer",
+           "hand_over"]
 
 log = logging.getLogger("tidings.server")
 access_log = logging.getLogger("tidings.access")
@@ -61,6 +62,21 @@ _HTTP, _BODY, _RUNNING, _WS_HANDSHAKE, _WS_OPEN, _WS_CLOSING, _GONE = range(7)
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.3"}
 _CONNECT: Message = {"type": "websocket.connect"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def hand_over(handler: Callable[[list[str | bytes]], int],
+              batch: list[str | bytes]) -> tuple[bool, list[Message]]:
+    """Give the data messages of one read to an ``on_messages`` handler: whether
+    it ran, and what it left as ASGI receive messages, in order (all of them if
+    it raised; logged)."""
+    try:
+        taken, ran = handler(batch), True
+    except Exception:
+        log.exception("error in a websocket message handler")
+        taken, ran = 0, False
+    return ran, [{"type": "websocket.receive", "text": message} if isinstance(message, str)
+                 else {"type": "websocket.receive", "bytes": message}
+                 for message in batch[taken:]]
 
 
 class ClientDisconnected(OSError):
@@ -552,19 +568,13 @@ class Peer(asyncio.Protocol):
 
     def _take(self, batch: list[str | bytes], inbox: deque[Message]) -> None:
         """Hand ``batch`` to ``on_messages``; what it leaves goes to the inbox."""
-        handler = self.on_messages
-        assert handler is not None
-        try:
-            taken = handler(batch)
-        except Exception:
-            log.exception("error in a websocket message handler")
+        assert self.on_messages is not None
+        ran, rest = hand_over(self.on_messages, batch)
+        if not ran:
             self.on_messages = None
             self._send_close(1011, "internal error")
             return
-        for message in batch[taken:]:
-            inbox.append({"type": "websocket.receive", "text": message}
-                         if isinstance(message, str)
-                         else {"type": "websocket.receive", "bytes": message})
+        inbox.extend(rest)
 
     def _send_close(self, code: int, reason: str) -> None:
         """Our close frame; the transport closes on the peer's answer or a timeout."""

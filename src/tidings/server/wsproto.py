@@ -16,17 +16,16 @@ embedded ASGI path does not need it.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from tidings.server.peer import hand_over
+
 __all__ = ["EXTENSION", "DirectWSProtocol"]
 
 EXTENSION = "tidings.direct"
-
-log = logging.getLogger("tidings.server")
 
 
 class DirectWSProtocol(WebSocketsSansIOProtocol):
@@ -94,19 +93,13 @@ class DirectWSProtocol(WebSocketsSansIOProtocol):
         batch, self._batch = self._batch, None
         if not batch:
             return False
-        handler = self.on_messages
-        assert handler is not None
-        try:
-            taken = handler(batch)
-        except Exception:
-            log.exception("error in a websocket message handler")
+        assert self.on_messages is not None
+        ran, rest = hand_over(self.on_messages, batch)
+        if not ran:  # the endpoint gets them through ``receive`` (and fails there)
             self.on_messages = None
-            taken = 0  # the endpoint gets them through ``receive`` (and fails there)
-        for message in batch[taken:]:
-            self.queue.put_nowait({"type": "websocket.receive", "text": message}
-                                  if isinstance(message, str)
-                                  else {"type": "websocket.receive", "bytes": message})
-        if taken < len(batch) and not self.read_paused:
+        for message in rest:
+            self.queue.put_nowait(message)  # type: ignore[arg-type]
+        if rest and not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
         return True
