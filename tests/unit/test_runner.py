@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import resource
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,11 +18,13 @@ from tidings.server.runner import GC_THRESHOLDS, tune_gc
 @pytest.fixture
 def gc_restored() -> Iterator[None]:
     before = gc.get_threshold()
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         yield
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+        resource.setrlimit(resource.RLIMIT_NOFILE, files)
 
 
 def test_tune_gc_freezes_what_is_loaded_and_raises_the_young_threshold(gc_restored: None) -> None:
@@ -34,10 +37,12 @@ def test_tune_gc_freezes_what_is_loaded_and_raises_the_young_threshold(gc_restor
 
 
 @pytest.mark.parametrize("server", ["tidings", "uvicorn"])
-def test_serve_tunes_the_collector_before_it_serves(server: str, gc_restored: None,
+def test_serve_tunes_the_collector_and_file_limit_before_it_serves(server: str, gc_restored: None,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     gc.unfreeze()
     gc.set_threshold(700, 10, 10)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # as a login shell may leave it
     seen: dict[str, Any] = {}
 
     def serving(*args: Any, **kwargs: Any) -> None:
@@ -46,9 +51,12 @@ def test_serve_tunes_the_collector_before_it_serves(server: str, gc_restored: No
                 arg.close()
         seen["threshold"] = gc.get_threshold()
         seen["frozen"] = gc.get_freeze_count()
+        seen["files"] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
     monkeypatch.setattr(lean, "run", serving)
     monkeypatch.setattr(runner.asyncio, "run", serving)
     runner.run(Hub("memory://"), host="127.0.0.1", port=0, server=server)  # type: ignore[arg-type]
     assert seen["threshold"] == GC_THRESHOLDS
     assert seen["frozen"] > 0
+    # every connection is a file: the soft limit goes up to the hard one
+    assert seen["files"] == (runner.MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else hard)

@@ -19,7 +19,8 @@ from tidings.hub import Hub
 from tidings.protocol.codes import CloseCode
 from tidings.server.app import create_app
 
-__all__ = ["GC_THRESHOLDS", "SERVERS", "run", "tune_gc"]
+__all__ = ["GC_THRESHOLDS", "MAX_OPEN_FILES", "SERVERS", "prepare_process", "raise_open_files",
+           "run", "tune_gc"]
 
 log = logging.getLogger("tidings.server")
 
@@ -43,6 +44,35 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+MAX_OPEN_FILES = 1 << 20  # Linux's default fs.nr_open
+
+
+def raise_open_files() -> int:
+    """Raise this process's soft limit of open files to its hard limit, as Go
+    programs and nginx do: every connection is a file, and with the usual soft
+    limit of 1,024 the 1,025th client would be refused. Returns the soft limit
+    now in force (unchanged where it cannot be raised)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("open files limit stays at %d: %s", soft, exc)
+            return soft
+        soft = target
+    log.info("open files limit: %d", soft)
+    return soft
+
+
+def prepare_process() -> None:
+    """What ``tidings serve`` sets up in its process before serving."""
+    raise_open_files()
+    tune_gc()
 
 
 def websocket_routes(hub: Hub) -> list[Any]:
@@ -70,7 +100,7 @@ def run(hub: Hub, *, host: str, port: int, log_level: str = "info",
         raise ValueError(f"unknown server {server!r}: one of {', '.join(SERVERS)}")
     from tidings.server import lean
 
-    tune_gc()
+    prepare_process()
     lean.run(create_app(hub), host=host, port=port, ws_routes=websocket_routes(hub),
              max_size=hub.limits.frame_hard, sockets=sockets,
              before_close=lambda: close_hub_connections(hub), loop=loop)
@@ -107,5 +137,5 @@ def _run_uvicorn(hub: Hub, *, host: str, port: int, log_level: str, sockets: Any
         lifespan="on",
         loop=loop,
     )
-    tune_gc()
+    prepare_process()
     asyncio.run(_Server(config).serve(sockets=sockets))
