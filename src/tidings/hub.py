@@ -561,7 +561,7 @@ class Hub(DirectMessages):
     def on_publications(self, pubs: Sequence[Publication]) -> None:
         """Broker callback: several consecutive publications of one channel."""
         self.stats.publications_out += len(pubs)
-        conns = self.index.match(pubs[0].channel)
+        conns = self.index.match(pubs[0].channel) if pubs else None
         if not conns:
             return
         for conn in conns:

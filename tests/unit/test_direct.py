@@ -107,6 +107,8 @@ async def test_a_batch_of_publications_is_one_write_in_order(hub: Hub) -> None:
     page = await hub.history("many", limit=10)
     assert [p.data for p in page.publications] == [{"i": 1}, "two", b"\x00"]
     assert all(p.sender == "me" for p in page.publications)
+    assert hub.publish_many_nowait("many", []) == []  # nothing to publish, nothing changes
+    assert (await hub.publish("many", 4)).offset == 4
 
 
 async def test_a_batch_respects_recovery_floors_and_the_outbox_limit() -> None:

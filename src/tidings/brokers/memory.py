@@ -163,6 +163,8 @@ class MemoryBroker:
         ts = int(time.time() * 1000)
         pubs = [Publication(channel, data, offset + i, epoch, sender, ts, raw=text)
                 for i, (data, text) in enumerate(items, 1)]
+        if not pubs:
+            return pubs
         state.offset = offset + len(pubs)
         self._store_and_fan_out(state, history, pubs)
         return pubs
