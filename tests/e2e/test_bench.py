@@ -1,0 +1,53 @@
+"""The benchmark harness still measures what it says: short runs, checked for
+behaviour (every delivery counted and checked, every latency frame timed), not
+for speed."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the benchmarks read /proc")
+
+
+def test_compare_counts_every_delivery_and_times_every_latency_frame(tmp_path: Path) -> None:
+    out = tmp_path / "compare.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compare", "--stacks", "tidings",
+         "--subscribers", "1", "100", "--idle", "50", "--latency-seconds", "0.5",
+         "--max-seconds", "0.3", "--warmup", "5", "--no-progress", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())["results"][0]
+    assert result["errors"] == []
+    phases = {(p["name"], p["subscribers"]): p for p in result["phases"]}
+    assert set(phases) == {("throughput", 1), ("throughput", 100), ("latency", 100)}
+    for phase in phases.values():
+        assert phase["lost"] == 0 and phase["errors"] == []
+        assert phase["deliveries"] == phase["messages"] * phase["subscribers"] > 0
+        assert phase["server_cpu_us_per_delivery"] > 0
+    latency = phases["latency", 100]
+    assert latency["latency_samples"] == latency["deliveries"]  # each frame, each subscriber
+    assert 0 < latency["latency_ms"]["p50"] <= latency["latency_ms"]["p99"]
+    assert result["idle"]["opened"] == 50 and result["idle"]["rss_anon_kib_per_connection"] > 0
+
+
+@pytest.mark.parametrize("mode", [[], ["--native"]], ids=["raw", "native"])
+def test_hotpath_publishes_through_the_lean_server_without_sockets(mode: list[str]) -> None:
+    # it exits non-zero unless every publication reached every subscriber
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.hotpath", "--subscribers", "3", "--burst", "5",
+         "--seconds", "0.2", *mode],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = re.search(r"([\d,]+) publications, ([\d.]+) µs each, ([\d.]+) µs per delivery",
+                      proc.stdout)
+    assert found, proc.stdout
+    assert int(found[1].replace(",", "")) > 0
+    assert float(found[2]) == pytest.approx(3 * float(found[3]), rel=0.01)
