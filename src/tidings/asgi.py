@@ -84,6 +84,17 @@ async def _receive(receive: Receive, conn: Connection, idle: float | None) -> Me
     return message
 
 
+async def _pace(conn: Connection) -> None:
+    """A raw producer above ``Limits.rate`` frames/s waits for its next token:
+    its frames are not refused (a raw stream has no error frame), they are read
+    later, and TCP slows the producer down."""
+    loop = asyncio.get_running_loop()
+    delay = conn.frame_delay(loop.time())
+    while delay > 0.0:  # a timer, not a condition to wait for: the bucket refills
+        await asyncio.sleep(delay)
+        delay = conn.frame_delay(loop.time())
+
+
 def next_frame_guard(hub: Hub, conn: Connection, data: str | bytes) -> bool:
     """False (and the connection closing with 1009) for a frame above the hard
     size limit. Every endpoint checks it before looking at the frame."""
@@ -370,6 +381,8 @@ class PubEndpoint(_Endpoint):
         idle = hub.limits.idle_timeout
         sender = conn.conn_id
         frame_hard = hub.limits.frame_hard
+        paced = hub.limits.rate is not None
+        loop = asyncio.get_running_loop()
 
         def take(payload: str | bytes) -> bool:
             """Publish one frame without waiting; False: not now (the window is full)."""
@@ -390,8 +403,15 @@ class PubEndpoint(_Endpoint):
 
         def take_many(payloads: list[str | bytes]) -> int:
             """Publish frames read together without waiting; how many were taken
-            (fewer when the window fills: the rest come through ``receive``). On an
-            in-process broker they are published as one batch."""
+            (fewer when the window fills, or above ``Limits.rate``: the rest come
+            through ``receive``). On an in-process broker they are published as
+            one batch."""
+            if paced:
+                now = loop.time()
+                allowed = 0
+                while allowed < len(payloads) and conn.frame_delay(now) == 0.0:
+                    allowed += 1
+                payloads = payloads[:allowed]
             if mode != "nowait":
                 taken = 0
                 for payload in payloads:
@@ -433,6 +453,8 @@ class PubEndpoint(_Endpoint):
             payload = _payload(message)
             if payload is None:
                 continue
+            if paced:
+                await _pace(conn)
             if mode != "await":
                 await window.room(_MAX_PIPELINED)
                 take(payload)
@@ -481,6 +503,8 @@ class PushEndpoint(_Endpoint):
             payload = _payload(message)
             if payload is None:
                 continue
+            if hub.limits.rate is not None:
+                await _pace(conn)
             try:
                 item_id = await queue.push(_raw_data(payload))
             except (HubError, BrokerError) as exc:  # closed, store down, queue full
@@ -519,6 +543,8 @@ class PushEndpoint(_Endpoint):
                 payload = _payload(message)
                 if payload is None:
                     continue
+                if self.hub.limits.rate is not None:
+                    await _pace(conn)
                 await window.acquire()
                 order.put_nowait(asyncio.ensure_future(queue.push(_raw_data(payload))))
         finally:

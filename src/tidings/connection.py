@@ -266,18 +266,27 @@ class Connection:
 
     def allow_frame(self, now: float) -> bool:
         """Token bucket of ``Limits.rate`` frames per second; True if this frame may pass."""
-        rate = self.limits.rate
-        if rate is None:
-            return True
-        burst = float(self.limits.burst or rate)
-        self._tokens = min(burst, self._tokens + (now - self._tokens_at) * rate)
-        self._tokens_at = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
+        if self.frame_delay(now) == 0.0:
             self._violations = 0
             return True
         self._violations += 1
         return False
+
+    def frame_delay(self, now: float) -> float:
+        """The same bucket, for pacing: 0.0 if a frame may pass now (its token is
+        taken), else the seconds until one may (raw producers wait that long;
+        their unread frames push back through TCP, nothing is dropped)."""
+        rate = self.limits.rate
+        if rate is None:
+            return 0.0
+        burst = float(self.limits.burst or rate)
+        tokens = min(burst, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if tokens >= 1.0:
+            self._tokens = tokens - 1.0
+            return 0.0
+        self._tokens = tokens
+        return (1.0 - tokens) / rate
 
     @property
     def violations(self) -> int:

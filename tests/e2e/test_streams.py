@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 
+import pytest
 import websockets
 
-from tests.support import native, wait_until, ws_url
+from tests.support import ASGI_WS, DIRECT_WS, LEAN, native, running, wait_until, ws_url
+from tidings import Hub, Limits
 
 
 async def test_raw_pub_to_raw_and_native_subscribers(server) -> None:
@@ -153,3 +156,32 @@ async def test_a_subscriber_dropping_mid_fanout_costs_the_others_nothing(server)
     finally:
         for ws in socks[1:]:
             await ws.close()
+
+
+@pytest.mark.parametrize("ws", [LEAN, DIRECT_WS, ASGI_WS], ids=["lean", "direct", "asgi"])
+async def test_raw_producers_above_the_frame_rate_are_paced_not_dropped(ws: str) -> None:
+    """``Limits.rate`` holds for raw producers too: 25 frames sent at once at
+    40 frames/s (burst 5) all arrive, in order, over at least (25 - 5) / 40 s;
+    the same for a queue producer."""
+    hub = Hub(limits=Limits(rate=40, burst=5))
+    async with running(hub, ws=ws) as base, native(base) as sub:
+        await sub.request({"type": "subscribe", "channel": "paced"})
+        async with websockets.connect(ws_url(base, "/ws/pub/paced")) as pub:
+            started = time.monotonic()
+            for i in range(25):  # queued on the client's side at once
+                await pub.send(str(i))
+            seen = [(await sub.next("publication"))["data"] for _ in range(25)]
+            took = time.monotonic() - started
+        assert seen == list(range(25))
+        assert took >= 0.45, took
+        async with websockets.connect(ws_url(base, "/ws/pull/paced-jobs")) as consumer:
+            await wait_until(lambda: hub.queue("paced-jobs").consumers == 1, what="consumer")
+            async with websockets.connect(ws_url(base, "/ws/push/paced-jobs")) as producer:
+                started = time.monotonic()
+                for i in range(25):
+                    await producer.send(str(i))
+                items = [json.loads(await asyncio.wait_for(consumer.recv(), 5))
+                         for _ in range(25)]
+                took = time.monotonic() - started
+        assert items == list(range(25))
+        assert took >= 0.45, took
