@@ -27,8 +27,9 @@ from tidings import BrokerUnavailable, Hub
 from tidings.brokers.ipc import IpcQueueStore
 from tidings.brokers.memory_queue import MemoryQueues
 from tidings.exceptions import QueueFull
-from tidings.queue import Consumer, QueueItem, StoreQueue
+from tidings.queue import Consumer, QueueItem
 from tidings.relay import FrameReader, Relay
+from tidings.store_queue import StoreQueue
 
 
 @pytest.fixture

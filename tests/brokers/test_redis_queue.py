@@ -17,7 +17,8 @@ from tests.support import wait_until
 from tidings import Hub
 from tidings.brokers.redis_queue import RedisQueueStore
 from tidings.exceptions import QueueFull
-from tidings.queue import Consumer, QueueItem, StoreQueue
+from tidings.queue import Consumer, QueueItem
+from tidings.store_queue import StoreQueue
 
 pytestmark = pytest.mark.redis
 
