@@ -51,3 +51,18 @@ def test_hotpath_publishes_through_the_lean_server_without_sockets(mode: list[st
     assert found, proc.stdout
     assert int(found[1].replace(",", "")) > 0
     assert float(found[2]) == pytest.approx(3 * float(found[3]), rel=0.01)
+
+
+def test_tidings_bench_passes_its_options_to_compare(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tidings.server.cli", "bench", "--quick", "--stacks", "tidings",
+         "--subscribers", "1", "--repeat", "2", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["repeat"] == 2 and report["settings"]["quick"]
+    assert report["settings"]["stacks"] == ["tidings"]
+    phases = report["results"][0]["phases"]
+    assert [p["subscribers"] for p in phases if p["name"] == "throughput"] == [1]
+    assert all(p["lost"] == 0 for p in phases)

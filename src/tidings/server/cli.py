@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--stacks", nargs="*", default=None, help="stacks to run (default all)")
     bench.add_argument("--huge", action="store_true", help="also 50,000 idle connections")
     bench.add_argument("--json", dest="json_out", default=None, help="write results here")
+    bench.add_argument("--repeat", type=int, default=1, metavar="K",
+                       help="run each phase K times, keep the best (losses never hidden)")
     return parser
 
 
@@ -290,6 +292,8 @@ def _bench(args: argparse.Namespace) -> int:
         argv.append("--huge")
     if args.json_out:
         argv += ["--json", args.json_out]
+    if args.repeat != 1:
+        argv += ["--repeat", str(args.repeat)]
     result: int = compare.main(argv)
     return result
 
