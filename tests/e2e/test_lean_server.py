@@ -275,3 +275,19 @@ async def test_silent_http_connections_are_closed() -> None:
         assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
         writer.close()
         await wait_until(lambda: not server.peers, what="peers to go")
+
+
+@pytest.mark.parametrize("ws", [LEAN, DIRECT_WS], ids=["lean", "direct"])
+async def test_a_bad_utf8_frame_after_good_ones_in_one_read(ws: str) -> None:
+    """The frames before it are published; the bad one closes with 1007."""
+    hub = Hub()
+    async with running(hub, ws=ws) as base, native(base) as sub:
+        assert (await sub.request({"type": "subscribe", "channel": "u"}))["type"] == "reply"
+        async with raw(base, "/ws/pub/u") as client:
+            await upgraded(client)
+            frames = [Frame(Opcode.TEXT, b"1"), Frame(Opcode.TEXT, b"2"),
+                      Frame(Opcode.TEXT, b"\xff\xfe"), Frame(Opcode.TEXT, b"3")]
+            client.writer.write(b"".join(f.serialize(mask=True) for f in frames))
+            assert await client.close_code() == 1007
+        assert [(await sub.next("publication"))["data"] for _ in range(2)] == [1, 2]
+        assert hub.stats.publications_in == 2
