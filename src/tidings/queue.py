@@ -153,16 +153,24 @@ class WorkQueue:
 
     def remove_consumer(self, consumer: Consumer) -> None:
         """Forget a consumer; whatever it held goes back to the queue."""
+        for item in reversed(self._take_back(consumer)):  # keep their order at the front
+            self._requeue(item, front=True)
+        self._dispatch()
+
+    def _take_back(self, consumer: Consumer) -> list[QueueItem]:
+        """Forget ``consumer``: the items it held, oldest first, out of flight."""
         try:
             self._consumers.remove(consumer)
         except ValueError:
             pass
         items = list(consumer.in_flight.values())
         consumer.in_flight.clear()
-        for item in reversed(items):  # keep their order at the front
+        for item in items:
             self._in_flight.pop(item.id, None)
-            self._requeue(item, front=True)
-        self._dispatch()
+            if item.timer is not None:
+                item.timer.cancel()
+                item.timer = None
+        return items
 
     def ack(self, item_id: str) -> bool:
         item = self._in_flight.pop(item_id, None)
@@ -293,11 +301,15 @@ class WorkQueue:
         self._dispatch()
 
     def _requeue(self, item: QueueItem, *, front: bool) -> None:
+        """Back in line (timeout, nack, consumer gone), or dead after too many tries."""
         item.consumer = None
         if item.attempts >= self.max_attempts:
             self._dead_letter(item)
             return
         self.redelivered += 1
+        self._put_back(item, front=front)
+
+    def _put_back(self, item: QueueItem, *, front: bool) -> None:
         if front:
             self._ready.appendleft(item)
         else:

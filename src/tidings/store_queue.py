@@ -128,14 +128,9 @@ class StoreQueue(WorkQueue):
         self._dispatch()
         return True
 
-    def _requeue(self, item: QueueItem, *, front: bool) -> None:
+    def _put_back(self, item: QueueItem, *, front: bool) -> None:
         """Back to the store (timeout, nack, consumer gone): the node with free
         credit first gets it, this one or another."""
-        item.consumer = None
-        if item.attempts >= self.max_attempts:
-            self._dead_letter(item)
-            return
-        self.redelivered += 1
         self._give_back(item)
 
     def _dead_letter(self, item: QueueItem) -> None:
@@ -171,17 +166,7 @@ class StoreQueue(WorkQueue):
 
     def remove_consumer(self, consumer: Consumer) -> None:
         """Forget a consumer; what it held goes back to the store, oldest first."""
-        try:
-            self._consumers.remove(consumer)
-        except ValueError:
-            pass
-        items = list(consumer.in_flight.values())
-        consumer.in_flight.clear()
-        for item in items:
-            self._in_flight.pop(item.id, None)
-            if item.timer is not None:
-                item.timer.cancel()
-                item.timer = None
+        for item in self._take_back(consumer):
             self._requeue(item, front=False)
         self._dispatch()
 
