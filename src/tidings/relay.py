@@ -11,8 +11,9 @@ gets a :class:`~tidings.brokers.memory.MemoryBroker` participant on that bus
 whose handler callbacks write frames to the worker's socket, so routing by
 interest, ordering and history are exactly the memory broker's.
 
-Wire protocol. Every frame is a 4-byte big-endian length and an orjson
-array. Binary data travels as base64 with a flag.
+Wire protocol (its codec: :mod:`tidings.relay_wire`). Every frame is a 4-byte
+big-endian length and an orjson array. Binary data travels as base64 with a
+flag.
 
 worker -> relay, requests (``id`` is an int chosen by the worker)::
 
@@ -79,142 +80,27 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
-
-from tidings.brokers.base import HistoryOptions, StoredItem
+from tidings.brokers.base import HistoryOptions
 from tidings.brokers.memory import MemoryBroker, MemoryBus
 from tidings.brokers.memory_queue import DEFAULT_MAX_LEN, MemoryQueues
 from tidings.protocol.native import StreamPos, encode_join_leave
+from tidings.relay_wire import (
+    READ_CHUNK,
+    FrameReader,
+    FrameWriter,
+    dumps,
+    pack_item,
+    pack_publication,
+    payload_bytes,
+    unpack_data,
+)
 from tidings.types import Member, Publication
 
-__all__ = [
-    "MAX_FRAME",
-    "FrameReader",
-    "FrameWriter",
-    "Relay",
-    "dumps",
-    "main",
-    "pack_data",
-    "pack_publication",
-    "unpack_data",
-    "unpack_item",
-    "unpack_publication",
-]
+__all__ = ["Relay", "main"]
 
 log = logging.getLogger("tidings.relay")
 
-MAX_FRAME = 64 << 20  # a frame above this is a protocol error, not a big message
-READ_CHUNK = 1 << 18
 DEFAULT_MAX_BUFFER = 16 << 20  # bytes queued to one worker before it is dropped
-
-_OPTS = orjson.OPT_NON_STR_KEYS  # the hub's own encoding accepts int keys too
-
-
-def dumps(value: Any) -> bytes:
-    """Encode one wire message (same orjson options as the native protocol)."""
-    return orjson.dumps(value, option=_OPTS)
-
-
-# -- data and publication encoding ------------------------------------------------------
-
-
-def pack_data(data: Any) -> tuple[Any, bool]:
-    """JSON cannot hold bytes (binary ``/ws/pub`` frames): send them as base64."""
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return base64.b64encode(data).decode("ascii"), True
-    return data, False
-
-
-def unpack_data(value: Any, b64: bool) -> Any:
-    return base64.b64decode(value) if b64 else value
-
-
-def pack_publication(pub: Publication) -> list[Any]:
-    data, b64 = pack_data(pub.data)
-    return [pub.channel, data, b64, pub.offset, pub.epoch, pub.sender, pub.ts]
-
-
-def unpack_publication(row: list[Any], start: int = 0) -> Publication:
-    channel, data, b64, offset, epoch, sender, ts = row[start:start + 7]
-    return Publication(channel, base64.b64decode(data) if b64 else data, offset, epoch,
-                       sender, ts)
-
-
-# -- framing ------------------------------------------------------------------------------
-
-
-class FrameReader:
-    """Cut a byte stream into decoded messages (4-byte big-endian length + orjson)."""
-
-    __slots__ = ("_buf", "max_frame")
-
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self._buf = bytearray()
-        self.max_frame = max_frame
-
-    def feed(self, data: bytes) -> list[Any]:
-        """Append ``data``; return every complete message. Raises ValueError on garbage."""
-        buf = self._buf
-        buf += data
-        out: list[Any] = []
-        pos = 0
-        end = len(buf)
-        with memoryview(buf) as view:
-            while end - pos >= 4:
-                size = int.from_bytes(view[pos:pos + 4], "big")
-                if size > self.max_frame:
-                    raise ValueError(f"frame of {size} bytes is above the {self.max_frame} limit")
-                if end - pos - 4 < size:
-                    break
-                out.append(orjson.loads(view[pos + 4:pos + 4 + size]))
-                pos += 4 + size
-        if pos:
-            del buf[:pos]
-        return out
-
-
-class FrameWriter:
-    """Queue frames for one socket and write each loop turn's frames in one call.
-
-    Coalescing matters under load: a burst of publications fanned out to a
-    worker costs one syscall instead of one per frame, at the price of one
-    loop iteration of latency. ``send`` never blocks; it reports whether the
-    peer is within ``limit`` bytes so the owner can decide what to do.
-    """
-
-    __slots__ = ("_chunks", "_loop", "_scheduled", "_size", "limit", "transport")
-
-    def __init__(self, transport: asyncio.WriteTransport, limit: int) -> None:
-        self.transport = transport
-        self.limit = limit
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._scheduled = False
-        self._loop = asyncio.get_running_loop()
-
-    def send(self, payload: bytes) -> bool:
-        """Queue one message; False once more than ``limit`` bytes wait for the peer."""
-        self._chunks.append(len(payload).to_bytes(4, "big"))
-        self._chunks.append(payload)
-        self._size += len(payload) + 4
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self.flush)
-        return self.backlog() <= self.limit
-
-    def backlog(self) -> int:
-        """Bytes queued here plus bytes the transport has not handed to the kernel."""
-        return self._size + self.transport.get_write_buffer_size()
-
-    def flush(self) -> None:
-        self._scheduled = False
-        if not self._chunks:
-            return
-        data = b"".join(self._chunks)
-        self._chunks.clear()
-        self._size = 0
-        if not self.transport.is_closing():
-            self.transport.write(data)
 
 
 # -- the relay ----------------------------------------------------------------------------
@@ -456,9 +342,9 @@ class Relay:
         elif op == "unsub":
             await broker.unsubscribe(msg[2])
         elif op == "node":
-            await broker.send_node(msg[2], _payload(msg[3], msg[4]))
+            await broker.send_node(msg[2], payload_bytes(msg[3], msg[4]))
         elif op == "all":
-            await broker.send_all(_payload(msg[2], msg[3]))
+            await broker.send_all(payload_bytes(msg[2], msg[3]))
         elif op == "hist":
             _, _, channel, offset, epoch, limit, reverse = msg
             since = StreamPos(offset, epoch) if offset is not None else None
@@ -523,7 +409,7 @@ class Relay:
                                   delay=float(delay), dead=bool(dead))
         if op == "qclaim":
             _, _, queue, min_idle, count, max_attempts = msg
-            return [_pack_item(i) for i in queues.claim(
+            return [pack_item(i) for i in queues.claim(
                 node, _name(queue), min_idle=float(min_idle), count=int(count),
                 max_attempts=int(max_attempts))]
         if op == "qdelay":
@@ -549,7 +435,7 @@ class Relay:
             worker.push(dumps([rid, False, f"{type(exc).__name__}: {exc}"]))
             return
         if items or block <= 0 or count <= 0:
-            worker.push(dumps([rid, True, [_pack_item(i) for i in items]]))
+            worker.push(dumps([rid, True, [pack_item(i) for i in items]]))
             return
         task = asyncio.get_running_loop().create_task(
             self._qfetch_wait(worker, rid, node, queue, count, block))
@@ -566,7 +452,7 @@ class Relay:
         if worker.cleaned:  # gone meanwhile (cleanup cancels us first, so hardly ever)
             self.queues.unfetch(node, queue, [i.id for i in items])
             return
-        worker.push(dumps([rid, True, [_pack_item(i) for i in items]]))
+        worker.push(dumps([rid, True, [pack_item(i) for i in items]]))
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -593,36 +479,10 @@ class Relay:
         return self._memo_frame
 
 
-def _payload(value: str, b64: bool) -> bytes:
-    return base64.b64decode(value) if b64 else value.encode()
-
-
 def _name(queue: Any) -> str:
     if not isinstance(queue, str):
         raise TypeError("a queue name is a string")
     return queue
-
-
-def _pack_item(item: StoredItem) -> list[Any]:
-    """``[id, data, enc, attempts]``: bytes (a raw binary push) travel as base64,
-    at the top (enc 1) or as the ``data`` of a dead letter (enc 2)."""
-    data, enc = item.data, 0
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        data, enc = base64.b64encode(data).decode("ascii"), 1
-    elif (isinstance(data, dict) and "queue" in data
-          and isinstance(data.get("data"), (bytes, bytearray, memoryview))):
-        data, enc = {**data, "data": base64.b64encode(data["data"]).decode("ascii")}, 2
-    return [item.id, data, enc, item.attempts]
-
-
-def unpack_item(row: list[Any]) -> StoredItem:
-    """The worker side of :func:`_pack_item`."""
-    item_id, data, enc, attempts = row
-    if enc == 1:
-        data = base64.b64decode(data)
-    elif enc == 2:
-        data = {**data, "data": base64.b64decode(data["data"])}
-    return StoredItem(item_id, data, attempts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,7 +24,8 @@ import pytest
 from tests.support import Sink, wait_until
 from tidings import BrokerUnavailable, Hub, StreamPos
 from tidings.brokers.ipc import IpcBroker
-from tidings.relay import FrameReader, Relay
+from tidings.relay import Relay
+from tidings.relay_wire import FrameReader
 
 
 @pytest.fixture

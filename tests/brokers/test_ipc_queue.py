@@ -28,7 +28,8 @@ from tidings.brokers.ipc import IpcQueueStore
 from tidings.brokers.memory_queue import MemoryQueues
 from tidings.exceptions import QueueFull
 from tidings.queue import Consumer, QueueItem
-from tidings.relay import FrameReader, Relay
+from tidings.relay import Relay
+from tidings.relay_wire import FrameReader
 from tidings.store_queue import StoreQueue
 
 

@@ -49,7 +49,7 @@ from tidings.brokers.base import (
     StoredItem,
 )
 from tidings.exceptions import BrokerError, BrokerUnavailable, QueueFull
-from tidings.relay import (
+from tidings.relay_wire import (
     READ_CHUNK,
     FrameReader,
     FrameWriter,
