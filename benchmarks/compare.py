@@ -143,6 +143,8 @@ def _tidings_fastapi(*extra: str) -> Callable[[int, str], list[str]]:
 
 
 STACKS: dict[str, Stack] = {s.key: s for s in [
+    Stack("picows", "picows server, loop of `transport.send`", _peer("picows_loop"), "raw",
+          requires=("picows",)),
     Stack("websockets", "`websockets` server + `websockets.broadcast`",
           _peer("websockets_broadcast"), "raw", requires=("websockets",)),
     Stack("fastapi-loop", "FastAPI + uvicorn, loop of `await ws.send_text`",
@@ -170,7 +172,7 @@ STACKS: dict[str, Stack] = {s.key: s for s in [
           sub_path="/ws", pub_path=f"/ws/pub/{CHANNEL}", sizes=(1, 1000), redis=True,
           peer=False, requires=("redis",)),
 ]}
-QUICK_STACKS = ("websockets", "fastapi-loop", "tidings", "tidings-fastapi",
+QUICK_STACKS = ("picows", "websockets", "fastapi-loop", "tidings", "tidings-fastapi",
                 "tidings-fastapi-direct")
 
 SUB_STEPS: dict[str, list[tuple[str, bytes]]] = {
