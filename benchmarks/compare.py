@@ -579,8 +579,9 @@ class Session:
     # scenarios
 
     async def connect(self, count: int, label: str, sources: Sequence[str] = (),
-                      concurrency: int = 100) -> dict[str, Any]:
-        """Open ``count`` more subscribers over the workers; the merged report."""
+                      concurrency: int = 100, stamped: bool = False) -> dict[str, Any]:
+        """Open ``count`` more subscribers over the workers; the merged report.
+        ``stamped``: timed by the kernel's receive timestamp (latency subscribers)."""
         for w in self.workers:
             w.connect_report = None
         shares = [count // len(self.workers) + (1 if i < count % len(self.workers) else 0)
@@ -588,7 +589,7 @@ class Session:
         before = self._connected()
         for i, (w, share) in enumerate(zip(self.workers, shares, strict=True)):
             src = [sources[i % len(sources)]] if sources else []
-            w.pipe.send(("connect", share, src, concurrency))
+            w.pipe.send(("connect", share, src, concurrency, stamped))
         self.progress.start(label, before + count)
         tick = asyncio.create_task(self._tick(lambda: self._connected()))
         try:
@@ -797,7 +798,9 @@ async def fanout(stack: Stack, opts: argparse.Namespace, progress: Progress,
     try:
         await session.start()
         for n in steps:
-            await session.connect(n - session.n, f"{stack.key} connect N={n}")
+            # the first 100 are the latency phase's: timed by the kernel
+            await session.connect(n - session.n, f"{stack.key} connect N={n}",
+                                  stamped=want_latency and n <= 100)
             if session.n < n:
                 raise RuntimeError(f"only {session.n} of {n} subscribers connected")
             if session.pub is None or not session.pub.alive:

@@ -12,9 +12,12 @@ load generator is not what limits the figures.
 A worker process (``worker_main``) holds a group of subscribers of one server and
 is driven by the controller over a pipe:
 
-- ``("connect", count, sources, concurrency)``: open ``count`` more subscribers
-  (spread over the source addresses ``sources``, e.g. 127.0.0.2 ...), each one
-  going through the stack's subscribe steps; answers ``("connected", ok)`` every
+- ``("connect", count, sources, concurrency, stamped)``: open ``count`` more
+  subscribers (spread over the source addresses ``sources``, e.g. 127.0.0.2
+  ...), each one going through the stack's subscribe steps; ``stamped`` ones
+  read with ``recvmsg`` and time each read by the kernel's receive timestamp
+  (``SO_TIMESTAMPNS``: when the data reached the socket), not by when this
+  process got to it (see :class:`StampedTransport`); answers ``("connected", ok)`` every
   100 and ``("connect_done", report)``;
 - ``("phase", id, base, target, sample, latency, warmup, interval)``: count
   frames from zero; a subscriber is done at ``target`` frames (warmup: when it
@@ -39,6 +42,8 @@ import os
 import random
 import resource
 import signal
+import socket
+import struct
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -225,6 +230,86 @@ class WSClient(asyncio.Protocol):
             self.buf = data[pos:]
 
 
+class StampedTransport:
+    """Just enough of an ``asyncio.Transport`` over a plain non-blocking socket
+    whose reads carry the kernel's receive timestamp.
+
+    A latency subscriber is one of 100 sockets read one after the other by one
+    process: timed when its read callback runs, a frame would also be charged
+    for the load generator reading the sockets before it. The kernel stamps
+    each segment as it reaches the socket (``SO_TIMESTAMPNS``, CLOCK_REALTIME,
+    read with ``recvmsg``; converted to CLOCK_MONOTONIC like the publisher's
+    timestamps). A read that joins several segments carries the latest stamp,
+    so a frame is never timed early. Only latency subscribers use it: the
+    Python read path costs more than uvloop's.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 protocol: Subscriber) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.protocol = protocol
+        self.closing = False
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        protocol.connection_made(self)  # type: ignore[arg-type]
+        loop.add_reader(sock.fileno(), self._read)
+
+    def _read(self) -> None:
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(READ_SIZE, 256)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        if not data:
+            self._lost(None)
+            return
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                sec, nsec = _TIMESPEC.unpack_from(payload)
+                offset = time.time_ns() - perf_ns()  # CLOCK_REALTIME - CLOCK_MONOTONIC
+                self.protocol.rx_ns = sec * 1_000_000_000 + nsec - offset
+        self.protocol.data_received(data)
+
+    def write(self, data: bytes) -> None:  # short frames: the handshake, pongs, a close
+        if self.closing:
+            return
+        try:
+            self.sock.setblocking(True)
+            self.sock.sendall(data)
+        except OSError as exc:
+            self._lost(exc)
+        finally:
+            if not self.closing:
+                self.sock.setblocking(False)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def abort(self) -> None:
+        self._lost(None)
+
+    close = abort
+
+    def _lost(self, exc: Exception | None) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        self.protocol.connection_lost(exc)
+
+
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_TIMESPEC = struct.Struct("@qq")
+READ_SIZE = 1 << 18
+
+
 class Subscriber(WSClient):
     """Counts publication frames; parses a sample."""
 
@@ -234,6 +319,7 @@ class Subscriber(WSClient):
         self.index = index
         self.count = 0
         self.done = False
+        self.rx_ns = 0  # the kernel's receive time of the data being read (stamped)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -244,7 +330,7 @@ class Subscriber(WSClient):
 
     def data_received(self, data: bytes) -> None:
         g = self.group
-        g.last_rx = now = perf_ns()
+        g.last_rx = now = self.rx_ns or perf_ns()
         if self.state != READY:
             super().data_received(data)
             return
@@ -471,7 +557,8 @@ class Group:
 
     # -- connecting -----------------------------------------------------------------
 
-    async def _connect(self, count: int, sources: Sequence[str], concurrency: int) -> None:
+    async def _connect(self, count: int, sources: Sequence[str], concurrency: int,
+                       stamped: bool = False) -> None:
         loop = asyncio.get_running_loop()
         limit = asyncio.Semaphore(concurrency)
         ok = 0
@@ -486,8 +573,20 @@ class Group:
                 sub = Subscriber(self, first + k)
                 local = (sources[k % len(sources)], 0) if sources else None
                 try:
-                    await loop.create_connection(lambda: sub, self.host, self.port,
-                                                 local_addr=local)
+                    if stamped:
+                        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                        sock.setblocking(False)
+                        try:
+                            if local:
+                                sock.bind(local)
+                            await loop.sock_connect(sock, (self.host, self.port))
+                        except OSError:
+                            sock.close()
+                            raise
+                        StampedTransport(loop, sock, sub)
+                    else:
+                        await loop.create_connection(lambda: sub, self.host, self.port,
+                                                     local_addr=local)
                     await asyncio.wait_for(sub.ready, 60)
                 except (OSError, ConnectionError, TimeoutError) as exc:
                     errors[f"{type(exc).__name__}: {exc}"[:200]] += 1
@@ -522,7 +621,7 @@ class Group:
                     if msg[1] == self.phase and not self.reported:
                         self._report_done()
                 elif kind == "connect":
-                    self.connecting = asyncio.create_task(self._connect(msg[1], msg[2], msg[3]))
+                    self.connecting = asyncio.create_task(self._connect(*msg[1:]))
                 elif kind == "stop":
                     self.stop.set()
         except (EOFError, OSError):

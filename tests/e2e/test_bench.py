@@ -34,7 +34,8 @@ def test_compare_counts_every_delivery_and_times_every_latency_frame(tmp_path: P
         assert phase["server_cpu_us_per_delivery"] > 0
     latency = phases["latency", 100]
     assert latency["latency_samples"] == latency["deliveries"]  # each frame, each subscriber
-    assert 0 < latency["latency_ms"]["p50"] <= latency["latency_ms"]["p99"]
+    # kernel receive times against the publisher's clock: positive and sane
+    assert 0 < latency["latency_ms"]["p50"] <= latency["latency_ms"]["p99"] < 1000
     assert result["idle"]["opened"] == 50 and result["idle"]["rss_anon_kib_per_connection"] > 0
 
 
