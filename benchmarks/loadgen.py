@@ -30,7 +30,8 @@ is driven by the controller over a pipe:
 - ``("stop",)``.
 
 Timestamps are ``time.perf_counter_ns()`` (CLOCK_MONOTONIC on Linux), comparable
-between the processes of one machine.
+between the processes of one machine; a stamped subscriber's receive time is the
+kernel's (see :class:`StampedTransport`), converted to that clock.
 """
 
 from __future__ import annotations
@@ -415,6 +416,7 @@ class Group:
         self.reported = True
         self.latencies: list[int] = []
         self.timed: list[tuple[Subscriber, bytes, int, int]] = []
+        self.stamped = False  # some subscribers are timed by the kernel
         self.errors: list[str] = []
         self.n_errors = 0
         self.n_unexpected = 0
@@ -442,8 +444,10 @@ class Group:
     def check(self, sub: Subscriber, payload: bytes, count: int, now: int) -> None:
         if self.latency and not self.warmup:
             # kept, parsed when the phase ends: the next socket's frame is timed
-            # without waiting for this one's parse (100 sockets are read in turn)
-            self.timed.append((sub, payload, count, now))
+            # without waiting for this one's parse (100 sockets are read in turn);
+            # once some subscribers are stamped, only theirs are timed
+            if sub.rx_ns or not self.stamped:
+                self.timed.append((sub, payload, count, now))
             if count == self.target and not sub.done:
                 self._finished(sub)
             return
@@ -463,7 +467,7 @@ class Group:
         if seq != self.base + count:
             self.error(f"subscriber {self.offset + sub.index}: frame {count} of the phase "
                        f"has seq {seq}, expected {self.base + count}")
-        if self.latency:
+        if self.latency and (sub.rx_ns or not self.stamped):
             self.latencies.append(now - data["ts"])
         if count == self.target and not sub.done:
             self._finished(sub)
@@ -584,6 +588,7 @@ class Group:
                             sock.close()
                             raise
                         StampedTransport(loop, sock, sub)
+                        self.stamped = True
                     else:
                         await loop.create_connection(lambda: sub, self.host, self.port,
                                                      local_addr=local)
