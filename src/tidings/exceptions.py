@@ -10,6 +10,7 @@ All derive from one root::
      +-- BrokerError            the broker failed or is unreachable
      |    +-- BrokerUnavailable
      |    +-- QueueFull         a durable queue is at its length bound
+     |    +-- NotAvailable      the broker does not offer this feature (history, ...)
      +-- ClientError            raised by tidings.Client
           +-- ReplyError        the server answered a request with an error frame
           +-- ClientClosed      the client was closed
@@ -25,6 +26,7 @@ __all__ = [
     "ClientError",
     "HookError",
     "HubError",
+    "NotAvailable",
     "QueueFull",
     "ReplyError",
     "TidingsError",
@@ -65,6 +67,16 @@ class QueueFull(BrokerError):
 
     Durable queues refuse rather than trim: trimming would drop the oldest
     items, which nobody has processed yet."""
+
+
+class NotAvailable(BrokerError):
+    """The broker does not offer ``feature`` (see ``Capabilities``): a clear
+    refusal instead of a wrong offset or a silent drop."""
+
+    def __init__(self, feature: str, broker: str) -> None:
+        super().__init__(f"{feature} is not available on the {broker} broker")
+        self.feature = feature
+        self.broker = broker
 
 
 class ClientError(TidingsError):

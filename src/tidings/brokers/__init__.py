@@ -9,6 +9,7 @@ from tidings.brokers.base import (
     Broker,
     BrokerHandler,
     BrokerHealth,
+    Capabilities,
     HistoryOptions,
     HistoryStore,
     PresenceStore,
@@ -16,12 +17,14 @@ from tidings.brokers.base import (
     QueueStoreProvider,
     QueueStoreStats,
     StoredItem,
+    capabilities_of,
 )
 
 __all__ = [
     "Broker",
     "BrokerHandler",
     "BrokerHealth",
+    "Capabilities",
     "HistoryOptions",
     "HistoryStore",
     "PresenceStore",
@@ -29,6 +32,7 @@ __all__ = [
     "QueueStoreProvider",
     "QueueStoreStats",
     "StoredItem",
+    "capabilities_of",
     "create_broker",
 ]
 

@@ -44,6 +44,7 @@ __all__ = [
     "Broker",
     "BrokerHandler",
     "BrokerHealth",
+    "Capabilities",
     "HistoryOptions",
     "HistoryStore",
     "PresenceStore",
@@ -51,6 +52,7 @@ __all__ = [
     "QueueStoreProvider",
     "QueueStoreStats",
     "StoredItem",
+    "capabilities_of",
     "outcome_of",
     "settle_future",
 ]
@@ -91,6 +93,51 @@ class HistoryOptions:
     @property
     def enabled(self) -> bool:
         return self.size > 0 and self.ttl > 0
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a broker offers beyond live pub/sub, stated by the broker itself.
+
+    A broker sets ``capabilities`` (a class attribute is fine). The hub answers
+    :class:`~tidings.exceptions.NotAvailable` (``not_available`` on the wire,
+    naming the broker) for a feature that is off, and ``/api/info`` and the
+    startup log list them. A feature that is off is never approximated: no
+    made-up offsets, no node-local presence passed off as global.
+
+    - ``positions``: ``publish`` assigns global +1 offsets per channel and an
+      epoch; without it publications carry offset 0 and recovery is refused.
+    - ``history``: the broker is a :class:`HistoryStore` (history, recovery).
+    - ``presence``: the broker is a :class:`PresenceStore` across nodes.
+    - ``queues``: the broker is a :class:`QueueStoreProvider` whose store holds
+      work queues shared by every node (else queues are per process).
+    - ``direct``: ``send_node``/``send_all`` reach other nodes (direct messages
+      and user-wide orders across nodes).
+    """
+
+    positions: bool = False
+    history: bool = False
+    presence: bool = False
+    queues: bool = False
+    direct: bool = True
+
+    def offered(self) -> list[str]:
+        """Names of the features on, pub/sub first, for logs and ``/api/info``."""
+        names = ["pubsub"]
+        names += [name for name in ("positions", "history", "presence", "queues", "direct")
+                  if getattr(self, name)]
+        return names
+
+
+def capabilities_of(broker: object) -> Capabilities:
+    """``broker.capabilities`` when it states them, else what its type implements."""
+    stated = getattr(broker, "capabilities", None)
+    if isinstance(stated, Capabilities):
+        return stated
+    history = isinstance(broker, HistoryStore)
+    store = broker.queue_store() if isinstance(broker, QueueStoreProvider) else None
+    return Capabilities(positions=history, history=history,
+                        presence=isinstance(broker, PresenceStore), queues=store is not None)
 
 
 @dataclass(frozen=True, slots=True)
