@@ -1,9 +1,11 @@
 """tidings: real-time channels for Python web apps."""
 
 from tidings._version import __version__
-from tidings.client import Client
-from tidings.config import HistoryRule, Limits
-from tidings.connection import Connection
+from tidings.client.client import Client
+from tidings.core.config import HistoryRule, Limits
+from tidings.core.connection import Connection
+from tidings.core.queue import QueueItem, WorkQueue
+from tidings.endpoints.proxy import WebSocketProxy
 from tidings.exceptions import (
     AuthError,
     BrokerError,
@@ -17,8 +19,6 @@ from tidings.exceptions import (
 )
 from tidings.hub import Hub
 from tidings.protocol import CloseCode, ErrorCode, ProtocolError
-from tidings.proxy import WebSocketProxy
-from tidings.queue import QueueItem, WorkQueue
 from tidings.types import HistoryPage, Member, Publication, StreamPos
 
 __all__ = [

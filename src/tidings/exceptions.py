@@ -6,7 +6,7 @@ All derive from one root::
      +-- ProtocolError          a frame/name refused by the codec (carries an ErrorCode)
      +-- HubError               misuse of the hub (not started, closed)
      +-- HookError              a hub callback (permission hook, authenticator) failed
-     +-- AuthError              a token was refused (tidings.auth)
+     +-- AuthError              a token was refused (tidings.security.auth)
      +-- BrokerError            the broker failed or is unreachable
      |    +-- BrokerUnavailable
      |    +-- QueueFull         a durable queue is at its length bound

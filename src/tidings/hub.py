@@ -1,346 +1,46 @@
-"""The hub: the public API of tidings, one per process (node).
+"""``tidings.Hub``: the engine of :mod:`tidings.core.hub` with its endpoints.
 
-It owns the local connections and their subscription index, talks to one
-broker, and fans publications out: each publication is encoded once and the
-same frame is appended to every matching connection's outbox, without
-awaiting any of them.
+:class:`~tidings.core.hub.HubCore` is everything a hub does (publish, send,
+subscribe, presence, history, queues, the broker's callbacks) and knows no
+route. This class adds the two ways an app puts it on the web, which need the
+endpoints layer above the core: ``hub.router`` to mount and ``hub.accept`` for
+a websocket of your own endpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
-from tidings._version import __version__
-from tidings.auth import Authenticator, Identity, select_subprotocol
-from tidings.brokers import (
-    Broker,
-    BrokerHealth,
-    HistoryStore,
-    PresenceStore,
-    QueueStoreProvider,
-    create_broker,
-)
-from tidings.config import HistoryConfig, HistoryRule, Limits
-from tidings.connection import Connection, ConnectionKind, DirectTransport
-from tidings.errors import ErrorHandlers
-from tidings.exceptions import AuthError, BrokerUnavailable, HubError
-from tidings.gate import arm_expiry
-from tidings.index import SubscriptionIndex
-from tidings.messaging import DirectMessages
-from tidings.permissions import Rule
-from tidings.protocol import centrifuge
+from starlette.routing import Router
+from starlette.websockets import WebSocket
+
+from tidings.core.connection import Connection, ConnectionKind
+from tidings.core.hub import HubCore, HubStats, PermissionHook
+from tidings.endpoints.native import serve_native, welcome_frame
+from tidings.endpoints.router import build_router
 from tidings.protocol.codes import CloseCode
-from tidings.protocol.errors import ProtocolError
-from tidings.protocol.names import is_pattern, pattern_matches, validate_channel, validate_pattern
-from tidings.protocol.native import StreamPos, encode_join_leave
-from tidings.publishing import Publishing
-from tidings.queue import WorkQueue, WorkQueues
-from tidings.types import HistoryPage, Member
-
-if TYPE_CHECKING:
-    from starlette.routing import Router
-    from starlette.websockets import WebSocket
+from tidings.security.auth import Identity, select_subprotocol
 
 __all__ = ["Hub", "HubStats", "PermissionHook"]
 
 log = logging.getLogger("tidings.hub")
 
-PermissionHook = Callable[[Connection, str], bool | Awaitable[bool | None] | None]
-E = TypeVar("E", bound=Exception)
 
+class Hub(HubCore):
+    __doc__ = HubCore.__doc__
 
-class HubStats:
-    """Plain counters, read by ``/metrics`` at scrape time (cheap on the hot path)."""
-
-    __slots__ = ("deliveries", "dropped", "errors", "messages", "overflows",
-                 "publications_in", "publications_out", "refusals")
-
-    def __init__(self) -> None:
-        self.publications_in = 0  # publish calls on this node
-        self.publications_out = 0  # publications received from the broker
-        self.deliveries = 0  # publication frames queued to connections
-        self.messages = 0  # direct messages queued to connections
-        self.dropped = 0
-        self.overflows = 0
-        self.errors: Counter[str] = Counter()
-        self.refusals: Counter[str] = Counter()  # connections/requests refused, by reason
-
-
-class Hub(Publishing, DirectMessages):
-    """Real-time channels for one process. See the README for a tour.
-
-    ``broker`` is a URL (``memory://``, ``redis://...``) or a Broker object.
-    History keeps ``history_size`` publications for ``history_ttl`` seconds per
-    channel (0 turns it off); ``history_rules`` override that per pattern.
-
-    Security (docs/security.md): ``auth`` (e.g. ``JWTAuth(secret=...)``) makes
-    every websocket authenticate; ``rules`` and the ``can_*`` hooks decide
-    permissions (see :mod:`tidings.permissions`); ``admins`` are users allowed
-    everything but publishing to ``$`` channels; ``allowed_origins`` refuses
-    browsers of other sites; ``api_key`` is the HTTP API's admin key and
-    ``api_key_publish`` a key limited to ``publish`` and ``broadcast``.
-    """
-
-    def __init__(
-        self,
-        broker: str | Broker = "memory://",
-        *,
-        node: str | None = None,
-        history_size: int = 1000,
-        history_ttl: float = 600.0,
-        history_rules: Iterable[HistoryRule] = (),
-        limits: Limits | None = None,
-        presence: bool = True,
-        queue_visibility_timeout: float = 30.0,
-        queue_max_attempts: int = 5,
-        can_subscribe: PermissionHook | None = None,
-        can_publish: PermissionHook | None = None,
-        can_presence: PermissionHook | None = None,
-        can_history: PermissionHook | None = None,
-        api_key: str | None = None,
-        api_key_publish: str | None = None,
-        auth: Authenticator | None = None,
-        rules: Iterable[Rule] = (),
-        admins: Iterable[str] = (),
-        allowed_origins: Iterable[str] = (),
-    ) -> None:
-        self.broker: Broker = create_broker(broker) if isinstance(broker, str) else broker
-        # optional capabilities of the broker
-        self._presence: PresenceStore | None = (
-            self.broker if isinstance(self.broker, PresenceStore) and presence else None
-        )
-        self._history: HistoryStore | None = (
-            self.broker if isinstance(self.broker, HistoryStore) else None
-        )
-        self.node = node or secrets.token_hex(4)
-        if "." in self.node:
-            raise ValueError("node ids must not contain '.'")
-        self.history_config = HistoryConfig(history_size, history_ttl, list(history_rules))
-        self.limits = limits or Limits()
-        self.can_subscribe = can_subscribe
-        self.can_publish = can_publish
-        self.can_presence = can_presence
-        self.can_history = can_history
-        self.api_key = api_key
-        self.api_key_publish = api_key_publish
-        self.auth = auth
-        self.rules: list[Rule] = list(rules)
-        self.admins: frozenset[str] = frozenset(admins)
-        self.allowed_origins: frozenset[str] = frozenset(
-            o.strip().rstrip("/").lower() for o in allowed_origins if o.strip())
-        self.error_handlers = ErrorHandlers(passthrough=(ProtocolError, AuthError))
-        self.ips: Counter[str] = Counter()  # open connections per client address
-        self.stats = HubStats()
-        self.index: SubscriptionIndex[Connection] = SubscriptionIndex()
-        # the subset of subscriptions that asked for join/leave frames
-        self.join_leave_index: SubscriptionIndex[Connection] = SubscriptionIndex()
-        self.connections: dict[str, Connection] = {}
-        self.users: dict[str, set[Connection]] = {}
-        # queues live in the broker when it can share them between nodes (Redis),
-        # else in this process
-        self.queues = WorkQueues(
-            self.node, visibility_timeout=queue_visibility_timeout,
-            max_attempts=queue_max_attempts,
-            store=(self.broker.queue_store()
-                   if isinstance(self.broker, QueueStoreProvider) else None),
-        )
-        self._broker_patterns: set[str] = set()
-        self._interest_lock = asyncio.Lock()
-        self._health = BrokerHealth(False, "not started")
-        self._started = False
-        self._closing = False
-        self._router: Router | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._dirty: list[Connection] = []
-        self._flush_scheduled = False
-        # the loop it runs on, kept: asyncio.get_running_loop() costs a getpid()
-        # system call on CPython 3.11 (its fork check)
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    # -- lifecycle --------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Connect the broker. Idempotent."""
-        if self._started:
-            return
-        self._closing = False
-        self._loop = asyncio.get_running_loop()
-        await self.broker.connect(self.node, self)
-        self._started = True
-        log.info("tidings node %s started on %s", self.node, self.broker.url)
-
-    async def stop(self, *, timeout: float = 2.0) -> None:
-        """Close every connection with 1001, wake blocked consumers, close the broker."""
-        if not self._started:
-            return
-        self._closing = True
-        await self.close_all(CloseCode.GOING_AWAY, "server shutting down", timeout=timeout)
-        await self.queues.aclose()  # before the broker: acks and requeues still reach it
-        for task in list(self._tasks):
-            task.cancel()
-        await self.broker.close()
-        self._broker_patterns.clear()  # the broker forgot them; a restart subscribes again
-        self._started = False
-        log.info("tidings node %s stopped", self.node)
-
-    async def close_all(self, code: int = CloseCode.GOING_AWAY, reason: str = "",
-                        *, timeout: float = 2.0) -> None:
-        """Close every local connection after its queued frames; wait up to ``timeout``."""
-        conns = list(self.connections.values())
-        for conn in conns:
-            conn.close(code, reason)
-        if conns:
-            await asyncio.gather(*(conn.wait_closed(timeout) for conn in conns))
-
-    async def __aenter__(self) -> Hub:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    @asynccontextmanager
-    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
-        """``FastAPI(lifespan=hub.lifespan)``: start the broker, stop it on shutdown."""
-        await self.start()
-        try:
-            yield
-        finally:
-            await self.stop()
+    _router: Router | None = None
 
     @property
     def router(self) -> Router:
         """Routes to mount: ``/ws``, the raw streams, ``/api/...``, ``/health``, ``/metrics``."""
         if self._router is None:
-            from tidings.asgi import build_router
-
             self._router = build_router(self)
         return self._router
-
-    @property
-    def hooks(self) -> dict[str, PermissionHook | None]:
-        """The permission hooks by action (``subscribe``, ``publish``, ...)."""
-        return {"subscribe": self.can_subscribe, "publish": self.can_publish,
-                "presence": self.can_presence, "history": self.can_history}
-
-    def on_error(self, exc_type: type[E]) -> Callable[[Callable[[E, Any], Any]],
-                                                      Callable[[E, Any], Any]]:
-        """Register a handler (sync or async) for ``exc_type`` raised in hub callbacks::
-
-            @hub.on_error(LookupError)
-            def no_such_room(exc, ctx):    # ctx: tidings.errors.ErrorContext
-                return False               # stands in for the hook's verdict
-        """
-        def register(handler: Callable[[E, Any], Any]) -> Callable[[E, Any], Any]:
-            self.error_handlers.register(exc_type, handler)
-            return handler
-
-        return register
-
-    def _spawn(self, coro: Awaitable[Any]) -> None:
-        async def run() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                log.exception("background task of node %s failed", self.node)
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    # -- connections -------------------------------------------------------------------
-
-    @property
-    def running(self) -> bool:
-        """True between ``start()`` and ``stop()``."""
-        return self._started and not self._closing
-
-    def _require_started(self) -> None:
-        if not self._started or self._closing:
-            raise HubError("the hub is not running: use hub.lifespan, `async with hub`, "
-                           "or await hub.start()")
-
-    def register(
-        self,
-        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
-        *,
-        kind: ConnectionKind = ConnectionKind.NATIVE,
-        user: str | None = None,
-        info: Any = None,
-        identity: Identity | None = None,
-        ip: str | None = None,
-        direct: DirectTransport | None = None,
-    ) -> Connection:
-        """Create a connection for an accepted websocket and start its writer.
-
-        With an ``identity``, ``user`` and ``info`` default to its own, and the
-        connection is closed with 1008 "token expired" when it expires.
-        """
-        self._require_started()
-        if identity is not None:
-            user = user if user is not None else identity.user
-            info = info if info is not None else identity.info
-        conn = Connection(self, f"{self.node}.{secrets.token_urlsafe(6)}", send,
-                          kind=kind, user=user, info=info)
-        conn.identity = identity
-        conn.ip = ip
-        self.connections[conn.conn_id] = conn
-        if user is not None:
-            self.users.setdefault(user, set()).add(conn)
-        if ip is not None:
-            self.ips[ip] += 1
-        conn.start_writer(direct)
-        arm_expiry(self, conn)
-        return conn
-
-    def schedule_flush(self, conn: Connection) -> None:
-        """Write ``conn``'s queued frames at the end of this event-loop turn, in one
-        write with whatever else gets queued for it meanwhile (direct transports)."""
-        self._dirty.append(conn)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            (self._loop or asyncio.get_running_loop()).call_soon(self._flush_dirty)
-
-    def _flush_dirty(self) -> None:
-        self._flush_scheduled = False
-        dirty, self._dirty = self._dirty, []
-        for conn in dirty:
-            try:
-                conn.flush()
-            except Exception:  # one broken socket must not cost the others their frames
-                log.exception("flush of %s failed", conn.conn_id)
-                conn.abort()
-
-    async def unregister(self, conn: Connection) -> None:
-        """Forget a connection: its subscriptions, presence, queue leases."""
-        if self.connections.pop(conn.conn_id, None) is None:
-            return
-        conn.abort()
-        if conn.expiry is not None:
-            conn.expiry.cancel()
-            conn.expiry = None
-        if conn.ip is not None:
-            self.ips[conn.ip] -= 1
-            if self.ips[conn.ip] <= 0:
-                del self.ips[conn.ip]
-        if conn.user is not None:
-            same = self.users.get(conn.user)
-            if same is not None:
-                same.discard(conn)
-                if not same:
-                    del self.users[conn.user]
-        for queue in list(self.queues.queues.values()):
-            queue.remove_owner(conn)
-        for pattern in list(conn.subs):
-            await self._drop_subscription(conn, pattern)
 
     @asynccontextmanager
     async def accept(
@@ -354,11 +54,9 @@ class Hub(Publishing, DirectMessages):
         for you: client frames are native-protocol commands (subscribe, ping,
         ...), and when the client goes away or the server shuts down the
         connection closes, which ends the ``async for`` (no hang on shutdown).
-        ``identity`` (from :class:`tidings.auth.RequireIdentity`, say) gives the
-        connection its user, token grants and expiry.
+        ``identity`` (from :class:`tidings.security.auth.RequireIdentity`, say)
+        gives the connection its user, token grants and expiry.
         """
-        from tidings.asgi import serve_native, welcome_frame
-
         await ws.accept(subprotocol=select_subprotocol(ws.scope))
         conn = self.register(ws.send, kind=ConnectionKind.APP, user=user, info=info,
                              identity=identity)
@@ -380,169 +78,3 @@ class Hub(Publishing, DirectMessages):
             await conn.wait_closed(1.0)
             reader.cancel()
             await self.unregister(conn)
-
-    # -- subscriptions -----------------------------------------------------------------
-
-    async def subscribe(self, conn: Connection, pattern: str, *, join_leave: bool = False) -> None:
-        """Subscribe ``conn``; subscribes at the broker on the first local subscriber."""
-        validate_pattern(pattern, self.limits.max_name)
-        joined = conn.join_leave
-        if join_leave and (joined is None or pattern not in joined):
-            if joined is None:
-                joined = conn.join_leave = set()
-            joined.add(pattern)
-            self.join_leave_index.add(pattern, conn)
-        elif not join_leave and joined is not None and pattern in joined:
-            joined.discard(pattern)
-            self.join_leave_index.remove(pattern, conn)
-        if pattern in conn.subs:
-            return
-        conn.subs.add(pattern)
-        if self.index.add(pattern, conn):
-            await self._sync_interest(pattern)
-        if self._presence is not None and not is_pattern(pattern):
-            try:
-                await self._presence.add_member(
-                    pattern, Member(conn.conn_id, conn.user, conn.info))
-                await self.broker.publish_event(
-                    pattern, encode_join_leave("join", pattern, conn.conn_id, conn.user).decode()
-                )
-            except BrokerUnavailable:  # brokers re-add their members when they reconnect
-                log.debug("presence join of %s in %s deferred", conn.conn_id, pattern)
-
-    async def unsubscribe(self, conn: Connection, pattern: str) -> bool:
-        """Unsubscribe ``conn``; False if it was not subscribed."""
-        if pattern not in conn.subs:
-            return False
-        await self._drop_subscription(conn, pattern)
-        return True
-
-    async def _drop_subscription(self, conn: Connection, pattern: str) -> None:
-        conn.subs.discard(pattern)
-        conn.forget_floor(pattern)
-        if conn.join_leave is not None and pattern in conn.join_leave:
-            conn.join_leave.discard(pattern)
-            self.join_leave_index.remove(pattern, conn)
-        if self.index.remove(pattern, conn):
-            await self._sync_interest(pattern)
-        if self._presence is not None and not is_pattern(pattern):
-            try:
-                await self._presence.remove_member(pattern, conn.conn_id)
-                await self.broker.publish_event(
-                    pattern, encode_join_leave("leave", pattern, conn.conn_id, conn.user).decode()
-                )
-            except Exception:  # broker down: the member expires there by TTL
-                log.debug("presence leave of %s in %s not recorded", conn.conn_id, pattern)
-
-    async def _sync_interest(self, pattern: str) -> None:
-        """Make the broker subscription of ``pattern`` match local interest."""
-        async with self._interest_lock:
-            want = self.index.has(pattern)
-            have = pattern in self._broker_patterns
-            # Brokers record the interest before talking to the server and restore it
-            # when they reconnect, so an outage here only delays it: local delivery
-            # works meanwhile.
-            try:
-                if want and not have:
-                    self._broker_patterns.add(pattern)
-                    await self.broker.subscribe(pattern)
-                elif have and not want:
-                    self._broker_patterns.discard(pattern)
-                    await self.broker.unsubscribe(pattern)
-            except BrokerUnavailable as exc:
-                log.info("broker interest in %r deferred: %s", pattern, exc)
-
-    def on_event(self, channel: str, frame: str) -> None:
-        """Broker callback: join/leave frames for subscribers that asked for them."""
-        push: str | None = None
-        for conn in self.join_leave_index.match(channel):
-            if conn.kind is ConnectionKind.NATIVE:
-                conn.send_frame(frame)
-            elif conn.kind is ConnectionKind.CENTRIFUGE:
-                if push is None:
-                    push = (centrifuge.join_leave_from_native(frame) or b"").decode()
-                if push:
-                    conn.send_frame(push)
-
-    def on_broker_state(self, health: BrokerHealth) -> None:
-        if health.up != self._health.up:
-            if health.up and self._health.reason == "not started":
-                log.debug("broker %s is up", self.broker.url)
-            elif health.up:
-                log.warning("broker %s is up again", self.broker.url)
-            else:
-                log.warning("broker %s is down: %s", self.broker.url, health.reason)
-        self._health = health
-
-    def health(self) -> BrokerHealth:
-        return self.broker.health() if self._started else BrokerHealth(False, "not started")
-
-    # -- presence and history -------------------------------------------------------------
-
-    async def presence(self, channel: str) -> list[Member]:
-        """Members of ``channel`` across every node."""
-        validate_channel(channel, self.limits.max_name)
-        if self._presence is None:
-            return []
-        return await self._presence.members(channel)
-
-    async def presence_stats(self, channel: str) -> dict[str, int]:
-        members = await self.presence(channel)
-        return {"num_clients": len(members),
-                "num_users": len({m.user for m in members if m.user is not None})}
-
-    async def history(
-        self,
-        channel: str,
-        *,
-        since: StreamPos | None = None,
-        limit: int | None = None,
-        reverse: bool = False,
-    ) -> HistoryPage:
-        """Kept publications of ``channel`` after ``since``, and its current position.
-
-        ``limit``: at most this many; None or a negative value (Centrifugo's -1): all.
-        """
-        validate_channel(channel, self.limits.max_name)
-        if limit is not None and limit < 0:
-            limit = None
-        if self._history is None:
-            return HistoryPage([], 0, "", since is None)
-        return await self._history.history(channel, since=since, limit=limit, reverse=reverse)
-
-    async def remove_history(self, channel: str) -> None:
-        validate_channel(channel, self.limits.max_name)
-        if self._history is not None:
-            await self._history.remove_history(channel)
-
-    async def position(self, channel: str) -> StreamPos:
-        if self._history is None:
-            return StreamPos(0, "")
-        return await self._history.position(channel)
-
-    # -- queues and introspection ----------------------------------------------------------
-
-    def queue(self, name: str) -> WorkQueue:
-        """The work queue ``name`` (created on first use)."""
-        if not name or len(name) > self.limits.max_name:
-            raise ValueError(f"queue names are 1-{self.limits.max_name} characters")
-        return self.queues.get(name)
-
-    def channels(self, pattern: str | None = None) -> dict[str, int]:
-        """Channels and patterns with local subscribers, and how many each."""
-        out: dict[str, int] = {}
-        for name in self.index.names():
-            if pattern is None or pattern_matches(pattern, name) or pattern == name:
-                out[name] = self.index.subscribers(name)
-        return out
-
-    def info(self) -> dict[str, Any]:
-        return {
-            "uid": self.node,
-            "name": self.node,
-            "version": __version__,
-            "num_clients": len(self.connections),
-            "num_users": len(self.users),
-            "num_subs": sum(len(c.subs) for c in self.connections.values()),
-            "num_channels": len(self.index),
-        }

@@ -153,7 +153,7 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., H
         url = f"memory://conformance-{uuid.uuid4().hex}"
     elif kind == "ipc":
         try:
-            from tidings.relay import Relay
+            from tidings.brokers.ipc.relay import Relay
         except ImportError:
             pytest.skip("the ipc relay is not built yet")
         sock_dir = Path(tempfile.mkdtemp(prefix="tidings-ipc-"))

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from tests.support import Sink
 from tidings import Hub, StreamPos
-from tidings.connection import Connection
+from tidings.core.connection import Connection
 
 
 async def started(make: Callable[..., Hub], n: int = 2, **kwargs: object) -> list[Hub]:

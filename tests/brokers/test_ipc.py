@@ -23,9 +23,9 @@ import pytest
 
 from tests.support import Sink, wait_until
 from tidings import BrokerUnavailable, Hub, StreamPos
-from tidings.brokers.ipc import IpcBroker
-from tidings.relay import Relay
-from tidings.relay_wire import FrameReader
+from tidings.brokers.ipc.broker import IpcBroker
+from tidings.brokers.ipc.relay import Relay
+from tidings.brokers.ipc.wire import FrameReader
 
 
 @pytest.fixture

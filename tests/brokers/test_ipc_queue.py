@@ -24,13 +24,13 @@ import pytest
 
 from tests.support import wait_until
 from tidings import BrokerUnavailable, Hub
-from tidings.brokers.ipc import IpcQueueStore
+from tidings.brokers.ipc.broker import IpcQueueStore
 from tidings.brokers.memory_queue import MemoryQueues
 from tidings.exceptions import QueueFull
-from tidings.queue import Consumer, QueueItem
-from tidings.relay import Relay
-from tidings.relay_wire import FrameReader
-from tidings.store_queue import StoreQueue
+from tidings.core.queue import Consumer, QueueItem
+from tidings.brokers.ipc.relay import Relay
+from tidings.brokers.ipc.wire import FrameReader
+from tidings.core.store_queue import StoreQueue
 
 
 @pytest.fixture
@@ -385,7 +385,7 @@ async def test_backpressure_max_1_never_holds_2(nodes: Any) -> None:
 WORKER = """
 import asyncio, sys
 from tidings import Hub
-from tidings.queue import Consumer
+from tidings.core.queue import Consumer
 
 async def main():
     hub = Hub(sys.argv[1])

@@ -13,7 +13,7 @@ from websockets.frames import Frame, Opcode
 from tests.brokers.conftest import REDIS_URL, RedisServer, redis_ping, unavailable
 from tests.support import DIRECT_WS, LEAN, TIMEOUT, Sink, native, running, ws_url
 from tidings import Hub, Limits
-from tidings.brokers.resp import RespConnection, pack
+from tidings.brokers.redis.resp import RespConnection, pack
 
 pytestmark = pytest.mark.redis
 
@@ -71,7 +71,7 @@ async def test_a_frozen_redis_is_noticed_by_its_silence(monkeypatch: pytest.Monk
     down, and up again once Redis runs on."""
     import signal
 
-    import tidings.brokers.redis as redis_module
+    import tidings.brokers.redis.broker as redis_module
     from tests.support import wait_until
 
     monkeypatch.setattr(redis_module, "_HEALTH_CHECK", 0.2)

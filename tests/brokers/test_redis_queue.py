@@ -15,10 +15,10 @@ import pytest
 from tests.brokers.conftest import REDIS_URL, RedisServer, redis_ping, unavailable
 from tests.support import wait_until
 from tidings import Hub
-from tidings.brokers.redis_queue import RedisQueueStore
+from tidings.brokers.redis.queue import RedisQueueStore
 from tidings.exceptions import QueueFull
-from tidings.queue import Consumer, QueueItem
-from tidings.store_queue import StoreQueue
+from tidings.core.queue import Consumer, QueueItem
+from tidings.core.store_queue import StoreQueue
 
 pytestmark = pytest.mark.redis
 

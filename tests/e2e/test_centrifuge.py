@@ -30,9 +30,9 @@ from starlette.routing import WebSocketRoute
 
 from tests.support import TIMEOUT, apost, native, running, ws_url
 from tidings import Hub
-from tidings.auth import JWTAuth, encode_jwt
-from tidings.centrifuge_endpoint import CentrifugeEndpoint
-from tidings.connection import Connection, ConnectionKind
+from tidings.security.auth import JWTAuth, encode_jwt
+from tidings.endpoints.centrifuge import CentrifugeEndpoint
+from tidings.core.connection import Connection, ConnectionKind
 from tidings.protocol.codes import CloseCode
 
 SECRET = "centrifuge-test-secret"

@@ -11,7 +11,7 @@ import pytest
 
 from tests.support import running, ws_url
 from tidings import Hub, Publication
-from tidings.client import Client, ClientTimeout, Item, MemberEvent, Message
+from tidings.client.client import Client, ClientTimeout, Item, MemberEvent, Message
 from tidings.exceptions import ClientClosed, ClientError, ReplyError
 from tidings.protocol.native import encode_lagged
 

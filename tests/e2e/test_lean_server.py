@@ -23,7 +23,7 @@ from tests.support import (
     ws_url,
 )
 from tidings import Hub
-from tidings.config import Limits
+from tidings.core.config import Limits
 from tidings.protocol.frames import parse_close
 
 UPGRADE = ("GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

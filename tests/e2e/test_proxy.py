@@ -10,7 +10,7 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
 from tests.support import native, running, ws_url
 from tidings import Hub
-from tidings.proxy import WebSocketProxy
+from tidings.endpoints.proxy import WebSocketProxy
 
 
 def gateway(upstream: str) -> FastAPI:

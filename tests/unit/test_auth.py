@@ -1,4 +1,4 @@
-"""JWT verification (tidings.auth): algorithms, pinning, claims, key sources."""
+"""JWT verification (tidings.security.auth): algorithms, pinning, claims, key sources."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tidings.auth import (
+from tidings.security.auth import (
     Grants,
     Identity,
     JWTAuth,
@@ -234,7 +234,7 @@ def test_jwt_auth_with_a_public_key_pickles_for_worker_processes() -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from tidings.auth import JWTAuth as Auth
+    from tidings.security.auth import JWTAuth as Auth
 
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.public_key().public_bytes(serialization.Encoding.PEM,

@@ -114,7 +114,7 @@ async def test_a_batch_of_publications_is_one_write_in_order(hub: Hub) -> None:
 async def test_a_batch_respects_recovery_floors_and_the_outbox_limit() -> None:
     """A connection that is recovering (a floor on the channel) gets only what
     is past its floor; one whose outbox overflows is closed (disconnect policy)."""
-    from tidings.config import Limits
+    from tidings.core.config import Limits
 
     async with Hub(limits=Limits(outbox_size=4)) as hub:
         floored, small = FakeDirect(), FakeDirect()

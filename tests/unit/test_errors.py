@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from tidings.errors import ErrorContext, ErrorHandlers, ahandle, handle
+from tidings.core.hooks import ErrorContext, ErrorHandlers, ahandle, handle
 from tidings.exceptions import AuthError, HookError
 
 
@@ -56,7 +56,7 @@ async def test_error_handlers(caplog: pytest.LogCaptureFixture) -> None:
     async def refuse() -> None:
         raise AuthError("no")
 
-    with caplog.at_level(logging.ERROR, "tidings.errors"), pytest.raises(HookError):
+    with caplog.at_level(logging.ERROR, "tidings.core.hooks"), pytest.raises(HookError):
         await handlers.call(boom, context=ctx)
     assert "can_subscribe conn=n.c user=alice name='a/b' raised LookupError" in caplog.text
     with pytest.raises(AuthError):

@@ -9,7 +9,7 @@ import pytest
 
 from tests.support import Sink
 from tidings import Hub, Limits
-from tidings.connection import ConnectionKind
+from tidings.core.connection import ConnectionKind
 from tidings.protocol import native
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tidings.index import SubscriptionIndex
+from tidings.core.index import SubscriptionIndex
 from tidings.protocol import pattern_matches
 
 

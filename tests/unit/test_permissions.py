@@ -1,4 +1,4 @@
-"""Permission decisions (tidings.permissions) without a server."""
+"""Permission decisions (tidings.core.permissions) without a server."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 
 from tidings import Hub
-from tidings.auth import Grants, Identity, JWTAuth
-from tidings.connection import Connection
-from tidings.permissions import Rule, covers, decide, is_wide
+from tidings.security.auth import Grants, Identity, JWTAuth
+from tidings.core.connection import Connection
+from tidings.core.permissions import Rule, covers, decide, is_wide
 
 
 @pytest.mark.parametrize(("outer", "inner", "expected"), [

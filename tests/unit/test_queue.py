@@ -6,7 +6,7 @@ import asyncio
 
 from tests.support import wait_until
 from tidings import Hub
-from tidings.queue import Consumer, QueueItem
+from tidings.core.queue import Consumer, QueueItem
 
 
 def collector(max_in_flight: int) -> tuple[Consumer, list[QueueItem]]:

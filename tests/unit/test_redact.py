@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from tidings.auth import encode_jwt
-from tidings.redact import RedactingFilter, redact
+from tidings.security.auth import encode_jwt
+from tidings.security.redact import RedactingFilter, redact
 
 JWT = encode_jwt({"sub": "alice"}, "secret-secret")
 

@@ -1,4 +1,4 @@
-"""The Redis broker's message format, sans I/O (tidings.brokers.redis_wire)."""
+"""The Redis broker's message format, sans I/O (tidings.brokers.redis.wire)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import string
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tidings.brokers.redis_wire import SEP, decode_data, encode_data, publication_from, unbatch
+from tidings.brokers.redis.wire import SEP, decode_data, encode_data, publication_from, unbatch
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(),

@@ -39,10 +39,10 @@ __all__ = [
 # scheme -> (module, class, pip extra)
 _BACKENDS: dict[str, tuple[str, str, str]] = {
     "memory": ("tidings.brokers.memory", "MemoryBroker", ""),
-    "ipc": ("tidings.brokers.ipc", "IpcBroker", ""),
-    "redis": ("tidings.brokers.redis", "RedisBroker", "redis"),
-    "rediss": ("tidings.brokers.redis", "RedisBroker", "redis"),
-    "redis+cluster": ("tidings.brokers.redis_cluster", "RedisClusterBroker", "redis"),
+    "ipc": ("tidings.brokers.ipc.broker", "IpcBroker", ""),
+    "redis": ("tidings.brokers.redis.broker", "RedisBroker", "redis"),
+    "rediss": ("tidings.brokers.redis.broker", "RedisBroker", "redis"),
+    "redis+cluster": ("tidings.brokers.redis.cluster", "RedisClusterBroker", "redis"),
 }
 
 

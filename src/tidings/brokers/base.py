@@ -281,7 +281,7 @@ class QueueStore(Protocol):
     per node: an item fetched by a node is in flight until that node acks or
     requeues it, or until its lease expires (the node died) and another node
     ``claim``s it. Implementations: Redis streams
-    (:mod:`~tidings.brokers.redis_queue`) and the relay's in-memory store for
+    (:mod:`~tidings.brokers.redis.queue`) and the relay's in-memory store for
     ``ipc://`` workers (:mod:`~tidings.brokers.memory_queue`); ``memory://``
     has no store and keeps the in-process queue.
     """

@@ -9,7 +9,7 @@ for; :meth:`MemoryQueues.store` gives one node's
 workers, so a push on one worker reaches a puller on another; the state lives
 in the relay's process and is lost when it stops.
 
-The semantics are the Redis store's (:mod:`tidings.brokers.redis_queue`), op
+The semantics are the Redis store's (:mod:`tidings.brokers.redis.queue`), op
 for op, minus the I/O:
 
 - push appends (a new id) behind a length bound (waiting + in flight; a push

@@ -152,6 +152,7 @@ _FROM_NATIVE: Final = {
     ErrorCode.TOO_LARGE: ReplyCode.LIMIT_EXCEEDED,
     ErrorCode.RATE_LIMITED: ReplyCode.TOO_MANY_REQUESTS,
     ErrorCode.INTERNAL: ReplyCode.INTERNAL,
+    ErrorCode.NOT_AVAILABLE: ReplyCode.NOT_AVAILABLE,
 }
 
 

@@ -23,6 +23,7 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     TOO_LARGE = "too_large"
     RATE_LIMITED = "rate_limited"
+    NOT_AVAILABLE = "not_available"  # the broker does not offer it (history, presence...)
     INTERNAL = "internal"
 
 

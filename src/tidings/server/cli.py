@@ -111,7 +111,7 @@ def _load_config(path: str | None) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tidings.config import HistoryRule, Limits
+    from tidings.core.config import HistoryRule, Limits
     from tidings.hub import Hub
     from tidings.server.lean import loop_factory
     from tidings.server.runner import SERVERS, run
@@ -123,7 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
             setattr(args, attr, value)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from tidings.redact import install
+    from tidings.security.redact import install
 
     install(secrets=[s for s in (args.api_key, args.api_key_publish, args.jwt_secret) if s])
     if args.workers < 1:
@@ -184,7 +184,7 @@ def _authenticator(args: argparse.Namespace) -> Any:
     """A JWTAuth when any --jwt-* key source is given, else None (anonymous)."""
     if not (args.jwt_secret or args.jwt_public_key or args.jwt_jwks):
         return None
-    from tidings.auth import JWTAuth
+    from tidings.security.auth import JWTAuth
 
     try:
         public_key = Path(args.jwt_public_key).read_bytes() if args.jwt_public_key else None
@@ -196,7 +196,7 @@ def _authenticator(args: argparse.Namespace) -> Any:
 
 
 def _permission_rules(config: dict[str, Any]) -> list[Any]:
-    from tidings.permissions import Rule
+    from tidings.core.permissions import Rule
 
     tables = config.get("permissions", [])
     if not isinstance(tables, list):
@@ -260,7 +260,7 @@ def _ws_url(base: str) -> str:
 
 
 async def _subscribe_loop(url: str, pattern: str) -> None:
-    from tidings.client import Client
+    from tidings.client.client import Client
 
     async with Client(url) as client, client.subscribe(pattern) as subscription:
         async for pub in subscription:

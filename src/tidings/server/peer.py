@@ -397,7 +397,7 @@ class Peer(HTTPSession, asyncio.Protocol):
             self.transport.write(encode_frame(b"", OP_PING))
         self.seen = False
 
-    # -- the direct write path (tidings.connection.DirectTransport) -------------
+    # -- the direct write path (tidings.core.connection.DirectTransport) -------------
 
     @property
     def can_write(self) -> bool:

@@ -4,7 +4,7 @@ The supervisor binds the TCP socket once and hands it to every worker (the
 kernel then spreads accepted connections over them), so no port juggling
 and no load balancer. Each worker is a full hub with its own node id. Unless
 an external broker URL is given, the supervisor also runs the
-:class:`tidings.relay.Relay` on a Unix socket in a fresh private temp
+:class:`tidings.brokers.ipc.relay.Relay` on a Unix socket in a fresh private temp
 directory and every worker connects to it with ``ipc://``, so all workers
 share publications, offsets, history, presence and direct messages.
 
@@ -145,7 +145,7 @@ class _Supervisor:
                 if self.broker is not None:
                     log.info("memory:// cannot span processes: the %d workers share the "
                              "built-in relay instead", self.workers)
-                from tidings.relay import Relay
+                from tidings.brokers.ipc.relay import Relay
 
                 tmpdir = tempfile.mkdtemp(prefix="tidings-relay-")  # 0700: ours only
                 path = os.path.join(tmpdir, "relay.sock")

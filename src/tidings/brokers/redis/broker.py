@@ -1,0 +1,630 @@
+"""``redis://`` (and ``rediss://``): publications over Redis pub/sub.
+
+URL: ``redis://host:6379/0?prefix=tidings&presence_ttl=30&queue_max_len=1000000``.
+
+Design:
+
+- One Lua script per publication, one round trip: bump the channel's offset
+  (creating a new random epoch if the channel's state was lost: a Redis
+  restart without persistence, eviction, expiry), append to its history
+  stream (explicit stream id ``<offset>-1``, trimmed to the history size,
+  ``PEXPIRE`` = history ttl) and ``PUBLISH`` the message, so history and live
+  never disagree and offsets are global across nodes. Publishes issued while
+  the previous batch is on the wire go out together in one write; consecutive
+  ones to one channel are one script call and one message
+  (:mod:`tidings.brokers.redis.wire`). History reads: :mod:`.redis_history`.
+- Interest routing: a node SUBSCRIBEs to exact channels and PSUBSCRIBEs to its
+  patterns mapped onto globs (``+`` -> ``*``, ``a/#`` -> ``a*``). A glob is
+  wider than the MQTT pattern, so every message is filtered exactly on receipt
+  and delivered once even when several subscriptions of the node match it.
+- Direct messages: each node SUBSCRIBEs to its own inbox channel and to one
+  channel shared by all nodes (``send_user``, ``broadcast``, ``disconnect``
+  go there and each node picks its own connections: one PUBLISH, O(nodes)
+  work in Redis, no routing table that could go stale).
+- Presence: a hash (member data) and a sorted set (member -> expiry) per
+  channel; each node refreshes the expiry of its own members every
+  ``presence_ttl / 3`` s, so the members of a node that died without cleanup
+  vanish within ``presence_ttl``.
+- Work queues: Redis streams with one consumer group each, shared by every
+  node (:mod:`tidings.brokers.redis.queue`, via ``queue_store()``).
+- Faults: when Redis is unreachable the node keeps delivering locally (a
+  publication made during the outage reaches local subscribers with offset 0,
+  epoch "": position unknown), ``health()`` says why, and a reconnect loop with
+  exponential backoff and full jitter resubscribes everything on return. Each
+  up/down transition is reported once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+from collections.abc import Awaitable
+from functools import partial
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from tidings.brokers.base import (
+    BrokerHandler,
+    BrokerHealth,
+    HistoryOptions,
+    PublishDone,
+    PublishOutcome,
+    settle_future,
+)
+from tidings.brokers.redis.history import RedisHistory
+from tidings.brokers.redis.presence import RedisPresence
+from tidings.brokers.redis.queue import RedisQueueStore
+from tidings.brokers.redis.resp import RespConnection, RespPubSub, bulk
+from tidings.brokers.redis.wire import (
+    GROUP_BYTES,
+    GROUP_MAX,
+    PUBLISH_LUA,
+    SEP,
+    encode_data,
+    publication_from,
+    unbatch,
+)
+from tidings.exceptions import BrokerUnavailable
+from tidings.protocol.names import is_pattern, pattern_matches
+from tidings.types import Member, Publication
+
+__all__ = ["RedisBroker", "glob_for"]
+
+log = logging.getLogger("tidings.brokers.redis.broker")
+
+_CONFIRMATIONS = frozenset({"subscribe", "psubscribe", "ssubscribe", "unsubscribe",
+                            "punsubscribe", "sunsubscribe"})
+_CONFIRM_TIMEOUT = 5.0
+_HEALTH_CHECK = 5.0  # seconds between PINGs on a quiet subscriber connection
+
+_GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
+
+
+def glob_for(pattern: str) -> str:
+    """The narrowest Redis glob covering an MQTT pattern (exact filtering follows)."""
+    levels = pattern.split("/")
+    if levels[-1] == "#":
+        head = "/".join(lv.translate(_GLOB_SPECIAL) if lv != "+" else "*" for lv in levels[:-1])
+        return head + "*"  # 'a/#' -> 'a*' covers 'a' and 'a/...'
+    return "/".join(lv.translate(_GLOB_SPECIAL) if lv != "+" else "*" for lv in levels)
+
+
+class RedisBroker(RedisPresence, RedisHistory):
+    """Broker, HistoryStore and PresenceStore on one Redis server."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parts = urlsplit(url)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        self.prefix = query.pop("prefix", "tidings")
+        self.presence_ttl = float(query.pop("presence_ttl", "30"))
+        self.meta_ttl = int(query.pop("meta_ttl", str(7 * 86400)))
+        self.queue_max_len = int(query.pop("queue_max_len", "1000000"))
+        self._redis_url = urlunsplit(parts._replace(query=urlencode(query)))
+        self._node = ""
+        self._handler: BrokerHandler | None = None
+        self._client: Any = None  # redis.asyncio.Redis or RedisCluster
+        self._pubsub: Any = None
+        self._script: Any = None
+        self._listener: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._exact: set[str] = set()
+        self._patterns: dict[bytes, str] = {}  # glob (prefixed) -> MQTT pattern
+        self._globs: dict[str, bytes] = {}
+        self._members: dict[str, dict[str, Member]] = {}  # our own members, for heartbeats
+        self._health = BrokerHealth(False, "not connected")
+        self._closing = False
+        # publishes of this turn: script arguments, and (callback, data, text) to answer
+        self._pending: list[tuple[tuple[Any, ...], tuple[PublishDone, Any, str | None]]] = []
+        self._confirm: dict[bytes, asyncio.Future[None]] = {}
+        self._flush_scheduled = False
+        self._flushing = False
+        self._queues: RedisQueueStore | None = None
+        self._publisher: RespConnection | None = None  # lean connection for EVALSHA batches
+        self._pong_at = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None  # see RespConnection.loop
+        # (channel, history size, ttl) -> its EVALSHA prefix: argument count, packed
+        self._evalsha_heads: dict[tuple[str, int, int], tuple[int, bytes]] = {}
+
+    publish_lua = PUBLISH_LUA
+    pipelined = True  # publishes may be issued without waiting for the previous reply
+
+    def queue_store(self) -> RedisQueueStore:
+        """Work queues in Redis streams, shared by every node on this Redis
+        (see :mod:`tidings.brokers.redis.queue`)."""
+        if self._queues is None:
+            self._queues = RedisQueueStore(self, max_len=self.queue_max_len)
+        return self._queues
+
+    def _make_client(self) -> Any:
+        return aioredis.Redis.from_url(
+            self._redis_url, socket_connect_timeout=2, health_check_interval=5,
+            socket_keepalive=True,
+            # one quick retry covers pooled connections left stale by a Redis restart
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
+
+    # -- names ----------------------------------------------------------------
+
+    def _chan(self, channel: str) -> bytes:
+        return f"{self.prefix}:c:{channel}".encode()
+
+    @staticmethod
+    def _tag(channel: str) -> str:
+        """A hash tag for the channel's keys: braces escaped so every key of a
+        channel lands in the same cluster slot whatever its name holds."""
+        return "{" + channel.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") + "}"
+
+    def _meta(self, channel: str) -> str:
+        return f"{self.prefix}:{self._tag(channel)}:m"
+
+    def _stream(self, channel: str) -> str:
+        return f"{self.prefix}:{self._tag(channel)}:h"
+
+    def _presence_keys(self, channel: str) -> tuple[str, str]:
+        tag = self._tag(channel)
+        return f"{self.prefix}:{tag}:pm", f"{self.prefix}:{tag}:pz"
+
+    @property
+    def _inbox(self) -> bytes:
+        return f"{self.prefix}:n:{self._node}".encode()
+
+    @property
+    def _all(self) -> bytes:
+        return f"{self.prefix}:all".encode()
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def connect(self, node_id: str, handler: BrokerHandler) -> None:
+        self._node = node_id
+        self._handler = handler
+        self._closing = False
+        self._client = self._make_client()
+        self._script = self._client.register_script(self.publish_lua)
+        try:
+            await self._open_pubsub()
+        except (RedisError, OSError) as exc:
+            await self._client.aclose()
+            self._client = None
+            raise BrokerUnavailable(f"cannot reach Redis at {self._redis_url}: {exc}") from exc
+        self._set_health(BrokerHealth(True))
+        loop = self._loop = asyncio.get_running_loop()
+        self._listener = loop.create_task(self._listen(), name=f"tidings-redis-{node_id}")
+        self._heartbeat = loop.create_task(self._beat(), name=f"tidings-presence-{node_id}")
+
+    async def _open_pubsub(self) -> None:
+        """(Re)open the subscriber connection(s) and subscribe everything we want."""
+        if self._client is None:
+            raise BrokerUnavailable("not connected")
+        pubsub = RespPubSub(await RespConnection.open(self._redis_url, on_push=self._on_push))
+        await pubsub.subscribe(self._inbox, self._all, *(self._chan(c) for c in self._exact))
+        if self._patterns:
+            await pubsub.psubscribe(*self._patterns)
+        await self._close_pubsubs()
+        self._pubsub = pubsub
+
+    async def _close_pubsubs(self) -> None:
+        old, self._pubsub = self._pubsub, None
+        if old is not None:
+            try:
+                await old.aclose()
+            except Exception:  # the old connection is dead anyway
+                pass
+
+    async def _read(self) -> None:
+        """Wait while the subscriber connection delivers (``_on_push``); raise when
+        it is lost or stops answering PINGs (a silent network failure)."""
+        pubsub: RespPubSub = self._pubsub
+        pinged: float | None = None
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(pubsub.conn.lost), _HEALTH_CHECK)
+            except TimeoutError:
+                if pinged is not None and self._pong_at < pinged:  # no answer in 5 s
+                    pubsub.conn.close()
+                    raise RedisConnectionError("Redis stopped answering PING") from None
+                pinged = time.monotonic()
+                pubsub.ping()
+                continue
+            raise RedisConnectionError("connection to Redis lost")
+
+    def _on_push(self, reply: Any) -> None:
+        """A pub/sub push from the lean subscriber connection."""
+        try:
+            kind = reply[0]
+            if kind == b"message":
+                self._deliver("message", None, reply[1], reply[2])
+            elif kind == b"pmessage":
+                self._deliver("pmessage", reply[1], reply[2], reply[3])
+            elif kind == b"pong":
+                self._pong_at = time.monotonic()
+            elif isinstance(kind, bytes) and len(reply) == 3:  # (un)subscribe confirmations
+                self._deliver(kind.decode(), None, reply[1], reply[2])
+            else:
+                log.warning("unexpected reply on the Redis subscriber connection: %r", reply)
+        except Exception:  # one bad message must not stop the connection
+            log.exception("cannot deliver a message from Redis")
+
+    async def _sub_exact(self, channel: str) -> None:
+        await self._pubsub.subscribe(self._chan(channel))
+
+    async def _unsub_exact(self, channel: str) -> None:
+        await self._pubsub.unsubscribe(self._chan(channel))
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in (self._listener, self._heartbeat):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        self._listener = self._heartbeat = None
+        if self._client is not None and self._health.up:
+            for channel, members in list(self._members.items()):
+                for conn_id in list(members):
+                    try:
+                        await self.remove_member(channel, conn_id)
+                    except (RedisError, OSError):
+                        break
+        self._members.clear()
+        if self._queues is not None:
+            await self._queues.close()
+        await self._close_pubsubs()
+        if self._publisher is not None:
+            self._publisher.close()
+            self._publisher = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        self._health = BrokerHealth(False, "closed")
+
+    def health(self) -> BrokerHealth:
+        return self._health
+
+    def _stopping(self) -> bool:
+        return self._closing
+
+    def _set_health(self, health: BrokerHealth) -> None:
+        changed = health.up != self._health.up
+        self._health = health
+        if changed and self._handler is not None:
+            self._handler.on_broker_state(health)
+
+    # -- receiving -----------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        while not self._closing:
+            try:
+                await self._read()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._stopping():
+                    return
+                self._set_health(BrokerHealth(False, f"Redis unreachable: {exc}"))
+            while not self._closing:  # reconnect with exponential backoff, full jitter
+                await asyncio.sleep(random.uniform(0, backoff))
+                backoff = min(backoff * 2, 5.0)
+                try:
+                    await self._open_pubsub()
+                    await self._call_raw("ping")
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    continue
+                backoff = 0.1
+                self._set_health(BrokerHealth(True))
+                await self._refresh_members()
+                break
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        """A redis-py pub/sub message (the cluster's connections)."""
+        self._deliver(message["type"], message.get("pattern"), message["channel"],
+                      message["data"])
+
+    def _deliver(self, kind: str, pattern: bytes | None, raw_channel: bytes,
+                 data: Any) -> None:
+        handler = self._handler
+        if handler is None:
+            return
+        if kind in _CONFIRMATIONS:
+            waiter = self._confirm.pop(raw_channel, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            return
+        if raw_channel == self._inbox or raw_channel == self._all:
+            handler.on_node_message(data)
+            return
+        channel = self._channel_of(raw_channel)
+        via = self._patterns.get(pattern) if kind == "pmessage" and pattern else channel
+        if via is None or via != self._first_match(channel):
+            return  # a glob false positive, or a duplicate via another subscription
+        kind_byte = data[:1]
+        if kind_byte == b"E":
+            handler.on_event(channel, data[1:].decode())
+        elif kind_byte == b"B":
+            handler.on_publications(unbatch(channel, data))
+        else:
+            offset, epoch, ts, sender, payload = data[1:].split(SEP, 4)
+            handler.on_publication(publication_from(channel, int(offset), epoch.decode(), ts,
+                                                sender, payload))
+
+    def _channel_of(self, raw_channel: bytes) -> str:
+        return raw_channel[len(self.prefix) + 3:].decode()
+
+    def _first_match(self, channel: str) -> str | None:
+        """The one subscription a message for ``channel`` is accepted through."""
+        best = channel if channel in self._exact else None
+        for pattern in self._globs:
+            if pattern_matches(pattern, channel) and (best is None or pattern < best):
+                best = pattern
+        return best
+
+    # -- publishing ----------------------------------------------------------------
+
+    async def publish(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        sender: str | None = None,
+        history: HistoryOptions | None = None,
+        text: str | None = None,
+    ) -> Publication:
+        return await self.publish_soon(channel, data, sender=sender, history=history,
+                                       text=text)
+
+    def publish_soon(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        sender: str | None = None,
+        history: HistoryOptions | None = None,
+        text: str | None = None,
+    ) -> asyncio.Future[Publication]:
+        """``publish`` without a coroutine: the future gets the publication (or
+        ``BrokerUnavailable``). Publishes started in order reach Redis in order."""
+        future: asyncio.Future[Publication] = (
+            self._loop or asyncio.get_running_loop()).create_future()
+        self.publish_then(channel, data, sender=sender, history=history, text=text,
+                          done=partial(settle_future, future))
+        return future
+
+    def publish_then(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        sender: str | None = None,
+        history: HistoryOptions | None = None,
+        text: str | None = None,
+        done: PublishDone,
+    ) -> None:
+        """``publish_soon`` with a callback instead of a future (no future, no
+        loop handle per publish): ``done`` gets the publication or
+        ``BrokerUnavailable``, in the order the publishes were started, maybe
+        before this returns."""
+        if not self._health.up:
+            done(BrokerUnavailable(self._health.reason or "Redis unreachable"))
+            return
+        size, ttl_ms = 0, 0
+        if history is not None and history.enabled:
+            size, ttl_ms = history.size, int(history.ttl * 1000)
+        encoded = encode_data(data) if text is None else b"j" + text.encode()
+        self._pending.append(((channel, encoded, sender or "", int(time.time() * 1000), size,
+                               ttl_ms), (done, data, text)))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            (self._loop or asyncio.get_running_loop()).call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_scheduled = False
+        if self._pending and not self._flushing:
+            self._flushing = True
+            (self._loop or asyncio.get_running_loop()).create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        """One batch on the wire at a time: batches reach Redis in the order they
+        were made, so publishes from one sender keep their order even when the
+        sender does not wait for each reply; what queues up meanwhile goes in
+        the next, bigger, batch. (Several batches in flight on the one
+        connection would keep the order too, but measured no faster here.)"""
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._settle(batch)
+        finally:
+            self._flushing = False
+
+    async def _settle(self, batch: list[tuple[tuple[Any, ...], tuple[
+            PublishDone, Any, str | None]]]) -> None:
+        """Run one batch; hand each publish its publication, in order. A NOSCRIPT
+        reply (the script cache was flushed: nothing ran) loads it and runs
+        those publishes again."""
+        args = [call for call, _ in batch]
+        try:
+            if self._client is None:
+                raise BrokerUnavailable("not connected")
+            results = await self._run_scripts(args)
+            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if missing:
+                await self._client.script_load(self.publish_lua)
+                again = await self._run_scripts([args[i] for i in missing])
+                for i, result in zip(missing, again, strict=True):
+                    results[i] = result
+        except Exception as exc:
+            results = [exc] * len(batch)
+        for (call, (done, data, text)), result in zip(batch, results, strict=True):
+            channel = call[0]
+            outcome: PublishOutcome
+            if isinstance(result, Exception):
+                # the listener owns the up/down state (it sees the server go away);
+                # the hub falls back to local delivery
+                outcome = BrokerUnavailable(f"publish to {channel!r} failed: {result}")
+            else:
+                offset, epoch = result
+                outcome = Publication(channel, data, int(offset), epoch.decode(),
+                                      call[2] or None, call[3], raw=text)
+            try:
+                done(outcome)
+            except Exception:  # one caller's bug must not cost the others their answer
+                log.exception("publish callback failed")
+
+    def _script_call(self, args: tuple[Any, ...], client: Any) -> Any:
+        """One publish through redis-py (the cluster's path)."""
+        channel, data, sender, ts, size, ttl_ms = args
+        return self._script(
+            keys=[self._meta(channel), self._stream(channel)],
+            args=[*self._targets(channel), size, ttl_ms, self.meta_ttl, secrets.token_hex(4),
+                  data, sender, ts],
+            client=client,
+        )
+
+    async def _run_scripts(self, batch: list[tuple[Any, ...]]) -> list[Any]:
+        """One batch of EVALSHA calls: one write on the lean publisher connection,
+        a result per publish in order (errors as values).
+
+        Consecutive publishes to one channel (with the same history settings) go
+        as one call, up to ``GROUP_MAX`` of them: Redis runs the script once,
+        they get consecutive offsets, and subscribers get them in one message.
+        Plain EVALSHA: a ``Script`` object would first ask ``SCRIPT EXISTS``;
+        the script is loaded whenever the connection is (re)opened instead."""
+        # the epoch a channel gets if its state is missing: one fresh value per
+        # batch is enough (it only has to differ from that channel's last epoch)
+        epoch = bulk((secrets.token_hex(4),))
+        heads = self._evalsha_heads
+        if len(heads) > 10_000:
+            heads.clear()
+        parts: list[bytes] = []
+        sizes: list[int] = []  # publishes per call
+        i, total = 0, len(batch)
+        while i < total:
+            channel, _, _, _, size, ttl_ms = batch[i]
+            j, group_bytes = i, 0
+            entries = []
+            while j < total and j - i < GROUP_MAX and group_bytes < GROUP_BYTES:
+                other, data, sender, ts, other_size, other_ttl = batch[j]
+                if j > i and (other != channel or other_size != size or other_ttl != ttl_ms):
+                    break
+                sender_b = sender.encode()
+                ts_b = b"%d" % ts
+                entries.append(b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+                    len(data), data, len(sender_b), sender_b, len(ts_b), ts_b))
+                group_bytes += len(data)
+                j += 1
+            key = (channel, size, ttl_ms)
+            head = heads.get(key)
+            if head is None:  # the command up to the publications, packed once
+                fixed = ["EVALSHA", self._script.sha, 2, self._meta(channel),
+                         self._stream(channel), *self._targets(channel), size, ttl_ms,
+                         self.meta_ttl]
+                head = heads[key] = (len(fixed) + 1, bulk(fixed))  # + 1: the epoch
+            parts.append(b"*%d\r\n" % (head[0] + 3 * (j - i)))
+            parts.append(head[1])
+            parts.append(epoch)
+            parts.extend(entries)
+            sizes.append(j - i)
+            i = j
+        conn = self._publisher
+        if conn is None or not conn.is_open:
+            conn = await RespConnection.open(self._redis_url)
+            loaded = (await conn.execute([["SCRIPT", "LOAD", self.publish_lua]]))[0]
+            if isinstance(loaded, Exception):
+                conn.close()
+                raise loaded
+            self._publisher = conn
+        replies = await conn.execute_packed(b"".join(parts), len(sizes))
+        results: list[Any] = []
+        for n, reply in zip(sizes, replies, strict=True):
+            if isinstance(reply, Exception):
+                results.extend([reply] * n)
+            else:
+                first, channel_epoch = reply
+                results.extend([(int(first) + k, channel_epoch) for k in range(n)])
+        return results
+
+    def _targets(self, channel: str) -> list[bytes]:
+        """Leading script arguments: the classic and the shard channel to publish on."""
+        return [self._chan(channel), b""]
+
+    async def publish_event(self, channel: str, frame: str) -> None:
+        await self._call("publish", self._chan(channel), b"E" + frame.encode())
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        if not self._health.up:
+            raise BrokerUnavailable(self._health.reason or "not connected")
+        return await self._call_raw(method, *args)
+
+    async def _call_raw(self, method: str, *args: Any) -> Any:
+        client = self._client
+        if client is None:
+            raise BrokerUnavailable("not connected")
+        try:
+            return await getattr(client, method)(*args)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+
+    # -- interest ---------------------------------------------------------------------
+
+    async def subscribe(self, pattern: str) -> None:
+        """Subscribe and wait for Redis to confirm, so that a history read made
+        right after cannot miss a publication that is not delivered live."""
+        if is_pattern(pattern):
+            glob = self._chan(glob_for(pattern))
+            self._patterns[glob] = pattern
+            self._globs[pattern] = glob
+            if self._pubsub is not None and self._health.up:
+                await self._confirmed(glob, self._pubsub.psubscribe(glob))
+        else:
+            self._exact.add(pattern)
+            if self._pubsub is not None and self._health.up:
+                await self._confirmed(self._sub_key(pattern), self._sub_exact(pattern))
+
+    def _sub_key(self, channel: str) -> bytes:
+        """The Redis channel name a subscription to ``channel`` is confirmed for."""
+        return self._chan(channel)
+
+    async def _confirmed(self, name: bytes, request: Awaitable[Any]) -> None:
+        waiter = self._confirm.get(name)
+        if waiter is None or waiter.done():
+            waiter = self._confirm[name] = asyncio.get_running_loop().create_future()
+        await request
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), _CONFIRM_TIMEOUT)
+        except TimeoutError:
+            self._confirm.pop(name, None)
+            log.warning("Redis did not confirm the subscription to %r in time", name)
+
+    async def unsubscribe(self, pattern: str) -> None:
+        if is_pattern(pattern):
+            glob = self._globs.pop(pattern, None)
+            if glob is None:
+                return
+            self._patterns.pop(glob, None)
+            if self._pubsub is not None and self._health.up:
+                await self._pubsub.punsubscribe(glob)
+        elif pattern in self._exact:
+            self._exact.discard(pattern)
+            if self._pubsub is not None and self._health.up:
+                await self._unsub_exact(pattern)
+
+    async def send_node(self, node_id: str, payload: bytes) -> None:
+        await self._call("publish", f"{self.prefix}:n:{node_id}", payload)
+
+    async def send_all(self, payload: bytes) -> None:
+        await self._call("publish", self._all, payload)

@@ -1,0 +1,151 @@
+"""Direct messages and user-wide orders, the part of :class:`tidings.HubCore` that
+reaches connections by id or user instead of by channel.
+
+``send(conn_id)`` goes to the node named in the conn_id (``<node>.<random>``);
+``send_user``, ``broadcast``, ``disconnect`` and server-side (un)subscribe go
+to every node and each picks its own connections: one broker message, no
+routing table that could go stale.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from tidings.core.connection import Connection, ConnectionKind
+from tidings.protocol import centrifuge
+from tidings.protocol.codes import CloseCode
+from tidings.protocol.names import validate_pattern
+from tidings.protocol.native import dumps, encode_message, loads
+
+if TYPE_CHECKING:
+    from tidings.brokers import Broker
+    from tidings.core.config import Limits
+    from tidings.core.hub import HubStats
+
+__all__ = ["DirectMessages"]
+
+log = logging.getLogger("tidings.core.hub")
+
+
+class DirectMessages:
+    """Mixin of :class:`tidings.HubCore`; the hub provides what is declared here."""
+
+    node: str
+    broker: Broker
+    limits: Limits
+    connections: dict[str, Connection]
+    users: dict[str, set[Connection]]
+    stats: HubStats
+
+    def _require_started(self) -> None:
+        raise NotImplementedError
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        raise NotImplementedError
+
+    async def subscribe(self, conn: Connection, pattern: str) -> None:
+        raise NotImplementedError
+
+    async def unsubscribe(self, conn: Connection, pattern: str) -> bool:
+        raise NotImplementedError
+
+    async def send(self, to: str | Iterable[str], data: Any, *, sender: str = "server") -> int:
+        """Send ``data`` as a ``message`` frame to one or many conn_ids on any node.
+
+        Returns how many of the targets exist locally or were routed to another
+        node (a remote target's existence is not checked synchronously).
+        """
+        self._require_started()
+        targets = [to] if isinstance(to, str) else list(to)
+        local: list[Connection] = []
+        remote: dict[str, list[str]] = {}
+        for conn_id in targets:
+            node = conn_id.partition(".")[0]
+            if node == self.node:
+                conn = self.connections.get(conn_id)
+                if conn is not None:
+                    local.append(conn)
+            elif node:
+                remote.setdefault(node, []).append(conn_id)
+        if local:
+            self._send_message(local, sender, data)
+        for node, ids in remote.items():
+            await self.broker.send_node(
+                node, dumps({"k": "send", "to": ids, "from": sender, "data": data})
+            )
+        return len(local) + sum(len(ids) for ids in remote.values())
+
+    async def send_user(self, user: str, data: Any, *, sender: str = "server") -> None:
+        """Send to every connection of ``user`` on every node."""
+        self._require_started()
+        await self.broker.send_all(dumps({"k": "user", "user": user, "from": sender,
+                                          "data": data}))
+
+    async def broadcast(self, data: Any, *, sender: str = "server") -> None:
+        """Send a ``message`` frame to every native connection on every node."""
+        self._require_started()
+        await self.broker.send_all(dumps({"k": "all", "from": sender, "data": data}))
+
+    async def disconnect(self, user: str, *, code: int = CloseCode.NORMAL,
+                         reason: str = "disconnected by server") -> None:
+        """Close every connection of ``user`` on every node."""
+        self._require_started()
+        await self.broker.send_all(dumps({"k": "disconnect", "user": user, "code": code,
+                                          "reason": reason}))
+
+    async def subscribe_user(self, user: str, channel: str) -> None:
+        """Subscribe every connection of ``user``, on every node, to ``channel``."""
+        self._require_started()
+        validate_pattern(channel, self.limits.max_name)
+        await self.broker.send_all(dumps({"k": "sub", "user": user, "channel": channel}))
+
+    async def unsubscribe_user(self, user: str, channel: str) -> None:
+        """Unsubscribe every connection of ``user``, on every node, from ``channel``."""
+        self._require_started()
+        await self.broker.send_all(dumps({"k": "unsub", "user": user, "channel": channel}))
+
+    def on_node_message(self, payload: bytes) -> None:
+        """Broker callback: a direct message, a broadcast, or a disconnect order."""
+        try:
+            msg = loads(payload)
+            kind = msg["k"]
+        except Exception:
+            log.warning("node %s got a malformed node message", self.node)
+            return
+        if kind == "disconnect":
+            for conn in list(self.users.get(msg["user"], ())):
+                conn.close(msg.get("code", CloseCode.NORMAL), msg.get("reason", ""))
+            return
+        if kind in ("sub", "unsub"):
+            for conn in list(self.users.get(msg["user"], ())):
+                if kind == "sub":
+                    self._spawn(self.subscribe(conn, msg["channel"]))
+                else:
+                    self._spawn(self.unsubscribe(conn, msg["channel"]))
+            return
+        if kind == "send":
+            conns = [c for c in map(self.connections.get, msg["to"]) if c is not None]
+        elif kind == "user":
+            conns = list(self.users.get(msg["user"], ()))
+        elif kind == "all":
+            conns = [c for c in self.connections.values() if c.kind is not ConnectionKind.RAW]
+        else:
+            return
+        if conns:
+            self._send_message(conns, msg.get("from", "server"), msg.get("data"))
+
+    def _send_message(self, conns: list[Connection], sender: str, data: Any) -> None:
+        """A direct message to local connections, each in its protocol's frame."""
+        frame = encode_message(sender, data).decode()
+        push: str | None = None
+        for conn in conns:
+            if conn.kind is ConnectionKind.CENTRIFUGE:
+                if push is None:
+                    push = centrifuge.encode_message(data).decode()
+                conn.send_frame(push)
+            else:
+                conn.send_frame(frame)
+        self.stats.messages += len(conns)
+

@@ -1,0 +1,160 @@
+"""Publishing, the part of :class:`tidings.HubCore` that sends publications to the
+broker and fans the broker's publications out to this node's subscribers.
+
+A publish is checked (hub running, channel name valid, history options of the
+channel), then handed to the broker: awaited (``publish``), synchronously on
+an in-process broker (``publish_nowait``, ``publish_many_nowait`` for a burst
+of one producer), or pipelined with the outcome to a callback or a future
+(``publish_then``, ``publish_soon``). With the broker unreachable, local
+subscribers still get the publication (SPEC 7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from tidings.brokers.base import PublishDone, PublishOutcome, outcome_of, settle_future
+from tidings.exceptions import BrokerUnavailable
+from tidings.protocol.names import validate_channel
+from tidings.types import Publication
+
+if TYPE_CHECKING:
+    from tidings.brokers import Broker
+    from tidings.brokers.base import HistoryOptions
+    from tidings.core.config import HistoryConfig, Limits
+    from tidings.core.connection import Connection
+    from tidings.core.hub import HubStats
+    from tidings.core.index import SubscriptionIndex
+
+__all__ = ["Publishing"]
+
+
+class Publishing:
+    """Mixin of :class:`tidings.HubCore`; the hub provides what is declared here."""
+
+    broker: Broker
+    limits: Limits
+    stats: HubStats
+    index: SubscriptionIndex[Connection]
+    history_config: HistoryConfig
+    _started: bool
+    _closing: bool
+    _loop: asyncio.AbstractEventLoop | None
+
+    def _require_started(self) -> None:
+        raise NotImplementedError
+
+    async def publish(self, channel: str, data: Any, *, sender: str | None = None,
+                      text: str | None = None) -> Publication:
+        """Publish to a channel on every node; returns it with its offset and epoch.
+
+        ``text``: ``data`` as JSON text, when the caller has it already (a raw
+        producer's frame); raw-stream subscribers then get that text as is.
+        """
+        history = self._publishing(channel)
+        try:
+            return await self.broker.publish(channel, data, sender=sender, history=history,
+                                             text=text)
+        except BrokerUnavailable:
+            return self._publish_locally(channel, data, sender, text)
+
+    def _publishing(self, channel: str, count: int = 1) -> HistoryOptions:
+        """What every publish checks first; the channel's history options."""
+        if not self._started or self._closing:
+            self._require_started()
+        validate_channel(channel, self.limits.max_name)  # a set lookup for names seen before
+        self.stats.publications_in += count
+        return self.history_config.options(channel)
+
+    def _publish_locally(self, channel: str, data: Any, sender: str | None,
+                         text: str | None) -> Publication:
+        """SPEC 7: with the broker unreachable, local subscribers still get it;
+        its position is unknown (offset 0, epoch "")."""
+        pub = Publication(channel, data, 0, "", sender, int(time.time() * 1000), raw=text)
+        self.on_publication(pub)
+        return pub
+
+    @property
+    def can_publish_nowait(self) -> bool:
+        """True when the broker publishes synchronously (in-process)."""
+        return hasattr(self.broker, "publish_nowait")
+
+    def publish_nowait(self, channel: str, data: Any, *, sender: str | None = None,
+                       text: str | None = None) -> Publication:
+        """:meth:`publish` without a coroutine, for brokers that never wait
+        (``can_publish_nowait``): a raw producer's frames are published straight
+        from the socket's read callback."""
+        history = self._publishing(channel)
+        pub: Publication = self.broker.publish_nowait(  # type: ignore[attr-defined]
+            channel, data, sender=sender, history=history, text=text)
+        return pub
+
+    def publish_many_nowait(self, channel: str, items: Sequence[tuple[Any, str | None]], *,
+                            sender: str | None = None) -> list[Publication]:
+        """:meth:`publish_nowait` of several ``(data, text)`` items at once, in
+        order (a burst of a raw producer's frames read together)."""
+        history = self._publishing(channel, len(items))
+        pubs: list[Publication] = self.broker.publish_many_nowait(  # type: ignore[attr-defined]
+            channel, items, sender=sender, history=history)
+        return pubs
+
+    def publish_soon(self, channel: str, data: Any, *, sender: str | None = None,
+                     text: str | None = None) -> asyncio.Future[Publication]:
+        """Start a publish and return at once; the future gets the publication.
+
+        Publishes started one after another reach the broker in that order, so
+        a producer can keep many in flight without a task each. If the broker
+        is unreachable the publication is delivered locally (as :meth:`publish`
+        does) and the future raises ``BrokerUnavailable``.
+        """
+        if not hasattr(self.broker, "publish_then"):  # no pipeline: a task keeps the order
+            return asyncio.ensure_future(self.publish(channel, data, sender=sender, text=text))
+        future: asyncio.Future[Publication] = (
+            self._loop or asyncio.get_running_loop()).create_future()
+        self.publish_then(channel, data, sender=sender, text=text,
+                          done=partial(settle_future, future))
+        return future
+
+    def publish_then(self, channel: str, data: Any, *, sender: str | None = None,
+                     text: str | None = None, done: PublishDone) -> None:
+        """:meth:`publish_soon` with a callback instead of a future: ``done`` gets
+        the publication, or ``BrokerUnavailable`` after the local delivery, in
+        the order the publishes were started (maybe before this returns). On a
+        pipelined broker (Redis) no future and no loop handle per publish."""
+        start = getattr(self.broker, "publish_then", None)
+        if start is None:
+            self.publish_soon(channel, data, sender=sender, text=text).add_done_callback(
+                lambda future: done(outcome_of(future)))
+            return
+
+        def finished(outcome: PublishOutcome) -> None:
+            if isinstance(outcome, BrokerUnavailable):
+                self._publish_locally(channel, data, sender, text)
+            done(outcome)
+
+        start(channel, data, sender=sender, history=self._publishing(channel), text=text,
+              done=finished)
+
+    def on_publication(self, pub: Publication) -> None:
+        """Broker callback: fan a publication out to the local subscribers."""
+        self.stats.publications_out += 1
+        conns = self.index.match(pub.channel)
+        if not conns:
+            return
+        for conn in conns:  # each frame kind is encoded once, by the first that needs it
+            conn.deliver(pub)
+        self.stats.deliveries += len(conns)
+
+    def on_publications(self, pubs: Sequence[Publication]) -> None:
+        """Broker callback: several consecutive publications of one channel."""
+        self.stats.publications_out += len(pubs)
+        conns = self.index.match(pubs[0].channel) if pubs else None
+        if not conns:
+            return
+        for conn in conns:
+            conn.deliver_many(pubs)
+        self.stats.deliveries += len(conns) * len(pubs)
