@@ -112,7 +112,7 @@ async def subscribe(
     conn.hold()
     try:
         await hub.subscribe(conn, channel, join_leave=join_leave)
-        outcome = await _position(hub, channel, recover)
+        outcome = await _position(hub, channel, recover, reject_unrecovered)
         if recover is not None and not outcome.recovered and reject_unrecovered:
             raise Unrecoverable()
     except BaseException:
@@ -127,13 +127,18 @@ async def subscribe(
 _UNTIL_END = 2**63  # release(): drop every held publication of the channel
 
 
-async def _position(hub: HubCore, channel: str, recover: StreamPos | None) -> Subscribed:
+async def _position(hub: HubCore, channel: str, recover: StreamPos | None,
+                    reject_unrecovered: bool) -> Subscribed:
     try:
         if recover is None:
             pos = await hub.position(channel)
             return Subscribed(channel, pos.offset, pos.epoch, positioned=True)
         page = await hub.history(channel, since=recover)
     except (BrokerUnavailable, NotAvailable):
+        if recover is not None and reject_unrecovered:
+            # the client wants a refusal rather than a gap; whether there is one is
+            # unknown until the broker is back: a temporary error, retried later
+            raise
         # subscribed and delivering live; the position is unknown until the broker is back
         return Subscribed(channel, recovering=recover is not None)
     return Subscribed(channel, page.offset, page.epoch, recovering=True,
