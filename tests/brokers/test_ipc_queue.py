@@ -25,12 +25,12 @@ import pytest
 from tests.support import wait_until
 from tidings import BrokerUnavailable, Hub
 from tidings.brokers.ipc.broker import IpcQueueStore
-from tidings.brokers.memory_queue import MemoryQueues
-from tidings.exceptions import QueueFull
-from tidings.core.queue import Consumer, QueueItem
 from tidings.brokers.ipc.relay import Relay
 from tidings.brokers.ipc.wire import FrameReader
+from tidings.brokers.memory_queue import MemoryQueues
+from tidings.core.queue import Consumer, QueueItem
 from tidings.core.store_queue import StoreQueue
+from tidings.exceptions import QueueFull
 
 
 @pytest.fixture

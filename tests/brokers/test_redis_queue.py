@@ -16,9 +16,9 @@ from tests.brokers.conftest import REDIS_URL, RedisServer, redis_ping, unavailab
 from tests.support import wait_until
 from tidings import Hub
 from tidings.brokers.redis.queue import RedisQueueStore
-from tidings.exceptions import QueueFull
 from tidings.core.queue import Consumer, QueueItem
 from tidings.core.store_queue import StoreQueue
+from tidings.exceptions import QueueFull
 
 pytestmark = pytest.mark.redis
 

@@ -17,8 +17,8 @@ from websockets.exceptions import InvalidStatus
 
 from tests.support import NativeClient, apost, running, ws_url
 from tidings import Hub, Limits
-from tidings.security.auth import JWTAuth, encode_jwt
 from tidings.core.permissions import Rule
+from tidings.security.auth import JWTAuth, encode_jwt
 
 SECRET = "test-secret-0123456789"
 

@@ -30,10 +30,10 @@ from starlette.routing import WebSocketRoute
 
 from tests.support import TIMEOUT, apost, native, running, ws_url
 from tidings import Hub
-from tidings.security.auth import JWTAuth, encode_jwt
-from tidings.endpoints.centrifuge import CentrifugeEndpoint
 from tidings.core.connection import Connection, ConnectionKind
+from tidings.endpoints.centrifuge import CentrifugeEndpoint
 from tidings.protocol.codes import CloseCode
+from tidings.security.auth import JWTAuth, encode_jwt
 
 SECRET = "centrifuge-test-secret"
 

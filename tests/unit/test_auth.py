@@ -11,6 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from tidings.exceptions import AuthError
 from tidings.security.auth import (
     Grants,
     Identity,
@@ -21,7 +22,6 @@ from tidings.security.auth import (
     select_subprotocol,
     token_from_scope,
 )
-from tidings.exceptions import AuthError
 
 SECRET = "s3cret-s3cret-s3cret"
 

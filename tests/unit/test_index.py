@@ -3,8 +3,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tidings.core.index import SubscriptionIndex
 from tidings.protocol import pattern_matches
+from tidings.protocol.index import SubscriptionIndex
 
 
 def test_exact_and_patterns() -> None:

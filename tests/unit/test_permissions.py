@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 
 from tidings import Hub
-from tidings.security.auth import Grants, Identity, JWTAuth
 from tidings.core.connection import Connection
 from tidings.core.permissions import Rule, covers, decide, is_wide
+from tidings.security.auth import Grants, Identity, JWTAuth
 
 
 @pytest.mark.parametrize(("outer", "inner", "expected"), [

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tidings.brokers.base import BrokerHandler, BrokerHealth, HistoryOptions
-from tidings.core.index import SubscriptionIndex
+from tidings.protocol.index import SubscriptionIndex
 from tidings.types import HistoryPage, Member, Publication, StreamPos
 
 __all__ = ["MemoryBroker", "MemoryBus"]

@@ -9,11 +9,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from tidings.client.subscription import Message, _publication
+from tidings.client.subscription import Message, publication_from
 from tidings.types import HistoryPage, Member, StreamPos
 
 if TYPE_CHECKING:
-    from tidings.client.subscription import Item, _Inbox
+    from tidings.client.subscription import Inbox, Item
 
 __all__ = ["Calls"]
 
@@ -21,13 +21,13 @@ __all__ = ["Calls"]
 class Calls:
     """Mixin of :class:`tidings.Client`; the client provides what is declared here."""
 
-    _messages: _Inbox[Message]
+    _messages: Inbox[Message]
     _pulls: dict[str, int]
 
     async def _request(self, frame: dict[str, Any]) -> Any:
         raise NotImplementedError
 
-    def _item_inbox(self, queue: str) -> _Inbox[Item]:
+    def _item_inbox(self, queue: str) -> Inbox[Item]:
         raise NotImplementedError
 
     async def publish(self, channel: str, data: Any) -> StreamPos:
@@ -84,7 +84,7 @@ class Calls:
         if reverse:
             frame["reverse"] = True
         result = await self._request(frame)
-        return HistoryPage([_publication(p) for p in result.get("publications") or ()],
+        return HistoryPage([publication_from(p) for p in result.get("publications") or ()],
                            int(result.get("offset", 0)), str(result.get("epoch", "")),
                            bool(result.get("recovered", True)))
 

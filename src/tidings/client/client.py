@@ -56,14 +56,14 @@ from websockets.exceptions import ConnectionClosed, WebSocketException
 from tidings.client.calls import Calls
 from tidings.client.subscription import (
     ClientTimeout,
+    Inbox,
     Item,
     MemberEvent,
     Message,
+    Pending,
     Subscription,
-    _Inbox,
-    _Pending,
-    _publication,
-    _retrieve,
+    publication_from,
+    retrieve,
 )
 from tidings.exceptions import ClientClosed, ClientError, ReplyError
 from tidings.protocol.errors import ProtocolError
@@ -137,11 +137,11 @@ class Client(Calls):
         self._runner: asyncio.Task[None] | None = None
         self._generation = 0
         self._next_id = 0
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, Pending] = {}
         self._subs: dict[str, Subscription] = {}
         self._pulls: dict[str, int] = {}
-        self._messages: _Inbox[Message] = _Inbox(buffer_size)
-        self._items: dict[str, _Inbox[Item]] = {}
+        self._messages: Inbox[Message] = Inbox(buffer_size)
+        self._items: dict[str, Inbox[Item]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
@@ -402,7 +402,7 @@ class Client(Calls):
     def _dispatch(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         if kind == "publication":
-            pub = _publication(frame)
+            pub = publication_from(frame)
             for sub in list(self._subs.values()):
                 if pattern_matches(sub.pattern, pub.channel):
                     sub._offer(pub)
@@ -470,7 +470,7 @@ class Client(Calls):
 
     def _future(self) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(_retrieve)
+        future.add_done_callback(retrieve)
         return future
 
     async def _send(
@@ -484,7 +484,7 @@ class Client(Calls):
         self._next_id += 1
         rid = self._next_id
         future = self._future()
-        self._pending[rid] = _Pending(future, on_result, on_error)
+        self._pending[rid] = Pending(future, on_result, on_error)
         try:
             await ws.send(dumps({**frame, "id": rid}).decode())
         except ConnectionClosed:
@@ -585,10 +585,10 @@ class Client(Calls):
         """Items of ``queue`` handed to this client (after ``pull``)."""
         return self._item_inbox(queue)
 
-    def _item_inbox(self, queue: str) -> _Inbox[Item]:
+    def _item_inbox(self, queue: str) -> Inbox[Item]:
         inbox = self._items.get(queue)
         if inbox is None:
-            inbox = self._items[queue] = _Inbox(None)
+            inbox = self._items[queue] = Inbox(None)
             if self._stopped:
                 inbox.close(self._error)
         return inbox

@@ -24,7 +24,8 @@ from tidings.types import Publication, StreamPos
 if TYPE_CHECKING:
     from tidings.client.client import Client
 
-__all__ = ["ClientTimeout", "Item", "MemberEvent", "Message", "Subscription"]
+__all__ = ["ClientTimeout", "Inbox", "Item", "MemberEvent", "Message", "Subscription",
+           "publication_from", "retrieve"]
 
 log = logging.getLogger("tidings.client.client")
 
@@ -96,7 +97,7 @@ class Item:
         return f"Item({self.queue!r}, {self.id!r}, attempt={self.attempt})"
 
 
-class _Inbox(Generic[T]):
+class Inbox(Generic[T]):
     """A bounded buffer with one wake-up event; an async iterator of its items.
 
     Closing keeps what is buffered (it is still yielded), then ends the
@@ -157,14 +158,14 @@ class _Inbox(Generic[T]):
             self._wakeup.clear()
             await self._wakeup.wait()
 
-    def __aiter__(self) -> _Inbox[T]:
+    def __aiter__(self) -> Inbox[T]:
         return self
 
     async def __anext__(self) -> T:
         return await self.get()
 
 
-class _Pending:
+class Pending:
     """A request waiting for its reply, matched by ``id``.
 
     ``on_result``/``on_error`` run inside the reader, before the next frame is
@@ -193,13 +194,13 @@ class _Pending:
             self.future.set_exception(exc)
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
+def retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a future's exception as seen: not every failed request has a waiter left."""
     if not future.cancelled():
         future.exception()
 
 
-def _publication(raw: Any) -> Publication:
+def publication_from(raw: Any) -> Publication:
     """A Publication from a ``publication`` frame or a replayed/history entry."""
     if not isinstance(raw, dict):
         raise TypeError("a publication must be a JSON object")
@@ -239,8 +240,8 @@ class Subscription:
         self.gaps = 0
         self.recoveries = 0
         self._exact = not is_pattern(pattern)
-        self._inbox: _Inbox[Publication] = _Inbox(buffer_size)
-        self._events: _Inbox[MemberEvent] = _Inbox(buffer_size)
+        self._inbox: Inbox[Publication] = Inbox(buffer_size)
+        self._events: Inbox[MemberEvent] = Inbox(buffer_size)
         self._positions: dict[str, StreamPos] = {}  # last publication taken, per channel
         self._entered = False
         self._active = False
@@ -407,7 +408,7 @@ class Subscription:
             raise TypeError("a subscribe result must be a JSON object")
         self._recovering = False
         for raw in result.get("publications") or ():
-            self._offer(_publication(raw))
+            self._offer(publication_from(raw))
         if sent_recover and result.get("recovered") is False:
             self.gaps += 1
             log.warning("subscription %r: missed publications could not be recovered "

@@ -29,15 +29,16 @@ from tidings.brokers import (
 from tidings.core.config import HistoryConfig, HistoryRule, Limits
 from tidings.core.connection import Connection, ConnectionKind, DirectTransport
 from tidings.core.hooks import ErrorHandlers
-from tidings.core.index import SubscriptionIndex
 from tidings.core.messaging import DirectMessages
 from tidings.core.permissions import Rule
 from tidings.core.publishing import Publishing
-from tidings.core.queue import WorkQueue, WorkQueues
+from tidings.core.queue import WorkQueue
+from tidings.core.queues import WorkQueues
 from tidings.exceptions import AuthError, BrokerUnavailable, HubError
 from tidings.protocol import centrifuge
 from tidings.protocol.codes import CloseCode
 from tidings.protocol.errors import ProtocolError
+from tidings.protocol.index import SubscriptionIndex
 from tidings.protocol.names import is_pattern, pattern_matches, validate_channel, validate_pattern
 from tidings.protocol.native import StreamPos, encode_join_leave
 from tidings.security.auth import Authenticator, Identity

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from tidings.core.config import HistoryConfig, Limits
     from tidings.core.connection import Connection
     from tidings.core.hub import HubStats
-    from tidings.core.index import SubscriptionIndex
+    from tidings.protocol.index import SubscriptionIndex
 
 __all__ = ["Publishing"]
 

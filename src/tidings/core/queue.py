@@ -30,12 +30,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
-from tidings.brokers.base import QueueStore
 from tidings.exceptions import HubError
 
-__all__ = ["Consumer", "QueueItem", "WorkQueue", "WorkQueues"]
+__all__ = ["DEFAULT_MAX_ATTEMPTS", "DEFAULT_VISIBILITY", "Consumer", "QueueHost", "QueueItem",
+           "Waiter", "WorkQueue"]
 
 log = logging.getLogger("tidings.core.queue")
 
@@ -71,7 +71,9 @@ class QueueItem:
         return f"QueueItem({self._queue.name!r}, {self.id!r}, attempts={self.attempts})"
 
 
-class _Waiter:
+class Waiter:
+    """A Python consumer blocked until an item (or the shutdown) wakes it."""
+
     __slots__ = ("fut",)
 
     def __init__(self) -> None:
@@ -80,6 +82,18 @@ class _Waiter:
     def wake(self) -> None:
         if self.fut is not None and not self.fut.done():
             self.fut.set_result(None)
+
+
+class QueueHost(Protocol):
+    """What a queue needs of the registry holding it (:class:`~tidings.core.queues.WorkQueues`)."""
+
+    node: str
+    closed: bool
+    waiters: set[Waiter]
+
+    def get(self, name: str) -> WorkQueue:
+        """The queue ``name`` of the same registry (its dead-letter queue, say)."""
+        ...
 
 
 class Consumer:
@@ -109,7 +123,7 @@ class WorkQueue:
 
     def __init__(
         self,
-        queues: WorkQueues,
+        queues: QueueHost,
         name: str,
         *,
         visibility_timeout: float = DEFAULT_VISIBILITY,
@@ -226,7 +240,7 @@ class WorkQueue:
         """
         inbox: deque[QueueItem] = deque()
         loop = asyncio.get_running_loop()
-        waiter = _Waiter()
+        waiter = Waiter()
 
         def deliver(item: QueueItem) -> None:
             inbox.append(item)
@@ -372,67 +386,3 @@ class WorkQueue:
         for item in self._in_flight.values():
             if item.timer is not None:
                 item.timer.cancel()
-
-
-class WorkQueues:
-    """Every queue of one hub."""
-
-    def __init__(self, node: str, *, visibility_timeout: float = DEFAULT_VISIBILITY,
-                 max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-                 store: QueueStore | None = None) -> None:
-        self.node = node
-        self.store = store
-        self.visibility_timeout = visibility_timeout
-        self.max_attempts = max_attempts
-        self.queues: dict[str, WorkQueue] = {}
-        self.closed = False
-        self.waiters: set[_Waiter] = set()
-
-    def get(self, name: str) -> WorkQueue:
-        queue = self.queues.get(name)
-        if queue is None:
-            if self.store is not None:
-                from tidings.core.store_queue import StoreQueue  # it builds on WorkQueue
-
-                queue = self.queues[name] = StoreQueue(
-                    self, name, self.store, visibility_timeout=self.visibility_timeout,
-                    max_attempts=self.max_attempts,
-                )
-            else:
-                queue = self.queues[name] = WorkQueue(
-                    self, name, visibility_timeout=self.visibility_timeout,
-                    max_attempts=self.max_attempts,
-                )
-        return queue
-
-    async def refresh(self, timeout: float = 2.0) -> None:
-        """Refresh every queue's stats from the store (bounded; failures keep the old)."""
-        if self.store is None or not self.queues:
-            return
-        try:
-            results = await asyncio.wait_for(asyncio.gather(
-                *(q.refresh() for q in list(self.queues.values())), return_exceptions=True),
-                timeout)
-        except TimeoutError:
-            log.debug("queue stats refresh timed out")
-            return
-        for result in results:
-            if isinstance(result, Exception):
-                log.debug("queue stats refresh failed: %s", result)
-                break
-
-    def close(self) -> None:
-        """Wake every blocked Python consumer so it returns; cancel timers."""
-        self.closed = True
-        for waiter in list(self.waiters):
-            waiter.wake()
-        for queue in self.queues.values():
-            queue.close()
-
-    async def aclose(self) -> None:
-        """``close``, then let Python consumers unwind (their items go back) and
-        wait, bounded, for acks and requeues to reach the store."""
-        self.close()
-        for _ in range(3):
-            await asyncio.sleep(0)
-        await asyncio.gather(*(q.aclose() for q in list(self.queues.values())))

@@ -10,20 +10,18 @@ import asyncio
 import logging
 import random
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tidings.brokers.base import QueueStore, QueueStoreStats, StoredItem
 from tidings.core.queue import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_VISIBILITY,
     Consumer,
+    QueueHost,
     QueueItem,
     WorkQueue,
 )
 from tidings.exceptions import HubError
-
-if TYPE_CHECKING:
-    from tidings.core.queue import WorkQueues
 
 __all__ = ["StoreQueue"]
 
@@ -52,7 +50,7 @@ class StoreQueue(WorkQueue):
     BLOCK = 1.0  # longest blocking read: bounds how late a cancelled loop notices
     POLL_DELAYED = 1.0  # how often due delayed items are looked for, at most
 
-    def __init__(self, queues: WorkQueues, name: str, store: QueueStore, *,
+    def __init__(self, queues: QueueHost, name: str, store: QueueStore, *,
                  visibility_timeout: float = DEFAULT_VISIBILITY,
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
         super().__init__(queues, name, visibility_timeout=visibility_timeout,

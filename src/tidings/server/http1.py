@@ -38,7 +38,9 @@ ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Message]],
                     Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
 # connection states
-_HTTP, _BODY, _RUNNING, _WS_HANDSHAKE, _WS_OPEN, _WS_CLOSING, _GONE = range(7)
+# the session's states, shared with tidings.server.peer
+(STATE_HTTP, STATE_BODY, STATE_RUNNING, STATE_WS_HANDSHAKE, STATE_WS_OPEN, STATE_WS_CLOSING,
+ STATE_GONE) = range(7)
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.3"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -76,7 +78,7 @@ class HTTPSession:
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.client: tuple[str, int] | None = None
         self.task: asyncio.Task[None] | None = None
-        self._state = _HTTP
+        self._state = STATE_HTTP
         self._buf = bytearray()
         self._req: Request | None = None
         self._body: ChunkedReader | None = None
@@ -105,7 +107,7 @@ class HTTPSession:
     # -- HTTP --------------------------------------------------------------------
 
     def _next_request(self) -> None:
-        if self._state != _HTTP:
+        if self._state != STATE_HTTP:
             return
         buf = self._buf
         end = buf.find(b"\r\n\r\n")
@@ -128,7 +130,7 @@ class HTTPSession:
             return
         if req.expect_continue:
             self.transport.write(_CONTINUE)
-        self._state = _BODY
+        self._state = STATE_BODY
         if req.chunked:
             self._body = ChunkedReader(self.server.max_body)
         rest = bytes(buf)
@@ -156,7 +158,7 @@ class HTTPSession:
                 return
             body = bytes(self._buf[:req.content_length])
             del self._buf[:req.content_length]
-        self._state = _RUNNING
+        self._state = STATE_RUNNING
         self._resp = None
         self._chunks = False
         self._connected = False
@@ -195,10 +197,10 @@ class HTTPSession:
             return  # the client left mid-response: nothing to answer
         except Exception:
             log.exception("error in the HTTP app for %s %s", req.method, req.path)
-            if self.task is me and self._resp is None and self._state == _RUNNING:
+            if self.task is me and self._resp is None and self._state == STATE_RUNNING:
                 self._respond(500, b"Internal Server Error")
                 return
-        if self.task is not me or self._state != _RUNNING:
+        if self.task is not me or self._state != STATE_RUNNING:
             return  # answered (maybe the next request runs already), or gone
         if self._resp is None:  # the app returned without answering
             self._respond(500, b"Internal Server Error")
@@ -206,7 +208,7 @@ class HTTPSession:
             self.transport.close()
 
     async def _send_http(self, message: Message) -> None:
-        if self._state != _RUNNING:
+        if self._state != STATE_RUNNING:
             raise ClientDisconnected("the client is gone")
         kind = message["type"]
         req = self._req
@@ -253,10 +255,10 @@ class HTTPSession:
         self._req = None
         self.task = None
         if req is None or not req.keep_alive:
-            self._state = _GONE
+            self._state = STATE_GONE
             self.transport.close()
             return
-        self._state = _HTTP
+        self._state = STATE_HTTP
         if self._paused:
             self._paused = False
             self.transport.resume_reading()
@@ -279,7 +281,7 @@ class HTTPSession:
         else:
             self._access(req, status)
             self._req = None
-            self._state = _GONE
+            self._state = STATE_GONE
             self.transport.close()
 
     def _refuse(self, exc: HTTPError) -> None:
@@ -287,7 +289,7 @@ class HTTPSession:
         self._respond(exc.status, exc.reason.encode(), exc.headers)
 
     async def _wait_drain(self) -> None:
-        if self._writable or self._state == _GONE:
+        if self._writable or self._state == STATE_GONE:
             return
         self._drain = asyncio.get_running_loop().create_future()
         try:

@@ -32,14 +32,14 @@ from tidings.protocol.frames import (
 )
 from tidings.protocol.http import Request, handshake_response
 from tidings.server.http1 import (
-    _BODY,
-    _GONE,
-    _HTTP,
-    _WS_CLOSING,
-    _WS_HANDSHAKE,
-    _WS_OPEN,
     ASGI_VERSION,
     MAX_HEAD,
+    STATE_BODY,
+    STATE_GONE,
+    STATE_HTTP,
+    STATE_WS_CLOSING,
+    STATE_WS_HANDSHAKE,
+    STATE_WS_OPEN,
     ASGIApp,
     ClientDisconnected,
     HTTPSession,
@@ -116,12 +116,12 @@ class Peer(HTTPSession, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.peers.discard(self)
         state = self._state
-        self._state = _GONE
+        self._state = STATE_GONE
         self.on_resume = None
         if self._close is None:
-            code = 1006 if state in (_WS_OPEN, _WS_HANDSHAKE) else 1005
+            code = 1006 if state in (STATE_WS_OPEN, STATE_WS_HANDSHAKE) else 1005
             self._close = ({"type": "websocket.disconnect", "code": code, "reason": ""}
-                           if state >= _WS_HANDSHAKE else {"type": "http.disconnect"})
+                           if state >= STATE_WS_HANDSHAKE else {"type": "http.disconnect"})
         for fut in (self._waiter, self._drain):
             if fut is not None and not fut.done():
                 fut.set_result(None)
@@ -140,16 +140,16 @@ class Peer(HTTPSession, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         state = self._state
-        if state in (_WS_OPEN, _WS_CLOSING):
+        if state in (STATE_WS_OPEN, STATE_WS_CLOSING):
             self._frames(data)
-        elif state == _HTTP:
+        elif state == STATE_HTTP:
             self.seen = True
             self._buf += data
             self._next_request()
-        elif state == _BODY:
+        elif state == STATE_BODY:
             self.seen = True
             self._feed_body(data)
-        elif state != _GONE:  # a request is running or a handshake is pending: hold on
+        elif state != STATE_GONE:  # a request is running or a handshake is pending: hold on
             self._buf += data
             if len(self._buf) > MAX_HEAD and not self._paused:
                 self._paused = True
@@ -161,7 +161,7 @@ class Peer(HTTPSession, asyncio.Protocol):
     # -- websocket ---------------------------------------------------------------
 
     def _start_websocket(self, req: Request) -> None:
-        self._state = _WS_HANDSHAKE
+        self._state = STATE_WS_HANDSHAKE
         scope = self._scope(req, "websocket")
         del scope["method"]
         protocols = req.header(b"sec-websocket-protocol")
@@ -182,18 +182,18 @@ class Peer(HTTPSession, asyncio.Protocol):
         try:
             await app(scope, self.receive, self.send)
         except Exception:
-            if self._state == _WS_HANDSHAKE:
+            if self._state == STATE_WS_HANDSHAKE:
                 log.exception("error in the websocket app before accepting")
                 self._respond(500, b"Internal Server Error")
-            elif self._state == _WS_OPEN:
+            elif self._state == STATE_WS_OPEN:
                 log.exception("error in the websocket app")
                 self._send_close(1011, "internal error")
             return
         finally:
             self.task = None
-        if self._state == _WS_HANDSHAKE:  # returned without accepting
+        if self._state == STATE_WS_HANDSHAKE:  # returned without accepting
             self._respond(403, b"Forbidden")
-        elif self._state == _WS_OPEN:
+        elif self._state == STATE_WS_OPEN:
             self._send_close(1000, "")
 
     async def receive(self) -> Message:
@@ -215,7 +215,7 @@ class Peer(HTTPSession, asyncio.Protocol):
         left = len(inbox)
         if not left:  # idle connections hold no deque
             self._inbox = None
-        if self._paused and left <= INBOX_LOW and self._state != _GONE:
+        if self._paused and left <= INBOX_LOW and self._state != STATE_GONE:
             self._paused = False
             self.transport.resume_reading()
         return message
@@ -225,7 +225,7 @@ class Peer(HTTPSession, asyncio.Protocol):
         kind = message["type"]
         state = self._state
         if kind == "websocket.send":
-            if state != _WS_OPEN or self.close_sent:
+            if state != STATE_WS_OPEN or self.close_sent:
                 raise ClientDisconnected("websocket closed")
             text = message.get("text")
             self.transport.write(encode_frame(text.encode()) if text is not None
@@ -233,7 +233,7 @@ class Peer(HTTPSession, asyncio.Protocol):
             if not self._writable:
                 await self._wait_drain()
         elif kind == "websocket.accept":
-            if state != _WS_HANDSHAKE:
+            if state != STATE_WS_HANDSHAKE:
                 raise RuntimeError("websocket.accept twice or after close")
             extra = [(bytes(k).lower(), bytes(v)) for k, v in message.get("headers") or ()]
             req = self._req
@@ -241,7 +241,7 @@ class Peer(HTTPSession, asyncio.Protocol):
             key = req.header(b"sec-websocket-key")
             assert key is not None  # checked by websocket_key before the app ran
             self.transport.write(handshake_response(key, message.get("subprotocol"), extra))
-            self._state = _WS_OPEN
+            self._state = STATE_WS_OPEN
             self._access(self._req, "[accepted]")
             self._req = None
             self._reader = FrameReader(self.server.max_size)
@@ -250,9 +250,9 @@ class Peer(HTTPSession, asyncio.Protocol):
                 self._buf = bytearray()
                 self._frames(pending)
         elif kind == "websocket.close":
-            if state == _WS_HANDSHAKE:  # refused before the handshake: HTTP 403
+            if state == STATE_WS_HANDSHAKE:  # refused before the handshake: HTTP 403
                 self._respond(403, b"Forbidden")
-            elif state == _WS_OPEN:
+            elif state == STATE_WS_OPEN:
                 self._send_close(int(message.get("code") or 1000),
                                  str(message.get("reason") or ""))
         else:
@@ -272,7 +272,7 @@ class Peer(HTTPSession, asyncio.Protocol):
             messages = reader.feed(data)
         except FrameError as exc:  # what came before the bad frame still counts
             messages, end = exc.messages, (self._fail, exc.code, exc.reason)
-        closing = self._state == _WS_CLOSING
+        closing = self._state == STATE_WS_CLOSING
         # data messages for ``on_messages``, taken together at the end
         batch: list[str | bytes] | None = (
             [] if self.on_messages is not None and not inbox and self._waiter is not None
@@ -337,10 +337,10 @@ class Peer(HTTPSession, asyncio.Protocol):
 
     def _send_close(self, code: int, reason: str) -> None:
         """Our close frame; the transport closes on the peer's answer or a timeout."""
-        if self.close_sent or self._state == _GONE:
+        if self.close_sent or self._state == STATE_GONE:
             return
         self.close_sent = True
-        self._state = _WS_CLOSING
+        self._state = STATE_WS_CLOSING
         self.on_resume = None
         self.transport.write(encode_close(code, reason))
         if self._paused:  # its close frame must be read
@@ -357,7 +357,7 @@ class Peer(HTTPSession, asyncio.Protocol):
 
     def _closed_by_peer(self, code: int, reason: str) -> None:
         """The peer's close frame: echo it, then the connection is gone."""
-        if self._state == _GONE:
+        if self._state == STATE_GONE:
             return
         if not self.close_sent:
             self.close_sent = True
@@ -365,12 +365,12 @@ class Peer(HTTPSession, asyncio.Protocol):
         self._gone(code, reason)
 
     def _end(self, how: Callable[[int, str], None], code: int, reason: str) -> None:
-        if self._state != _GONE:
+        if self._state != STATE_GONE:
             how(code, reason)
 
     def _gone(self, code: int, reason: str) -> None:
         self._close = {"type": "websocket.disconnect", "code": code, "reason": reason}
-        self._state = _GONE
+        self._state = STATE_GONE
         self.on_resume = None
         self.transport.close()
         waiter = self._waiter
@@ -382,13 +382,13 @@ class Peer(HTTPSession, asyncio.Protocol):
         keep-alive, a stalled request) is closed; on ``ping`` ticks a silent
         websocket is pinged and one that left the last ping unanswered closed."""
         state = self._state
-        if state in (_HTTP, _BODY):
+        if state in (STATE_HTTP, STATE_BODY):
             if not self.seen:
-                self._state = _GONE
+                self._state = STATE_GONE
                 self.transport.close()
             self.seen = False
             return
-        if state != _WS_OPEN or not ping:
+        if state != STATE_WS_OPEN or not ping:
             return
         if self.ping_out:
             self._fail(1011, "keepalive ping timeout")
@@ -401,12 +401,12 @@ class Peer(HTTPSession, asyncio.Protocol):
 
     @property
     def can_write(self) -> bool:
-        return (self._state == _WS_OPEN and self._writable
+        return (self._state == STATE_WS_OPEN and self._writable
                 and not self.transport.is_closing())
 
     @property
     def gone(self) -> bool:
-        return self._state != _WS_OPEN or self.transport.is_closing()
+        return self._state != STATE_WS_OPEN or self.transport.is_closing()
 
     def write_frames(self, data: bytes) -> None:
         self.transport.write(data)
