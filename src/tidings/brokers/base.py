@@ -47,6 +47,8 @@ __all__ = [
     "Capabilities",
     "HistoryOptions",
     "HistoryStore",
+    "NowaitPublisher",
+    "PipelinedPublisher",
     "PresenceStore",
     "QueueStore",
     "QueueStoreProvider",
@@ -211,6 +213,41 @@ class Broker(Protocol):
 
     def health(self) -> BrokerHealth:
         """Current state, without I/O."""
+
+
+@runtime_checkable
+class NowaitPublisher(Protocol):
+    """The fast path of an in-process broker (``memory://``): a publish is done
+    (positioned, kept, fanned out) before the call returns, so the hub publishes
+    a raw producer's frames straight from the socket's read callback, without a
+    coroutine. Never raises ``BrokerUnavailable`` (there is nothing to reach)."""
+
+    def publish_nowait(self, channel: str, data: Any, *, sender: str | None = None,
+                       history: HistoryOptions | None = None,
+                       text: str | None = None) -> Publication:
+        """``publish``, synchronously."""
+        ...
+
+    def publish_many_nowait(self, channel: str, items: Sequence[tuple[Any, str | None]], *,
+                            sender: str | None = None,
+                            history: HistoryOptions | None = None) -> list[Publication]:
+        """Several ``(data, text)`` publications of one channel, in order."""
+        ...
+
+
+@runtime_checkable
+class PipelinedPublisher(Protocol):
+    """The fast path of a remote broker that keeps the order of publishes
+    issued without waiting for each other (Redis): a connection keeps up to
+    ``MAX_PIPELINED`` in flight, with no task and no future each."""
+
+    def publish_then(self, channel: str, data: Any, *, sender: str | None = None,
+                     history: HistoryOptions | None = None, text: str | None = None,
+                     done: PublishDone) -> None:
+        """Start ``publish`` now; ``done`` gets the publication, or the exception
+        (``BrokerUnavailable`` while down), in the order the publishes were started
+        (maybe before this returns)."""
+        ...
 
 
 @runtime_checkable

@@ -21,9 +21,13 @@ from tidings._version import __version__
 from tidings.brokers import (
     Broker,
     BrokerHealth,
+    Capabilities,
     HistoryStore,
+    NowaitPublisher,
+    PipelinedPublisher,
     PresenceStore,
     QueueStoreProvider,
+    capabilities_of,
     create_broker,
 )
 from tidings.core.config import HistoryConfig, HistoryRule, Limits
@@ -34,7 +38,7 @@ from tidings.core.permissions import Rule
 from tidings.core.publishing import Publishing
 from tidings.core.queue import WorkQueue
 from tidings.core.queues import WorkQueues
-from tidings.exceptions import AuthError, BrokerUnavailable, HubError
+from tidings.exceptions import AuthError, BrokerUnavailable, HubError, NotAvailable
 from tidings.protocol import centrifuge
 from tidings.protocol.codes import CloseCode
 from tidings.protocol.errors import ProtocolError
@@ -111,12 +115,20 @@ class HubCore(Publishing, DirectMessages):
         allowed_origins: Iterable[str] = (),
     ) -> None:
         self.broker: Broker = create_broker(broker) if isinstance(broker, str) else broker
-        # optional capabilities of the broker
+        # the publish fast paths the broker declares
+        self._nowait: NowaitPublisher | None = (
+            self.broker if isinstance(self.broker, NowaitPublisher) else None)
+        self._pipeline: PipelinedPublisher | None = (
+            self.broker if isinstance(self.broker, PipelinedPublisher) else None)
+        # what the broker offers beyond pub/sub; what it does not is NotAvailable
+        self.capabilities: Capabilities = capabilities_of(self.broker)
         self._presence: PresenceStore | None = (
-            self.broker if isinstance(self.broker, PresenceStore) and presence else None
+            self.broker if isinstance(self.broker, PresenceStore) and presence
+            and self.capabilities.presence else None
         )
         self._history: HistoryStore | None = (
-            self.broker if isinstance(self.broker, HistoryStore) else None
+            self.broker if isinstance(self.broker, HistoryStore)
+            and self.capabilities.history else None
         )
         self.node = node or secrets.token_hex(4)
         if "." in self.node:
@@ -172,7 +184,8 @@ class HubCore(Publishing, DirectMessages):
         self._loop = asyncio.get_running_loop()
         await self.broker.connect(self.node, self)
         self._started = True
-        log.info("tidings node %s started on %s", self.node, self.broker.url)
+        log.info("tidings node %s started on %s (offers: %s)", self.node, self.broker.url,
+                 ", ".join(self.capabilities.offered()))
 
     async def stop(self, *, timeout: float = 2.0) -> None:
         """Close every connection with 1001, wake blocked consumers, close the broker."""
@@ -452,7 +465,9 @@ class HubCore(Publishing, DirectMessages):
         """Members of ``channel`` across every node."""
         validate_channel(channel, self.limits.max_name)
         if self._presence is None:
-            return []
+            if not self.capabilities.presence:
+                raise NotAvailable("presence", self.broker_name)
+            return []  # turned off with Hub(presence=False)
         return await self._presence.members(channel)
 
     async def presence_stats(self, channel: str) -> dict[str, int]:
@@ -476,13 +491,14 @@ class HubCore(Publishing, DirectMessages):
         if limit is not None and limit < 0:
             limit = None
         if self._history is None:
-            return HistoryPage([], 0, "", since is None)
+            raise NotAvailable("history", self.broker_name)
         return await self._history.history(channel, since=since, limit=limit, reverse=reverse)
 
     async def remove_history(self, channel: str) -> None:
         validate_channel(channel, self.limits.max_name)
-        if self._history is not None:
-            await self._history.remove_history(channel)
+        if self._history is None:
+            raise NotAvailable("history", self.broker_name)
+        await self._history.remove_history(channel)
 
     async def position(self, channel: str) -> StreamPos:
         if self._history is None:
@@ -505,6 +521,11 @@ class HubCore(Publishing, DirectMessages):
                 out[name] = self.index.subscribers(name)
         return out
 
+    @property
+    def broker_name(self) -> str:
+        """The broker's kind as errors name it: ``redis``, ``memory``, ..."""
+        return self.broker.url.partition(":")[0] or type(self.broker).__name__
+
     def info(self) -> dict[str, Any]:
         return {
             "uid": self.node,
@@ -514,4 +535,6 @@ class HubCore(Publishing, DirectMessages):
             "num_users": len(self.users),
             "num_subs": sum(len(c.subs) for c in self.connections.values()),
             "num_channels": len(self.index),
+            "broker": self.broker_name,
+            "capabilities": self.capabilities.offered(),
         }

@@ -18,13 +18,13 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from tidings.brokers.base import PublishDone, PublishOutcome, outcome_of, settle_future
-from tidings.exceptions import BrokerUnavailable
+from tidings.exceptions import BrokerUnavailable, HubError
 from tidings.protocol.names import validate_channel
 from tidings.types import Publication
 
 if TYPE_CHECKING:
     from tidings.brokers import Broker
-    from tidings.brokers.base import HistoryOptions
+    from tidings.brokers.base import HistoryOptions, NowaitPublisher, PipelinedPublisher
     from tidings.core.config import HistoryConfig, Limits
     from tidings.core.connection import Connection
     from tidings.core.hub import HubStats
@@ -37,6 +37,8 @@ class Publishing:
     """Mixin of :class:`tidings.HubCore`; the hub provides what is declared here."""
 
     broker: Broker
+    _nowait: NowaitPublisher | None
+    _pipeline: PipelinedPublisher | None
     limits: Limits
     stats: HubStats
     index: SubscriptionIndex[Connection]
@@ -80,8 +82,14 @@ class Publishing:
 
     @property
     def can_publish_nowait(self) -> bool:
-        """True when the broker publishes synchronously (in-process)."""
-        return hasattr(self.broker, "publish_nowait")
+        """True when the broker publishes synchronously (a :class:`NowaitPublisher`)."""
+        return self._nowait is not None
+
+    @property
+    def pipelined(self) -> bool:
+        """True when the broker keeps the order of publishes issued without
+        waiting (a :class:`PipelinedPublisher`)."""
+        return self._pipeline is not None
 
     def publish_nowait(self, channel: str, data: Any, *, sender: str | None = None,
                        text: str | None = None) -> Publication:
@@ -89,18 +97,19 @@ class Publishing:
         (``can_publish_nowait``): a raw producer's frames are published straight
         from the socket's read callback."""
         history = self._publishing(channel)
-        pub: Publication = self.broker.publish_nowait(  # type: ignore[attr-defined]
-            channel, data, sender=sender, history=history, text=text)
-        return pub
+        if self._nowait is None:
+            raise HubError(f"the {self.broker.url} broker cannot publish without waiting")
+        return self._nowait.publish_nowait(channel, data, sender=sender, history=history,
+                                           text=text)
 
     def publish_many_nowait(self, channel: str, items: Sequence[tuple[Any, str | None]], *,
                             sender: str | None = None) -> list[Publication]:
         """:meth:`publish_nowait` of several ``(data, text)`` items at once, in
         order (a burst of a raw producer's frames read together)."""
         history = self._publishing(channel, len(items))
-        pubs: list[Publication] = self.broker.publish_many_nowait(  # type: ignore[attr-defined]
-            channel, items, sender=sender, history=history)
-        return pubs
+        if self._nowait is None:
+            raise HubError(f"the {self.broker.url} broker cannot publish without waiting")
+        return self._nowait.publish_many_nowait(channel, items, sender=sender, history=history)
 
     def publish_soon(self, channel: str, data: Any, *, sender: str | None = None,
                      text: str | None = None) -> asyncio.Future[Publication]:
@@ -111,7 +120,7 @@ class Publishing:
         is unreachable the publication is delivered locally (as :meth:`publish`
         does) and the future raises ``BrokerUnavailable``.
         """
-        if not hasattr(self.broker, "publish_then"):  # no pipeline: a task keeps the order
+        if self._pipeline is None:  # no pipeline: a task keeps the order
             return asyncio.ensure_future(self.publish(channel, data, sender=sender, text=text))
         future: asyncio.Future[Publication] = (
             self._loop or asyncio.get_running_loop()).create_future()
@@ -125,8 +134,8 @@ class Publishing:
         the publication, or ``BrokerUnavailable`` after the local delivery, in
         the order the publishes were started (maybe before this returns). On a
         pipelined broker (Redis) no future and no loop handle per publish."""
-        start = getattr(self.broker, "publish_then", None)
-        if start is None:
+        pipeline = self._pipeline
+        if pipeline is None:
             self.publish_soon(channel, data, sender=sender, text=text).add_done_callback(
                 lambda future: done(outcome_of(future)))
             return
@@ -136,8 +145,8 @@ class Publishing:
                 self._publish_locally(channel, data, sender, text)
             done(outcome)
 
-        start(channel, data, sender=sender, history=self._publishing(channel), text=text,
-              done=finished)
+        pipeline.publish_then(channel, data, sender=sender, history=self._publishing(channel),
+                              text=text, done=finished)
 
     def on_publication(self, pub: Publication) -> None:
         """Broker callback: fan a publication out to the local subscribers."""

@@ -83,7 +83,7 @@ async def serve_native(hub: HubCore, conn: Connection, receive: Receive) -> None
     # With a remote broker, a run of publishes is pipelined: the next one starts
     # before the previous reply (the broker keeps their order); any other command
     # waits for them first, so what a client does after publishing sees it.
-    pipelined = getattr(hub.broker, "pipelined", False)
+    pipelined = hub.pipelined
     nowait = hub.can_publish_nowait  # in-process broker: a publish never waits
     inflight: InFlight | None = None  # made on first use: idle sockets are many
     idle = limits.idle_timeout

@@ -108,7 +108,7 @@ class PubEndpoint(WebSocketSession):
         # to MAX_PIPELINED in flight (no task each; they complete in order, so
         # acks go out in order); any other: one after another
         mode = ("nowait" if hub.can_publish_nowait
-                else "soon" if getattr(hub.broker, "pipelined", False) else "await")
+                else "soon" if hub.pipelined else "await")
         window = _Window(conn, ack)
         idle = hub.limits.idle_timeout
         sender = conn.conn_id

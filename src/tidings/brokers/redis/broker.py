@@ -137,7 +137,7 @@ class RedisBroker(RedisPresence, RedisHistory):
         self._evalsha_heads: dict[tuple[str, int, int], tuple[int, bytes]] = {}
 
     publish_lua = PUBLISH_LUA
-    pipelined = True  # publishes may be issued without waiting for the previous reply
+
 
     def queue_store(self) -> RedisQueueStore:
         """Work queues in Redis streams, shared by every node on this Redis
