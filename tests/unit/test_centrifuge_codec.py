@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 from tidings.protocol import centrifuge as cf
 from tidings.protocol.codes import CloseCode, ErrorCode
 from tidings.protocol.errors import ProtocolError
-from tidings.protocol.native import StreamPos, encode_join_leave
-from tidings.types import Publication
+from tidings.protocol.native import StreamPos
 
 
 def one(frame: str | bytes) -> cf.Command:
@@ -117,14 +116,6 @@ def test_replies_and_pushes() -> None:
     assert b"\n" not in cf.encode_publication_push("c", "line\nbreak", 1, None, 0)
 
 
-def test_join_leave_from_native() -> None:
-    native = encode_join_leave("leave", "room", "n.c1", None)
-    assert orjson.loads(cf.join_leave_from_native(native) or b"") == \
-        {"push": {"channel": "room", "leave": {"info": {"client": "n.c1", "user": ""}}}}
-    assert cf.join_leave_from_native(b"{}") is None
-    assert cf.join_leave_from_native(b"nope") is None
-
-
 def test_close_codes() -> None:
     assert cf.close_code(CloseCode.GOING_AWAY, "") == cf.Disconnect.SHUTDOWN
     assert cf.close_code(CloseCode.TRY_AGAIN_LATER, "outbox overflow") == cf.Disconnect.SLOW
@@ -138,15 +129,6 @@ def test_native_errors_map_to_codes() -> None:
         cf.ReplyCode.PERMISSION_DENIED
     assert cf.reply_code(ProtocolError(ErrorCode.BAD_CHANNEL, "x")) is cf.ReplyCode.BAD_REQUEST
     assert cf.reply_code(cf.CentrifugeError(cf.ReplyCode.EXPIRED, "x")) is cf.ReplyCode.EXPIRED
-
-
-def test_publication_push_is_encoded_once() -> None:
-    pub = Publication("chat:index", {"t": "hi"}, 3, "e", "n.c", 5)
-    assert pub.cf_frame is pub.cf_frame
-    assert pub.ws_cf_frame is pub.ws_cf_frame
-    assert orjson.loads(pub.cf_frame)["push"]["pub"]["offset"] == 3
-    binary = Publication("c", b"\x00\x01", 1, "e")
-    assert orjson.loads(binary.cf_frame)["push"]["pub"]["data"] == {"b64": "AAE="}
 
 
 # --- fuzzing: any input raises CentrifugeError or decodes ---------------------------------

@@ -10,6 +10,7 @@ from websockets.frames import Frame, Opcode
 
 from tests.support import Sink
 from tidings import Hub
+from tidings.protocol.codec import NATIVE_FRAMED
 from tidings.protocol.frames import OP_BINARY, encode_frame
 from tidings.types import Publication
 
@@ -50,7 +51,7 @@ async def test_a_burst_goes_out_in_one_write_in_order(hub: Hub) -> None:
     pubs = [await hub.publish("burst", i) for i in range(100)]
     await turn()
     assert len(direct.writes) == 1
-    assert direct.writes[0] == b"".join(p.ws_frame for p in pubs)
+    assert direct.writes[0] == b"".join(NATIVE_FRAMED.publication(p) for p in pubs)
 
 
 async def test_the_same_bytes_for_every_subscriber(hub: Hub) -> None:
@@ -59,7 +60,7 @@ async def test_the_same_bytes_for_every_subscriber(hub: Hub) -> None:
         await hub.subscribe(hub.register(Sink(), direct=d), "same")
     pub = await hub.publish("same", {"x": 1})
     await turn()
-    assert all(d.writes == [pub.ws_frame] for d in directs)
+    assert all(d.writes == [NATIVE_FRAMED.publication(pub)] for d in directs)
 
 
 async def test_a_broken_socket_mid_fanout_costs_the_others_nothing(hub: Hub) -> None:
@@ -69,7 +70,7 @@ async def test_a_broken_socket_mid_fanout_costs_the_others_nothing(hub: Hub) -> 
         await hub.subscribe(conn, "x")
     pubs: list[Publication] = [await hub.publish("x", i) for i in range(3)]
     await turn()
-    expected = b"".join(p.ws_frame for p in pubs)
+    expected = b"".join(NATIVE_FRAMED.publication(p) for p in pubs)
     assert directs[0].writes == [expected]
     assert directs[2].writes == [expected]
     assert conns[1].closed
@@ -101,7 +102,7 @@ async def test_a_batch_of_publications_is_one_write_in_order(hub: Hub) -> None:
                                             (b"\x00", None)], sender="me")
     assert [p.offset for p in pubs] == [1, 2, 3]
     await turn()
-    expected = b"".join(p.ws_frame for p in pubs)
+    expected = b"".join(NATIVE_FRAMED.publication(p) for p in pubs)
     assert all(d.writes == [expected] for d in directs)
     assert hub.stats.deliveries == 9 and hub.stats.publications_in == 3
     page = await hub.history("many", limit=10)
@@ -126,5 +127,5 @@ async def test_a_batch_respects_recovery_floors_and_the_outbox_limit() -> None:
         small.can_write = False  # nothing leaves: the outbox fills
         pubs = hub.publish_many_nowait("f", [(i, None) for i in range(6)])
         await turn()
-        assert floored.writes == [b"".join(p.ws_frame for p in pubs[2:])]
+        assert floored.writes == [b"".join(NATIVE_FRAMED.publication(p) for p in pubs[2:])]
         assert slow.closed and not small.writes

@@ -24,7 +24,7 @@ async def test_publication_is_encoded_once_for_all_subscribers(
         calls += 1
         return real(*args)
 
-    monkeypatch.setattr("tidings.types.encode_publication", counting)
+    monkeypatch.setattr("tidings.protocol.codec.encode_publication", counting)
     sinks = [Sink() for _ in range(50)]
     for sink in sinks:
         conn = hub.register(sink)

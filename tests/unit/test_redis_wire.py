@@ -42,7 +42,7 @@ def test_a_grouped_message_gives_back_every_publication_in_order(
 
 def test_json_text_is_kept_as_sent_and_bytes_stay_bytes() -> None:
     pub = publication_from("c", 7, "ep", b"123", b"", b'j{"a": 1}')
-    assert (pub.data, pub.raw, pub.sender, pub.ts) == ({"a": 1}, '{"a": 1}', None, 123)
+    assert (pub.data, pub.text, pub.sender, pub.ts) == ({"a": 1}, '{"a": 1}', None, 123)
     binary = publication_from("c", 8, "ep", b"1", b"s.1", b"b\x1f\x00")
     assert binary.data == b"\x1f\x00" and binary.sender == "s.1"
     assert decode_data(encode_data(b"\x1f")) == b"\x1f"

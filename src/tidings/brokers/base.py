@@ -36,8 +36,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
+import orjson
+
+from tidings.protocol.native import encode_join_leave
 from tidings.types import HistoryPage, Member, Publication, StreamPos
 
 __all__ = [
@@ -47,6 +50,7 @@ __all__ = [
     "Capabilities",
     "HistoryOptions",
     "HistoryStore",
+    "MemberEvent",
     "NowaitPublisher",
     "PipelinedPublisher",
     "PresenceStore",
@@ -95,6 +99,38 @@ class HistoryOptions:
     @property
     def enabled(self) -> bool:
         return self.size > 0 and self.ttl > 0
+
+
+@dataclass(frozen=True, slots=True)
+class MemberEvent:
+    """A member joined or left a channel: what ``publish_event`` carries.
+
+    Brokers carry it as the text of :meth:`encode` and hand that text to
+    ``on_event``; the hub decodes it and each protocol's codec encodes it for
+    its subscribers (the text is the native ``join``/``leave`` frame, so nodes
+    of any version understand each other).
+    """
+
+    kind: Literal["join", "leave"]
+    channel: str
+    conn_id: str
+    user: str | None = None
+
+    def encode(self) -> str:
+        return encode_join_leave(self.kind, self.channel, self.conn_id, self.user).decode()
+
+    @classmethod
+    def decode(cls, text: str | bytes) -> MemberEvent | None:
+        """The event of ``text``; None if it is not one (logged by the caller)."""
+        try:
+            obj = orjson.loads(text)
+            kind, channel, member = obj["type"], obj["channel"], obj["member"]
+            conn_id, user = member["conn_id"], member.get("user")
+        except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
+            return None
+        if kind not in ("join", "leave") or not isinstance(channel, str):
+            return None
+        return cls(kind, channel, str(conn_id), user if isinstance(user, str) else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +194,8 @@ class BrokerHandler(Protocol):
         """Several consecutive publications of one channel, in order (a batch)."""
 
     def on_event(self, channel: str, frame: str) -> None:
-        """A transient, position-less frame for a channel (join/leave)."""
+        """A transient, position-less event of a channel: the text of a
+        :class:`MemberEvent` (join/leave), as ``publish_event`` was given it."""
 
     def on_node_message(self, payload: bytes) -> None:
         """A message addressed to this node (direct send) or to every node (broadcast)."""
@@ -197,7 +234,8 @@ class Broker(Protocol):
         """
 
     async def publish_event(self, channel: str, frame: str) -> None:
-        """Fan a transient frame (no position, no history) out to interested nodes."""
+        """Fan an event's text (``MemberEvent.encode()``; no position, no history)
+        out to the nodes interested in ``channel``, this one included."""
 
     async def subscribe(self, pattern: str) -> None:
         """Start receiving publications of ``pattern`` (channel or MQTT pattern)."""

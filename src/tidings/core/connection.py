@@ -20,10 +20,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, 
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tidings.protocol.centrifuge import close_code
+from tidings.protocol.codec import (
+    CENTRIFUGE,
+    CENTRIFUGE_FRAMED,
+    NATIVE,
+    NATIVE_FRAMED,
+    RAW,
+    RAW_FRAMED,
+    Codec,
+)
 from tidings.protocol.codes import CloseCode
 from tidings.protocol.frames import OP_BINARY, encode_frame
-from tidings.protocol.native import dumps, encode_lagged
+from tidings.protocol.native import dumps
 from tidings.types import Publication
 
 if TYPE_CHECKING:
@@ -57,6 +65,18 @@ class ConnectionKind(Enum):
     RAW = "raw"  # /ws/sub, /ws/pull: data only
     APP = "app"  # hub.accept(): publications go to ``async for`` in user code
     CENTRIFUGE = "centrifuge"  # /connection/websocket: Centrifuge client protocol (JSON)
+
+
+def codec_for(kind: ConnectionKind, *, framed: bool) -> Codec | None:
+    """The codec of a connection of ``kind``; ``framed`` when frames go straight
+    to the socket. App connections get Publication objects: no codec."""
+    if kind is ConnectionKind.NATIVE:
+        return NATIVE_FRAMED if framed else NATIVE
+    if kind is ConnectionKind.RAW:
+        return RAW_FRAMED if framed else RAW
+    if kind is ConnectionKind.CENTRIFUGE:
+        return CENTRIFUGE_FRAMED if framed else CENTRIFUGE
+    return None
 
 
 class _Control:
@@ -95,6 +115,7 @@ class Connection:
         "_violations",
         "_waiter",
         "_writer",
+        "codec",
         "conn_id",
         "expiry",
         "hub",
@@ -126,6 +147,7 @@ class Connection:
         self.ip: str | None = None
         self.expiry: asyncio.TimerHandle | None = None  # closes it when the token expires
         self.kind = kind
+        self.codec: Codec | None = codec_for(kind, framed=False)  # None: app connections
         self.limits: Limits = hub.limits
         self.subs: set[str] = set()
         self.join_leave: set[str] | None = None  # patterns subscribed with join_leave
@@ -180,17 +202,14 @@ class Connection:
                 if 0 < pub.offset <= floor:
                     return
                 del self._floors[pub.channel]  # past the floor: live from here on
-        kind = self.kind
-        direct = self._direct is not None
-        if kind is ConnectionKind.NATIVE:
-            payload: str | bytes = pub.ws_frame if direct else pub.frame
-        elif kind is ConnectionKind.RAW:
-            payload = pub.ws_raw if direct else pub.raw
-        elif kind is ConnectionKind.CENTRIFUGE:
-            payload = pub.ws_cf_frame if direct else pub.cf_frame
-        else:
+        codec = self.codec
+        if codec is None:
             self._deliver_app(pub)
             return
+        prepared = pub.prepared  # encoded once per codec, by the first subscriber
+        payload = prepared[codec.slot] if prepared is not None else None
+        if payload is None:
+            payload = codec.publication(pub)
         out = self._out
         out.append(payload)
         self._out_bytes += len(payload)
@@ -203,15 +222,15 @@ class Connection:
         """Queue consecutive publications of one channel (``deliver`` each, with
         the common case of a native or raw subscriber on a direct transport
         done in one pass: one limit check and one wake-up)."""
-        kind = self.kind
-        if (self._direct is None or self._pending is not None or self._floors
+        kind, codec = self.kind, self.codec
+        if (codec is None or self._direct is None or self._pending is not None or self._floors
                 or self._close is not None
                 or (kind is not ConnectionKind.NATIVE and kind is not ConnectionKind.RAW)):
             for pub in pubs:
                 self.deliver(pub)
             return
-        frames = ([pub.ws_frame for pub in pubs] if kind is ConnectionKind.NATIVE
-                  else [pub.ws_raw for pub in pubs])
+        publication = codec.publication
+        frames = [publication(pub) for pub in pubs]
         out = self._out
         out.extend(frames)
         self._out_bytes += sum(map(len, frames))
@@ -359,6 +378,7 @@ class Connection:
     async def __aiter__(self) -> AsyncIterator[Publication]:
         """Publications of this connection's subscriptions, for custom endpoints."""
         self.kind = ConnectionKind.APP
+        self.codec = None
         loop = asyncio.get_running_loop()
         while True:
             queue = self._app_queue
@@ -389,6 +409,7 @@ class Connection:
         if direct is not None and self.kind is not ConnectionKind.APP:
             self._direct = direct
             direct.on_resume = self.flush
+            self.codec = codec_for(self.kind, framed=True)  # whole frames, written as they are
             return
         self._writer = asyncio.get_running_loop().create_task(
             self._write_loop(), name=f"tidings-writer-{self.conn_id}"
@@ -405,8 +426,9 @@ class Connection:
             return
         chunks: list[bytes] = []
         callbacks: list[Callable[[], object]] = []
-        if self._lagged and self.kind is ConnectionKind.NATIVE:
-            chunks.append(encode_frame(encode_lagged(self._lagged)))
+        notice = self.codec.lagged(self._lagged) if self._lagged and self.codec else None
+        if notice is not None:
+            chunks.append(encode_frame(notice.encode()))
             self._lagged = 0
         self._out = []
         for entry in out:
@@ -442,7 +464,7 @@ class Connection:
     async def _write_loop(self) -> None:
         send = self._send
         loop = asyncio.get_running_loop()
-        native = self.kind is ConnectionKind.NATIVE
+        codec = self.codec
         try:
             while True:
                 out = self._out
@@ -453,9 +475,10 @@ class Connection:
                     await self._waiter
                     self._waiter = None
                     continue
-                if self._lagged and native:
-                    lagged, self._lagged = self._lagged, 0
-                    await send({"type": "websocket.send", "text": encode_lagged(lagged).decode()})
+                notice = codec.lagged(self._lagged) if self._lagged and codec else None
+                if notice is not None:
+                    self._lagged = 0
+                    await send({"type": "websocket.send", "text": notice})
                 entry = out.pop(0)
                 if isinstance(entry, _Control):
                     payload = entry.payload
@@ -485,8 +508,8 @@ class Connection:
         """Close the connection: after the queued frames (``flush``) or at once."""
         if self._close is not None:
             return
-        if self.kind is ConnectionKind.CENTRIFUGE:  # the codes its SDKs act on
-            code = close_code(code, reason)
+        if self.codec is not None:  # the codes its clients act on (Centrifuge SDKs)
+            code = self.codec.close_code(code, reason)
         self._close = (int(code), reason[:120])
         if not flush:
             self._out.clear()

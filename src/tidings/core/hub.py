@@ -23,6 +23,7 @@ from tidings.brokers import (
     BrokerHealth,
     Capabilities,
     HistoryStore,
+    MemberEvent,
     NowaitPublisher,
     PipelinedPublisher,
     PresenceStore,
@@ -39,12 +40,11 @@ from tidings.core.publishing import Publishing
 from tidings.core.queue import WorkQueue
 from tidings.core.queues import WorkQueues
 from tidings.exceptions import AuthError, BrokerUnavailable, HubError, NotAvailable
-from tidings.protocol import centrifuge
 from tidings.protocol.codes import CloseCode
 from tidings.protocol.errors import ProtocolError
 from tidings.protocol.index import SubscriptionIndex
 from tidings.protocol.names import is_pattern, pattern_matches, validate_channel, validate_pattern
-from tidings.protocol.native import StreamPos, encode_join_leave
+from tidings.protocol.native import StreamPos
 from tidings.security.auth import Authenticator, Identity
 from tidings.types import HistoryPage, Member
 
@@ -387,7 +387,7 @@ class HubCore(Publishing, DirectMessages):
                 await self._presence.add_member(
                     pattern, Member(conn.conn_id, conn.user, conn.info))
                 await self.broker.publish_event(
-                    pattern, encode_join_leave("join", pattern, conn.conn_id, conn.user).decode()
+                    pattern, MemberEvent("join", pattern, conn.conn_id, conn.user).encode()
                 )
             except BrokerUnavailable:  # brokers re-add their members when they reconnect
                 log.debug("presence join of %s in %s deferred", conn.conn_id, pattern)
@@ -411,7 +411,7 @@ class HubCore(Publishing, DirectMessages):
             try:
                 await self._presence.remove_member(pattern, conn.conn_id)
                 await self.broker.publish_event(
-                    pattern, encode_join_leave("leave", pattern, conn.conn_id, conn.user).decode()
+                    pattern, MemberEvent("leave", pattern, conn.conn_id, conn.user).encode()
                 )
             except Exception:  # broker down: the member expires there by TTL
                 log.debug("presence leave of %s in %s not recorded", conn.conn_id, pattern)
@@ -435,16 +435,23 @@ class HubCore(Publishing, DirectMessages):
                 log.info("broker interest in %r deferred: %s", pattern, exc)
 
     def on_event(self, channel: str, frame: str) -> None:
-        """Broker callback: join/leave frames for subscribers that asked for them."""
-        push: str | None = None
+        """Broker callback: a join/leave for the subscribers that asked for them,
+        encoded once per protocol."""
+        event = MemberEvent.decode(frame)
+        if event is None:
+            log.warning("node %s: not a member event on %r: %.80r", self.node, channel, frame)
+            return
+        encoded: dict[str, str | None] = {}
         for conn in self.join_leave_index.match(channel):
-            if conn.kind is ConnectionKind.NATIVE:
-                conn.send_frame(frame)
-            elif conn.kind is ConnectionKind.CENTRIFUGE:
-                if push is None:
-                    push = (centrifuge.join_leave_from_native(frame) or b"").decode()
-                if push:
-                    conn.send_frame(push)
+            codec = conn.codec
+            if codec is None:
+                continue
+            if codec.name not in encoded:
+                encoded[codec.name] = codec.join_leave(event.kind, event.channel,
+                                                       event.conn_id, event.user)
+            push = encoded[codec.name]
+            if push is not None:
+                conn.send_frame(push)
 
     def on_broker_state(self, health: BrokerHealth) -> None:
         if health.up != self._health.up:

@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from tidings.core.connection import Connection, ConnectionKind
-from tidings.protocol import centrifuge
 from tidings.protocol.codes import CloseCode
 from tidings.protocol.names import validate_pattern
 from tidings.protocol.native import dumps, encode_message, loads
@@ -138,14 +137,16 @@ class DirectMessages:
 
     def _send_message(self, conns: list[Connection], sender: str, data: Any) -> None:
         """A direct message to local connections, each in its protocol's frame."""
-        frame = encode_message(sender, data).decode()
-        push: str | None = None
+        encoded: dict[str, str | None] = {}
         for conn in conns:
-            if conn.kind is ConnectionKind.CENTRIFUGE:
-                if push is None:
-                    push = centrifuge.encode_message(data).decode()
-                conn.send_frame(push)
+            codec = conn.codec
+            if codec is None:  # an app connection: its own endpoint reads it as native
+                frame: str | None = encode_message(sender, data).decode()
             else:
+                if codec.name not in encoded:
+                    encoded[codec.name] = codec.message(sender, data)
+                frame = encoded[codec.name]
+            if frame is not None:
                 conn.send_frame(frame)
         self.stats.messages += len(conns)
 

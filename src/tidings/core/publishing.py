@@ -76,7 +76,7 @@ class Publishing:
                          text: str | None) -> Publication:
         """SPEC 7: with the broker unreachable, local subscribers still get it;
         its position is unknown (offset 0, epoch "")."""
-        pub = Publication(channel, data, 0, "", sender, int(time.time() * 1000), raw=text)
+        pub = Publication(channel, data, 0, "", sender, int(time.time() * 1000), text=text)
         self.on_publication(pub)
         return pub
 

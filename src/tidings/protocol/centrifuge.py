@@ -62,7 +62,6 @@ __all__ = [
     "encode_publication",
     "encode_publication_push",
     "encode_reply",
-    "join_leave_from_native",
     "reply_code",
     "split_frame",
 ]
@@ -497,17 +496,3 @@ def encode_join_leave(kind: str, channel: str, client: str, user: str | None) ->
 def encode_message(data: Any) -> bytes:
     """A ``message`` push: a direct message (``hub.send``, ``send_user``, ``broadcast``)."""
     return dumps({"push": {"message": {"data": data}}})
-
-
-def join_leave_from_native(frame: str | bytes) -> bytes | None:
-    """The push for a native ``join``/``leave`` frame (as brokers carry them);
-    None if the frame is not one."""
-    try:
-        obj = orjson.loads(frame)
-        kind, channel, member = obj["type"], obj["channel"], obj["member"]
-        client, user = member["conn_id"], member.get("user")
-    except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
-        return None
-    if kind not in ("join", "leave") or not isinstance(channel, str):
-        return None
-    return encode_join_leave(kind, channel, str(client), user if isinstance(user, str) else None)

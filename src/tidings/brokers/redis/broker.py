@@ -479,7 +479,7 @@ class RedisBroker(RedisPresence, RedisHistory):
             else:
                 offset, epoch = result
                 outcome = Publication(channel, data, int(offset), epoch.decode(),
-                                      call[2] or None, call[3], raw=text)
+                                      call[2] or None, call[3], text=text)
             try:
                 done(outcome)
             except Exception:  # one caller's bug must not cost the others their answer

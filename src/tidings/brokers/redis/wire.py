@@ -88,7 +88,7 @@ def publication_from(channel: str, offset: int, epoch: str, ts: bytes, sender: b
     """One publication from its message fields; JSON text is kept as sent."""
     text = payload[1:].decode() if payload[:1] == b"j" else None  # kept: sent as is
     return Publication(channel, decode_data(payload), offset, epoch, sender.decode() or None,
-                       int(ts), raw=text)
+                       int(ts), text=text)
 
 
 def unbatch(channel: str, data: bytes) -> list[Publication]:
