@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tidings.protocol.codec import b64
-from tidings.protocol.native import StreamPos
+from tidings.protocol.native import StreamPos, b64
 
 __all__ = ["HistoryPage", "Member", "Publication", "StreamPos"]
 

@@ -14,7 +14,6 @@ through the :class:`Prepared` protocol, so this module knows no hub or broker.
 
 from __future__ import annotations
 
-import base64
 from typing import Any, Final, Protocol
 
 import orjson
@@ -22,6 +21,7 @@ import orjson
 from tidings.protocol import centrifuge
 from tidings.protocol.frames import OP_BINARY, encode_frame
 from tidings.protocol.native import (
+    b64,
     dumps,
     encode_join_leave,
     encode_lagged,
@@ -58,11 +58,6 @@ class Prepared(Protocol):
     ts: int
     text: str | None  # ``data`` as the publisher's JSON text, when it came as text
     prepared: list[str | bytes | None] | None
-
-
-def b64(data: bytes) -> dict[str, str]:
-    """Binary data where a JSON protocol needs a value (SPEC 6.1)."""
-    return {"b64": base64.b64encode(data).decode()}
 
 
 class Codec:

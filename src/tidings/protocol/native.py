@@ -9,6 +9,7 @@ alone.
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass
 from typing import Any, Final
@@ -176,6 +177,11 @@ def loads(frame: str | bytes) -> Any:
         return orjson.loads(frame)
     except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"frame is not valid JSON: {exc}") from None
+
+
+def b64(data: bytes) -> dict[str, str]:
+    """Binary data where JSON needs a value: ``{"b64": "..."}`` (SPEC 6.1)."""
+    return {"b64": base64.b64encode(data).decode()}
 
 
 def dumps(value: Any) -> bytes:
