@@ -13,7 +13,14 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    MutableMapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
@@ -24,19 +31,19 @@ from tidings.brokers import (
     Capabilities,
     HistoryStore,
     MemberEvent,
-    NowaitPublisher,
-    PipelinedPublisher,
     PresenceStore,
     QueueStoreProvider,
     capabilities_of,
     create_broker,
 )
+from tidings.brokers.base import PublishDone
 from tidings.core.config import HistoryConfig, HistoryRule, Limits
 from tidings.core.connection import Connection, ConnectionKind, DirectTransport
+from tidings.core.fanout import FanOut
 from tidings.core.hooks import ErrorHandlers
-from tidings.core.messaging import DirectMessages
+from tidings.core.messaging import NodeMessenger
 from tidings.core.permissions import Rule
-from tidings.core.publishing import Publishing
+from tidings.core.publishing import Publisher
 from tidings.core.queue import WorkQueue
 from tidings.core.queues import WorkQueues
 from tidings.exceptions import AuthError, BrokerUnavailable, HubError, NotAvailable
@@ -46,7 +53,7 @@ from tidings.protocol.index import SubscriptionIndex
 from tidings.protocol.names import is_pattern, pattern_matches, validate_channel, validate_pattern
 from tidings.protocol.native import StreamPos
 from tidings.security.auth import Authenticator, Identity
-from tidings.types import HistoryPage, Member
+from tidings.types import HistoryPage, Member, Publication
 
 if TYPE_CHECKING:
     pass
@@ -76,7 +83,7 @@ class HubStats:
         self.refusals: Counter[str] = Counter()  # connections/requests refused, by reason
 
 
-class HubCore(Publishing, DirectMessages):
+class HubCore:
     """Real-time channels for one process. See the README for a tour.
 
     ``broker`` is a URL (``memory://``, ``redis://...``) or a Broker object.
@@ -115,11 +122,6 @@ class HubCore(Publishing, DirectMessages):
         allowed_origins: Iterable[str] = (),
     ) -> None:
         self.broker: Broker = create_broker(broker) if isinstance(broker, str) else broker
-        # the publish fast paths the broker declares
-        self._nowait: NowaitPublisher | None = (
-            self.broker if isinstance(self.broker, NowaitPublisher) else None)
-        self._pipeline: PipelinedPublisher | None = (
-            self.broker if isinstance(self.broker, PipelinedPublisher) else None)
         # what the broker offers beyond pub/sub; what it does not is NotAvailable
         self.capabilities: Capabilities = capabilities_of(self.broker)
         self._presence: PresenceStore | None = (
@@ -149,11 +151,16 @@ class HubCore(Publishing, DirectMessages):
         self.error_handlers = ErrorHandlers(passthrough=(ProtocolError, AuthError))
         self.ips: Counter[str] = Counter()  # open connections per client address
         self.stats = HubStats()
-        self.index: SubscriptionIndex[Connection] = SubscriptionIndex()
-        # the subset of subscriptions that asked for join/leave frames
-        self.join_leave_index: SubscriptionIndex[Connection] = SubscriptionIndex()
         self.connections: dict[str, Connection] = {}
         self.users: dict[str, set[Connection]] = {}
+        # the parts: fan-out of what the broker delivers, publishing to it, and
+        # messages between nodes
+        self.fanout = FanOut(self.node, self.stats)
+        self.index: SubscriptionIndex[Connection] = self.fanout.index
+        # the subset of subscriptions that asked for join/leave frames
+        self.join_leave_index: SubscriptionIndex[Connection] = self.fanout.join_leave_index
+        self.publisher = Publisher(self, self.broker, self.fanout)
+        self.messenger = NodeMessenger(self, self.broker)
         # queues live in the broker when it can share them between nodes (Redis),
         # else in this process
         self.queues = WorkQueues(
@@ -182,7 +189,7 @@ class HubCore(Publishing, DirectMessages):
             return
         self._closing = False
         self._loop = asyncio.get_running_loop()
-        await self.broker.connect(self.node, self)
+        await self.broker.connect(self.node, BrokerCallbacks(self))
         self._started = True
         log.info("tidings node %s started on %s (offers: %s)", self.node, self.broker.url,
                  ", ".join(self.capabilities.offered()))
@@ -246,7 +253,8 @@ class HubCore(Publishing, DirectMessages):
 
         return register
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        """Run ``coro`` in the background, owned by the hub; a failure is logged."""
         async def run() -> None:
             try:
                 await coro
@@ -262,11 +270,17 @@ class HubCore(Publishing, DirectMessages):
     # -- connections -------------------------------------------------------------------
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the hub runs on."""
+        return self._loop or asyncio.get_running_loop()
+
+    @property
     def running(self) -> bool:
         """True between ``start()`` and ``stop()``."""
         return self._started and not self._closing
 
-    def _require_started(self) -> None:
+    def require_started(self) -> None:
+        """Raise HubError unless the hub is running."""
         if not self._started or self._closing:
             raise HubError("the hub is not running: use hub.lifespan, `async with hub`, "
                            "or await hub.start()")
@@ -287,7 +301,7 @@ class HubCore(Publishing, DirectMessages):
         With an ``identity``, ``user`` and ``info`` default to its own, and the
         connection is closed with 1008 "token expired" when it expires.
         """
-        self._require_started()
+        self.require_started()
         if identity is not None:
             user = user if user is not None else identity.user
             info = info if info is not None else identity.info
@@ -434,25 +448,6 @@ class HubCore(Publishing, DirectMessages):
             except BrokerUnavailable as exc:
                 log.info("broker interest in %r deferred: %s", pattern, exc)
 
-    def on_event(self, channel: str, frame: str) -> None:
-        """Broker callback: a join/leave for the subscribers that asked for them,
-        encoded once per protocol."""
-        event = MemberEvent.decode(frame)
-        if event is None:
-            log.warning("node %s: not a member event on %r: %.80r", self.node, channel, frame)
-            return
-        encoded: dict[str, str | None] = {}
-        for conn in self.join_leave_index.match(channel):
-            codec = conn.codec
-            if codec is None:
-                continue
-            if codec.name not in encoded:
-                encoded[codec.name] = codec.join_leave(event.kind, event.channel,
-                                                       event.conn_id, event.user)
-            push = encoded[codec.name]
-            if push is not None:
-                conn.send_frame(push)
-
     def on_broker_state(self, health: BrokerHealth) -> None:
         if health.up != self._health.up:
             if health.up and self._health.reason == "not started":
@@ -512,6 +507,72 @@ class HubCore(Publishing, DirectMessages):
             return StreamPos(0, "")
         return await self._history.position(channel)
 
+    # -- publishing, fan-out and messages: the parts ---------------------------------
+
+    async def publish(self, channel: str, data: Any, *, sender: str | None = None,
+                      text: str | None = None) -> Publication:
+        """Publish to a channel on every node; returns it with its offset and epoch.
+
+        ``text``: ``data`` as JSON text, when the caller has it already (a raw
+        producer's frame); raw-stream subscribers then get that text as is.
+        """
+        return await self.publisher.publish(channel, data, sender=sender, text=text)
+
+    @property
+    def can_publish_nowait(self) -> bool:
+        """True when the broker publishes synchronously (a ``NowaitPublisher``)."""
+        return self.publisher.can_publish_nowait
+
+    @property
+    def pipelined(self) -> bool:
+        """True when the broker keeps the order of publishes issued without waiting."""
+        return self.publisher.pipelined
+
+    def publish_nowait(self, channel: str, data: Any, *, sender: str | None = None,
+                       text: str | None = None) -> Publication:
+        """:meth:`publish` without a coroutine, on brokers that never wait."""
+        return self.publisher.publish_nowait(channel, data, sender=sender, text=text)
+
+    def publish_many_nowait(self, channel: str, items: Sequence[tuple[Any, str | None]], *,
+                            sender: str | None = None) -> list[Publication]:
+        """:meth:`publish_nowait` of several ``(data, text)`` items, in order."""
+        return self.publisher.publish_many_nowait(channel, items, sender=sender)
+
+    def publish_soon(self, channel: str, data: Any, *, sender: str | None = None,
+                     text: str | None = None) -> asyncio.Future[Publication]:
+        """Start a publish and return at once; the future gets the publication."""
+        return self.publisher.publish_soon(channel, data, sender=sender, text=text)
+
+    def publish_then(self, channel: str, data: Any, *, sender: str | None = None,
+                     text: str | None = None, done: PublishDone) -> None:
+        """:meth:`publish_soon` with a callback instead of a future."""
+        self.publisher.publish_then(channel, data, sender=sender, text=text, done=done)
+
+    async def send(self, to: str | Iterable[str], data: Any, *, sender: str = "server") -> int:
+        """Send ``data`` as a ``message`` to one or many conn_ids on any node."""
+        return await self.messenger.send(to, data, sender=sender)
+
+    async def send_user(self, user: str, data: Any, *, sender: str = "server") -> None:
+        """Send to every connection of ``user`` on every node."""
+        await self.messenger.send_user(user, data, sender=sender)
+
+    async def broadcast(self, data: Any, *, sender: str = "server") -> None:
+        """Send a ``message`` to every connection on every node."""
+        await self.messenger.broadcast(data, sender=sender)
+
+    async def disconnect(self, user: str, *, code: int = CloseCode.NORMAL,
+                         reason: str = "disconnected by server") -> None:
+        """Close every connection of ``user`` on every node."""
+        await self.messenger.disconnect(user, code=code, reason=reason)
+
+    async def subscribe_user(self, user: str, channel: str) -> None:
+        """Subscribe every connection of ``user``, on every node, to ``channel``."""
+        await self.messenger.subscribe_user(user, channel)
+
+    async def unsubscribe_user(self, user: str, channel: str) -> None:
+        """Unsubscribe every connection of ``user``, on every node, from ``channel``."""
+        await self.messenger.unsubscribe_user(user, channel)
+
     # -- queues and introspection ----------------------------------------------------------
 
     def queue(self, name: str) -> WorkQueue:
@@ -545,3 +606,19 @@ class HubCore(Publishing, DirectMessages):
             "broker": self.broker_name,
             "capabilities": self.capabilities.offered(),
         }
+
+
+class BrokerCallbacks:
+    """What a hub's broker calls (the BrokerHandler protocol), wired straight to
+    the parts: the fan-out's methods are attributes here, so a publication costs
+    no extra call on its way to the subscribers."""
+
+    __slots__ = ("on_broker_state", "on_event", "on_node_message", "on_publication",
+                 "on_publications")
+
+    def __init__(self, hub: HubCore) -> None:
+        self.on_publication = hub.fanout.on_publication
+        self.on_publications = hub.fanout.on_publications
+        self.on_event = hub.fanout.on_event
+        self.on_node_message = hub.messenger.on_node_message
+        self.on_broker_state = hub.on_broker_state

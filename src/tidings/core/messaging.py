@@ -1,5 +1,5 @@
-"""Direct messages and user-wide orders, the part of :class:`tidings.HubCore` that
-reaches connections by id or user instead of by channel.
+"""Direct messages and user-wide orders: what reaches connections by id or user
+instead of by channel.
 
 ``send(conn_id)`` goes to the node named in the conn_id (``<node>.<random>``);
 ``send_user``, ``broadcast``, ``disconnect`` and server-side (un)subscribe go
@@ -10,7 +10,7 @@ routing table that could go stale.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from tidings.core.connection import Connection, ConnectionKind
@@ -21,34 +21,27 @@ from tidings.protocol.native import dumps, encode_message, loads
 if TYPE_CHECKING:
     from tidings.brokers import Broker
     from tidings.core.config import Limits
-    from tidings.core.hub import HubStats
+    from tidings.core.hub import HubCore, HubStats
 
-__all__ = ["DirectMessages"]
+__all__ = ["NodeMessenger"]
 
 log = logging.getLogger("tidings.core.hub")
 
 
-class DirectMessages:
-    """Mixin of :class:`tidings.HubCore`; the hub provides what is declared here."""
+class NodeMessenger:
+    """Messages between nodes, owned by :class:`~tidings.core.hub.HubCore`
+    (``hub.messenger``); it reaches connections through the hub's registry."""
 
-    node: str
-    broker: Broker
-    limits: Limits
-    connections: dict[str, Connection]
-    users: dict[str, set[Connection]]
-    stats: HubStats
+    __slots__ = ("broker", "connections", "hub", "limits", "node", "stats", "users")
 
-    def _require_started(self) -> None:
-        raise NotImplementedError
-
-    def _spawn(self, coro: Awaitable[Any]) -> None:
-        raise NotImplementedError
-
-    async def subscribe(self, conn: Connection, pattern: str) -> None:
-        raise NotImplementedError
-
-    async def unsubscribe(self, conn: Connection, pattern: str) -> bool:
-        raise NotImplementedError
+    def __init__(self, hub: HubCore, broker: Broker) -> None:
+        self.hub = hub  # to subscribe on orders, check it runs and run tasks
+        self.broker = broker
+        self.node = hub.node
+        self.limits: Limits = hub.limits
+        self.stats: HubStats = hub.stats
+        self.connections: dict[str, Connection] = hub.connections
+        self.users: dict[str, set[Connection]] = hub.users
 
     async def send(self, to: str | Iterable[str], data: Any, *, sender: str = "server") -> int:
         """Send ``data`` as a ``message`` frame to one or many conn_ids on any node.
@@ -56,7 +49,7 @@ class DirectMessages:
         Returns how many of the targets exist locally or were routed to another
         node (a remote target's existence is not checked synchronously).
         """
-        self._require_started()
+        self.hub.require_started()
         targets = [to] if isinstance(to, str) else list(to)
         local: list[Connection] = []
         remote: dict[str, list[str]] = {}
@@ -78,31 +71,31 @@ class DirectMessages:
 
     async def send_user(self, user: str, data: Any, *, sender: str = "server") -> None:
         """Send to every connection of ``user`` on every node."""
-        self._require_started()
+        self.hub.require_started()
         await self.broker.send_all(dumps({"k": "user", "user": user, "from": sender,
                                           "data": data}))
 
     async def broadcast(self, data: Any, *, sender: str = "server") -> None:
         """Send a ``message`` frame to every native connection on every node."""
-        self._require_started()
+        self.hub.require_started()
         await self.broker.send_all(dumps({"k": "all", "from": sender, "data": data}))
 
     async def disconnect(self, user: str, *, code: int = CloseCode.NORMAL,
                          reason: str = "disconnected by server") -> None:
         """Close every connection of ``user`` on every node."""
-        self._require_started()
+        self.hub.require_started()
         await self.broker.send_all(dumps({"k": "disconnect", "user": user, "code": code,
                                           "reason": reason}))
 
     async def subscribe_user(self, user: str, channel: str) -> None:
         """Subscribe every connection of ``user``, on every node, to ``channel``."""
-        self._require_started()
+        self.hub.require_started()
         validate_pattern(channel, self.limits.max_name)
         await self.broker.send_all(dumps({"k": "sub", "user": user, "channel": channel}))
 
     async def unsubscribe_user(self, user: str, channel: str) -> None:
         """Unsubscribe every connection of ``user``, on every node, from ``channel``."""
-        self._require_started()
+        self.hub.require_started()
         await self.broker.send_all(dumps({"k": "unsub", "user": user, "channel": channel}))
 
     def on_node_message(self, payload: bytes) -> None:
@@ -120,9 +113,9 @@ class DirectMessages:
         if kind in ("sub", "unsub"):
             for conn in list(self.users.get(msg["user"], ())):
                 if kind == "sub":
-                    self._spawn(self.subscribe(conn, msg["channel"]))
+                    self.hub.spawn(self.hub.subscribe(conn, msg["channel"]))
                 else:
-                    self._spawn(self.unsubscribe(conn, msg["channel"]))
+                    self.hub.spawn(self.hub.unsubscribe(conn, msg["channel"]))
             return
         if kind == "send":
             conns = [c for c in map(self.connections.get, msg["to"]) if c is not None]

@@ -1,5 +1,5 @@
-"""Publishing, the part of :class:`tidings.HubCore` that sends publications to the
-broker and fans the broker's publications out to this node's subscribers.
+"""Publishing: a hub's publications to its broker (the fan-out in is
+:mod:`tidings.core.fanout`).
 
 A publish is checked (hub running, channel name valid, history options of the
 channel), then handed to the broker: awaited (``publish``), synchronously on
@@ -17,38 +17,46 @@ from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from tidings.brokers.base import PublishDone, PublishOutcome, outcome_of, settle_future
+from tidings.brokers.base import (
+    NowaitPublisher,
+    PipelinedPublisher,
+    PublishDone,
+    PublishOutcome,
+    outcome_of,
+    settle_future,
+)
 from tidings.exceptions import BrokerUnavailable, HubError
 from tidings.protocol.names import validate_channel
 from tidings.types import Publication
 
 if TYPE_CHECKING:
     from tidings.brokers import Broker
-    from tidings.brokers.base import HistoryOptions, NowaitPublisher, PipelinedPublisher
+    from tidings.brokers.base import HistoryOptions
     from tidings.core.config import HistoryConfig, Limits
-    from tidings.core.connection import Connection
-    from tidings.core.hub import HubStats
-    from tidings.protocol.index import SubscriptionIndex
+    from tidings.core.fanout import FanOut
+    from tidings.core.hub import HubCore, HubStats
 
-__all__ = ["Publishing"]
+__all__ = ["Publisher"]
 
 
-class Publishing:
-    """Mixin of :class:`tidings.HubCore`; the hub provides what is declared here."""
+class Publisher:
+    """Sends a hub's publications to its broker, by the fastest path the broker
+    declares; owned by :class:`~tidings.core.hub.HubCore` (``hub.publisher``)."""
 
-    broker: Broker
-    _nowait: NowaitPublisher | None
-    _pipeline: PipelinedPublisher | None
-    limits: Limits
-    stats: HubStats
-    index: SubscriptionIndex[Connection]
-    history_config: HistoryConfig
-    _started: bool
-    _closing: bool
-    _loop: asyncio.AbstractEventLoop | None
+    __slots__ = ("_nowait", "_pipeline", "broker", "fanout", "history_config", "hub",
+                 "limits", "stats")
 
-    def _require_started(self) -> None:
-        raise NotImplementedError
+    def __init__(self, hub: HubCore, broker: Broker, fanout: FanOut) -> None:
+        self.hub = hub  # for its state: running or not, and its event loop
+        self.broker = broker
+        self.fanout = fanout
+        self.limits: Limits = hub.limits
+        self.stats: HubStats = hub.stats
+        self.history_config: HistoryConfig = hub.history_config
+        self._nowait: NowaitPublisher | None = (
+            broker if isinstance(broker, NowaitPublisher) else None)
+        self._pipeline: PipelinedPublisher | None = (
+            broker if isinstance(broker, PipelinedPublisher) else None)
 
     async def publish(self, channel: str, data: Any, *, sender: str | None = None,
                       text: str | None = None) -> Publication:
@@ -66,8 +74,8 @@ class Publishing:
 
     def _publishing(self, channel: str, count: int = 1) -> HistoryOptions:
         """What every publish checks first; the channel's history options."""
-        if not self._started or self._closing:
-            self._require_started()
+        if not self.hub.running:
+            self.hub.require_started()
         validate_channel(channel, self.limits.max_name)  # a set lookup for names seen before
         self.stats.publications_in += count
         return self.history_config.options(channel)
@@ -77,7 +85,7 @@ class Publishing:
         """SPEC 7: with the broker unreachable, local subscribers still get it;
         its position is unknown (offset 0, epoch "")."""
         pub = Publication(channel, data, 0, "", sender, int(time.time() * 1000), text=text)
-        self.on_publication(pub)
+        self.fanout.on_publication(pub)
         return pub
 
     @property
@@ -122,8 +130,7 @@ class Publishing:
         """
         if self._pipeline is None:  # no pipeline: a task keeps the order
             return asyncio.ensure_future(self.publish(channel, data, sender=sender, text=text))
-        future: asyncio.Future[Publication] = (
-            self._loop or asyncio.get_running_loop()).create_future()
+        future: asyncio.Future[Publication] = self.hub.loop.create_future()
         self.publish_then(channel, data, sender=sender, text=text,
                           done=partial(settle_future, future))
         return future
@@ -147,23 +154,3 @@ class Publishing:
 
         pipeline.publish_then(channel, data, sender=sender, history=self._publishing(channel),
                               text=text, done=finished)
-
-    def on_publication(self, pub: Publication) -> None:
-        """Broker callback: fan a publication out to the local subscribers."""
-        self.stats.publications_out += 1
-        conns = self.index.match(pub.channel)
-        if not conns:
-            return
-        for conn in conns:  # each frame kind is encoded once, by the first that needs it
-            conn.deliver(pub)
-        self.stats.deliveries += len(conns)
-
-    def on_publications(self, pubs: Sequence[Publication]) -> None:
-        """Broker callback: several consecutive publications of one channel."""
-        self.stats.publications_out += len(pubs)
-        conns = self.index.match(pubs[0].channel) if pubs else None
-        if not conns:
-            return
-        for conn in conns:
-            conn.deliver_many(pubs)
-        self.stats.deliveries += len(conns) * len(pubs)

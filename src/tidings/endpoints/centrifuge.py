@@ -323,7 +323,7 @@ class _Session:
         hub, conn = self.hub, self.conn
         if isinstance(cmd, Publish):
             await check(hub, "publish", conn, cmd.channel)
-            await hub.publish(cmd.channel, cmd.data, sender=conn.conn_id)
+            await hub.publisher.publish(cmd.channel, cmd.data, sender=conn.conn_id)
             return encode_reply(cmd.id, "publish").decode()
         if isinstance(cmd, Subscribe):
             await self._subscribe(cmd)

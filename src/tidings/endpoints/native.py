@@ -142,7 +142,7 @@ def _publish_now(hub: HubCore, conn: Connection, cmd: Publish) -> None:
     ``handle_command`` does, without its coroutines."""
     try:
         check_now(hub, "publish", conn, cmd.channel)
-        pub = hub.publish_nowait(cmd.channel, cmd.data, sender=conn.conn_id)
+        pub = hub.publisher.publish_nowait(cmd.channel, cmd.data, sender=conn.conn_id)
     except ProtocolError as exc:
         send_error(hub, conn, cmd.id, exc.code, exc.message)
         return
@@ -175,7 +175,7 @@ def _publish_soon(hub: HubCore, conn: Connection, cmd: Publish, inflight: InFlig
             conn.send_frame(encode_reply(rid, position).decode())
 
     try:
-        hub.publish_then(cmd.channel, cmd.data, sender=conn.conn_id, done=answer)
+        hub.publisher.publish_then(cmd.channel, cmd.data, sender=conn.conn_id, done=answer)
     except ProtocolError as exc:
         send_error(hub, conn, rid, exc.code, exc.message)
         return
@@ -222,7 +222,7 @@ async def handle_command(hub: HubCore, conn: Connection, cmd: Command) -> None:
 async def _apply(hub: HubCore, conn: Connection, cmd: Command) -> str | None:
     if isinstance(cmd, Publish):
         await check(hub, "publish", conn, cmd.channel)
-        pub = await hub.publish(cmd.channel, cmd.data, sender=conn.conn_id)
+        pub = await hub.publisher.publish(cmd.channel, cmd.data, sender=conn.conn_id)
         return encode_reply(cmd.id, {"offset": pub.offset, "epoch": pub.epoch}).decode()
     if isinstance(cmd, Subscribe):
         await _subscribe(hub, conn, cmd)

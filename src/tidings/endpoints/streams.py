@@ -125,11 +125,12 @@ class PubEndpoint(WebSocketSession):
                 return True
             data, text = _raw_value(payload)
             if mode == "nowait":
-                pub = hub.publish_nowait(channel, data, sender=sender, text=text)
+                pub = hub.publisher.publish_nowait(channel, data, sender=sender, text=text)
                 if ack:
                     conn.send_frame(dumps({"offset": pub.offset, "epoch": pub.epoch}).decode())
             else:
-                hub.publish_then(channel, data, sender=sender, text=text, done=window.settled)
+                hub.publisher.publish_then(channel, data, sender=sender, text=text,
+                                           done=window.settled)
                 window.count += 1  # after: a refused publish (it raises) is not counted
             return True
 
@@ -159,7 +160,7 @@ class PubEndpoint(WebSocketSession):
                     break  # closing: the frames before it still count
                 items.append(_raw_value(payload))
             if items:
-                pubs = hub.publish_many_nowait(channel, items, sender=sender)
+                pubs = hub.publisher.publish_many_nowait(channel, items, sender=sender)
                 if ack:
                     for pub in pubs:
                         conn.send_frame(dumps({"offset": pub.offset,
@@ -194,7 +195,7 @@ class PubEndpoint(WebSocketSession):
             if not frame_guard(hub, conn, payload):
                 return
             data, text = _raw_value(payload)
-            pub = await hub.publish(channel, data, sender=sender, text=text)
+            pub = await hub.publisher.publish(channel, data, sender=sender, text=text)
             if ack:
                 conn.send_frame(dumps({"offset": pub.offset, "epoch": pub.epoch}).decode())
 
