@@ -32,16 +32,15 @@ async def main() -> None:
     for _ in range(1000):
         c = hub.register(sink, direct=CountingDirect())
         await hub.subscribe(c, "ch")
-    on_pub = hub.fanout.on_publication
+    on_pub = getattr(hub, "fanout", hub).on_publication  # (before the FanOut part: the hub)
     best = 1e9
-    for rep in range(15):
+    for _ in range(15):
         t = time.perf_counter()
         for i in range(200):
             on_pub(Publication("ch", {"i": i}, i + 1, "e"))
-            hub._flush_dirty()
+            await asyncio.sleep(0)  # the end of the turn: every connection's one write
         dt = (time.perf_counter() - t) / 200 / 1000
         best = min(best, dt)
-        for c in hub.connections.values(): c._out.clear(); c._out_bytes = 0
     print(f"{best*1e9:.0f} ns per delivery")
     await hub.stop()
 if __name__ == "__main__":
