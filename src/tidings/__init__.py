@@ -4,6 +4,7 @@ from tidings._version import __version__
 from tidings.client.client import Client
 from tidings.core.config import HistoryRule, Limits
 from tidings.core.connection import Connection
+from tidings.core.permissions import Rule
 from tidings.core.queue import QueueItem, WorkQueue
 from tidings.endpoints.proxy import WebSocketProxy
 from tidings.exceptions import (
@@ -14,11 +15,14 @@ from tidings.exceptions import (
     ClientError,
     HookError,
     HubError,
+    NotAvailable,
+    QueueFull,
     ReplyError,
     TidingsError,
 )
 from tidings.hub import Hub
 from tidings.protocol import CloseCode, ErrorCode, ProtocolError
+from tidings.security.auth import JWTAuth
 from tidings.types import HistoryPage, Member, Publication, StreamPos
 
 __all__ = [
@@ -36,12 +40,16 @@ __all__ = [
     "HookError",
     "Hub",
     "HubError",
+    "JWTAuth",
     "Limits",
     "Member",
+    "NotAvailable",
     "ProtocolError",
     "Publication",
+    "QueueFull",
     "QueueItem",
     "ReplyError",
+    "Rule",
     "StreamPos",
     "TidingsError",
     "WebSocketProxy",
