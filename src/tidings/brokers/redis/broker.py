@@ -62,6 +62,7 @@ from tidings.brokers.base import (
     settle_future,
 )
 from tidings.brokers.redis.history import RedisHistory
+from tidings.brokers.redis.keys import RedisKeys
 from tidings.brokers.redis.presence import RedisPresence
 from tidings.brokers.redis.queue import RedisQueueStore
 from tidings.brokers.redis.resp import RespConnection, RespPubSub, bulk
@@ -76,7 +77,7 @@ from tidings.brokers.redis.wire import (
 )
 from tidings.exceptions import BrokerUnavailable
 from tidings.protocol.names import is_pattern, pattern_matches
-from tidings.types import Member, Publication
+from tidings.types import HistoryPage, Member, Publication, StreamPos
 
 __all__ = ["RedisBroker", "glob_for"]
 
@@ -99,7 +100,7 @@ def glob_for(pattern: str) -> str:
     return "/".join(lv.translate(_GLOB_SPECIAL) if lv != "+" else "*" for lv in levels)
 
 
-class RedisBroker(RedisPresence, RedisHistory):
+class RedisBroker:
     """Broker, HistoryStore and PresenceStore on one Redis server."""
 
     def __init__(self, url: str) -> None:
@@ -110,7 +111,11 @@ class RedisBroker(RedisPresence, RedisHistory):
         self.presence_ttl = float(query.pop("presence_ttl", "30"))
         self.meta_ttl = int(query.pop("meta_ttl", str(7 * 86400)))
         self.queue_max_len = int(query.pop("queue_max_len", "1000000"))
-        self._redis_url = urlunsplit(parts._replace(query=urlencode(query)))
+        self.redis_url = urlunsplit(parts._replace(query=urlencode(query)))
+        # the parts: key names, and the history and presence stores on them
+        self.keys = RedisKeys(self.prefix)
+        self.history_store = RedisHistory(self, self.keys, self.meta_ttl)
+        self.presence_store = RedisPresence(self, self.keys, self.presence_ttl)
         self._node = ""
         self._handler: BrokerHandler | None = None
         self._client: Any = None  # redis.asyncio.Redis or RedisCluster
@@ -121,7 +126,6 @@ class RedisBroker(RedisPresence, RedisHistory):
         self._exact: set[str] = set()
         self._patterns: dict[bytes, str] = {}  # glob (prefixed) -> MQTT pattern
         self._globs: dict[str, bytes] = {}
-        self._members: dict[str, dict[str, Member]] = {}  # our own members, for heartbeats
         self._health = BrokerHealth(False, "not connected")
         self._closing = False
         # publishes of this turn: script arguments, and (callback, data, text) to answer
@@ -148,41 +152,53 @@ class RedisBroker(RedisPresence, RedisHistory):
 
     def _make_client(self) -> Any:
         return aioredis.Redis.from_url(
-            self._redis_url, socket_connect_timeout=2, health_check_interval=5,
+            self.redis_url, socket_connect_timeout=2, health_check_interval=5,
             socket_keepalive=True,
             # one quick retry covers pooled connections left stale by a Redis restart
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
 
-    # -- names ----------------------------------------------------------------
-
-    def _chan(self, channel: str) -> bytes:
-        return f"{self.prefix}:c:{channel}".encode()
-
-    @staticmethod
-    def _tag(channel: str) -> str:
-        """A hash tag for the channel's keys: braces escaped so every key of a
-        channel lands in the same cluster slot whatever its name holds."""
-        return "{" + channel.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") + "}"
-
-    def _meta(self, channel: str) -> str:
-        return f"{self.prefix}:{self._tag(channel)}:m"
-
-    def _stream(self, channel: str) -> str:
-        return f"{self.prefix}:{self._tag(channel)}:h"
-
-    def _presence_keys(self, channel: str) -> tuple[str, str]:
-        tag = self._tag(channel)
-        return f"{self.prefix}:{tag}:pm", f"{self.prefix}:{tag}:pz"
+    # -- the link its parts use (RedisLink) -------------------------------------------
 
     @property
-    def _inbox(self) -> bytes:
-        return f"{self.prefix}:n:{self._node}".encode()
+    def client(self) -> Any:
+        return self._client
 
     @property
-    def _all(self) -> bytes:
-        return f"{self.prefix}:all".encode()
+    def up(self) -> bool:
+        return self._health.up
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def node(self) -> str:
+        """This node's id (empty before ``connect``)."""
+        return self._node
+
+    # -- history and presence: the parts ------------------------------------------------
+
+    async def history(self, channel: str, *, since: StreamPos | None = None,
+                      limit: int | None = None, reverse: bool = False) -> HistoryPage:
+        return await self.history_store.history(channel, since=since, limit=limit,
+                                                reverse=reverse)
+
+    async def remove_history(self, channel: str) -> None:
+        await self.history_store.remove_history(channel)
+
+    async def position(self, channel: str) -> StreamPos:
+        return await self.history_store.position(channel)
+
+    async def add_member(self, channel: str, member: Member) -> None:
+        await self.presence_store.add_member(channel, member)
+
+    async def remove_member(self, channel: str, conn_id: str) -> None:
+        await self.presence_store.remove_member(channel, conn_id)
+
+    async def members(self, channel: str) -> list[Member]:
+        return await self.presence_store.members(channel)
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -197,18 +213,20 @@ class RedisBroker(RedisPresence, RedisHistory):
         except (RedisError, OSError) as exc:
             await self._client.aclose()
             self._client = None
-            raise BrokerUnavailable(f"cannot reach Redis at {self._redis_url}: {exc}") from exc
+            raise BrokerUnavailable(f"cannot reach Redis at {self.redis_url}: {exc}") from exc
         self._set_health(BrokerHealth(True))
         loop = self._loop = asyncio.get_running_loop()
         self._listener = loop.create_task(self._listen(), name=f"tidings-redis-{node_id}")
-        self._heartbeat = loop.create_task(self._beat(), name=f"tidings-presence-{node_id}")
+        self._heartbeat = loop.create_task(self.presence_store.beat(),
+                                           name=f"tidings-presence-{node_id}")
 
     async def _open_pubsub(self) -> None:
         """(Re)open the subscriber connection(s) and subscribe everything we want."""
         if self._client is None:
             raise BrokerUnavailable("not connected")
-        pubsub = RespPubSub(await RespConnection.open(self._redis_url, on_push=self._on_push))
-        await pubsub.subscribe(self._inbox, self._all, *(self._chan(c) for c in self._exact))
+        pubsub = RespPubSub(await RespConnection.open(self.redis_url, on_push=self._on_push))
+        await pubsub.subscribe(self.keys.inbox(self._node), self.keys.all,
+                               *(self.keys.chan(c) for c in self._exact))
         if self._patterns:
             await pubsub.psubscribe(*self._patterns)
         await self._close_pubsubs()
@@ -257,10 +275,10 @@ class RedisBroker(RedisPresence, RedisHistory):
             log.exception("cannot deliver a message from Redis")
 
     async def _sub_exact(self, channel: str) -> None:
-        await self._pubsub.subscribe(self._chan(channel))
+        await self._pubsub.subscribe(self.keys.chan(channel))
 
     async def _unsub_exact(self, channel: str) -> None:
-        await self._pubsub.unsubscribe(self._chan(channel))
+        await self._pubsub.unsubscribe(self.keys.chan(channel))
 
     async def close(self) -> None:
         self._closing = True
@@ -273,13 +291,13 @@ class RedisBroker(RedisPresence, RedisHistory):
                     pass
         self._listener = self._heartbeat = None
         if self._client is not None and self._health.up:
-            for channel, members in list(self._members.items()):
+            for channel, members in list(self.presence_store.own.items()):
                 for conn_id in list(members):
                     try:
                         await self.remove_member(channel, conn_id)
                     except (RedisError, OSError):
                         break
-        self._members.clear()
+        self.presence_store.own.clear()
         if self._queues is not None:
             await self._queues.close()
         await self._close_pubsubs()
@@ -328,7 +346,7 @@ class RedisBroker(RedisPresence, RedisHistory):
                     continue
                 backoff = 0.1
                 self._set_health(BrokerHealth(True))
-                await self._refresh_members()
+                await self.presence_store.refresh()
                 break
 
     def _dispatch(self, message: dict[str, Any]) -> None:
@@ -346,7 +364,7 @@ class RedisBroker(RedisPresence, RedisHistory):
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
             return
-        if raw_channel == self._inbox or raw_channel == self._all:
+        if raw_channel == self.keys.inbox(self._node) or raw_channel == self.keys.all:
             handler.on_node_message(data)
             return
         channel = self._channel_of(raw_channel)
@@ -364,7 +382,7 @@ class RedisBroker(RedisPresence, RedisHistory):
                                                 sender, payload))
 
     def _channel_of(self, raw_channel: bytes) -> str:
-        return raw_channel[len(self.prefix) + 3:].decode()
+        return self.keys.channel_of(raw_channel)
 
     def _first_match(self, channel: str) -> str | None:
         """The one subscription a message for ``channel`` is accepted through."""
@@ -489,7 +507,7 @@ class RedisBroker(RedisPresence, RedisHistory):
         """One publish through redis-py (the cluster's path)."""
         channel, data, sender, ts, size, ttl_ms = args
         return self._script(
-            keys=[self._meta(channel), self._stream(channel)],
+            keys=[self.keys.meta(channel), self.keys.stream(channel)],
             args=[*self._targets(channel), size, ttl_ms, self.meta_ttl, secrets.token_hex(4),
                   data, sender, ts],
             client=client,
@@ -530,8 +548,8 @@ class RedisBroker(RedisPresence, RedisHistory):
             key = (channel, size, ttl_ms)
             head = heads.get(key)
             if head is None:  # the command up to the publications, packed once
-                fixed = ["EVALSHA", self._script.sha, 2, self._meta(channel),
-                         self._stream(channel), *self._targets(channel), size, ttl_ms,
+                fixed = ["EVALSHA", self._script.sha, 2, self.keys.meta(channel),
+                         self.keys.stream(channel), *self._targets(channel), size, ttl_ms,
                          self.meta_ttl]
                 head = heads[key] = (len(fixed) + 1, bulk(fixed))  # + 1: the epoch
             parts.append(b"*%d\r\n" % (head[0] + 3 * (j - i)))
@@ -542,7 +560,7 @@ class RedisBroker(RedisPresence, RedisHistory):
             i = j
         conn = self._publisher
         if conn is None or not conn.is_open:
-            conn = await RespConnection.open(self._redis_url)
+            conn = await RespConnection.open(self.redis_url)
             loaded = (await conn.execute([["SCRIPT", "LOAD", self.publish_lua]]))[0]
             if isinstance(loaded, Exception):
                 conn.close()
@@ -560,12 +578,12 @@ class RedisBroker(RedisPresence, RedisHistory):
 
     def _targets(self, channel: str) -> list[bytes]:
         """Leading script arguments: the classic and the shard channel to publish on."""
-        return [self._chan(channel), b""]
+        return [self.keys.chan(channel), b""]
 
     async def publish_event(self, channel: str, frame: str) -> None:
-        await self._call("publish", self._chan(channel), b"E" + frame.encode())
+        await self.call("publish", self.keys.chan(channel), b"E" + frame.encode())
 
-    async def _call(self, method: str, *args: Any) -> Any:
+    async def call(self, method: str, *args: Any) -> Any:
         if not self._health.up:
             raise BrokerUnavailable(self._health.reason or "not connected")
         return await self._call_raw(method, *args)
@@ -585,7 +603,7 @@ class RedisBroker(RedisPresence, RedisHistory):
         """Subscribe and wait for Redis to confirm, so that a history read made
         right after cannot miss a publication that is not delivered live."""
         if is_pattern(pattern):
-            glob = self._chan(glob_for(pattern))
+            glob = self.keys.chan(glob_for(pattern))
             self._patterns[glob] = pattern
             self._globs[pattern] = glob
             if self._pubsub is not None and self._health.up:
@@ -597,7 +615,7 @@ class RedisBroker(RedisPresence, RedisHistory):
 
     def _sub_key(self, channel: str) -> bytes:
         """The Redis channel name a subscription to ``channel`` is confirmed for."""
-        return self._chan(channel)
+        return self.keys.chan(channel)
 
     async def _confirmed(self, name: bytes, request: Awaitable[Any]) -> None:
         waiter = self._confirm.get(name)
@@ -624,7 +642,7 @@ class RedisBroker(RedisPresence, RedisHistory):
                 await self._unsub_exact(pattern)
 
     async def send_node(self, node_id: str, payload: bytes) -> None:
-        await self._call("publish", f"{self.prefix}:n:{node_id}", payload)
+        await self.call("publish", f"{self.prefix}:n:{node_id}", payload)
 
     async def send_all(self, payload: bytes) -> None:
-        await self._call("publish", self._all, payload)
+        await self.call("publish", self.keys.all, payload)

@@ -41,7 +41,7 @@ class RedisClusterBroker(RedisBroker):
     def __init__(self, url: str) -> None:
         super().__init__(url.replace("redis+cluster://", "redis://", 1))
         self.url = url
-        parts = urlsplit(self._redis_url)
+        parts = urlsplit(self.redis_url)
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or 6379
         self._patterns_on = "patterns=off" not in url
@@ -74,20 +74,18 @@ class RedisClusterBroker(RedisBroker):
         await asyncio.gather(*(run(ix) for ix in by_channel.values()))
         return results
 
-    def _shard_chan(self, channel: str) -> bytes:
-        return f"{self.prefix}:{self._tag(channel)}:s".encode()
-
     def _targets(self, channel: str) -> list[bytes]:
-        return [self._chan(channel) if self._patterns_on else b"", self._shard_chan(channel)]
+        classic = self.keys.chan(channel) if self._patterns_on else b""
+        return [classic, self.keys.shard_chan(channel)]
 
     async def publish_event(self, channel: str, frame: str) -> None:
         payload = b"E" + frame.encode()
-        await self._call("spublish", self._shard_chan(channel), payload)
+        await self.call("spublish", self.keys.shard_chan(channel), payload)
         if self._patterns_on:
-            await self._call("publish", self._chan(channel), payload)
+            await self.call("publish", self.keys.chan(channel), payload)
 
     def _sub_key(self, channel: str) -> bytes:
-        return self._shard_chan(channel)
+        return self.keys.shard_chan(channel)
 
     def _channel_of(self, raw_channel: bytes) -> str:
         name = self._shard_names.get(raw_channel)
@@ -107,7 +105,7 @@ class RedisClusterBroker(RedisBroker):
         await self._close_pubsubs()
         node = client.get_random_node()
         classic = self._node_client(node.host, node.port).pubsub()
-        await classic.subscribe(self._inbox, self._all)
+        await classic.subscribe(self.keys.inbox(self._node), self.keys.all)
         if self._patterns:
             await classic.psubscribe(*self._patterns)
         self._pubsub = classic
@@ -147,7 +145,7 @@ class RedisClusterBroker(RedisBroker):
         client = self._client
         if client is None:
             raise BrokerUnavailable("not connected")
-        shard = self._shard_chan(channel)
+        shard = self.keys.shard_chan(channel)
         owner = client.get_node_from_key(shard.decode())
         pubsub = self._shards.get(owner.name)
         if pubsub is None:
@@ -157,7 +155,7 @@ class RedisClusterBroker(RedisBroker):
         await pubsub.ssubscribe(shard)
 
     async def _unsub_exact(self, channel: str) -> None:
-        shard = self._shard_chan(channel)
+        shard = self.keys.shard_chan(channel)
         owner = self._shard_of.pop(channel, None)
         pubsub = self._shards.get(owner) if owner is not None else None
         if pubsub is not None:

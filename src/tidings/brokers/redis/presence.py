@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 import orjson
 from redis.exceptions import RedisError
 
-from tidings.brokers.base import BrokerHealth
+from tidings.brokers.redis.keys import RedisKeys, RedisLink
 from tidings.exceptions import BrokerUnavailable
 from tidings.types import Member
 
@@ -26,49 +25,45 @@ log = logging.getLogger("tidings.brokers.redis.broker")
 
 
 class RedisPresence:
-    """Mixin: the PresenceStore methods; the broker provides what is declared here."""
+    """The PresenceStore of a Redis broker: a part it owns and delegates to."""
 
-    _client: Any
-    _health: BrokerHealth
-    _closing: bool
-    _members: dict[str, dict[str, Member]]  # our own members, for heartbeats
-    presence_ttl: float
+    __slots__ = ("keys", "link", "own", "ttl")
 
-    def _presence_keys(self, channel: str) -> tuple[str, str]:
-        raise NotImplementedError
-
-    async def _call(self, method: str, *args: Any) -> Any:
-        raise NotImplementedError
+    def __init__(self, link: RedisLink, keys: RedisKeys, ttl: float) -> None:
+        self.link = link
+        self.keys = keys
+        self.ttl = ttl
+        self.own: dict[str, dict[str, Member]] = {}  # this node's members, for heartbeats
 
     async def add_member(self, channel: str, member: Member) -> None:
-        self._members.setdefault(channel, {})[member.conn_id] = member
-        data_key, expiry_key = self._presence_keys(channel)
-        client = self._client
-        if client is None or not self._health.up:
+        self.own.setdefault(channel, {})[member.conn_id] = member
+        data_key, expiry_key = self.keys.presence(channel)
+        client = self.link.client
+        if client is None or not self.link.up:
             return  # recorded at the next refresh after reconnect
         try:
             async with client.pipeline(transaction=True) as pipe:
                 pipe.hset(data_key, member.conn_id, orjson.dumps(member.to_dict()))
-                pipe.zadd(expiry_key, {member.conn_id: time.time() + self.presence_ttl})
-                pipe.expire(data_key, int(self.presence_ttl * 2) + 1)
-                pipe.expire(expiry_key, int(self.presence_ttl * 2) + 1)
+                pipe.zadd(expiry_key, {member.conn_id: time.time() + self.ttl})
+                pipe.expire(data_key, int(self.ttl * 2) + 1)
+                pipe.expire(expiry_key, int(self.ttl * 2) + 1)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(str(exc)) from exc
 
     async def remove_member(self, channel: str, conn_id: str) -> None:
-        ours = self._members.get(channel)
+        ours = self.own.get(channel)
         if ours is not None:
             ours.pop(conn_id, None)
             if not ours:
-                del self._members[channel]
-        data_key, expiry_key = self._presence_keys(channel)
-        await self._call("hdel", data_key, conn_id)
-        await self._call("zrem", expiry_key, conn_id)
+                del self.own[channel]
+        data_key, expiry_key = self.keys.presence(channel)
+        await self.link.call("hdel", data_key, conn_id)
+        await self.link.call("zrem", expiry_key, conn_id)
 
     async def members(self, channel: str) -> list[Member]:
-        data_key, expiry_key = self._presence_keys(channel)
-        client = self._client
+        data_key, expiry_key = self.keys.presence(channel)
+        client = self.link.client
         if client is None:
             raise BrokerUnavailable("not connected")
         try:
@@ -86,28 +81,29 @@ class RedisPresence:
                 out.append(Member(item["conn_id"], item.get("user"), item.get("info")))
         return out
 
-    async def _refresh_members(self) -> None:
+    async def refresh(self) -> None:
         """Push our members' expiry forward (and re-add them after a Redis restart)."""
-        client = self._client
-        if client is None or not self._members:
+        client = self.link.client
+        if client is None or not self.own:
             return
-        deadline = time.time() + self.presence_ttl
+        deadline = time.time() + self.ttl
         try:
             async with client.pipeline(transaction=False) as pipe:
-                for channel, members in self._members.items():
-                    data_key, expiry_key = self._presence_keys(channel)
+                for channel, members in self.own.items():
+                    data_key, expiry_key = self.keys.presence(channel)
                     for member in members.values():
                         pipe.hset(data_key, member.conn_id, orjson.dumps(member.to_dict()))
                     pipe.zadd(expiry_key, dict.fromkeys(members, deadline))
                     pipe.zremrangebyscore(expiry_key, "-inf", time.time())
-                    pipe.expire(data_key, int(self.presence_ttl * 2) + 1)
-                    pipe.expire(expiry_key, int(self.presence_ttl * 2) + 1)
+                    pipe.expire(data_key, int(self.ttl * 2) + 1)
+                    pipe.expire(expiry_key, int(self.ttl * 2) + 1)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             log.debug("presence refresh failed: %s", exc)
 
-    async def _beat(self) -> None:
-        while not self._closing:
-            await asyncio.sleep(self.presence_ttl / 3)
-            if self._health.up:
-                await self._refresh_members()
+    async def beat(self) -> None:
+        """Refresh this node's members every third of the TTL until the broker closes."""
+        while not self.link.closing:
+            await asyncio.sleep(self.ttl / 3)
+            if self.link.up:
+                await self.refresh()

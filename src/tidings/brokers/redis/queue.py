@@ -223,17 +223,17 @@ class RedisQueueStore:
         """(stream, dead-letter stream, delayed set, is a dead-letter queue)."""
         dead = queue.endswith(".dead") and len(queue) > 5
         base = queue[:-5] if dead else queue
-        root = f"{self._broker.prefix}:{self._broker._tag(base)}:q"
+        root = self._broker.keys.queue_root(base)
         stream = root + ":dead" if dead else root
         return stream, root + ":dead", stream + ":z", dead
 
     @property
     def _consumer(self) -> str:
-        return self._broker._node or "anonymous"
+        return self._broker.node or "anonymous"
 
     @property
     def _client(self) -> Any:
-        client = self._broker._client
+        client = self._broker.client
         if client is None:
             raise BrokerUnavailable("not connected")
         return client
@@ -331,7 +331,7 @@ class RedisQueueStore:
         if reader is None:
             broker = self._broker
             reader = self._readers[queue] = aioredis.Redis.from_url(
-                broker._redis_url, single_connection_client=True, socket_connect_timeout=2,
+                broker.redis_url, single_connection_client=True, socket_connect_timeout=2,
                 socket_keepalive=True, socket_timeout=1.0 + _READ_TIMEOUT_MARGIN,
             )
         return reader
