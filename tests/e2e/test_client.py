@@ -127,7 +127,7 @@ async def test_reply_errors_raise_with_their_code(server) -> None:
             async with a.subscribe("a/#/b"):
                 pass
         assert bad.value.code == "bad_pattern"
-        assert "a/#/b" not in a._subs  # not left behind
+        assert "a/#/b" not in a.subscriptions  # not left behind
         with pytest.raises(ReplyError) as forbidden:
             await a.publish("$sys/x", 1)
         assert forbidden.value.code == "forbidden"

@@ -128,17 +128,17 @@ class Client:
         self._token = token
         self._conn_id: str | None = None
         self._node: str | None = None
-        self._ws: ClientConnection | None = None
-        self._link_up = False  # socket open and welcomed: requests may be written
+        self.ws: ClientConnection | None = None
+        self.link_up = False  # socket open and welcomed: requests may be written
         self._ready = asyncio.Event()  # link up and subscriptions restored (or stopped)
-        self._stopped = False
+        self.stopped = False
         self._closed = False
         self._error: ClientError | None = None
         self._runner: asyncio.Task[None] | None = None
-        self._generation = 0
+        self.generation = 0
         self._next_id = 0
         self._pending: dict[int, Pending] = {}
-        self._subs: dict[str, Subscription] = {}
+        self.subscriptions: dict[str, Subscription] = {}
         self._pulls: dict[str, int] = {}
         self._messages: Inbox[Message] = Inbox(buffer_size)
         self._items: dict[str, Inbox[Item]] = {}
@@ -162,24 +162,24 @@ class Client:
     @property
     def connected(self) -> bool:
         """True while connected with every subscription restored."""
-        return self._ready.is_set() and not self._stopped
+        return self._ready.is_set() and not self.stopped
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until connected (e.g. after a drop); ``ClientTimeout`` past ``timeout``."""
-        self._check_usable()
+        self.check_usable()
         if not self._ready.is_set():
             try:
                 await asyncio.wait_for(self._ready.wait(), timeout)
             except TimeoutError:
                 raise ClientTimeout(f"not connected within {timeout} s") from None
-        self._check_usable()
+        self.check_usable()
 
     def _gone(self) -> bool:
         """``_stopped``, read after an await (a call, so type checkers do not narrow it)."""
-        return self._stopped
+        return self.stopped
 
-    def _check_usable(self) -> None:
-        if self._stopped:
+    def check_usable(self) -> None:
+        if self.stopped:
             if self._error is not None:
                 raise ClientError(str(self._error))
             raise ClientClosed("the client is closed")
@@ -198,7 +198,7 @@ class Client:
     async def connect(self) -> None:
         """Connect (the first attempt raises ``ClientError`` if it fails; later
         drops are retried in the background)."""
-        if self._stopped:
+        if self.stopped:
             raise ClientClosed("the client is closed")
         if self._runner is None:
             ws = await self._open()
@@ -218,7 +218,7 @@ class Client:
         """
         self._closed = True
         self._finish(None)
-        ws, self._ws = self._ws, None
+        ws, self.ws = self.ws, None
         if ws is not None:
             await self._close_ws(ws)
         runner = self._runner
@@ -233,18 +233,18 @@ class Client:
 
     def _finish(self, error: ClientError | None) -> None:
         """Stop for good (synchronously, so nothing can interleave)."""
-        if self._stopped:
+        if self.stopped:
             return
-        self._stopped = True
+        self.stopped = True
         self._error = error
-        self._link_up = False
+        self.link_up = False
         self._ready.set()  # wake waiters: they see ``_stopped``
         pending, self._pending = self._pending, {}
         for entry in pending.values():
             entry.fail(ClientError(str(error)) if error is not None
                        else ClientClosed("the client was closed"))
-        for sub in list(self._subs.values()):
-            sub._deactivate(error)
+        for sub in list(self.subscriptions.values()):
+            sub.deactivate(error)
         self._messages.close(error)
         for inbox in self._items.values():
             inbox.clear()  # leases die with the connection: nothing left to ack
@@ -294,7 +294,7 @@ class Client:
         while True:
             started = loop.time()
             code, reason = await self._session(ws)
-            if self._stopped:
+            if self.stopped:
                 return
             what = f"connection lost (close code {code}, {reason or 'no reason'})"
             if not self.reconnect:
@@ -324,14 +324,14 @@ class Client:
     async def _session(self, ws: ClientConnection) -> tuple[int | None, str | None]:
         """Read one connection until it drops; restore subscriptions meanwhile."""
         loop = asyncio.get_running_loop()
-        self._ws = ws
-        self._generation += 1
+        self.ws = ws
+        self.generation += 1
         reader = loop.create_task(self._read_loop(ws), name="tidings-client-reader")
         # Snapshot and flag together (no await between): a subscription entered
         # from now on sends its own subscribe, the ones before are restored here.
-        subs = list(self._subs.values())
+        subs = list(self.subscriptions.values())
         pulls = dict(self._pulls)
-        self._link_up = True
+        self.link_up = True
         restore = loop.create_task(self._restore(ws, subs, pulls), name="tidings-client-restore")
         try:
             await reader
@@ -351,7 +351,7 @@ class Client:
         try:
             for sub in subs:
                 if sub.active:
-                    futures.append(await self._send_subscribe(sub, ws))
+                    futures.append(await self.send_subscribe(sub, ws))
             for queue, max_ in pulls.items():
                 futures.append(await self._send(ws, {"type": "pull", "queue": queue,
                                                      "max": max_}))
@@ -362,20 +362,20 @@ class Client:
             if late:
                 log.warning("%d re-subscribe/pull requests got no reply in %s s",
                             len(late), self.request_timeout)
-        if self._ws is ws and not self._stopped:
+        if self.ws is ws and not self.stopped:
             self._ready.set()
 
     def _link_lost(self, ws: ClientConnection) -> None:
-        if self._ws is ws:
-            self._ws = None
-        self._link_up = False
-        if not self._stopped:
+        if self.ws is ws:
+            self.ws = None
+        self.link_up = False
+        if not self.stopped:
             self._ready.clear()
         pending, self._pending = self._pending, {}
         for entry in pending.values():
             entry.fail(ClientError("connection lost before the reply"))
-        for sub in self._subs.values():
-            sub._resync_inflight = False
+        for sub in self.subscriptions.values():
+            sub.resync_inflight = False
         for inbox in self._items.values():
             inbox.clear()  # the server redelivers unacked items of a lost connection
 
@@ -403,9 +403,9 @@ class Client:
         kind = frame.get("type")
         if kind == "publication":
             pub = publication_from(frame)
-            for sub in list(self._subs.values()):
+            for sub in list(self.subscriptions.values()):
                 if pattern_matches(sub.pattern, pub.channel):
-                    sub._offer(pub)
+                    sub.offer(pub)
         elif kind in ("reply", "error", "pong"):
             self._on_answer(kind, frame)
         elif kind == "message":
@@ -420,7 +420,7 @@ class Client:
             # unbounded: the server never sends more than the ``pull`` credit
             self._item_inbox(queue).put(Item(self, queue, item_id, frame.get("data"),
                                              attempt if isinstance(attempt, int) else 1,
-                                             self._generation))
+                                             self.generation))
         elif kind in ("join", "leave"):
             channel = frame["channel"]
             member = frame.get("member") or {}
@@ -429,16 +429,16 @@ class Client:
             user = member.get("user")
             event = MemberEvent(str(kind), channel, str(member.get("conn_id")),
                                 user if isinstance(user, str) else None)
-            for sub in list(self._subs.values()):
+            for sub in list(self.subscriptions.values()):
                 if sub.join_leave and pattern_matches(sub.pattern, channel):
-                    sub._events.put_dropping_oldest(event)
+                    sub.event_inbox.put_dropping_oldest(event)
         elif kind == "lagged":
             dropped = frame.get("dropped", 0)
             self.lagged += dropped if isinstance(dropped, int) else 0
             log.warning("the server dropped %s publications for this slow client", dropped)
-            for sub in list(self._subs.values()):
-                if sub._recoverable:
-                    sub._begin_recovery("the server reported dropped publications")
+            for sub in list(self.subscriptions.values()):
+                if sub.recoverable:
+                    sub.begin_recovery("the server reported dropped publications")
         else:
             log.debug("ignoring a %r frame", kind)
 
@@ -468,7 +468,7 @@ class Client:
 
     # -- writing -----------------------------------------------------------------
 
-    def _future(self) -> asyncio.Future[Any]:
+    def new_future(self) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         future.add_done_callback(retrieve)
         return future
@@ -483,7 +483,7 @@ class Client:
         """Write a request with a fresh id; return the future of its reply."""
         self._next_id += 1
         rid = self._next_id
-        future = self._future()
+        future = self.new_future()
         self._pending[rid] = Pending(future, on_result, on_error)
         try:
             await ws.send(dumps({**frame, "id": rid}).decode())
@@ -494,7 +494,7 @@ class Client:
             raise
         return future
 
-    async def _call(self, ws: ClientConnection, frame: dict[str, Any],
+    async def call_on(self, ws: ClientConnection, frame: dict[str, Any],
                     deadline: float | None = None) -> Any:
         """Send on ``ws`` and wait for the reply until ``deadline`` (loop time)."""
         loop = asyncio.get_running_loop()
@@ -513,7 +513,7 @@ class Client:
 
     async def _request(self, frame: dict[str, Any]) -> Any:
         """Wait for the connection (within the request timeout), send, await the reply."""
-        self._check_usable()
+        self.check_usable()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.request_timeout
         if not self._ready.is_set():
@@ -523,42 +523,42 @@ class Client:
                 raise ClientTimeout(
                     f"{frame['type']}: not connected within {self.request_timeout} s"
                 ) from None
-            self._check_usable()
-        ws = self._ws
+            self.check_usable()
+        ws = self.ws
         if ws is None:
             raise ClientError("connection lost before the request was sent")
-        return await self._call(ws, frame, deadline)
+        return await self.call_on(ws, frame, deadline)
 
-    async def _send_subscribe(self, sub: Subscription, ws: ClientConnection) -> asyncio.Future[Any]:
+    async def send_subscribe(self, sub: Subscription, ws: ClientConnection) -> asyncio.Future[Any]:
         frame: dict[str, Any] = {"type": "subscribe", "channel": sub.pattern}
         if sub.join_leave:
             frame["join_leave"] = True
-        pos = sub._recover_from()
+        pos = sub.recover_from()
         if pos is not None:
             frame["recover"] = {"offset": pos.offset, "epoch": pos.epoch}
-        sub._resync_inflight = True
-        return await self._send(ws, frame, partial(sub._on_subscribed, pos is not None),
-                                sub._on_subscribe_error)
+        sub.resync_inflight = True
+        return await self._send(ws, frame, partial(sub.on_subscribed, pos is not None),
+                                sub.on_subscribe_error)
 
-    def _resync(self, sub: Subscription) -> None:
+    def resync(self, sub: Subscription) -> None:
         """Re-subscribe ``sub`` with ``recover`` now, if the link is up (else the
         reconnection does it)."""
-        ws = self._ws
-        if not self._link_up or ws is None:
+        ws = self.ws
+        if not self.link_up or ws is None:
             return
-        sub._resync_inflight = True
+        sub.resync_inflight = True
 
         async def resync() -> None:
             with contextlib.suppress(ConnectionClosed):
-                await self._send_subscribe(sub, ws)
+                await self.send_subscribe(sub, ws)
 
         task = asyncio.get_running_loop().create_task(resync())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _settle(self, item: Item, frame: dict[str, Any]) -> None:
-        self._check_usable()
-        if item._generation != self._generation or not self._link_up:
+    async def settle(self, item: Item, frame: dict[str, Any]) -> None:
+        self.check_usable()
+        if item.generation != self.generation or not self.link_up:
             raise ClientError(f"item {item.id!r} came on a connection that was lost; "
                               "the server delivers it again")
         await self._request(frame)
@@ -589,7 +589,7 @@ class Client:
         inbox = self._items.get(queue)
         if inbox is None:
             inbox = self._items[queue] = Inbox(None)
-            if self._stopped:
+            if self.stopped:
                 inbox.close(self._error)
         return inbox
 

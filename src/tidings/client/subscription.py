@@ -13,7 +13,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
 from websockets.exceptions import ConnectionClosed
 
@@ -22,9 +22,9 @@ from tidings.protocol.names import is_pattern
 from tidings.types import Publication, StreamPos
 
 if TYPE_CHECKING:
-    from tidings.client.client import Client
+    from websockets.asyncio.client import ClientConnection
 
-__all__ = ["ClientTimeout", "Inbox", "Item", "MemberEvent", "Message", "Subscription",
+__all__ = ["ClientLink", "ClientTimeout", "Inbox", "Item", "MemberEvent", "Message", "Subscription",
            "publication_from", "retrieve"]
 
 log = logging.getLogger("tidings.client.client")
@@ -32,6 +32,32 @@ log = logging.getLogger("tidings.client.client")
 T = TypeVar("T")
 
 _MAX_TRACKED_CHANNELS: Final = 10_000  # per-channel positions kept by a pattern subscription
+
+
+class ClientLink(Protocol):
+    """What a :class:`Subscription` and an :class:`Item` need of their client
+    (:class:`tidings.Client` implements it): the small API the two modules talk
+    through. Not for applications: these are the client's own moving parts."""
+
+    subscriptions: dict[str, Subscription]
+    ws: ClientConnection | None
+    link_up: bool
+    stopped: bool
+    request_timeout: float
+
+    def check_usable(self) -> None: ...
+
+    def new_future(self) -> asyncio.Future[Any]: ...
+
+    async def call_on(self, ws: ClientConnection, frame: dict[str, Any],
+                      deadline: float | None = None) -> Any: ...
+
+    async def send_subscribe(self, sub: Subscription,
+                             ws: ClientConnection) -> asyncio.Future[Any]: ...
+
+    def resync(self, sub: Subscription) -> None: ...
+
+    async def settle(self, item: Item, frame: dict[str, Any]) -> None: ...
 
 
 class ClientTimeout(ClientError, TimeoutError):
@@ -70,13 +96,13 @@ class Item:
     someone else's lease.
     """
 
-    __slots__ = ("_client", "_generation", "attempt", "data", "id", "queue")
+    __slots__ = ("_client", "attempt", "data", "generation", "id", "queue")
 
     def __init__(
-        self, client: Client, queue: str, item_id: str, data: Any, attempt: int, generation: int
+        self, client: ClientLink, queue: str, item_id: str, data: Any, attempt: int, generation: int
     ) -> None:
         self._client = client
-        self._generation = generation
+        self.generation = generation
         self.queue = queue
         self.id = item_id
         self.data = data
@@ -84,13 +110,13 @@ class Item:
 
     async def ack(self) -> None:
         """Mark the item done: the server removes it from the queue."""
-        await self._client._settle(self, {"type": "ack", "queue": self.queue, "item": self.id})
+        await self._client.settle(self, {"type": "ack", "queue": self.queue, "item": self.id})
 
     async def nack(self, delay: float = 0.0, *, requeue: bool = True) -> None:
         """Give the item back (redelivered after ``delay`` s) or dead-letter it."""
         if delay < 0:
             raise ValueError("delay must be >= 0")
-        await self._client._settle(self, {"type": "nack", "queue": self.queue, "item": self.id,
+        await self._client.settle(self, {"type": "nack", "queue": self.queue, "item": self.id,
                                           "delay": delay, "requeue": requeue})
 
     def __repr__(self) -> str:
@@ -230,7 +256,7 @@ class Subscription:
     """
 
     def __init__(
-        self, client: Client, pattern: str, *, join_leave: bool, recover: bool, buffer_size: int
+        self, client: ClientLink, pattern: str, *, join_leave: bool, recover: bool, buffer_size: int
     ) -> None:
         self._client = client
         self.pattern = pattern
@@ -241,13 +267,13 @@ class Subscription:
         self.recoveries = 0
         self._exact = not is_pattern(pattern)
         self._inbox: Inbox[Publication] = Inbox(buffer_size)
-        self._events: Inbox[MemberEvent] = Inbox(buffer_size)
+        self.event_inbox: Inbox[MemberEvent] = Inbox(buffer_size)
         self._positions: dict[str, StreamPos] = {}  # last publication taken, per channel
         self._entered = False
         self._active = False
         self._confirmed: asyncio.Future[None] | None = None
         self._recovering = False  # live publications ignored until a recover reply
-        self._resync_inflight = False  # a subscribe request is on its way
+        self.resync_inflight = False  # a subscribe request is on its way
         self._warned_full = False
 
     def __repr__(self) -> str:
@@ -264,47 +290,47 @@ class Subscription:
         return self._positions.get(self.pattern) if self._exact else None
 
     @property
-    def _recoverable(self) -> bool:
+    def recoverable(self) -> bool:
         return self._exact and self.recover
 
     # -- context manager and iteration -------------------------------------------
 
     async def __aenter__(self) -> Subscription:
         client = self._client
-        client._check_usable()
+        client.check_usable()
         if self._entered:
             raise ClientError("a Subscription can be entered only once")
-        if self.pattern in client._subs:
+        if self.pattern in client.subscriptions:
             raise ClientError(f"this client is already subscribed to {self.pattern!r}")
         self._entered = True
         self._active = True
-        confirmed = self._confirmed = client._future()
-        client._subs[self.pattern] = self
+        confirmed = self._confirmed = client.new_future()
+        client.subscriptions[self.pattern] = self
         try:
-            ws = client._ws
-            if client._link_up and ws is not None:
+            ws = client.ws
+            if client.link_up and ws is not None:
                 # otherwise the next (re)connection subscribes everything in ``_subs``
                 with contextlib.suppress(ConnectionClosed):  # the reconnection retries it
-                    await client._send_subscribe(self, ws)
+                    await client.send_subscribe(self, ws)
             await asyncio.wait_for(asyncio.shield(confirmed), client.request_timeout)
         except TimeoutError:
-            self._deactivate()
+            self.deactivate()
             raise ClientTimeout(
                 f"subscribe {self.pattern!r}: no reply within {client.request_timeout} s"
             ) from None
         except BaseException:
-            self._deactivate()
+            self.deactivate()
             raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         was_active = self._active
-        self._deactivate()
+        self.deactivate()
         client = self._client
-        ws = client._ws
-        if was_active and client._link_up and ws is not None and not client._stopped:
+        ws = client.ws
+        if was_active and client.link_up and ws is not None and not client.stopped:
             try:
-                await client._call(ws, {"type": "unsubscribe", "channel": self.pattern})
+                await client.call_on(ws, {"type": "unsubscribe", "channel": self.pattern})
             except ClientError as exc:  # gone already, connection lost, or closed meanwhile
                 log.debug("unsubscribe %r: %s", self.pattern, exc)
 
@@ -322,27 +348,27 @@ class Subscription:
         """Join/leave events of the channels this subscription matches."""
         if not self.join_leave:
             raise ClientError("subscribe with join_leave=True to receive join/leave events")
-        return self._events
+        return self.event_inbox
 
     # -- called by the client's reader (synchronous, in frame order) --------------
 
-    def _deactivate(self, error: ClientError | None = None) -> None:
+    def deactivate(self, error: ClientError | None = None) -> None:
         self._active = False
         client = self._client
-        if client._subs.get(self.pattern) is self:
-            del client._subs[self.pattern]
+        if client.subscriptions.get(self.pattern) is self:
+            del client.subscriptions[self.pattern]
         confirmed = self._confirmed
         if confirmed is not None and not confirmed.done():
             confirmed.set_exception(error or ClientClosed("the client was closed"))
         self._inbox.close(error)
-        self._events.close(error)
+        self.event_inbox.close(error)
 
-    def _recover_from(self) -> StreamPos | None:
-        if not self._recoverable:
+    def recover_from(self) -> StreamPos | None:
+        if not self.recoverable:
             return None
         return self._positions.get(self.pattern)
 
-    def _offer(self, pub: Publication) -> None:
+    def offer(self, pub: Publication) -> None:
         """Take one publication, enforcing once-only, in-order delivery."""
         if not self._active or self._recovering:
             return  # while recovering, the recover reply replays what is skipped here
@@ -353,8 +379,8 @@ class Subscription:
                 if pub.offset <= last.offset:
                     return  # seen already (replay overlapping live delivery)
                 if pub.offset > last.offset + 1:
-                    if self._recoverable:
-                        self._begin_recovery(f"offsets {last.offset + 1}-{pub.offset - 1} missing")
+                    if self.recoverable:
+                        self.begin_recovery(f"offsets {last.offset + 1}-{pub.offset - 1} missing")
                         return
                     self.gaps += 1
                     log.warning("subscription %r: publications %d-%d of %r were lost",
@@ -365,8 +391,8 @@ class Subscription:
                             "its earlier history is gone", self.pattern, channel,
                             last.epoch, pub.epoch)
         if self._inbox.full():
-            if self._recoverable:
-                self._begin_recovery("buffer full")
+            if self.recoverable:
+                self.begin_recovery("buffer full")
                 return
             self._inbox.put_dropping_oldest(pub)
             self.dropped += 1
@@ -382,7 +408,7 @@ class Subscription:
             del self._positions[next(iter(self._positions))]
         self._positions[channel] = StreamPos(pub.offset, pub.epoch)
 
-    def _begin_recovery(self, why: str) -> None:
+    def begin_recovery(self, why: str) -> None:
         if not self._recovering:
             self._recovering = True
             self.recoveries += 1
@@ -395,20 +421,20 @@ class Subscription:
         if (
             self._recovering
             and self._active
-            and not self._resync_inflight
+            and not self.resync_inflight
             and len(inbox) <= (inbox.size or 0) // 2
         ):
-            self._client._resync(self)
+            self._client.resync(self)
 
-    def _on_subscribed(self, sent_recover: bool, result: Any) -> None:
-        self._resync_inflight = False
+    def on_subscribed(self, sent_recover: bool, result: Any) -> None:
+        self.resync_inflight = False
         if not self._active:
             return
         if not isinstance(result, dict):
             raise TypeError("a subscribe result must be a JSON object")
         self._recovering = False
         for raw in result.get("publications") or ():
-            self._offer(publication_from(raw))
+            self.offer(publication_from(raw))
         if sent_recover and result.get("recovered") is False:
             self.gaps += 1
             log.warning("subscription %r: missed publications could not be recovered "
@@ -428,8 +454,8 @@ class Subscription:
         if self._confirmed is not None and not self._confirmed.done():
             self._confirmed.set_result(None)
 
-    def _on_subscribe_error(self, exc: ReplyError) -> None:
-        self._resync_inflight = False
+    def on_subscribe_error(self, exc: ReplyError) -> None:
+        self.resync_inflight = False
         if not self._active:
             return
         confirmed = self._confirmed
@@ -437,4 +463,4 @@ class Subscription:
             confirmed.set_exception(exc)  # raised by __aenter__
             return
         log.warning("subscription %r refused on re-subscribe: %s", self.pattern, exc)
-        self._deactivate(ClientError(f"subscription {self.pattern!r} ended: {exc}"))
+        self.deactivate(ClientError(f"subscription {self.pattern!r} ended: {exc}"))

@@ -128,6 +128,9 @@ class HubCore:
             self.broker if isinstance(self.broker, PresenceStore) and presence
             and self.capabilities.presence else None
         )
+        # join/leave events go out with Hub(presence=True), on brokers without a
+        # presence store too (what crosses nodes is the event, not the member list)
+        self._member_events = presence
         self._history: HistoryStore | None = (
             self.broker if isinstance(self.broker, HistoryStore)
             and self.capabilities.history else None
@@ -396,10 +399,11 @@ class HubCore:
         conn.subs.add(pattern)
         if self.index.add(pattern, conn):
             await self._sync_interest(pattern)
-        if self._presence is not None and not is_pattern(pattern):
+        if self._member_events and not is_pattern(pattern):
             try:
-                await self._presence.add_member(
-                    pattern, Member(conn.conn_id, conn.user, conn.info))
+                if self._presence is not None:
+                    await self._presence.add_member(
+                        pattern, Member(conn.conn_id, conn.user, conn.info))
                 await self.broker.publish_event(
                     pattern, MemberEvent("join", pattern, conn.conn_id, conn.user).encode()
                 )
@@ -421,9 +425,10 @@ class HubCore:
             self.join_leave_index.remove(pattern, conn)
         if self.index.remove(pattern, conn):
             await self._sync_interest(pattern)
-        if self._presence is not None and not is_pattern(pattern):
+        if self._member_events and not is_pattern(pattern):
             try:
-                await self._presence.remove_member(pattern, conn.conn_id)
+                if self._presence is not None:
+                    await self._presence.remove_member(pattern, conn.conn_id)
                 await self.broker.publish_event(
                     pattern, MemberEvent("leave", pattern, conn.conn_id, conn.user).encode()
                 )
