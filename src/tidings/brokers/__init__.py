@@ -43,6 +43,10 @@ _BACKENDS: dict[str, tuple[str, str, str]] = {
     "redis": ("tidings.brokers.redis", "RedisBroker", "redis"),
     "rediss": ("tidings.brokers.redis", "RedisBroker", "redis"),
     "redis+cluster": ("tidings.brokers.redis_cluster", "RedisClusterBroker", "redis"),
+    "amqp": ("tidings.brokers.rabbitmq", "RabbitMQBroker", "rabbitmq"),
+    "amqps": ("tidings.brokers.rabbitmq", "RabbitMQBroker", "rabbitmq"),
+    "mqtt": ("tidings.brokers.mqtt", "MqttBroker", "mqtt"),
+    "mqtts": ("tidings.brokers.mqtt", "MqttBroker", "mqtt"),
 }
 
 
