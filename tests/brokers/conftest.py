@@ -160,6 +160,21 @@ def close_rabbitmq_connections(name: str) -> int:
     return len(pids)
 
 
+async def delete_rabbitmq_queues(prefix: str, queues: list[str]) -> None:
+    """Delete the quorum queues (durable: they outlive the test) of tidings
+    queues ``queues`` under ``prefix`` on the shared RabbitMQ."""
+    import aio_pika
+
+    conn = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await conn.channel()
+        for queue in queues:
+            for suffix in ("", ".delay", ".dead", ".dead.delay"):
+                await channel.queue_delete(f"{prefix}.q.{queue}{suffix}")
+    finally:
+        await conn.close()
+
+
 def cluster_port() -> int:
     """A free port P whose cluster bus port P + 10000 is free and valid too."""
     import random

@@ -197,7 +197,7 @@ class RabbitMQBroker:
         try:
             channel = await conn.channel(publisher_confirms=False)
             exchange = await channel.declare_exchange(
-                self.prefix, aio_pika.ExchangeType.TOPIC, durable=True)
+                self.prefix, aio_pika.ExchangeType.TOPIC, auto_delete=True)
             queue = await channel.declare_queue(self.node_queue, exclusive=True,
                                                 auto_delete=True)
             for key in (node_key(self._node), ALL_NODES, *self._bindings):

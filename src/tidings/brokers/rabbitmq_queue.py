@@ -9,7 +9,8 @@ has replicas), declared with the same arguments by every node:
   dead-lettered by RabbitMQ itself. ``x-max-length`` (``?queue_max_len=``,
   default 1,000,000 ready items) with ``x-overflow: reject-publish``: a push
   beyond it is nacked and raises :class:`~tidings.exceptions.QueueFull`
-  (refused, never trimmed).
+  (refused, never trimmed). The bound is RabbitMQ's: a quorum queue admits
+  one item past it before it refuses (measured on 3.10).
 - ``<prefix>.q.jobs.dead``: dead letters (the tidings queue ``jobs.dead``),
   ``drop-head`` at the same bound, since refusing would leave the item nowhere.
 - ``<prefix>.q.jobs.delay``: nacked-with-delay items, each with a per-message
