@@ -78,6 +78,18 @@ _REFUSED = re.compile(
 _LEVEL = re.compile("[/+#]")
 
 
+class _NoPendingWarnings(logging.Filter):
+    """aiomqtt warns whenever more than 10 publishes await their PUBACK; a hub
+    keeps many in flight on purpose, so those lines are noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pending publish calls" not in record.getMessage()
+
+
+driver_log = logging.getLogger("tidings.brokers.mqtt.aiomqtt")
+driver_log.addFilter(_NoPendingWarnings())
+
+
 def _escaped(match: re.Match[str]) -> str:
     code = ord(match.group())
     return f"%{code:02X}" if code < 0x100 else f"%u{code:06X}"
@@ -168,7 +180,7 @@ class MqttBroker:
             self.host, self.port, username=self.username, password=self.password,
             identifier=f"{self.prefix}-{self._node}", protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=True, keepalive=self.keepalive, timeout=_CONNECT_TIMEOUT,
-            max_inflight_messages=1000,
+            max_inflight_messages=1000, logger=driver_log,
             tls_params=aiomqtt.TLSParameters() if self.tls else None)
 
     async def _open(self) -> aiomqtt.Client:
