@@ -45,7 +45,7 @@ def serve(broker: str) -> Any:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tidings.server.cli", "serve", "--port", str(port),
          "--broker", broker, "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=open(os.environ["XN_LOG"], "a") if os.environ.get("XN_LOG") else subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     base = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 20

@@ -1,7 +1,7 @@
 """``amqp://`` (and ``amqps://``): publications over a RabbitMQ topic exchange.
 
 URL: ``amqp://user:pass@host:5672/vhost?prefix=tidings&delivery_limit=20&queue_max_len=1000000``
-(other query parameters, e.g. ``heartbeat``, go to aio-pika).
+(other query parameters go to aio-pika; ``heartbeat`` defaults to 10 s).
 
 Design:
 
@@ -126,6 +126,7 @@ class RabbitMQBroker:
         self.prefix = query.pop("prefix", "tidings")
         self.delivery_limit = int(query.pop("delivery_limit", "20"))
         self.queue_max_len = int(query.pop("queue_max_len", "1000000"))
+        query.setdefault("heartbeat", "10")  # a silent network failure shows within ~20 s
         self._amqp_url = urlunsplit(parts._replace(query=urlencode(query)))
         self._node = ""
         self._handler: BrokerHandler | None = None
