@@ -231,6 +231,29 @@ async def test_push_fetch_ack_fifo(nodes: Any) -> None:
     assert await store.fetch("jobs", 1, block=0.1) == []  # empty: waits, then nothing
 
 
+async def test_window_fetch_is_bounded_and_waits_for_a_push(nodes: Any) -> None:
+    """A fetch of more than a few items is a consumer window whose prefetch is
+    the count: never more than asked for, FIFO, and an empty queue is waited on."""
+    a, b = store_of(await nodes()), store_of(await nodes())
+    for i in range(20):
+        await a.push("jobs", i)
+    items = await a.fetch("jobs", 10, block=1)
+    assert [i.data for i in items] == list(range(10))
+    s = await a.stats("jobs")
+    assert (s.length, s.in_flight) == (10, 10)
+    rest = await b.fetch("jobs", 64, block=1)
+    assert [i.data for i in rest] == list(range(10, 20))
+    assert await a.ack("jobs", [i.id for i in items]) == 10
+    assert await b.ack("jobs", [i.id for i in rest]) == 10
+    waiting = asyncio.ensure_future(a.fetch("jobs", 10, block=5))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # blocked on the empty queue
+    await b.push("jobs", "late")
+    got = await asyncio.wait_for(waiting, 5)
+    assert [i.data for i in got] == ["late"]
+    assert (await a.stats("jobs")).length == 0
+
+
 async def test_requeue_only_by_the_holder_and_dead_letters(nodes: Any) -> None:
     a, b = store_of(await nodes()), store_of(await nodes())
     await a.push("jobs", "x")

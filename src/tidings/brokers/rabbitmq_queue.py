@@ -20,11 +20,16 @@ How the :class:`~tidings.brokers.base.QueueStore` operations map:
 
 - push: a persistent publish with a publisher confirm, ``message_id`` = the
   item id, the attempts so far in the ``x-tidings-attempts`` header.
-- fetch: ``basic.get`` (manual ack) exactly ``count`` times at most, so a
-  node holds no more items than its consumers have credit for (a consumer
-  with a prefetch would hold items that other nodes' idle consumers could
-  take). An empty queue is polled every 25 ms until ``block`` runs out. A
-  fetched item is unacked on this node's channel: that is its lease.
+- fetch(count): a consumer *window*: ``basic.qos(prefetch=count)``, a
+  consumer, wait until the items known to be waiting (``queue.declare``'s
+  count, at most ``count``) have arrived, or for the first one up to
+  ``block`` when the queue is empty (no polling), then ``basic.cancel``. The
+  prefetch bounds what RabbitMQ sends, so a node never holds more items than
+  its consumers have credit for (a standing consumer would hold items that
+  other nodes' idle consumers could take); a delivery that lands after the
+  window closed is kept for the next fetch, or given back by ``release``.
+  A fetch of at most 3 items uses ``basic.get`` instead. A fetched item is
+  unacked on this node's channel: that is its lease.
 - ack: ``basic.ack``.
 - requeue: a confirmed publish of a copy (same id, new attempts header) to the
   tail, to ``.delay`` (``expiration`` = the delay) or to ``.dead``, then
@@ -37,6 +42,7 @@ How the :class:`~tidings.brokers.base.QueueStore` operations map:
   claim does. A node that hangs while connected keeps its items until
   RabbitMQ's ``consumer_timeout`` (server setting, 30 min by default).
 - release_delayed: nothing to do (RabbitMQ expires them back).
+- release: ``basic.nack`` (requeue) of window deliveries never handed out.
 - stats: ``length`` (ready items) and ``delayed`` from ``queue.declare``;
   ``in_flight`` is **this node's** unacked items (AMQP does not report other
   consumers' unacked count without the management plugin); ``oldest_age``
@@ -50,7 +56,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import deque
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
@@ -70,7 +78,8 @@ ATTEMPTS = "x-tidings-attempts"
 DEAD_ID = "x-tidings-dead-id"
 DEAD_ATTEMPTS = "x-tidings-dead-attempts"
 DEAD_QUEUE = "x-tidings-dead-queue"
-POLL = 0.025  # seconds between basic.get of an empty queue while a fetch blocks
+GET_MAX = 3  # a fetch of at most this many items uses basic.get (one round trip each)
+WINDOW = 0.05  # longest wait for items known to be waiting to arrive in a window
 
 
 def _int(value: Any) -> int:
@@ -94,6 +103,8 @@ class RabbitMQQueueStore:
         # queue -> item id -> its delivery on our channel (the lease)
         self._held: dict[str, dict[str, tuple[int, AbstractIncomingMessage]]] = {}
         self._max_attempts: dict[str, int] = {}
+        self._late: dict[str, deque[tuple[int, AbstractIncomingMessage]]] = {}
+        self._prefetch: tuple[int, int] = (-1, 0)  # (channel generation, prefetch set)
         self._lock = asyncio.Lock()
 
     # -- names -----------------------------------------------------------------
@@ -208,31 +219,128 @@ class RabbitMQQueueStore:
     async def fetch(self, queue: str, count: int, *, block: float) -> list[StoredItem]:
         if count <= 0:
             return []
-        main = (await self._queues(queue))[0]
+        # aiormq closes a channel whose RPC is cancelled, which would end every
+        # lease on it: the round trips run in a task of their own, and what a
+        # cancelled fetch got is kept for the next one
+        task = asyncio.get_running_loop().create_task(self._messages(queue, count, block))
+        try:
+            messages = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(partial(self._keep_late, queue))
+            raise
         generation = self._generation
         held = self._held.setdefault(queue, {})
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + block
         out: list[StoredItem] = []
-        while True:
-            while len(out) < count:
-                try:
-                    message = await main.get(no_ack=False, fail=False)
-                except Exception as exc:
-                    raise BrokerUnavailable(f"basic.get from {queue!r} failed: {exc}") from exc
-                if message is None:
-                    break
-                item = self._item(queue, message)
-                limit = self._max_attempts.get(queue)
-                if (limit is not None and not self._is_dead(queue)
-                        and item.attempts >= limit):
-                    await self._bury(queue, item, message)  # out of attempts, as on Redis
-                    continue
-                held[item.id] = (generation, message)
-                out.append(item)
-            if out or block <= 0 or loop.time() >= deadline:
-                return out
-            await asyncio.sleep(min(POLL, max(0.0, deadline - loop.time())))
+        for message in messages:
+            item = self._item(queue, message)
+            limit = self._max_attempts.get(queue)
+            if limit is not None and not self._is_dead(queue) and item.attempts >= limit:
+                await self._bury(queue, item, message)  # out of attempts, as on Redis
+                continue
+            held[item.id] = (generation, message)
+            out.append(item)
+        return out
+
+    async def _messages(self, queue: str, count: int,
+                        block: float) -> list[AbstractIncomingMessage]:
+        main = (await self._queues(queue))[0]
+        messages = self._take_late(queue, count)
+        want = count - len(messages)
+        if want > 0:
+            ready = await self._ready(queue)
+            if ready > 0 and want <= GET_MAX:
+                messages += await self._get(queue, main, min(want, ready))
+            elif ready > 0 or (block > 0 and not messages):
+                # wait for the first one when empty; else only as long as a burst takes
+                wait = block if ready == 0 else min(block or WINDOW, WINDOW)
+                messages += await self._window(queue, main, want, max(1, min(want, ready)),
+                                               wait)
+        return messages
+
+    def _keep_late(self, queue: str, task: asyncio.Task[list[AbstractIncomingMessage]]
+                   ) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        generation = self._generation
+        self._late.setdefault(queue, deque()).extend((generation, m) for m in task.result())
+
+    async def _ready(self, queue: str) -> int:
+        """Items waiting in ``queue`` (a ``queue.declare`` round trip)."""
+        channel = await self._open()
+        try:
+            declared = await channel.declare_queue(self.amqp_name(queue), durable=True,
+                                                   arguments=self._arguments(queue))
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot read RabbitMQ queue {queue!r}: {exc}") from exc
+        return declared.declaration_result.message_count or 0
+
+    async def _get(self, queue: str, main: AbstractQueue,
+                   count: int) -> list[AbstractIncomingMessage]:
+        """Up to ``count`` items by ``basic.get``: one round trip each."""
+        out: list[AbstractIncomingMessage] = []
+        while len(out) < count:
+            try:
+                message = await main.get(no_ack=False, fail=False)
+            except Exception as exc:
+                raise BrokerUnavailable(f"basic.get from {queue!r} failed: {exc}") from exc
+            if message is None:
+                break
+            out.append(message)
+        return out
+
+    async def _window(self, queue: str, main: AbstractQueue, want: int, expect: int,
+                      wait: float) -> list[AbstractIncomingMessage]:
+        """Up to ``want`` items in one consumer window: ``basic.qos(want)``, a
+        consumer, wait (at most ``wait`` s) for ``expect`` deliveries, cancel.
+        The prefetch bounds what RabbitMQ sends to ``want``, so the node never
+        holds more than its consumers asked for; a delivery that lands after
+        the window closed is kept for the next fetch (it is leased to us)."""
+        channel = await self._open()
+        generation = self._generation
+        got: list[AbstractIncomingMessage] = []
+        late = self._late.setdefault(queue, deque())
+        enough = asyncio.Event()
+        window_open = [True]
+
+        async def delivered(message: AbstractIncomingMessage) -> None:
+            if window_open[0]:
+                got.append(message)
+                if len(got) >= expect:
+                    enough.set()
+            else:
+                late.append((generation, message))
+
+        try:
+            if self._prefetch != (generation, want):
+                await channel.set_qos(prefetch_count=want)
+                self._prefetch = (generation, want)
+            tag = await main.consume(delivered, no_ack=False)
+            try:
+                await asyncio.wait_for(enough.wait(), wait)
+            except TimeoutError:
+                pass
+            finally:
+                await main.cancel(tag)
+        except asyncio.CancelledError:
+            window_open[0] = False
+            late.extend((generation, m) for m in got)
+            raise
+        except Exception as exc:
+            window_open[0] = False
+            late.extend((generation, m) for m in got)
+            raise BrokerUnavailable(f"consuming from {queue!r} failed: {exc}") from exc
+        window_open[0] = False
+        return got
+
+    def _take_late(self, queue: str, count: int) -> list[AbstractIncomingMessage]:
+        """Deliveries of an earlier window that landed after it closed."""
+        late = self._late.get(queue)
+        out: list[AbstractIncomingMessage] = []
+        while late and len(out) < count:
+            generation, message = late.popleft()
+            if generation == self._generation:  # else: that channel closed, it went back
+                out.append(message)
+        return out
 
     def _lease(self, queue: str, item_id: str) -> AbstractIncomingMessage | None:
         """Take this node's delivery of ``item_id``; None if it holds none now."""
@@ -313,13 +421,20 @@ class RabbitMQQueueStore:
         return QueueStoreStats(length, len(self._held.get(queue, {})), n_delayed, 0.0)
 
     async def release(self, queue: str) -> None:
-        """Nothing held by fetching itself (no consumer, no prefetch)."""
+        """Give back deliveries that landed after a window closed and were never
+        handed out (this node stopped fetching ``queue``)."""
+        for message in self._take_late(queue, 1 << 30):
+            try:
+                await message.nack(requeue=True)
+            except Exception:  # the channel is gone: RabbitMQ put it back anyway
+                pass
 
     async def close(self) -> None:
         """Close our channel: RabbitMQ puts back whatever this node still held."""
         channel, self._channel = self._channel, None
         self._declared.clear()
         self._held.clear()
+        self._late.clear()
         if channel is not None and not channel.is_closed:
             try:
                 await channel.close()
