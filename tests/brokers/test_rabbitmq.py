@@ -155,6 +155,22 @@ async def test_unsubscribe_unbinds(nodes: Any) -> None:
     assert h1.stats.publications_out - before == 1  # only the probe reached h1
 
 
+async def test_join_leave_events_cross_nodes(nodes: Any) -> None:
+    """The broker carries join/leave frames (``publish_event``) to the nodes
+    whose clients asked for them; the hub sends them where presence is on."""
+    h1, h2 = await nodes(), await nodes()
+    sink = Sink()
+    watcher = h1.register(sink)
+    await h1.subscribe(watcher, "room/+", join_leave=True)
+    frame = '{"type":"join","channel":"room/1","member":{"conn_id":"x","user":"bob"}}'
+    await h2.broker.publish_event("room/1", frame)
+    await h2.broker.publish_event("elsewhere", frame.replace("room/1", "elsewhere"))
+    await sink.wait_for(lambda f: len(f) >= 1)
+    await asyncio.sleep(0.1)
+    assert sink.frames == [{"type": "join", "channel": "room/1",
+                            "member": {"conn_id": "x", "user": "bob"}}]
+
+
 async def test_direct_send_and_send_all(nodes: Any) -> None:
     h1, h2 = await nodes(), await nodes()
     a = Sink()
