@@ -1,7 +1,8 @@
 """Cross-node latency: what the Redis hop adds to publish -> deliver.
 
 Starts ``tidings serve`` processes: (a) one node on ``memory://``; (b) two nodes
-sharing Redis. N subscribers (split evenly over the nodes of a setup) subscribe
+sharing Redis; with ``--setups``, also two nodes sharing RabbitMQ
+(``amqp``) or Mosquitto (``mqtt``). N subscribers (split evenly over the nodes of a setup) subscribe
 to one channel; a publisher connected to the *last* node publishes at a fixed
 rate with a ``perf_counter_ns`` timestamp in the data (CLOCK_MONOTONIC: the
 same clock in every process of the machine). Subscribers parse every k-th frame
@@ -10,6 +11,7 @@ cost of the Redis hop.
 
     python -m benchmarks.crossnode [--subscribers 100] [--rate 1000] [--seconds 5]
                                    [--redis redis://127.0.0.1:6379/0] [--json FILE]
+                                   [--setups memory redis amqp mqtt]
 """
 
 from __future__ import annotations
@@ -132,16 +134,21 @@ async def measure(bases: list[str], subscribers: int, rate: float, seconds: floa
 
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
-    with serve("memory://") as base:
-        print("  memory, 1 node ...", file=sys.stderr)
-        r = await measure([base], args.subscribers, args.rate, args.seconds, args.every)
-        results.append({"setup": "memory, 1 node", **r})
-    if args.redis:
-        url = f"{args.redis}?prefix=xn{uuid.uuid4().hex[:6]}"
+    if "memory" in args.setups:
+        with serve("memory://") as base:
+            print("  memory, 1 node ...", file=sys.stderr)
+            r = await measure([base], args.subscribers, args.rate, args.seconds, args.every)
+            results.append({"setup": "memory, 1 node", **r})
+    remote = {"redis": args.redis, "amqp": args.amqp, "mqtt": args.mqtt}
+    for name in ("redis", "amqp", "mqtt"):
+        if name not in args.setups or not remote[name]:
+            continue
+        base_url = remote[name]
+        url = base_url + ("&" if "?" in base_url else "?") + f"prefix=xn{uuid.uuid4().hex[:6]}"
         with serve(url) as b1, serve(url) as b2:
-            print("  redis, 2 nodes ...", file=sys.stderr)
+            print(f"  {name}, 2 nodes ...", file=sys.stderr)
             r = await measure([b1, b2], args.subscribers, args.rate, args.seconds, args.every)
-            results.append({"setup": "redis, 2 nodes", **r})
+            results.append({"setup": f"{name}, 2 nodes", **r})
     return results
 
 
@@ -153,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=10, help="parse every k-th frame")
     parser.add_argument("--redis", default=os.environ.get("TIDINGS_REDIS_URL",
                                                           "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--amqp", default=os.environ.get(
+        "TIDINGS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
+    parser.add_argument("--mqtt", default=os.environ.get("TIDINGS_MQTT_URL",
+                                                         "mqtt://127.0.0.1:1883"))
+    parser.add_argument("--setups", nargs="+", default=["memory", "redis"],
+                        choices=["memory", "redis", "amqp", "mqtt"])
     parser.add_argument("--json", dest="json_out", default=None)
     args = parser.parse_args(argv)
     results = asyncio.run(main_async(args))
@@ -162,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"| {r['setup']} | {r['published']} | {r['deliveries']} ({r['expected']}) "
               f"| {r['p50_ms']} | {r['p99_ms']} |")
-    if len(results) == 2 and results[0]["p50_ms"] is not None and results[1]["p50_ms"]:
-        print(f"\nRedis hop at p50: {results[1]['p50_ms'] - results[0]['p50_ms']:+.3f} ms")
+    first = results[0] if results and results[0]["setup"].startswith("memory") else None
+    for r in results[1:]:
+        if first is not None and first["p50_ms"] is not None and r["p50_ms"]:
+            print(f"{r['setup']}: hop at p50 {r['p50_ms'] - first['p50_ms']:+.3f} ms")
     if args.json_out:
         with open(args.json_out, "w") as fh:
             json.dump(results, fh, indent=2)

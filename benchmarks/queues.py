@@ -11,6 +11,11 @@ every 5 ms): every item acked.
 
     python -m benchmarks.queues [--items 20000] [--consumers 1 4] [--max 64]
                                 [--redis redis://127.0.0.1:6379/0] [--json FILE]
+                                [--amqp amqp://guest:guest@127.0.0.1:5672/]
+
+With ``--amqp``, also two nodes sharing RabbitMQ (quorum queues; deleted
+afterwards). Its ``queue_stats`` ``in_flight`` is the answering node's own, so
+the clock stops when the second node holds nothing.
 
 The producer and the consumers run in this one Python process, so on a small
 machine the client side is part of what is measured.
@@ -74,9 +79,26 @@ async def producer(base: str, queue: str, n: int) -> float:
         return time.perf_counter() - started
 
 
+USED: list[str] = []  # queue names, for deleting RabbitMQ's quorum queues afterwards
+
+
+async def delete_amqp_queues(url: str, prefix: str) -> None:
+    import aio_pika
+
+    conn = await aio_pika.connect(url)
+    try:
+        channel = await conn.channel()
+        for queue in USED:
+            for suffix in ("", ".delay", ".dead", ".dead.delay"):
+                await channel.queue_delete(f"{prefix}.q.{queue}{suffix}")
+    finally:
+        await conn.close()
+
+
 async def measure(bases: list[str], items: int, consumers: int,
                   max_in_flight: int) -> dict[str, float]:
     queue = f"bench-{uuid.uuid4().hex[:6]}"
+    USED.append(queue)
     got = [0, items]  # received, expected
     done = asyncio.Event()
     readies = [asyncio.Event() for _ in range(consumers)]
@@ -110,6 +132,20 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.redis:
         url = f"{args.redis}?prefix=benchq{uuid.uuid4().hex[:6]}"
         setups.append(("redis, 2 nodes", [url, url]))
+    amqp_prefix = f"benchq{uuid.uuid4().hex[:6]}"
+    if args.amqp:
+        url = args.amqp + ("&" if "?" in args.amqp else "?") + f"prefix={amqp_prefix}"
+        setups.append(("amqp, 2 nodes", [url, url]))
+    try:
+        await run_setups(setups, args, results)
+    finally:
+        if args.amqp:
+            await delete_amqp_queues(args.amqp, amqp_prefix)
+    return results
+
+
+async def run_setups(setups: list[tuple[str, list[str]]], args: argparse.Namespace,
+                     results: list[dict[str, Any]]) -> None:
     for name, brokers in setups:
         with contextlib.ExitStack() as stack:
             bases = [stack.enter_context(serve(b)) for b in brokers]
@@ -118,7 +154,6 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
                 row = {"setup": name, **await measure(bases, args.items, c, args.max)}
                 print(json.dumps(row), flush=True)
                 results.append(row)
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max", type=int, default=64, help="max in flight per consumer")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0",
                         help="Redis URL ('' to skip)")
+    parser.add_argument("--amqp", default="", help="RabbitMQ URL (default: skip)")
     parser.add_argument("--json", dest="json_out", default=None)
     args = parser.parse_args(argv)
     results = asyncio.run(main_async(args))

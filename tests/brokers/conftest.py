@@ -22,6 +22,8 @@ from tests.support import free_port
 from tidings import Hub
 
 REDIS_URL = os.environ.get("TIDINGS_REDIS_URL", "redis://127.0.0.1:6379/0")
+AMQP_URL = os.environ.get("TIDINGS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+MQTT_URL = os.environ.get("TIDINGS_MQTT_URL", "mqtt://127.0.0.1:1883")
 
 
 def unavailable(reason: str) -> None:
@@ -83,6 +85,96 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def port_open(url: str, default_port: int) -> bool:
+    """A TCP connect to the URL's host and port succeeds."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1",
+                                       parts.port or default_port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def with_prefix(url: str, prefix: str) -> str:
+    return url + ("&" if "?" in url else "?") + f"prefix={prefix}"
+
+
+class MosquittoServer:
+    """A private mosquitto on a free port, stopped by its PID (for fault tests)."""
+
+    def __init__(self, port: int | None = None) -> None:
+        if shutil.which("mosquitto") is None:
+            unavailable("mosquitto is not installed")
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="tidings-mosquitto-")
+        self.conf = Path(self.dir) / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                             "persistence false\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not port_open(self.url, self.port):
+            if time.monotonic() > deadline:
+                raise TimeoutError("private mosquitto did not start")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def rabbitmq_connections(name: str) -> list[str]:
+    """PIDs of the RabbitMQ connections whose ``connection_name`` is ``name``."""
+    if shutil.which("rabbitmqctl") is None:
+        unavailable("rabbitmqctl is not installed")
+    out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+                         capture_output=True, text=True, timeout=60).stdout
+    return [line.split("\t", 1)[0] for line in out.splitlines()
+            if f'"connection_name","{name}"' in line or f"<<\"{name}\">>" in line]
+
+
+def close_rabbitmq_connections(name: str) -> int:
+    """Close (server side) the RabbitMQ connections named ``name``; how many."""
+    pids = rabbitmq_connections(name)
+    for pid in pids:
+        subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "tidings fault test"],
+                       capture_output=True, timeout=60, check=True)
+    return len(pids)
+
+
+async def delete_rabbitmq_queues(prefix: str, queues: list[str]) -> None:
+    """Delete the quorum queues (durable: they outlive the test) of tidings
+    queues ``queues`` under ``prefix`` on the shared RabbitMQ."""
+    import aio_pika
+
+    conn = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await conn.channel()
+        for queue in queues:
+            for suffix in ("", ".delay", ".dead", ".dead.delay"):
+                await channel.queue_delete(f"{prefix}.q.{queue}{suffix}")
+    finally:
+        await conn.close()
+
+
 def cluster_port() -> int:
     """A free port P whose cluster bus port P + 10000 is free and valid too."""
     import random
@@ -133,7 +225,7 @@ def redis_cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
             n.stop()
 
 
-BROKERS = ["memory", "ipc", "redis", "redis-cluster"]
+BROKERS = ["memory", "ipc", "redis", "redis-cluster", "rabbitmq", "mqtt"]
 
 
 @pytest.fixture(scope="session")
@@ -164,6 +256,14 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., H
         if not redis_ping(REDIS_URL):
             unavailable(f"no Redis at {REDIS_URL}")
         url = REDIS_URL + f"?prefix=t{uuid.uuid4().hex[:8]}"
+    elif kind == "rabbitmq":
+        if not port_open(AMQP_URL, 5672):
+            unavailable(f"no RabbitMQ at {AMQP_URL}")
+        url = with_prefix(AMQP_URL, f"t{uuid.uuid4().hex[:8]}")
+    elif kind == "mqtt":
+        if not port_open(MQTT_URL, 1883):
+            unavailable(f"no MQTT server at {MQTT_URL}")
+        url = with_prefix(MQTT_URL, f"t{uuid.uuid4().hex[:8]}")
     else:
         nodes = request.getfixturevalue("cluster_nodes")
         url = f"redis+cluster://127.0.0.1:{nodes[0].port}?prefix=t{uuid.uuid4().hex[:8]}"

@@ -49,6 +49,10 @@ _BACKENDS: dict[str, tuple[str, str, str]] = {
     "redis": ("tidings.brokers.redis.broker", "RedisBroker", "redis"),
     "rediss": ("tidings.brokers.redis.broker", "RedisBroker", "redis"),
     "redis+cluster": ("tidings.brokers.redis.cluster", "RedisClusterBroker", "redis"),
+    "amqp": ("tidings.brokers.rabbitmq", "RabbitMQBroker", "rabbitmq"),
+    "amqps": ("tidings.brokers.rabbitmq", "RabbitMQBroker", "rabbitmq"),
+    "mqtt": ("tidings.brokers.mqtt", "MqttBroker", "mqtt"),
+    "mqtts": ("tidings.brokers.mqtt", "MqttBroker", "mqtt"),
 }
 
 

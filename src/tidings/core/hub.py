@@ -618,12 +618,15 @@ class BrokerCallbacks:
     the parts: the fan-out's methods are attributes here, so a publication costs
     no extra call on its way to the subscribers."""
 
-    __slots__ = ("on_broker_state", "on_event", "on_node_message", "on_publication",
-                 "on_publications")
+    __slots__ = ("hub", "on_event", "on_node_message", "on_publication", "on_publications")
 
     def __init__(self, hub: HubCore) -> None:
+        self.hub = hub
         self.on_publication = hub.fanout.on_publication
         self.on_publications = hub.fanout.on_publications
         self.on_event = hub.fanout.on_event
         self.on_node_message = hub.messenger.on_node_message
-        self.on_broker_state = hub.on_broker_state
+
+    def on_broker_state(self, health: BrokerHealth) -> None:
+        """The hub's own, looked up at each (rare) transition."""
+        self.hub.on_broker_state(health)

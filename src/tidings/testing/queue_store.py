@@ -11,6 +11,8 @@ import asyncio
 import time
 import uuid
 
+import pytest
+
 from tidings.brokers.base import QueueStore, StoredItem
 from tidings.core.queue import Consumer, QueueItem
 from tidings.hub import Hub
@@ -74,6 +76,9 @@ async def test_requeue_is_atomic_and_only_by_the_holder(world: World) -> None:
 async def test_claim_expired_leases_of_a_dead_node(world: World) -> None:
     h1, h2 = await started(world)
     dead_node, live, jobs = store_of(h1), store_of(h2), fresh("jobs")
+    if not getattr(live, "lease_expiry", True):
+        pytest.skip(f"leases do not expire by time on the {h1.broker_name} broker: its "
+                    "server gives a dead node's items back when the connection closes")
     for i in range(3):
         await dead_node.push(jobs, i)
     held = await dead_node.fetch(jobs, 3, block=0)
