@@ -22,6 +22,7 @@ from tests.support import free_port
 from tidings import Hub
 
 REDIS_URL = os.environ.get("TIDINGS_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("TIDINGS_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def unavailable(reason: str) -> None:
@@ -133,7 +134,48 @@ def redis_cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
             n.stop()
 
 
-BROKERS = ["memory", "ipc", "redis", "redis-cluster"]
+async def postgres_ping(url: str) -> bool:
+    try:
+        import asyncpg
+    except ImportError:
+        return False
+    try:
+        conn = await asyncpg.connect(url.split("?", 1)[0], timeout=2)
+    except Exception:
+        return False
+    await conn.close()
+    return True
+
+
+async def postgres_drop(url: str, prefix: str) -> None:
+    """Drop the tables and functions of ``prefix`` (a test's random one)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url.split("?", 1)[0], timeout=5)
+    try:
+        await conn.execute(f"""
+            DO $$ DECLARE r record; BEGIN
+              FOR r IN SELECT p.oid::regprocedure AS f FROM pg_proc p
+                       WHERE p.proname LIKE '{prefix}\\_%' LOOP
+                EXECUTE 'DROP FUNCTION IF EXISTS ' || r.f || ' CASCADE';
+              END LOOP;
+              FOR r IN SELECT tablename FROM pg_tables WHERE schemaname = current_schema()
+                       AND tablename LIKE '{prefix}\\_%' LOOP
+                EXECUTE 'DROP TABLE IF EXISTS ' || quote_ident(r.tablename) || ' CASCADE';
+              END LOOP;
+            END $$""")
+    finally:
+        await conn.close()
+
+
+async def postgres_url(prefix: str = "t") -> str:
+    """The shared server's URL with a random prefix, or a skip."""
+    if not await postgres_ping(POSTGRES_URL):
+        unavailable(f"no PostgreSQL at {POSTGRES_URL}")
+    return f"{POSTGRES_URL}?prefix={prefix}{uuid.uuid4().hex[:8]}"
+
+
+BROKERS = ["memory", "ipc", "redis", "redis-cluster", "postgres"]
 
 
 @pytest.fixture(scope="session")
@@ -164,6 +206,8 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., H
         if not redis_ping(REDIS_URL):
             unavailable(f"no Redis at {REDIS_URL}")
         url = REDIS_URL + f"?prefix=t{uuid.uuid4().hex[:8]}"
+    elif kind == "postgres":
+        url = await postgres_url()
     else:
         nodes = request.getfixturevalue("cluster_nodes")
         url = f"redis+cluster://127.0.0.1:{nodes[0].port}?prefix=t{uuid.uuid4().hex[:8]}"
@@ -183,3 +227,5 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., H
             await relay.stop()
         if sock_dir is not None:
             shutil.rmtree(sock_dir, ignore_errors=True)
+        if kind == "postgres":
+            await postgres_drop(url, url.rsplit("prefix=", 1)[1])

@@ -43,6 +43,8 @@ _BACKENDS: dict[str, tuple[str, str, str]] = {
     "redis": ("tidings.brokers.redis", "RedisBroker", "redis"),
     "rediss": ("tidings.brokers.redis", "RedisBroker", "redis"),
     "redis+cluster": ("tidings.brokers.redis_cluster", "RedisClusterBroker", "redis"),
+    "postgresql": ("tidings.brokers.postgres", "PostgresBroker", "postgres"),
+    "postgres": ("tidings.brokers.postgres", "PostgresBroker", "postgres"),
 }
 
 
