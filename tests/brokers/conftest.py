@@ -175,6 +175,70 @@ async def postgres_url(prefix: str = "t") -> str:
     return f"{POSTGRES_URL}?prefix={prefix}{uuid.uuid4().hex[:8]}"
 
 
+PG_BIN = os.environ.get("TIDINGS_PG_BIN", "/usr/lib/postgresql/15/bin")
+
+
+class PostgresServer:
+    """A private PostgreSQL cluster (initdb) on a free port, for fault tests.
+
+    ``kill`` is ``pg_ctl stop -m immediate`` (every backend dies at once, as in
+    a crash; WAL recovery at the next start); ``wipe`` also deletes the data
+    directory and makes a new one (history lost). As root, the server runs as
+    the ``postgres`` OS user.
+    """
+
+    def __init__(self) -> None:
+        if not os.path.exists(os.path.join(PG_BIN, "initdb")):
+            unavailable(f"no PostgreSQL binaries in {PG_BIN}")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="tidings-pg-")
+        self.data = os.path.join(self.dir, "data")
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            import pwd
+
+            user = pwd.getpwnam("postgres")
+            os.chown(self.dir, user.pw_uid, user.pw_gid)
+            self._as = ["runuser", "-u", "postgres", "--"]
+        self._initdb()
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self._as, *args], check=True, capture_output=True, timeout=60)
+
+    def _initdb(self) -> None:
+        self._run(os.path.join(PG_BIN, "initdb"), "-D", self.data, "-U", "postgres",
+                  "--auth=trust", "--no-sync")
+
+    def start(self) -> None:
+        self._run(os.path.join(PG_BIN, "pg_ctl"), "-D", self.data, "-w", "-t", "30",
+                  "-l", os.path.join(self.dir, "log"), "-o",
+                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
+                  f"-c fsync=off", "start")
+
+    def kill(self) -> None:
+        try:
+            self._run(os.path.join(PG_BIN, "pg_ctl"), "-D", self.data, "-m", "immediate",
+                      "-w", "stop")
+        except subprocess.CalledProcessError:
+            pass  # not running
+
+    def wipe(self) -> None:
+        """Kill, lose every table, and start an empty cluster on the same port."""
+        self.kill()
+        shutil.rmtree(self.data, ignore_errors=True)
+        self._initdb()
+        self.start()
+
+    def stop(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 BROKERS = ["memory", "ipc", "redis", "redis-cluster", "postgres"]
 
 

@@ -374,7 +374,7 @@ class PostgresBroker:
 
     async def _reopen(self) -> None:
         pool = self._require_pool()
-        pool.expire_connections()  # the pooled ones died with the server
+        await pool.expire_connections()  # the pooled ones died with the server
         await self._ensure_schema()
         async with self._listener_lock:
             await self._open_listener()
