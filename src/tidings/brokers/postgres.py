@@ -89,7 +89,7 @@ _DOWN = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
 _SCHEMA_GONE = (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError)
 
 _PUBLISH = "SELECT r_first, r_epoch FROM {p}_publish($1::text[], $2::int[], $3::int[], " \
-           "$4::bigint[], $5::text[], $6::text, $7::text[], $8::text[], $9::bigint[])"
+           "$4::bigint[], $5::text[], $6::text, $7::text[])"
 
 
 def _publication(channel: str, offset: int, epoch: str, ts: str | int, sender: str,
@@ -113,19 +113,25 @@ def parse_publications(msg: str) -> tuple[str, list[Publication]]:
     j = msg.index(SEP, i + 1)
     epoch = msg[i + 1:j]
     channel, pos = _head_channel(msg, j + 1)
+    return channel, parse_body(channel, first, epoch, msg, pos)
+
+
+def parse_body(channel: str, first: int, epoch: str, body: str,
+               pos: int = 0) -> list[Publication]:
+    """The publications of a group's body (from ``pos``): offsets from ``first``."""
     out: list[Publication] = []
-    size = len(msg)
+    size = len(body)
     offset = first
     while pos < size:
-        ts_end = msg.index(SEP, pos)
-        sender_end = msg.index(SEP, ts_end + 1)
-        len_end = msg.index(SEP, sender_end + 1)
-        end = len_end + 1 + int(msg[sender_end + 1:len_end])
-        out.append(_publication(channel, offset, epoch, msg[pos:ts_end],
-                                msg[ts_end + 1:sender_end], msg[len_end + 1:end]))
+        ts_end = body.index(SEP, pos)
+        sender_end = body.index(SEP, ts_end + 1)
+        len_end = body.index(SEP, sender_end + 1)
+        end = len_end + 1 + int(body[sender_end + 1:len_end])
+        out.append(_publication(channel, offset, epoch, body[pos:ts_end],
+                                body[ts_end + 1:sender_end], body[len_end + 1:end]))
         offset += 1
         pos = end + 1
-    return channel, out
+    return out
 
 
 def _message_channel(msg: str) -> str | None:
@@ -652,24 +658,23 @@ class PostgresBroker:
             run[3].append(i)
             sizes_of[id(run)] += nbytes + 24
         runs.sort(key=lambda r: r[0])
-        chans, counts, sizes, ttls, targets = [], [], [], [], []
-        datas, senders, tss = [], [], []
+        chans, counts, sizes, ttls, targets, bodies = [], [], [], [], [], []
         for channel, size, ttl_ms, members in runs:
             chans.append(channel)
             counts.append(len(members))
             sizes.append(size)
             ttls.append(ttl_ms)
             targets.append(self.names.targets(channel))
+            fields = []
             for i in members:
                 item = batch[i]
-                datas.append(item[2])
-                senders.append(item[7])
-                tss.append(item[6])
+                encoded, ts, sender = item[2], item[6], item[7]
+                fields.append(f"{ts}{SEP}{sender}{SEP}{len(encoded)}{SEP}{encoded}")
+            bodies.append(SEP.join(fields))
         epoch = secrets.token_hex(4)
         try:
             rows = await self.run(lambda conn: conn.fetch(
-                self._sql_publish, chans, counts, sizes, ttls, targets, epoch, datas,
-                senders, tss))
+                self._sql_publish, chans, counts, sizes, ttls, targets, epoch, bodies))
             failure: BaseException | None = None
         except Exception as exc:
             rows, failure = [], exc
@@ -718,46 +723,39 @@ class PostgresBroker:
     ) -> HistoryPage:
         p = self.prefix
         after = since.offset if since is not None else 0
-        order = "DESC" if reverse else "ASC"
-        rows_sql = (f'SELECT "offset", ts, sender, data FROM {p}_history WHERE channel = $1 '
-                    f'AND "offset" > $2 AND "offset" > $3 AND exp > $4 '
-                    f'ORDER BY "offset" {order}' + (" LIMIT $5" if limit is not None else ""))
-        oldest_sql = (f'SELECT min("offset") FROM {p}_history WHERE channel = $1 '
-                      f'AND "offset" > $2 AND "offset" > $3 AND exp > $4')
+        rows_sql = (f"SELECT first_o, body FROM {p}_history WHERE channel = $1 "
+                    f"AND last_o > $2 AND last_o > $3 AND exp > $4 ORDER BY first_o")
 
-        async def read(conn: asyncpg.Connection) -> tuple[Any, list[Any], int | None]:
+        async def read(conn: asyncpg.Connection) -> tuple[Any, list[Any]]:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 meta = await conn.fetchrow(
                     f"SELECT top, epoch, size, ({p}_now() * 1000)::bigint AS now "
                     f"FROM {p}_meta WHERE channel = $1", channel)
                 if meta is None:
-                    return None, [], None
+                    return None, []
                 low = meta["top"] - meta["size"]
-                args: list[Any] = [channel, after, low, meta["now"]]
-                if limit is not None:
-                    args.append(limit)
-                rows = await conn.fetch(rows_sql, *args)
-                oldest = None
-                if since is not None and (reverse or limit is not None):
-                    oldest = await conn.fetchval(oldest_sql, channel, after, low, meta["now"])
-                elif rows:
-                    oldest = rows[0]["offset"]
-                return meta, rows, oldest
+                return meta, await conn.fetch(rows_sql, channel, after, low, meta["now"])
 
-        meta, rows, oldest = await self.run(read)
+        meta, rows = await self.run(read)
         if meta is None:  # never published, or the state was lost: start an epoch
             epoch = await self._ensure_epoch(channel)
             return HistoryPage([], 0, epoch, since is None or since.offset == 0)
         offset, epoch = int(meta["top"]), str(meta["epoch"])
-        pubs = [_publication(channel, r["offset"], epoch, r["ts"], r["sender"], r["data"])
-                for r in rows]
+        low = max(after, offset - int(meta["size"]))
+        pubs = [pub for row in rows
+                for pub in parse_body(channel, int(row["first_o"]), epoch, row["body"])
+                if pub.offset > low]
         recovered = True
         if since is not None:
             if since.epoch != epoch:
                 recovered, pubs = False, []
             elif since.offset < offset:
-                first = oldest if oldest is not None else offset + 1
+                first = pubs[0].offset if pubs else offset + 1
                 recovered = since.offset + 1 >= first
+        if reverse:
+            pubs.reverse()
+        if limit is not None:
+            pubs = pubs[:limit]
         return HistoryPage(pubs, offset, epoch, recovered)
 
     async def _ensure_epoch(self, channel: str) -> str:

@@ -10,8 +10,10 @@ Tables:
 
 - ``<p>_meta``: one row per channel: ``top`` (last offset), ``epoch``, the
   history ``size`` last published with, ``touched`` (ms);
-- ``<p>_history``: ``(channel, offset)`` primary key, publication fields and
-  ``exp`` (ms): rows above ``top - size`` and not expired are the history;
+- ``<p>_history``: one row per published group (``first_o`` .. ``last_o``,
+  primary key ``(channel, first_o)``) holding the group's message body and
+  ``exp`` (ms): publications above ``top - size`` in rows not expired are the
+  history;
 - ``<p>_spill``: bodies of notifications over the NOTIFY payload limit, read
   by reference and swept after ``spill_ttl``;
 - ``<p>_presence``: ``(channel, conn_id)``, the node holding it, the member
@@ -134,12 +136,11 @@ CREATE TABLE IF NOT EXISTS {p}_meta (
 );
 CREATE TABLE IF NOT EXISTS {p}_history (
   channel text NOT NULL,
-  "offset" bigint NOT NULL,
-  ts bigint NOT NULL,
-  sender text NOT NULL,
-  data text NOT NULL,
+  first_o bigint NOT NULL,
+  last_o bigint NOT NULL,
+  body text NOT NULL,
   exp bigint NOT NULL,
-  PRIMARY KEY (channel, "offset")
+  PRIMARY KEY (channel, first_o)
 );
 CREATE TABLE IF NOT EXISTS {p}_spill (
   id bigserial PRIMARY KEY,
@@ -201,20 +202,19 @@ END $$;
 -- group gets consecutive offsets from one upsert of the channel's meta row (the
 -- row lock orders concurrent publishers, and their NOTIFYs, by offset), is
 -- kept in history (trimmed by offset range: no scan) and notified as one message
+-- (its body, the publications' fields, built by the caller).
 CREATE OR REPLACE FUNCTION {p}_publish(
   chans text[], counts integer[], sizes integer[], ttls bigint[], targets text[],
-  new_epoch text, datas text[], senders text[], tss bigint[])
+  new_epoch text, bodies text[])
 RETURNS TABLE(r_first bigint, r_epoch text)
 LANGUAGE plpgsql AS $$
 DECLARE
   g integer;
-  pos integer := 1;
   n integer;
   c text;
   last bigint;
   fresh boolean;
   now_ms bigint := ({p}_now() * 1000)::bigint;
-  body text;
 BEGIN
   FOR g IN 1 .. coalesce(array_length(chans, 1), 0) LOOP
     c := chans[g];
@@ -229,19 +229,16 @@ BEGIN
       DELETE FROM {p}_history WHERE channel = c;
     END IF;
     IF sizes[g] > 0 THEN
-      INSERT INTO {p}_history (channel, "offset", ts, sender, data, exp)
-        SELECT c, r_first + k - pos, tss[k], senders[k], datas[k], now_ms + ttls[g]
-        FROM generate_series(pos, pos + n - 1) AS k;
-      DELETE FROM {p}_history WHERE channel = c AND "offset" > last - sizes[g] - n
-        AND "offset" <= last - sizes[g];
+      -- the group is one history row (its message body); rows wholly below the
+      -- window go, found by the primary key's range: no scan
+      INSERT INTO {p}_history (channel, first_o, last_o, body, exp)
+        VALUES (c, r_first, last, bodies[g], now_ms + ttls[g]);
+      DELETE FROM {p}_history WHERE channel = c AND first_o <= last - sizes[g]
+        AND last_o <= last - sizes[g];
     END IF;
-    SELECT string_agg(tss[k] || E'\\x1f' || senders[k] || E'\\x1f' || length(datas[k])
-                      || E'\\x1f' || datas[k], E'\\x1f' ORDER BY k)
-      INTO body FROM generate_series(pos, pos + n - 1) AS k;
     PERFORM {p}_send(string_to_array(targets[g], ' '),
                      'P' || r_first || E'\\x1f' || r_epoch || E'\\x1f' || length(c)
-                     || E'\\x1f' || c || E'\\x1f', body);
-    pos := pos + n;
+                     || E'\\x1f' || c || E'\\x1f', bodies[g]);
     RETURN NEXT;
   END LOOP;
 END $$;
