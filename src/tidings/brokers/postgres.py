@@ -79,7 +79,6 @@ log = logging.getLogger("tidings.brokers.postgres")
 T = TypeVar("T")
 
 _HEALTH_CHECK = 5.0  # seconds between pings on a quiet listener connection
-_GROUP_BYTES = NOTIFY_LIMIT - 600  # a group's message stays inline (channel + fields)
 _GROUP_MAX = 256
 _BATCH_MAX = 4096  # publications per function call
 # what a lost or refusing server raises
@@ -158,6 +157,24 @@ def _encode_node(payload: bytes) -> str:
 
 # channel, data, encoded data, JSON text, history size, ttl ms, ts, sender, callback
 _Pending = tuple[str, Any, str, str | None, int, int, int, str, PublishDone]
+
+
+class _Run:
+    """Consecutive publications of one channel published as one group."""
+
+    __slots__ = ("channel", "fields", "members", "nbytes", "room", "size", "ttl_ms")
+
+    def __init__(self, channel: str, size: int, ttl_ms: int) -> None:
+        self.channel = channel
+        self.size = size
+        self.ttl_ms = ttl_ms
+        self.members: list[int] = []  # indexes in the batch
+        self.fields: list[str] = []
+        self.nbytes = 0
+        # what the body may take for the message to stay inline: the head holds
+        # the channel, the first offset and the epoch; a publication bigger than
+        # that still goes alone, by reference
+        self.room = NOTIFY_LIMIT - 80 - len(channel.encode())
 
 
 class PostgresBroker:
@@ -642,35 +659,27 @@ class PostgresBroker:
         # groups: runs of one channel with the same history settings, each small
         # enough to notify inline; then sorted by channel (stable), so that two
         # nodes' batches lock meta rows in one order (no deadlock)
-        runs: list[tuple[str, int, int, list[int]]] = []
-        last: dict[str, tuple[str, int, int, list[int]]] = {}
-        sizes_of: dict[int, int] = {}
-        for i, (channel, _, encoded, _, size, ttl_ms, _, _, _) in enumerate(batch):
-            nbytes = len(encoded) if encoded.isascii() else len(encoded.encode())
+        runs: list[_Run] = []
+        last: dict[str, _Run] = {}
+        for i, (channel, _, encoded, _, size, ttl_ms, ts, sender, _) in enumerate(batch):
+            field = f"{ts}{SEP}{sender}{SEP}{len(encoded)}{SEP}{encoded}"
+            nbytes = len(field) + 1 if field.isascii() else len(field.encode()) + 1
             run = last.get(channel)
-            if (run is None or run[1] != size or run[2] != ttl_ms
-                    or len(run[3]) >= _GROUP_MAX
-                    or sizes_of[id(run)] + nbytes > _GROUP_BYTES):
-                run = (channel, size, ttl_ms, [])
+            if (run is None or run.size != size or run.ttl_ms != ttl_ms
+                    or len(run.members) >= _GROUP_MAX or run.nbytes + nbytes > run.room):
+                run = _Run(channel, size, ttl_ms)
                 runs.append(run)
                 last[channel] = run
-                sizes_of[id(run)] = 0
-            run[3].append(i)
-            sizes_of[id(run)] += nbytes + 24
-        runs.sort(key=lambda r: r[0])
-        chans, counts, sizes, ttls, targets, bodies = [], [], [], [], [], []
-        for channel, size, ttl_ms, members in runs:
-            chans.append(channel)
-            counts.append(len(members))
-            sizes.append(size)
-            ttls.append(ttl_ms)
-            targets.append(self.names.targets(channel))
-            fields = []
-            for i in members:
-                item = batch[i]
-                encoded, ts, sender = item[2], item[6], item[7]
-                fields.append(f"{ts}{SEP}{sender}{SEP}{len(encoded)}{SEP}{encoded}")
-            bodies.append(SEP.join(fields))
+            run.members.append(i)
+            run.fields.append(field)
+            run.nbytes += nbytes
+        runs.sort(key=lambda r: r.channel)
+        chans = [r.channel for r in runs]
+        counts = [len(r.members) for r in runs]
+        sizes = [r.size for r in runs]
+        ttls = [r.ttl_ms for r in runs]
+        targets = [self.names.targets(r.channel) for r in runs]
+        bodies = [SEP.join(r.fields) for r in runs]
         epoch = secrets.token_hex(4)
         try:
             rows = await self.run(lambda conn: conn.fetch(
@@ -683,9 +692,9 @@ class PostgresBroker:
             down = BrokerUnavailable(f"publish failed: {failure}")
             outcomes = [down] * len(batch)
         else:
-            for (channel, _, _, members), row in zip(runs, rows, strict=True):
-                first, channel_epoch = row[0], row[1]
-                for k, i in enumerate(members):
+            for run, row in zip(runs, rows, strict=True):
+                channel, first, channel_epoch = run.channel, row[0], row[1]
+                for k, i in enumerate(run.members):
                     _, data, _, text, _, _, ts, sender, _ = batch[i]
                     outcomes[i] = Publication(channel, data, first + k, channel_epoch,
                                               sender or None, ts, raw=text)

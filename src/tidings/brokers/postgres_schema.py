@@ -46,9 +46,9 @@ __all__ = ["NOTIFY_LIMIT", "SEP", "T_BUCKETS", "Names", "decode_data", "encode_d
            "schema_lock_key", "schema_sql"]
 
 SEP = "\x1f"
-# NOTIFY payloads must be shorter than 8000 bytes; the head of a spilled message
-# (a channel name up to 255 chars, UTF-8) still has to fit beside the reference
-NOTIFY_LIMIT = 6500
+# NOTIFY payloads must be shorter than 8000 bytes: longer messages are spilled
+# (the head of a spilled one, with its channel name, must still fit)
+NOTIFY_LIMIT = 7900
 # pattern interest: one LISTEN name per bucket of first channel levels
 T_BUCKETS = 64
 
