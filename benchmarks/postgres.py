@@ -39,17 +39,14 @@ from tidings import Hub, Limits
 
 
 class Counter:
-    """An ASGI send that counts frames and fires when a target is reached."""
+    """An ASGI send that counts frames."""
 
-    def __init__(self, shared: list[int], done: asyncio.Event) -> None:
-        self.shared = shared  # [received, expected]
-        self.done = done
+    def __init__(self, shared: list[float]) -> None:
+        self.shared = shared  # [received, time of the last one]
 
     async def __call__(self, message: MutableMapping[str, Any]) -> None:
-        shared = self.shared
-        shared[0] += 1
-        if shared[0] >= shared[1] > 0:
-            self.done.set()
+        self.shared[0] += 1
+        self.shared[1] = time.time()
 
 
 async def drop(url: str, prefix: str) -> None:
@@ -65,115 +62,137 @@ async def drop(url: str, prefix: str) -> None:
         await conn.close()
 
 
-async def tidings_run(url: str, subscribers: int, seconds: float, pipelined: bool,
-                      history: bool = True, window_size: int = 256,
-                      query: str = "") -> dict[str, Any]:
-    prefix = f"bench{uuid.uuid4().hex[:6]}"
-    size, ttl = (1000, 600.0) if history else (0, 0.0)
-    limits = Limits(outbox_size=10**6, outbox_bytes=1 << 30)
-    broker = f"{url}?prefix={prefix}{query}"
-    node1 = Hub(broker, history_size=size, history_ttl=ttl, limits=limits)
-    node2 = Hub(broker, history_size=size, history_ttl=ttl, limits=limits)
-    await node1.start()
-    await node2.start()
-    channel = "bench/pg"
-    shared = [0, 0]
-    done = asyncio.Event()
-    try:
-        for _ in range(subscribers):
-            conn = node2.register(Counter(shared, done))
-            await node2.subscribe(conn, channel)
-        payload = {"seq": 0, "pad": "x" * 64}
-        published = 0
-        window = asyncio.Semaphore(window_size)
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        deadline = t0 + seconds
-        if pipelined:
-            def settled(_outcome: object) -> None:
-                window.release()
+HISTORY = (1000, 600.0)
+CHANNEL = "bench/pg"
+LIMITS = Limits(outbox_size=10**6, outbox_bytes=1 << 30)
 
-            while time.perf_counter() < deadline:
+
+async def subscriber_node(stack: str, url: str, subscribers: int, channel: str) -> None:
+    """Node 2, in a process of its own: N subscribers; prints ``ready``, then
+    reads the expected count on stdin and prints what it got, when, and its CPU."""
+    shared = [0.0, 0.0]
+    tasks: list[asyncio.Task[None]] = []
+    if stack == "tidings":
+        hub = Hub(url, history_size=HISTORY[0], history_ttl=HISTORY[1], limits=LIMITS)
+        await hub.start()
+        for _ in range(subscribers):
+            await hub.subscribe(hub.register(Counter(shared)), channel)
+    else:
+        node = Broadcast(url)
+        await node.connect()
+        ready = [asyncio.Event() for _ in range(subscribers)]
+
+        async def one(k: int) -> None:
+            async with node.subscribe(channel=channel) as sub:
+                ready[k].set()
+                async for _event in sub:  # type: ignore[union-attr]
+                    shared[0] += 1
+                    shared[1] = time.time()
+
+        # the first one alone: concurrent first subscribes would each LISTEN on
+        # the backend's one connection at once, which asyncpg refuses
+        tasks.append(asyncio.create_task(one(0)))
+        await asyncio.wait_for(ready[0].wait(), 10)
+        tasks += [asyncio.create_task(one(k)) for k in range(1, subscribers)]
+        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in ready)), 60)
+    cpu0 = time.process_time()
+    print("ready", flush=True)
+    expected = int(await asyncio.to_thread(sys.stdin.readline))
+    deadline = time.monotonic() + 60
+    while shared[0] < expected and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)  # polled: an event per delivery would cost more
+    cpu = time.process_time() - cpu0
+    print(json.dumps({"received": shared[0], "last": shared[1], "cpu": cpu}), flush=True)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if stack == "tidings":
+        await hub.stop()
+    else:
+        await node.disconnect()
+
+
+async def run(stack: str, url: str, subscribers: int, seconds: float, mode: str,
+              window_size: int = 256, count: int = 0) -> dict[str, Any]:
+    """Node 1 (here) publishes for ``seconds`` (or ``count`` publications);
+    node 2 is a subprocess."""
+    prefix = f"bench{uuid.uuid4().hex[:6]}"
+    if stack == "tidings":
+        node_url = f"{url}?prefix={prefix}"
+        channel = CHANNEL
+    else:
+        node_url = url.replace("postgresql://", "postgres://", 1)
+        channel = f"bench_{prefix}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.postgres", "--role", "subscriber", "--stack", stack,
+        "--url", node_url, "--subscribers", str(subscribers), "--channel", channel,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    hub: Hub | None = None
+    bcast: Broadcast | None = None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 120)
+        assert line.strip() == b"ready", line
+        payload = {"seq": 0, "pad": "x" * 64}
+        message = json.dumps(payload)
+        published = 0
+        if stack == "tidings":
+            hub = Hub(node_url, history_size=HISTORY[0], history_ttl=HISTORY[1],
+                      limits=LIMITS)
+            await hub.start()
+        else:
+            bcast = Broadcast(node_url)
+            await bcast.connect()
+        window = asyncio.Semaphore(window_size)
+
+        def settled(_outcome: object) -> None:
+            window.release()
+
+        cpu0, t0 = time.process_time(), time.time()
+        deadline = t0 + seconds if not count else float("inf")
+
+        def more() -> bool:
+            return published < count if count else time.time() < deadline
+
+        if hub is not None and mode == "pipelined":
+            while more():
                 for _ in range(64):
                     await window.acquire()
-                    node1.publish_then(channel, payload, done=settled)
+                    hub.publish_then(channel, payload, done=settled)
                     published += 1
             for _ in range(window_size):
                 await window.acquire()
-        else:
-            while time.perf_counter() < deadline:
-                await node1.publish(channel, payload)
+        elif hub is not None:
+            while more():
+                await hub.publish(channel, payload)
                 published += 1
-        publish_s = time.perf_counter() - t0
-        shared[1] = published * subscribers
-        if shared[0] >= shared[1]:
-            done.set()
-        await asyncio.wait_for(done.wait(), 120)
-        elapsed = time.perf_counter() - t0
+        else:
+            assert bcast is not None
+            while more():
+                await bcast.publish(channel=channel, message=message)
+                published += 1
+        publish_s = time.time() - t0
         cpu = time.process_time() - cpu0
+        proc.stdin.write(f"{published * subscribers}\n".encode())
+        await proc.stdin.drain()
+        report = json.loads(await asyncio.wait_for(proc.stdout.readline(), 120))
     finally:
-        await node1.stop()
-        await node2.stop()
-        await drop(url, prefix)
-    return {"stack": "tidings postgres" + (" pipelined" if pipelined else " awaited"),
-            "history": "on" if history else "off", "subscribers": subscribers,
-            "published": published, "publish_per_s": round(published / publish_s),
-            "delivered_per_s": round(shared[0] / elapsed),
-            "cpu_us_per_delivery": round(cpu / max(1, shared[0]) * 1e6, 2)}
-
-
-async def broadcaster_run(url: str, subscribers: int, seconds: float) -> dict[str, Any]:
-    bcast_url = url.replace("postgresql://", "postgres://", 1)
-    node1, node2 = Broadcast(bcast_url), Broadcast(bcast_url)
-    await node1.connect()
-    await node2.connect()
-    channel = f"bench_{uuid.uuid4().hex[:6]}"
-    shared = [0, 0]
-    done = asyncio.Event()
-    ready = [asyncio.Event() for _ in range(subscribers)]
-
-    async def subscriber(k: int) -> None:
-        async with node2.subscribe(channel=channel) as sub:
-            ready[k].set()
-            async for _event in sub:  # type: ignore[union-attr]
-                shared[0] += 1
-                if shared[0] >= shared[1] > 0:
-                    done.set()
-
-    # the first one alone: concurrent first subscribes would each LISTEN on the
-    # backend's one connection at once, which asyncpg refuses
-    tasks = [asyncio.create_task(subscriber(0))]
-    try:
-        await asyncio.wait_for(ready[0].wait(), 10)
-        tasks += [asyncio.create_task(subscriber(k)) for k in range(1, subscribers)]
-        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in ready)), 60)
-        await asyncio.sleep(0.2)  # the LISTEN of the first subscriber is done
-        message = json.dumps({"seq": 0, "pad": "x" * 64})
-        published = 0
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        deadline = t0 + seconds
-        while time.perf_counter() < deadline:
-            await node1.publish(channel=channel, message=message)
-            published += 1
-        publish_s = time.perf_counter() - t0
-        shared[1] = published * subscribers
-        if shared[0] >= shared[1]:
-            done.set()
-        try:
-            await asyncio.wait_for(done.wait(), 120)
-        except TimeoutError:
-            pass
-        elapsed = time.perf_counter() - t0
-        cpu = time.process_time() - cpu0
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await node1.disconnect()
-        await node2.disconnect()
-    return {"stack": "broadcaster postgres", "history": "none", "subscribers": subscribers,
-            "published": published, "publish_per_s": round(published / publish_s),
-            "delivered_per_s": round(shared[0] / elapsed),
-            "cpu_us_per_delivery": round(cpu / max(1, shared[0]) * 1e6, 2)}
+        if hub is not None:
+            await hub.stop()
+        if bcast is not None:
+            await bcast.disconnect()
+        await proc.wait()
+        if stack == "tidings":
+            await drop(url, prefix)
+    received = int(report["received"])
+    elapsed = max(publish_s, report["last"] - t0)
+    return {"stack": f"{stack} postgres, {mode}", "history": "on" if stack == "tidings"
+            else "none", "subscribers": subscribers, "published": published,
+            "publish_per_s": round(published / publish_s),
+            "delivered": received, "expected": published * subscribers,
+            "delivered_per_s": round(received / elapsed),
+            "cpu_us_per_delivery": round((cpu + report["cpu"]) / max(1, received) * 1e6, 2)}
 
 
 async def latency(url: str, redis: str, seconds: float) -> list[dict[str, Any]]:
@@ -192,13 +211,13 @@ async def latency(url: str, redis: str, seconds: float) -> list[dict[str, Any]]:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for subscribers in (1, 1000):
-        print(f"  N = {subscribers}: tidings pipelined ...", file=sys.stderr)
-        rows.append(await tidings_run(args.url, subscribers, args.seconds, True))
-        if subscribers == 1:
-            print("  N = 1: tidings awaited ...", file=sys.stderr)
-            rows.append(await tidings_run(args.url, subscribers, args.seconds, False))
-        print(f"  N = {subscribers}: broadcaster ...", file=sys.stderr)
-        rows.append(await broadcaster_run(args.url, subscribers, args.seconds))
+        for stack, mode in (("tidings", "pipelined"), ("tidings", "awaited"),
+                            ("broadcaster", "awaited")):
+            if subscribers > 1 and mode == "awaited" and stack == "tidings":
+                continue
+            print(f"  N = {subscribers}: {stack} {mode} ...", file=sys.stderr)
+            rows.append(await run(stack, args.url, subscribers, args.seconds, mode,
+                                  args.window, args.fanout_messages if subscribers > 1 else 0))
     result: dict[str, Any] = {"rows": rows}
     if args.latency:
         result["latency"] = await latency(args.url, args.redis, args.seconds)
@@ -212,15 +231,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--json", dest="json_out", default=None)
+    parser.add_argument("--window", type=int, default=256,
+                        help="publishes in flight of the pipelined publisher")
+    parser.add_argument("--fanout-messages", type=int, default=1000,
+                        help="publications of the N = 1,000 runs")
+    parser.add_argument("--role", default="publisher", help=argparse.SUPPRESS)
+    parser.add_argument("--stack", default="tidings", help=argparse.SUPPRESS)
+    parser.add_argument("--subscribers", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--channel", default=CHANNEL, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.role == "subscriber":
+        asyncio.run(subscriber_node(args.stack, args.url, args.subscribers, args.channel))
+        return 0
     result = asyncio.run(main_async(args))
-    print("| stack | history | N | published | publishes/s | deliveries/s | "
-          "CPU µs/delivery |")
+    print("| stack | history | N | published | publishes/s | deliveries/s (got / expected) | "
+          "CPU µs/delivery (both nodes) |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in result["rows"]:
         print(f"| {r['stack']} | {r['history']} | {r['subscribers']} | {r['published']:,} | "
-              f"{r['publish_per_s']:,} | {r['delivered_per_s']:,} | "
-              f"{r['cpu_us_per_delivery']} |")
+              f"{r['publish_per_s']:,} | {r['delivered_per_s']:,} "
+              f"({r['delivered']:,} / {r['expected']:,}) | {r['cpu_us_per_delivery']} |")
     for r in result.get("latency", []):
         print(f"latency {r['setup']}: N = 20, 1000/s: p50 {r['p50_ms']} ms, "
               f"p99 {r['p99_ms']} ms, {r['deliveries']:,}/{r['expected']:,}")
