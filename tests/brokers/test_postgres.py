@@ -6,8 +6,13 @@ and restarted mid-stream (a private cluster on a free port)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +20,7 @@ import asyncpg
 import pytest
 
 from tests.brokers.conftest import PostgresServer, postgres_drop, postgres_url
-from tests.support import Sink, native, serve_process, wait_until
+from tests.support import Sink, native, running, serve_process, wait_until
 from tidings import Hub, StreamPos
 from tidings.brokers.postgres import PostgresBroker, parse_publications
 from tidings.brokers.postgres_schema import SEP, Names
@@ -67,6 +72,34 @@ def test_message_format_round_trips() -> None:
     assert names.kind(names.exact("a")) == "e" and names.kind(names.top("a")) == "t"
     with pytest.raises(ValueError, match="prefix"):
         PostgresBroker("postgresql://h/db?prefix=Bad-Name")
+
+
+def health_status(base: str) -> int:
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def wait_health(base: str, status: int, within: float) -> None:
+    deadline = time.monotonic() + within
+    while await asyncio.to_thread(health_status, base) != status:
+        assert time.monotonic() < deadline, f"/health never answered {status}"
+        await asyncio.sleep(0.1)
+
+
+async def test_migrate_creates_the_schema_idempotently(pg_url: str) -> None:
+    for _ in range(2):
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "tidings.server.cli", "migrate",
+                             "--broker", pg_url], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "schema ready" in done.stdout
+    p = prefix_of(pg_url)
+    tables = await sql(pg_url, "SELECT count(*) FROM pg_tables WHERE tablename LIKE $1",
+                       p + "\\_%")
+    assert tables == 6
 
 
 async def test_20_kib_publication_arrives_intact_on_another_node(pg_url: str) -> None:
@@ -211,8 +244,10 @@ async def test_server_killed_and_restarted_mid_stream(
     caplog.set_level(logging.WARNING, logger="tidings.hub")
     server = PostgresServer()
     url = server.url + "?prefix=f"
+    stack = contextlib.AsyncExitStack()
     try:
         h1, h2 = await hubs(url, history_size=100, history_ttl=300)
+        base = await stack.enter_async_context(running(Hub(url)))  # /health
         sink = Sink()
         conn = h1.register(sink)
         await h1.subscribe(conn, "live")
@@ -222,6 +257,7 @@ async def test_server_killed_and_restarted_mid_stream(
         server.kill()
         await wait_until(lambda: not h1.health().up and not h2.health().up, 15,
                          "both hubs see the server go")
+        await wait_health(base, 503, 15)
         with pytest.raises(BrokerUnavailable):
             await h2.broker.publish("live", "direct")
         local = await h2.publish("live", "local")  # the hub falls back to local delivery
@@ -231,6 +267,7 @@ async def test_server_killed_and_restarted_mid_stream(
 
         server.start()  # durable: history survives a restart
         await wait_until(lambda: h1.health().up and h2.health().up, 30, "both back up")
+        await wait_health(base, 200, 30)
         after = await h2.publish("live", "after")
         assert (after.offset, after.epoch) == (before.offset + 1, before.epoch)
         await sink.wait_for(lambda f: any(x.get("data") == "after" for x in f), timeout=10)
@@ -245,9 +282,11 @@ async def test_server_killed_and_restarted_mid_stream(
         await sink.wait_for(lambda f: any(x.get("data") == "fresh" for x in f), timeout=10)
         gone = await h1.history("live", since=after.position)
         assert not gone.recovered
+        await stack.aclose()
         await stop(h1, h2)
         downs = [r for r in caplog.records if "is down" in r.getMessage()]
         ups = [r for r in caplog.records if "is up again" in r.getMessage()]
-        assert len(downs) == 4 and len(ups) == 4  # once per transition per hub
+        assert len(downs) == 6 and len(ups) == 6  # once per transition per hub
     finally:
+        await stack.aclose()
         server.stop()

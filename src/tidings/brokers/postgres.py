@@ -249,6 +249,19 @@ class PostgresBroker:
         self._tasks = [loop.create_task(self._watch(), name=f"tidings-pg-{node_id}"),
                        loop.create_task(self._beat(), name=f"tidings-pg-beat-{node_id}")]
 
+    async def migrate(self) -> None:
+        """Create the tables and functions if missing, then let go
+        (``tidings migrate --broker postgresql://...``; connect does it too)."""
+        try:
+            self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=1,
+                                                   timeout=5)
+            await self._ensure_schema()
+        except _DOWN as exc:
+            raise BrokerUnavailable(f"cannot reach PostgreSQL at {self._safe_dsn}: "
+                                    f"{exc}") from exc
+        finally:
+            await self._drop_connections()
+
     @property
     def _safe_dsn(self) -> str:
         parts = urlsplit(self.dsn)
