@@ -215,6 +215,8 @@ class PostgresBroker:
         self._flushing = False
         self._backlog: deque[tuple[str, str]] = deque()  # messages behind a spilled one
         self._resolving = False
+        self._resolvers: set[asyncio.Task[None]] = set()
+        self._swept_history = 0.0
         self._queue_waiters: dict[str, asyncio.Event] = {}
         self._queues: PostgresQueueStore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -333,9 +335,10 @@ class PostgresBroker:
 
     async def close(self) -> None:
         self._closing = True
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._resolvers]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             try:
                 await task
             except (asyncio.CancelledError, Exception):
@@ -427,7 +430,9 @@ class PostgresBroker:
                 self._backlog.append((name, payload))
                 if not self._resolving:
                     self._resolving = True
-                    asyncio.get_running_loop().create_task(self._resolve())
+                    task = asyncio.get_running_loop().create_task(self._resolve())
+                    self._resolvers.add(task)
+                    task.add_done_callback(self._resolvers.discard)
                 return
             self._handle(name, payload)
         except Exception:  # one bad message must not stop the listener
@@ -889,7 +894,10 @@ class PostgresBroker:
             await conn.execute(f"DELETE FROM {p}_presence WHERE expires < {p}_now()")
             await conn.execute(f"DELETE FROM {p}_spill WHERE created < {p}_now() - $1",
                                self.spill_ttl)
-            await conn.execute(f"DELETE FROM {p}_history WHERE exp < ({p}_now() * 1000)")
+            now = time.monotonic()
+            if now - self._swept_history >= 60:  # a scan of the table: once a minute
+                self._swept_history = now
+                await conn.execute(f"DELETE FROM {p}_history WHERE exp < ({p}_now() * 1000)")
 
 
 async def _delete_members(broker: PostgresBroker, conn: asyncpg.Connection) -> None:
