@@ -113,12 +113,12 @@ async def subscriber_node(stack: str, url: str, subscribers: int, channel: str) 
 
 
 async def run(stack: str, url: str, subscribers: int, seconds: float, mode: str,
-              window_size: int = 256, count: int = 0) -> dict[str, Any]:
+              window_size: int = 256, count: int = 0, extra: str = "") -> dict[str, Any]:
     """Node 1 (here) publishes for ``seconds`` (or ``count`` publications);
     node 2 is a subprocess."""
     prefix = f"bench{uuid.uuid4().hex[:6]}"
     if stack == "tidings":
-        node_url = f"{url}?prefix={prefix}"
+        node_url = f"{url}?prefix={prefix}{extra}"
         channel = CHANNEL
     else:
         node_url = url.replace("postgresql://", "postgres://", 1)
@@ -187,7 +187,7 @@ async def run(stack: str, url: str, subscribers: int, seconds: float, mode: str,
             await drop(url, prefix)
     received = int(report["received"])
     elapsed = max(publish_s, report["last"] - t0)
-    return {"stack": f"{stack} postgres, {mode}", "history": "on" if stack == "tidings"
+    return {"stack": f"{stack} postgres, {mode}" + (", unlogged" if "unlogged" in extra else ""), "history": "on" if stack == "tidings"
             else "none", "subscribers": subscribers, "published": published,
             "publish_per_s": round(published / publish_s),
             "delivered": received, "expected": published * subscribers,

@@ -290,3 +290,27 @@ async def test_server_killed_and_restarted_mid_stream(
     finally:
         await stack.aclose()
         server.stop()
+
+
+async def test_unlogged_tables_lose_history_in_a_crash_and_say_so() -> None:
+    """``?unlogged=1``: PostgreSQL empties the channel tables after a crash; the
+    fresh meta rows get new epochs, so recovery answers ``recovered: false``."""
+    server = PostgresServer()
+    (hub,) = await hubs(server.url + "?prefix=u&unlogged=1", 1, history_size=10,
+                        history_ttl=60)
+    try:
+        persistence = await sql(server.url, "SELECT relpersistence::text FROM pg_class "
+                                "WHERE relname = 'u_history'")
+        assert persistence == "u"
+        before = await hub.publish("c", 1)
+        server.kill()  # immediate stop: a crash, WAL recovery at the start
+        await wait_until(lambda: not hub.health().up, 15, "down")
+        server.start()
+        await wait_until(lambda: hub.health().up, 30, "back up")
+        after = await hub.publish("c", 2)
+        assert after.epoch != before.epoch and after.offset == 1
+        page = await hub.history("c", since=before.position)
+        assert not page.recovered
+    finally:
+        await stop(hub)
+        server.stop()

@@ -1,7 +1,7 @@
 """``postgresql://`` (and ``postgres://``): publications through PostgreSQL.
 
 URL: ``postgresql://user:pass@host:5432/db?prefix=tidings&presence_ttl=30&queue_max_len=1000000``
-(``pool_size``, ``spill_ttl`` too; other query parameters go to asyncpg).
+(``pool_size``, ``spill_ttl``, ``unlogged`` too; other query parameters go to asyncpg).
 
 Design (details in docs/brokers-postgres.md):
 
@@ -196,6 +196,7 @@ class PostgresBroker:
         self.queue_max_len = int(query.pop("queue_max_len", "1000000"))
         self.pool_size = int(query.pop("pool_size", "4"))
         self.spill_ttl = float(query.pop("spill_ttl", "60"))
+        self.unlogged = query.pop("unlogged", "0").lower() in ("1", "true", "yes", "on")
         self.dsn = urlunsplit(parts._replace(scheme="postgresql", query=urlencode(query)))
         self.node_id = ""
         self._handler: BrokerHandler | None = None
@@ -276,7 +277,7 @@ class PostgresBroker:
         pool = self._require_pool()
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", schema_lock_key(self.prefix))
-            await conn.execute(schema_sql(self.prefix))
+            await conn.execute(schema_sql(self.prefix, unlogged=self.unlogged))
 
     async def _open_listener(self) -> None:
         conn: asyncpg.Connection = await asyncpg.connect(self.dsn, timeout=5)

@@ -21,6 +21,11 @@ Tables:
 - ``<p>_queue`` and ``<p>_qmeta``: work-queue items and per-queue counts
   (:mod:`tidings.brokers.postgres_queue`).
 
+With ``?unlogged=1`` the first four are ``UNLOGGED``: no WAL, so a publish
+commits without waiting for a disk flush; PostgreSQL empties them after a
+crash (not after a clean restart), and the fresh meta rows then get new
+epochs, so clients are told their history is gone. Queues stay logged.
+
 Notifications are text: a kind letter then fields separated by ``\\x1f``
 (JSON text never holds a raw 0x1f; binary data travels as base64):
 
@@ -127,14 +132,14 @@ def schema_lock_key(prefix: str) -> int:
 
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS {p}_meta (
+CREATE {unlogged}TABLE IF NOT EXISTS {p}_meta (
   channel text PRIMARY KEY,
   top bigint NOT NULL,
   epoch text NOT NULL,
   size integer NOT NULL DEFAULT 0,
   touched bigint NOT NULL DEFAULT 0
 );
-CREATE TABLE IF NOT EXISTS {p}_history (
+CREATE {unlogged}TABLE IF NOT EXISTS {p}_history (
   channel text NOT NULL,
   first_o bigint NOT NULL,
   last_o bigint NOT NULL,
@@ -142,12 +147,12 @@ CREATE TABLE IF NOT EXISTS {p}_history (
   exp bigint NOT NULL,
   PRIMARY KEY (channel, first_o)
 );
-CREATE TABLE IF NOT EXISTS {p}_spill (
+CREATE {unlogged}TABLE IF NOT EXISTS {p}_spill (
   id bigserial PRIMARY KEY,
   created double precision NOT NULL,
   body text NOT NULL
 );
-CREATE TABLE IF NOT EXISTS {p}_presence (
+CREATE {unlogged}TABLE IF NOT EXISTS {p}_presence (
   channel text NOT NULL,
   conn_id text NOT NULL,
   node text NOT NULL,
@@ -385,7 +390,10 @@ END $$;
 """
 
 
-def schema_sql(prefix: str) -> str:
-    """Every statement of the schema of ``prefix``, idempotent."""
+def schema_sql(prefix: str, *, unlogged: bool = False) -> str:
+    """Every statement of the schema of ``prefix``, idempotent. ``unlogged``:
+    the channel tables (not the queues) skip the WAL; the tables that exist
+    already keep what they were created with."""
     Names(prefix)  # validates
-    return _SCHEMA.replace("{p}", prefix).replace("{limit}", str(NOTIFY_LIMIT))
+    return (_SCHEMA.replace("{p}", prefix).replace("{limit}", str(NOTIFY_LIMIT))
+            .replace("{unlogged}", "UNLOGGED " if unlogged else ""))
