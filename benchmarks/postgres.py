@@ -187,8 +187,8 @@ async def run(stack: str, url: str, subscribers: int, seconds: float, mode: str,
             await drop(url, prefix)
     received = int(report["received"])
     elapsed = max(publish_s, report["last"] - t0)
-    return {"stack": f"{stack} postgres, {mode}" + (", unlogged" if "unlogged" in extra else ""), "history": "on" if stack == "tidings"
-            else "none", "subscribers": subscribers, "published": published,
+    name = f"{stack} postgres, {mode}" + (", unlogged" if "unlogged" in extra else "")
+    return {"stack": name, "history": "on" if stack == "tidings" else "none", "subscribers": subscribers, "published": published,
             "publish_per_s": round(published / publish_s),
             "delivered": received, "expected": published * subscribers,
             "delivered_per_s": round(received / elapsed),
