@@ -188,7 +188,8 @@ async def run(stack: str, url: str, subscribers: int, seconds: float, mode: str,
     received = int(report["received"])
     elapsed = max(publish_s, report["last"] - t0)
     name = f"{stack} postgres, {mode}" + (", unlogged" if "unlogged" in extra else "")
-    return {"stack": name, "history": "on" if stack == "tidings" else "none", "subscribers": subscribers, "published": published,
+    return {"stack": name, "history": "on" if stack == "tidings" else "none",
+            "subscribers": subscribers, "published": published,
             "publish_per_s": round(published / publish_s),
             "delivered": received, "expected": published * subscribers,
             "delivered_per_s": round(received / elapsed),
