@@ -1,9 +1,12 @@
 """PostgreSQL: tidings' broker vs encode/broadcaster's Postgres backend, one server.
 
-Two nodes in one process, each with its own connections to the same
-PostgreSQL (tidings: two ``Hub``s on one ``postgresql://`` URL; broadcaster:
-two ``Broadcast`` objects on one ``postgres://`` URL). Node 1 publishes, node 2
-has N subscribers; a run ends when every delivery reached node 2.
+Two nodes, each a process with its own connections to the same PostgreSQL
+(tidings: a ``Hub`` on one ``postgresql://`` URL each; broadcaster: a
+``Broadcast`` on one ``postgres://`` URL each). Node 1 (this process)
+publishes, node 2 (a subprocess) has N in-process subscribers; a run ends when
+every delivery reached node 2. Node 2's tidings subscribers are hub
+connections (a native frame encoded and queued per subscriber); broadcaster's
+are its ``subscribe()`` iterators.
 
 - publish: one publisher, N = 1, history on for tidings (1,000 / 10 min; the
   offset, the history row and the NOTIFY in one transaction per batch).
@@ -12,8 +15,9 @@ has N subscribers; a run ends when every delivery reached node 2.
   awaited one by one. broadcaster can only await one by one: its backend has
   one connection and asyncpg refuses a second query while one runs; it keeps
   no history.
-- fan-out: N = 1 and N = 1,000 subscribers on node 2, deliveries per second
-  (publisher pipelined for tidings, awaited for broadcaster).
+- fan-out: N = 1,000 subscribers on node 2, ``--fanout-messages`` (1,000)
+  publications, deliveries per second (publisher pipelined for tidings,
+  awaited for broadcaster).
 - ``--latency``: the cross-node hop with two ``tidings serve`` processes
   (benchmarks/crossnode.py's measure), postgres vs redis.
 
@@ -35,6 +39,7 @@ from typing import Any
 import asyncpg
 from broadcaster import Broadcast
 
+from benchmarks.crossnode import measure, serve
 from tidings import Hub, Limits
 
 
@@ -197,15 +202,17 @@ async def run(stack: str, url: str, subscribers: int, seconds: float, mode: str,
 
 
 async def latency(url: str, redis: str, seconds: float) -> list[dict[str, Any]]:
-    from benchmarks.crossnode import measure, serve
-
     out = []
-    for name, broker in (("postgres, 2 nodes", f"{url}?prefix=xn{uuid.uuid4().hex[:6]}"),
-                         ("redis, 2 nodes", f"{redis}?prefix=xn{uuid.uuid4().hex[:6]}")):
+    for name, broker in (
+            ("postgres, 2 nodes", f"{url}?prefix=xn{uuid.uuid4().hex[:6]}"),
+            ("postgres unlogged, 2 nodes", f"{url}?prefix=xn{uuid.uuid4().hex[:6]}&unlogged=1"),
+            ("redis, 2 nodes", f"{redis}?prefix=xn{uuid.uuid4().hex[:6]}")):
         with serve(broker) as b1, serve(broker) as b2:
             print(f"  latency {name} ...", file=sys.stderr)
             r = await measure([b1, b2], 20, 1000.0, seconds, 10)
             out.append({"setup": name, "subscribers": 20, "rate": 1000, **r})
+        if broker.startswith("postgres"):
+            await drop(url, broker.split("prefix=", 1)[1].split("&", 1)[0])
     return out
 
 
