@@ -240,7 +240,7 @@ class PostgresBroker:
         try:
             self._pool = await asyncpg.create_pool(
                 self.dsn, min_size=1, max_size=self.pool_size, timeout=5,
-                command_timeout=30)
+                command_timeout=30, reset=_no_reset)
             await self._ensure_schema()
             await self._open_listener()
         except (*_DOWN, asyncpg.PostgresError) as exc:
@@ -899,6 +899,12 @@ class PostgresBroker:
             if now - self._swept_history >= 60:  # a scan of the table: once a minute
                 self._swept_history = now
                 await conn.execute(f"DELETE FROM {p}_history WHERE exp < ({p}_now() * 1000)")
+
+
+async def _no_reset(_conn: asyncpg.Connection) -> None:
+    """Pooled connections keep no session state (no LISTEN, no session lock, no
+    SET), so asyncpg's reset query on each release (a round trip per batch)
+    is skipped; an open transaction is still rolled back by the pool."""
 
 
 async def _delete_members(broker: PostgresBroker, conn: asyncpg.Connection) -> None:
