@@ -800,12 +800,13 @@ class PostgresBroker:
         p = self.prefix
 
         async def remove(conn: asyncpg.Connection) -> None:
+            # the meta row first, as publishes do: one lock order, no deadlock
             async with conn.transaction():
-                await conn.execute(f"DELETE FROM {p}_history WHERE channel = $1", channel)
                 await conn.execute(
                     f"INSERT INTO {p}_meta AS m (channel, top, epoch) VALUES ($1, 0, $2) "
                     f"ON CONFLICT (channel) DO UPDATE SET epoch = EXCLUDED.epoch",
                     channel, secrets.token_hex(4))
+                await conn.execute(f"DELETE FROM {p}_history WHERE channel = $1", channel)
 
         await self.run(remove)
 
@@ -898,7 +899,11 @@ class PostgresBroker:
             now = time.monotonic()
             if now - self._swept_history >= 60:  # a scan of the table: once a minute
                 self._swept_history = now
-                await conn.execute(f"DELETE FROM {p}_history WHERE exp < ({p}_now() * 1000)")
+                # rows a publish holds are skipped: the sweep never waits, so it
+                # cannot deadlock with a publish trimming the same channel
+                await conn.execute(
+                    f"DELETE FROM {p}_history WHERE ctid = ANY(ARRAY(SELECT ctid FROM "
+                    f"{p}_history WHERE exp < ({p}_now() * 1000) FOR UPDATE SKIP LOCKED))")
 
 
 async def _no_reset(_conn: asyncpg.Connection) -> None:
