@@ -21,7 +21,7 @@ import pytest
 
 from tests.brokers.conftest import PostgresServer, postgres_drop, postgres_url
 from tests.support import Sink, native, running, serve_process, wait_until
-from tidings import Hub, Limits, StreamPos
+from tidings import HistoryRule, Hub, Limits, StreamPos
 from tidings.brokers.postgres import PostgresBroker, parse_publications
 from tidings.brokers.postgres_schema import SEP, Names
 from tidings.exceptions import BrokerUnavailable
@@ -178,6 +178,33 @@ async def test_concurrent_publishers_on_two_nodes_get_contiguous_offsets(pg_url:
         await stop(h1, h2, watcher)
 
 
+async def test_a_burst_over_many_channels_and_a_long_name(pg_url: str) -> None:
+    """One batch holds groups of many channels (sorted, each its own offsets and
+    message), a name of 255 characters, and history on for some only."""
+    rules = [HistoryRule("many/nohist/#", 0, 0)]
+    h1, h2 = await hubs(pg_url, history_size=50, history_ttl=60, history_rules=rules)
+    try:
+        sink = Sink()
+        conn = h2.register(sink)
+        await h2.subscribe(conn, "many/#")
+        long_name = "many/" + "é" * 250
+        channels = [f"many/c{i}" for i in range(30)] + [f"many/nohist/c{i}" for i in range(5)]
+        channels.append(long_name)
+        pubs = await asyncio.gather(*(h1.publish(ch, {"i": i, "ch": ch})
+                                      for i in range(10) for ch in channels))
+        for ch in channels:
+            assert [p.offset for p in pubs if p.channel == ch] == list(range(1, 11))
+        await sink.wait_for(lambda f: len(f) >= 10 * len(channels), timeout=20)
+        for ch in channels:
+            got = [f["data"]["i"] for f in sink.of("publication") if f["channel"] == ch]
+            assert got == list(range(10)), ch
+        assert len((await h2.history("many/c3")).publications) == 10
+        assert (await h2.history(long_name)).offset == 10
+        assert (await h2.history("many/nohist/c1")).publications == []
+    finally:
+        await stop(h1, h2)
+
+
 async def test_history_size_trims_rows_and_ttl_expires_them(pg_url: str) -> None:
     (hub,) = await hubs(pg_url, 1, history_size=5, history_ttl=0.6)
     p = prefix_of(pg_url)
@@ -286,6 +313,8 @@ async def test_server_killed_and_restarted_mid_stream(
         await sink.wait_for(lambda f: any(x.get("data") == "fresh" for x in f), timeout=10)
         gone = await h1.history("live", since=after.position)
         assert not gone.recovered
+        # the wipe lost the presence rows too: h1 wrote its member again on reconnect
+        assert [m.conn_id for m in await h2.presence("live")] == [conn.conn_id]
         await stack.aclose()
         await stop(h1, h2)
         downs = [r for r in caplog.records if "is down" in r.getMessage()]
