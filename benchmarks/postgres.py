@@ -219,13 +219,16 @@ async def latency(url: str, redis: str, seconds: float) -> list[dict[str, Any]]:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for subscribers in (1, 1000):
-        for stack, mode in (("tidings", "pipelined"), ("tidings", "awaited"),
-                            ("broadcaster", "awaited")):
-            if subscribers > 1 and mode == "awaited" and stack == "tidings":
+        for stack, mode, extra in (("tidings", "pipelined", ""),
+                                   ("tidings", "pipelined", "&unlogged=1"),
+                                   ("tidings", "awaited", ""),
+                                   ("broadcaster", "awaited", "")):
+            if subscribers > 1 and (mode == "awaited" or extra) and stack == "tidings":
                 continue
-            print(f"  N = {subscribers}: {stack} {mode} ...", file=sys.stderr)
+            print(f"  N = {subscribers}: {stack} {mode}{extra} ...", file=sys.stderr)
             rows.append(await run(stack, args.url, subscribers, args.seconds, mode,
-                                  args.window, args.fanout_messages if subscribers > 1 else 0))
+                                  args.window, args.fanout_messages if subscribers > 1 else 0,
+                                  extra))
     result: dict[str, Any] = {"rows": rows}
     if args.latency:
         result["latency"] = await latency(args.url, args.redis, args.seconds)
