@@ -185,10 +185,12 @@ class PostgresBroker:
     pipelined = True  # publishes may be issued without waiting for the previous reply
 
     def __init__(self, url: str) -> None:
-        self.url = url
         parts = urlsplit(url)
         if parts.scheme not in ("postgres", "postgresql"):
-            raise ValueError(f"not a PostgreSQL URL: {url!r}")
+            raise ValueError("not a PostgreSQL URL (postgresql://...)")
+        # what the hub logs: the password masked
+        self.url = (urlunsplit(parts._replace(netloc=parts.netloc.replace(
+            f":{parts.password}@", ":***@"))) if parts.password else url)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         self.prefix = query.pop("prefix", "tidings")
         self.names = Names(self.prefix)

@@ -304,14 +304,19 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _migrate(url: str) -> int:
     from tidings.brokers import create_broker
+    from tidings.exceptions import BrokerError
 
     broker = create_broker(url)
     migrate = getattr(broker, "migrate", None)
     if migrate is None:
-        print(f"{url}: nothing to create (this broker keeps no schema)")
+        print("nothing to create: this broker keeps no schema")
         return 0
-    asyncio.run(migrate())
-    print(f"{url.split('?', 1)[0]}: schema ready")
+    try:
+        asyncio.run(migrate())
+    except BrokerError as exc:
+        print(f"tidings migrate: {exc}", file=sys.stderr)
+        return 1
+    print("schema ready")
     return 0
 
 
