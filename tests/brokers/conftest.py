@@ -24,6 +24,7 @@ from tidings import Hub
 REDIS_URL = os.environ.get("TIDINGS_REDIS_URL", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("TIDINGS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 MQTT_URL = os.environ.get("TIDINGS_MQTT_URL", "mqtt://127.0.0.1:1883")
+POSTGRES_URL = os.environ.get("TIDINGS_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def unavailable(reason: str) -> None:
@@ -225,7 +226,112 @@ def redis_cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
             n.stop()
 
 
-BROKERS = ["memory", "ipc", "redis", "redis-cluster", "rabbitmq", "mqtt"]
+async def postgres_ping(url: str) -> bool:
+    try:
+        import asyncpg
+    except ImportError:
+        return False
+    try:
+        conn = await asyncpg.connect(url.split("?", 1)[0], timeout=2)
+    except Exception:
+        return False
+    await conn.close()
+    return True
+
+
+async def postgres_drop(url: str, prefix: str) -> None:
+    """Drop the tables and functions of ``prefix`` (a test's random one)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url.split("?", 1)[0], timeout=5)
+    try:
+        await conn.execute(f"""
+            DO $$ DECLARE r record; BEGIN
+              FOR r IN SELECT p.oid::regprocedure AS f FROM pg_proc p
+                       WHERE p.proname LIKE '{prefix}\\_%' LOOP
+                EXECUTE 'DROP FUNCTION IF EXISTS ' || r.f || ' CASCADE';
+              END LOOP;
+              FOR r IN SELECT tablename FROM pg_tables WHERE schemaname = current_schema()
+                       AND tablename LIKE '{prefix}\\_%' LOOP
+                EXECUTE 'DROP TABLE IF EXISTS ' || quote_ident(r.tablename) || ' CASCADE';
+              END LOOP;
+            END $$""")
+    finally:
+        await conn.close()
+
+
+async def postgres_url(prefix: str = "t") -> str:
+    """The shared server's URL with a random prefix, or a skip."""
+    if not await postgres_ping(POSTGRES_URL):
+        unavailable(f"no PostgreSQL at {POSTGRES_URL}")
+    return f"{POSTGRES_URL}?prefix={prefix}{uuid.uuid4().hex[:8]}"
+
+
+PG_BIN = os.environ.get("TIDINGS_PG_BIN", "/usr/lib/postgresql/15/bin")
+
+
+class PostgresServer:
+    """A private PostgreSQL cluster (initdb) on a free port, for fault tests.
+
+    ``kill`` is ``pg_ctl stop -m immediate`` (every backend dies at once, as in
+    a crash; WAL recovery at the next start); ``wipe`` also deletes the data
+    directory and makes a new one (history lost). As root, the server runs as
+    the ``postgres`` OS user.
+    """
+
+    def __init__(self) -> None:
+        if not os.path.exists(os.path.join(PG_BIN, "initdb")):
+            unavailable(f"no PostgreSQL binaries in {PG_BIN}")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="tidings-pg-")
+        self.data = os.path.join(self.dir, "data")
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            import pwd
+
+            user = pwd.getpwnam("postgres")
+            os.chown(self.dir, user.pw_uid, user.pw_gid)
+            self._as = ["runuser", "-u", "postgres", "--"]
+        self._initdb()
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self._as, *args], check=True, capture_output=True, timeout=60)
+
+    def _initdb(self) -> None:
+        self._run(os.path.join(PG_BIN, "initdb"), "-D", self.data, "-U", "postgres",
+                  "--auth=trust", "--no-sync")
+
+    def start(self) -> None:
+        self._run(os.path.join(PG_BIN, "pg_ctl"), "-D", self.data, "-w", "-t", "30",
+                  "-l", os.path.join(self.dir, "log"), "-o",
+                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
+                  f"-c fsync=off", "start")
+
+    def kill(self) -> None:
+        try:
+            self._run(os.path.join(PG_BIN, "pg_ctl"), "-D", self.data, "-m", "immediate",
+                      "-w", "stop")
+        except subprocess.CalledProcessError:
+            pass  # not running
+
+    def wipe(self) -> None:
+        """Kill, lose every table, and start an empty cluster on the same port."""
+        self.kill()
+        shutil.rmtree(self.data, ignore_errors=True)
+        self._initdb()
+        self.start()
+
+    def stop(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+BROKERS = ["memory", "ipc", "redis", "redis-cluster", "postgres", "rabbitmq", "mqtt"]
 
 
 @pytest.fixture(scope="session")
@@ -264,6 +370,8 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., H
         if not port_open(MQTT_URL, 1883):
             unavailable(f"no MQTT server at {MQTT_URL}")
         url = with_prefix(MQTT_URL, f"t{uuid.uuid4().hex[:8]}")
+    elif kind == "postgres":
+        url = await postgres_url()
     else:
         nodes = request.getfixturevalue("cluster_nodes")
         url = f"redis+cluster://127.0.0.1:{nodes[0].port}?prefix=t{uuid.uuid4().hex[:8]}"
@@ -283,3 +391,5 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., H
             await relay.stop()
         if sock_dir is not None:
             shutil.rmtree(sock_dir, ignore_errors=True)
+        if kind == "postgres":
+            await postgres_drop(url, url.rsplit("prefix=", 1)[1])

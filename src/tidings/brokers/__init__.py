@@ -53,6 +53,8 @@ _BACKENDS: dict[str, tuple[str, str, str]] = {
     "amqps": ("tidings.brokers.rabbitmq", "RabbitMQBroker", "rabbitmq"),
     "mqtt": ("tidings.brokers.mqtt", "MqttBroker", "mqtt"),
     "mqtts": ("tidings.brokers.mqtt", "MqttBroker", "mqtt"),
+    "postgresql": ("tidings.brokers.postgres", "PostgresBroker", "postgres"),
+    "postgres": ("tidings.brokers.postgres", "PostgresBroker", "postgres"),
 }
 
 

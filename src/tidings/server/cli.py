@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     subs.add_argument("pattern")
     _add(subs, "url", "server base URL", "http://127.0.0.1:8000")
 
+    migrate = sub.add_parser("migrate", help="create the broker's tables if missing "
+                             "(postgresql://; idempotent, also done on first use)")
+    _add(migrate, "broker", "broker URL", "memory://")
+
     sub.add_parser("asyncapi", help="print the AsyncAPI 3 document of the wire protocol")
     sub.add_parser("typescript", help="print TypeScript types of every frame")
 
@@ -298,6 +302,24 @@ def _bench(args: argparse.Namespace) -> int:
     return result
 
 
+def _migrate(url: str) -> int:
+    from tidings.brokers import create_broker
+    from tidings.exceptions import BrokerError
+
+    broker = create_broker(url)
+    migrate = getattr(broker, "migrate", None)
+    if migrate is None:
+        print("nothing to create: this broker keeps no schema")
+        return 0
+    try:
+        asyncio.run(migrate())
+    except BrokerError as exc:
+        print(f"tidings migrate: {exc}", file=sys.stderr)
+        return 1
+    print("schema ready")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
@@ -308,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _subscribe(args)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "migrate":
+        return _migrate(args.broker)
     if args.command in ("asyncapi", "typescript"):
         from tidings.server.cli_schema import print_asyncapi, print_typescript
 
