@@ -152,6 +152,10 @@ export interface ClientOptions {
    * false: never refresh on the open connection (the server's expiry close triggers a
    * reconnect with a fresh token instead) */
   refreshBefore?: number | false;
+  /** send a `ping` every this many ms while connected (0: off, the default); a ping
+   * without a pong within `requestTimeout` drops the socket and reconnects (a dead
+   * link is noticed without waiting for TCP). Each round trip emits `"heartbeat"`. */
+  heartbeat?: number;
   /** where warnings go; default: `console` for warnings only */
   logger?: Logger;
 }
@@ -730,6 +734,10 @@ export interface ClientEvents {
   /** connected (again) and every subscription and pull restored */
   connected: { connId: string; node: string; user: string | null; reconnect: boolean };
   disconnected: { code: number; reason: string; willReconnect: boolean };
+  /** the next reconnection attempt is due in `delay` ms (attempt counts from 1) */
+  reconnecting: { attempt: number; delay: number };
+  /** a heartbeat ping's round trip, in ms (with the `heartbeat` option) */
+  heartbeat: { rtt: number };
   /** a direct message to this client (from `send` or the server) */
   message: Message<unknown>;
   /** the server dropped publications for this slow client */
@@ -760,6 +768,8 @@ export class Client<M extends ChannelMap = Record<string, unknown>> extends Emit
   private readonly WS: WebSocketConstructor;
   private readonly getToken: (() => string | Promise<string>) | undefined;
   private readonly refreshBefore: number | false;
+  private readonly heartbeat: number;
+  private heartbeatTimer: ReturnType<typeof setInterval> | undefined;
   private token: string | undefined;
   private tokenStale = false;
   private authFailures = 0;
@@ -808,6 +818,8 @@ export class Client<M extends ChannelMap = Record<string, unknown>> extends Emit
     this.token = options.token;
     this.getToken = options.getToken;
     this.refreshBefore = options.refreshBefore ?? 30;
+    this.heartbeat = options.heartbeat ?? 0;
+    if (!(this.heartbeat >= 0)) throw new RangeError("heartbeat must be >= 0 ms");
     this.logger = options.logger ?? quietLogger;
   }
 
@@ -926,6 +938,7 @@ export class Client<M extends ChannelMap = Record<string, unknown>> extends Emit
     this.ready = false;
     clearTimeout(this.retryTimer);
     clearTimeout(this.refreshTimer);
+    clearInterval(this.heartbeatTimer);
     const ws = this.ws;
     this.ws = undefined;
     if (ws !== undefined) void closeSocket(ws, 1000, "closed by the client", 2000);
@@ -1036,6 +1049,7 @@ export class Client<M extends ChannelMap = Record<string, unknown>> extends Emit
     const pulls = [...this.pulls.entries()];
     this.linkUp = true;
     this.scheduleRefresh();
+    if (this.heartbeat > 0) this.heartbeatTimer = setInterval(() => this.beat(ws), this.heartbeat);
     const replies: Promise<unknown>[] = [];
     for (const sub of subs) {
       if (sub.active) replies.push(this.sendSubscribe(sub, ws).catch(() => undefined));
@@ -1082,9 +1096,30 @@ export class Client<M extends ChannelMap = Record<string, unknown>> extends Emit
     this.linkUp = false;
     this.ready = false;
     clearTimeout(this.refreshTimer);
+    clearInterval(this.heartbeatTimer);
     this.failPending(new ClientError("connection lost before the reply"));
     for (const sub of this.subs.values()) sub._resyncInflight = false;
     for (const inbox of this.itemInboxes.values()) inbox.clear(); // the server redelivers them
+  }
+
+  private beat(ws: WebSocketLike): void {
+    if (this.ws !== ws || !this.linkUp) return;
+    const start = Date.now();
+    this.call(ws, { type: "ping" }).then(
+      () => this.emit("heartbeat", { rtt: Date.now() - start }),
+      (err: unknown) => {
+        if (err instanceof ClientTimeoutError && this.ws === ws) {
+          this.logger.warn(`no pong within ${this.options.requestTimeout} ms: dropping the connection`);
+          this.drop(ws, 4000, "no pong");
+        }
+      },
+    );
+  }
+
+  /** Give up on `ws` now (without waiting for its close) and reconnect. */
+  private drop(ws: WebSocketLike, code: number, reason: string): void {
+    this.onSocketClose(ws, code, reason);
+    void closeSocket(ws, code, reason, 2000);
   }
 
   private backoff(): number {
@@ -1098,6 +1133,7 @@ export class Client<M extends ChannelMap = Record<string, unknown>> extends Emit
     if (this.stopped) return;
     const delay = this.backoff();
     this.retryTimer = setTimeout(() => void this.reconnectNow(), delay);
+    this.emit("reconnecting", { attempt: this.attempt, delay });
   }
 
   private async reconnectNow(): Promise<void> {

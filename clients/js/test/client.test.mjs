@@ -246,6 +246,30 @@ describe("against tidings serve", () => {
     assert.deepEqual([...got.keys()].sort((x, y) => x - y), Array.from({ length: 20 }, (_, n) => n));
   });
 
+  test("a full buffer on an exact channel is repaired from history: all 20 in order, none dropped", async () => {
+    const publisher = await client();
+    const slow = await client({ bufferSize: 4 });
+    const sub = await slow.subscribe("buf/x");
+    for (let i = 1; i <= 20; i++) await publisher.publish("buf/x", i);
+    await until(() => sub.recoveries >= 1, "the subscription to notice its full buffer");
+    const pubs = await take(sub, 20);
+    assert.deepEqual(pubs.map((p) => p.offset), Array.from({ length: 20 }, (_, i) => i + 1));
+    assert.deepEqual(pubs.map((p) => p.data), Array.from({ length: 20 }, (_, i) => i + 1));
+    assert.equal(sub.dropped, 0);
+    assert.equal(sub.gaps, 0);
+    // a pattern subscription cannot be recovered: it drops the oldest and counts them
+    const patternSub = await slow.subscribe("buf/+");
+    for (let i = 21; i <= 30; i++) await publisher.publish("buf/x", i);
+    await until(() => patternSub.dropped === 6, "6 dropped from a buffer of 4");
+    assert.deepEqual((await take(patternSub, 4)).map((p) => p.data), [27, 28, 29, 30]);
+  });
+
+  test("heartbeat: pings while connected and reports the round trip", async () => {
+    const c = await client({ heartbeat: 50 });
+    const beat = await nextEvent(c, "heartbeat");
+    assert.ok(beat.rtt >= 0 && beat.rtt < TIMEOUT);
+  });
+
   test("close(): idempotent, iterators end, requests reject with ClientClosedError", async () => {
     const c = await client();
     const sub = await c.subscribe("closing/x");

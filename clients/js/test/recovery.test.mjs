@@ -140,3 +140,33 @@ test("redis broker: the publications missed while the server was down are recove
   const [live] = await take(sub, 1);
   assert.deepEqual([live.offset, live.data.n], [6, 6]);
 });
+
+test("heartbeat: a server that stops answering (SIGSTOP) is dropped with 4000 and reconnected after SIGCONT", async () => {
+  const server = new Server();
+  servers.push(server);
+  await server.start();
+  const c = new Client(server.wsUrl, { WebSocket, heartbeat: 200, requestTimeout: 600, backoffMin: 50, backoffMax: 300 });
+  clients.push(c);
+  await c.connect();
+  const sub = await c.subscribe("hb/x");
+  await c.publish("hb/x", 1);
+  await take(sub, 1);
+  const firstConn = c.connId;
+  const dropped = nextEvent(c, "disconnected", () => true, RESTART_TIMEOUT);
+  const back = nextEvent(c, "connected", (e) => e.reconnect, RESTART_TIMEOUT);
+  const resubscribed = nextEvent(sub, "subscribed", (i) => i.resubscribed, RESTART_TIMEOUT);
+  server.proc.kill("SIGSTOP"); // the TCP connection stays open: only the heartbeat can tell
+  let drop;
+  try {
+    drop = await dropped;
+    assert.deepEqual([drop.code, drop.reason, drop.willReconnect], [4000, "no pong", true]);
+  } finally {
+    server.proc.kill("SIGCONT");
+  }
+  const info = await back;
+  assert.notEqual(info.connId, firstConn);
+  const sub2 = await resubscribed;
+  assert.equal(sub2.recovered, true); // same process: the history is there
+  await c.publish("hb/x", 2);
+  assert.deepEqual((await take(sub, 1)).map((p) => p.offset), [2]);
+});

@@ -556,6 +556,8 @@ export class Client extends Emitter {
     WS;
     getToken;
     refreshBefore;
+    heartbeat;
+    heartbeatTimer;
     token;
     tokenStale = false;
     authFailures = 0;
@@ -607,6 +609,9 @@ export class Client extends Emitter {
         this.token = options.token;
         this.getToken = options.getToken;
         this.refreshBefore = options.refreshBefore ?? 30;
+        this.heartbeat = options.heartbeat ?? 0;
+        if (!(this.heartbeat >= 0))
+            throw new RangeError("heartbeat must be >= 0 ms");
         this.logger = options.logger ?? quietLogger;
     }
     // -- state --
@@ -721,6 +726,7 @@ export class Client extends Emitter {
         this.ready = false;
         clearTimeout(this.retryTimer);
         clearTimeout(this.refreshTimer);
+        clearInterval(this.heartbeatTimer);
         const ws = this.ws;
         this.ws = undefined;
         if (ws !== undefined)
@@ -834,6 +840,8 @@ export class Client extends Emitter {
         const pulls = [...this.pulls.entries()];
         this.linkUp = true;
         this.scheduleRefresh();
+        if (this.heartbeat > 0)
+            this.heartbeatTimer = setInterval(() => this.beat(ws), this.heartbeat);
         const replies = [];
         for (const sub of subs) {
             if (sub.active)
@@ -889,11 +897,28 @@ export class Client extends Emitter {
         this.linkUp = false;
         this.ready = false;
         clearTimeout(this.refreshTimer);
+        clearInterval(this.heartbeatTimer);
         this.failPending(new ClientError("connection lost before the reply"));
         for (const sub of this.subs.values())
             sub._resyncInflight = false;
         for (const inbox of this.itemInboxes.values())
             inbox.clear(); // the server redelivers them
+    }
+    beat(ws) {
+        if (this.ws !== ws || !this.linkUp)
+            return;
+        const start = Date.now();
+        this.call(ws, { type: "ping" }).then(() => this.emit("heartbeat", { rtt: Date.now() - start }), (err) => {
+            if (err instanceof ClientTimeoutError && this.ws === ws) {
+                this.logger.warn(`no pong within ${this.options.requestTimeout} ms: dropping the connection`);
+                this.drop(ws, 4000, "no pong");
+            }
+        });
+    }
+    /** Give up on `ws` now (without waiting for its close) and reconnect. */
+    drop(ws, code, reason) {
+        this.onSocketClose(ws, code, reason);
+        void closeSocket(ws, code, reason, 2000);
     }
     backoff() {
         const { backoffMin, backoffMax } = this.options;
@@ -906,6 +931,7 @@ export class Client extends Emitter {
             return;
         const delay = this.backoff();
         this.retryTimer = setTimeout(() => void this.reconnectNow(), delay);
+        this.emit("reconnecting", { attempt: this.attempt, delay });
     }
     async reconnectNow() {
         if (this.stopped)
