@@ -218,4 +218,15 @@ async def test_page_in_a_browser(server: tuple[Hub, str]) -> None:
         await page.eval("document.getElementById('toggle').click()")
         await page.until("document.getElementById('state').textContent === "
                          "'closed 1000: closed by you'")
+        # Connect opens a new connection and joins the room again
+        await page.eval("document.getElementById('toggle').click()")
+        state = await page.until("(s => s.startsWith('connected') && s)"
+                                 "(document.getElementById('state').textContent)")
+        again = state.split(" · ")[1].split(" on ")[0]
+        assert again in hub.connections
+        await page.until("document.getElementById('count').textContent === '1'")  # the peer
+        # was dropped by close_all above; the new connection is in the room and gets its news
+        await hub.publish("chat/lobby", {"name": "server", "text": "welcome back"})
+        await page.until("document.getElementById('messages').textContent"
+                         ".includes('welcome back')")
         assert page.exceptions == []
