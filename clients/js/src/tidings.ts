@@ -775,6 +775,7 @@ export class Client<M extends ChannelMap = Record<string, unknown>> extends Emit
   private authFailures = 0;
   private _state: ConnectionState = "idle";
   private ws: WebSocketLike | undefined;
+  private opening: WebSocketLike | undefined; // a socket waiting for its welcome
   private linkUp = false;
   private ready = false;
   private readyWaiters = new Set<() => void>();
@@ -908,7 +909,8 @@ export class Client<M extends ChannelMap = Record<string, unknown>> extends Emit
       try {
         ws = await this.open();
       } catch (err) {
-        if (!this.stopped) this.setState("idle");
+        if (this.stopped) throw new ClientClosedError("the client was closed while connecting");
+        this.setState("idle");
         throw err;
       }
       if (this.stopped) {
@@ -942,6 +944,9 @@ export class Client<M extends ChannelMap = Record<string, unknown>> extends Emit
     const ws = this.ws;
     this.ws = undefined;
     if (ws !== undefined) void closeSocket(ws, 1000, "closed by the client", 2000);
+    const opening = this.opening;
+    this.opening = undefined;
+    if (opening !== undefined) opening.close(1000, "closed by the client"); // fails its open()
     const failure = error !== undefined ? new ClientError(error.message) : new ClientClosedError("the client was closed");
     this.failPending(failure);
     for (const sub of [...this.subs.values()]) sub._deactivate(error);
@@ -987,9 +992,11 @@ export class Client<M extends ChannelMap = Record<string, unknown>> extends Emit
         reject(new ClientError(`cannot connect to ${this.url}: ${String(err)}`));
         return;
       }
+      this.opening = ws;
       const fail = (err: ClientError): void => {
         if (settled) return;
         settled = true;
+        if (this.opening === ws) this.opening = undefined;
         clearTimeout(timer);
         detach(ws);
         if (ws.readyState <= OPEN) ws.close(1000, "no welcome");
@@ -1024,6 +1031,7 @@ export class Client<M extends ChannelMap = Record<string, unknown>> extends Emit
         }
         if (settled) return;
         settled = true;
+        if (this.opening === ws) this.opening = undefined;
         clearTimeout(timer);
         this._connId = String(f.conn_id);
         this._node = String(f.node);

@@ -1,6 +1,7 @@
 // The client against a real `tidings serve` (memory broker): pub/sub, wildcards,
 // history, presence, join/leave, direct messages, queues, errors, close.
 import assert from "node:assert/strict";
+import { createServer } from "node:net";
 import { after, before, describe, test } from "node:test";
 import { WebSocket } from "ws";
 import {
@@ -285,6 +286,25 @@ describe("against tidings serve", () => {
     await assert.rejects(c.publish("closing/x", 1), ClientClosedError);
     await assert.rejects(c.subscribe("closing/y"), ClientClosedError);
     await assert.rejects(c.connect(), ClientClosedError);
+  });
+
+  test("close() during a connect that gets no answer ends it at once", async () => {
+    const sockets = [];
+    const silent = createServer((socket) => sockets.push(socket)); // accepts TCP, never answers
+    await new Promise((resolve) => silent.listen(0, "127.0.0.1", resolve));
+    try {
+      const c = new Client(`ws://127.0.0.1:${silent.address().port}/ws`, { WebSocket });
+      const connecting = c.connect();
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      const started = Date.now();
+      await c.close();
+      await assert.rejects(connecting, ClientClosedError);
+      assert.ok(Date.now() - started < 3000);
+      assert.equal(c.state, "closed");
+    } finally {
+      for (const socket of sockets) socket.destroy();
+      await new Promise((resolve) => silent.close(resolve));
+    }
   });
 
   test("connect to a port with no server rejects", async () => {

@@ -563,6 +563,7 @@ export class Client extends Emitter {
     authFailures = 0;
     _state = "idle";
     ws;
+    opening; // a socket waiting for its welcome
     linkUp = false;
     ready = false;
     readyWaiters = new Set();
@@ -696,8 +697,9 @@ export class Client extends Emitter {
                 ws = await this.open();
             }
             catch (err) {
-                if (!this.stopped)
-                    this.setState("idle");
+                if (this.stopped)
+                    throw new ClientClosedError("the client was closed while connecting");
+                this.setState("idle");
                 throw err;
             }
             if (this.stopped) {
@@ -731,6 +733,10 @@ export class Client extends Emitter {
         this.ws = undefined;
         if (ws !== undefined)
             void closeSocket(ws, 1000, "closed by the client", 2000);
+        const opening = this.opening;
+        this.opening = undefined;
+        if (opening !== undefined)
+            opening.close(1000, "closed by the client"); // fails its open()
         const failure = error !== undefined ? new ClientError(error.message) : new ClientClosedError("the client was closed");
         this.failPending(failure);
         for (const sub of [...this.subs.values()])
@@ -778,10 +784,13 @@ export class Client extends Emitter {
                 reject(new ClientError(`cannot connect to ${this.url}: ${String(err)}`));
                 return;
             }
+            this.opening = ws;
             const fail = (err) => {
                 if (settled)
                     return;
                 settled = true;
+                if (this.opening === ws)
+                    this.opening = undefined;
                 clearTimeout(timer);
                 detach(ws);
                 if (ws.readyState <= OPEN)
@@ -816,6 +825,8 @@ export class Client extends Emitter {
                 if (settled)
                     return;
                 settled = true;
+                if (this.opening === ws)
+                    this.opening = undefined;
                 clearTimeout(timer);
                 this._connId = String(f.conn_id);
                 this._node = String(f.node);
