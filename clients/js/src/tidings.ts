@@ -249,6 +249,7 @@ export class ConnectionClosedError extends ClientError {
 const OPEN = 1;
 const CLOSED = 3;
 const POLICY_VIOLATION = 1008;
+const TRY_AGAIN_LATER = 1013;
 const MAX_TRACKED_CHANNELS = 10_000;
 const MAX_AUTH_FAILURES = 3; // consecutive token refusals before giving up
 
@@ -643,12 +644,18 @@ export class Subscription<T = unknown>
     if (this.recovering && this._active && !this._resyncInflight && room) this.client._resync(this);
   }
 
-  /** @internal */ _onSubscribed(sentRecover: boolean, result: unknown): void {
+  /** @internal */ _onSubscribed(sentRecover: boolean, result: unknown, abandoned?: StreamPos): void {
     this._resyncInflight = false;
     if (!this._active) return;
     if (result === null || typeof result !== "object") throw new TypeError("a subscribe result must be an object");
     const r = result as Record<string, unknown>;
     this.recovering = false;
+    if (abandoned !== undefined) {
+      const top = typeof r.offset === "number" ? r.offset : abandoned.offset;
+      this.gaps++;
+      this.positions.delete(this.pattern); // continue from the channel's current position
+      this.emit("gap", { channel: this.pattern, from: abandoned.offset + 1, to: top, reason: "recovery abandoned: too large for the server's outbox" });
+    }
     const replayed = Array.isArray(r.publications) ? r.publications : [];
     for (const raw of replayed) this._offer(toPublication<T>(raw));
     const recovered = sentRecover && r.recovered === true;
@@ -786,6 +793,8 @@ export class Client<M extends ChannelMap = Record<string, unknown>> extends Emit
   private nextId = 0;
   private attempt = 0;
   private sessionStart = 0;
+  private restoring = false; // re-subscribing after a (re)connect, not yet done
+  private restoreOverflows = 0; // sessions closed with 1013 while restoring, in a row
   private pending = new Map<number, Pending>();
   private subs = new Map<string, Subscription<any>>();
   private pulls = new Map<string, number>();
@@ -1059,14 +1068,21 @@ export class Client<M extends ChannelMap = Record<string, unknown>> extends Emit
     this.scheduleRefresh();
     if (this.heartbeat > 0) this.heartbeatTimer = setInterval(() => this.beat(ws), this.heartbeat);
     const replies: Promise<unknown>[] = [];
+    // The server closes with 1013 when a reply is too large for its outbox: a recovery
+    // that keeps failing like that would fail forever. Give it up (and report the gap).
+    const giveUpRecovery = this.restoreOverflows >= 2;
+    if (giveUpRecovery) this.logger.warn("recovery replies overflowed the server's outbox twice: re-subscribing without recover");
+    this.restoring = true;
     for (const sub of subs) {
-      if (sub.active) replies.push(this.sendSubscribe(sub, ws).catch(() => undefined));
+      if (sub.active) replies.push(this.sendSubscribe(sub, ws, giveUpRecovery).catch(() => undefined));
     }
     for (const [queue, max] of pulls) {
       replies.push(this.sendRequest(ws, { type: "pull", queue, max }).catch(() => undefined));
     }
     const restored = (): void => {
       if (this.ws !== ws || this.stopped) return;
+      this.restoring = false;
+      this.restoreOverflows = 0;
       this.setReady();
       this.setState("connected");
       this.emit("connected", { connId: this._connId ?? "", node: this._node ?? "", user: this._user, reconnect });
@@ -1077,6 +1093,8 @@ export class Client<M extends ChannelMap = Record<string, unknown>> extends Emit
 
   private onSocketClose(ws: WebSocketLike, code: number, reason: string): void {
     if (this.ws !== ws) return;
+    if (this.restoring && code === TRY_AGAIN_LATER) this.restoreOverflows++;
+    this.restoring = false;
     this.linkLost(ws);
     if (this.stopped) return;
     const what = `connection lost (close code ${code}${reason ? `, ${reason}` : ""})`;
@@ -1367,16 +1385,17 @@ export class Client<M extends ChannelMap = Record<string, unknown>> extends Emit
     return this.call(ws, frame, Math.max(1, deadline - Date.now()));
   }
 
-  private sendSubscribe(sub: Subscription<any>, ws: WebSocketLike): Promise<unknown> {
+  private sendSubscribe(sub: Subscription<any>, ws: WebSocketLike, giveUpRecovery = false): Promise<unknown> {
     const frame: Record<string, unknown> = { type: "subscribe", channel: sub.pattern };
     if (sub.joinLeave) frame.join_leave = true;
-    const pos = sub._recoverFrom();
+    const known = sub._recoverFrom();
+    const pos = giveUpRecovery ? undefined : known;
     if (pos !== undefined) frame.recover = { offset: pos.offset, epoch: pos.epoch };
     sub._resyncInflight = true;
     return this.sendRequest(
       ws,
       frame,
-      (result) => sub._onSubscribed(pos !== undefined, result),
+      (result) => sub._onSubscribed(pos !== undefined, result, giveUpRecovery ? known : undefined),
       (err) => sub._onSubscribeError(err),
     );
   }

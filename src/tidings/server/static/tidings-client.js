@@ -81,6 +81,7 @@ export class ConnectionClosedError extends ClientError {
 const OPEN = 1;
 const CLOSED = 3;
 const POLICY_VIOLATION = 1008;
+const TRY_AGAIN_LATER = 1013;
 const MAX_TRACKED_CHANNELS = 10_000;
 const MAX_AUTH_FAILURES = 3; // consecutive token refusals before giving up
 const quietLogger = {
@@ -449,7 +450,7 @@ export class Subscription extends Emitter {
         if (this.recovering && this._active && !this._resyncInflight && room)
             this.client._resync(this);
     }
-    /** @internal */ _onSubscribed(sentRecover, result) {
+    /** @internal */ _onSubscribed(sentRecover, result, abandoned) {
         this._resyncInflight = false;
         if (!this._active)
             return;
@@ -457,6 +458,12 @@ export class Subscription extends Emitter {
             throw new TypeError("a subscribe result must be an object");
         const r = result;
         this.recovering = false;
+        if (abandoned !== undefined) {
+            const top = typeof r.offset === "number" ? r.offset : abandoned.offset;
+            this.gaps++;
+            this.positions.delete(this.pattern); // continue from the channel's current position
+            this.emit("gap", { channel: this.pattern, from: abandoned.offset + 1, to: top, reason: "recovery abandoned: too large for the server's outbox" });
+        }
         const replayed = Array.isArray(r.publications) ? r.publications : [];
         for (const raw of replayed)
             this._offer(toPublication(raw));
@@ -574,6 +581,8 @@ export class Client extends Emitter {
     nextId = 0;
     attempt = 0;
     sessionStart = 0;
+    restoring = false; // re-subscribing after a (re)connect, not yet done
+    restoreOverflows = 0; // sessions closed with 1013 while restoring, in a row
     pending = new Map();
     subs = new Map();
     pulls = new Map();
@@ -854,9 +863,15 @@ export class Client extends Emitter {
         if (this.heartbeat > 0)
             this.heartbeatTimer = setInterval(() => this.beat(ws), this.heartbeat);
         const replies = [];
+        // The server closes with 1013 when a reply is too large for its outbox: a recovery
+        // that keeps failing like that would fail forever. Give it up (and report the gap).
+        const giveUpRecovery = this.restoreOverflows >= 2;
+        if (giveUpRecovery)
+            this.logger.warn("recovery replies overflowed the server's outbox twice: re-subscribing without recover");
+        this.restoring = true;
         for (const sub of subs) {
             if (sub.active)
-                replies.push(this.sendSubscribe(sub, ws).catch(() => undefined));
+                replies.push(this.sendSubscribe(sub, ws, giveUpRecovery).catch(() => undefined));
         }
         for (const [queue, max] of pulls) {
             replies.push(this.sendRequest(ws, { type: "pull", queue, max }).catch(() => undefined));
@@ -864,6 +879,8 @@ export class Client extends Emitter {
         const restored = () => {
             if (this.ws !== ws || this.stopped)
                 return;
+            this.restoring = false;
+            this.restoreOverflows = 0;
             this.setReady();
             this.setState("connected");
             this.emit("connected", { connId: this._connId ?? "", node: this._node ?? "", user: this._user, reconnect });
@@ -876,6 +893,9 @@ export class Client extends Emitter {
     onSocketClose(ws, code, reason) {
         if (this.ws !== ws)
             return;
+        if (this.restoring && code === TRY_AGAIN_LATER)
+            this.restoreOverflows++;
+        this.restoring = false;
         this.linkLost(ws);
         if (this.stopped)
             return;
@@ -1175,15 +1195,16 @@ export class Client extends Emitter {
             throw new ClientError("connection lost before the request was sent");
         return this.call(ws, frame, Math.max(1, deadline - Date.now()));
     }
-    sendSubscribe(sub, ws) {
+    sendSubscribe(sub, ws, giveUpRecovery = false) {
         const frame = { type: "subscribe", channel: sub.pattern };
         if (sub.joinLeave)
             frame.join_leave = true;
-        const pos = sub._recoverFrom();
+        const known = sub._recoverFrom();
+        const pos = giveUpRecovery ? undefined : known;
         if (pos !== undefined)
             frame.recover = { offset: pos.offset, epoch: pos.epoch };
         sub._resyncInflight = true;
-        return this.sendRequest(ws, frame, (result) => sub._onSubscribed(pos !== undefined, result), (err) => sub._onSubscribeError(err));
+        return this.sendRequest(ws, frame, (result) => sub._onSubscribed(pos !== undefined, result, giveUpRecovery ? known : undefined), (err) => sub._onSubscribeError(err));
     }
     /** @internal re-subscribe `sub` with `recover` now, if the link is up (else the reconnection does). */
     _resync(sub) {
