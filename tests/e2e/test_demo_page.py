@@ -41,8 +41,10 @@ async def test_page_is_served(server: tuple[Hub, str]) -> None:
     assert 'new URL("ws", location.href)' in page
     assert '"wss:"' in page
     assert 'fetch("api/publish"' in page
-    assert "recover" in page
-    assert "join_leave: sub.joinLeave" in page
+    # the page uses the JavaScript client served beside it (clients/js, built)
+    assert 'import { Client } from "./tidings-client.js"' in page
+    assert "recoverAsked" in page
+    assert "joinLeave: true" in page
     # self-contained: no external scripts, styles or fonts (the machine may be offline)
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
     assert not re.search(r"url\(|@import", page)
@@ -58,6 +60,10 @@ async def test_page_works_under_a_prefix() -> None:
         status, _, page = await asyncio.to_thread(get, base + "/rt/")
         assert status == 200
         assert "tidings" in page
+        status, ctype, script = await asyncio.to_thread(get, base + "/rt/tidings-client.js")
+        assert status == 200
+        assert ctype.startswith("text/javascript")
+        assert "export class Client" in script
         async with native(base, "/rt/ws") as client:  # new URL("ws", "<base>/rt/")
             reply = await client.request({"type": "subscribe", "channel": "feed/#"})
             assert reply["type"] == "reply"
@@ -212,4 +218,15 @@ async def test_page_in_a_browser(server: tuple[Hub, str]) -> None:
         await page.eval("document.getElementById('toggle').click()")
         await page.until("document.getElementById('state').textContent === "
                          "'closed 1000: closed by you'")
+        # Connect opens a new connection and joins the room again
+        await page.eval("document.getElementById('toggle').click()")
+        state = await page.until("(s => s.startsWith('connected') && s)"
+                                 "(document.getElementById('state').textContent)")
+        again = state.split(" · ")[1].split(" on ")[0]
+        assert again in hub.connections
+        await page.until("document.getElementById('count').textContent === '1'")  # the peer
+        # was dropped by close_all above; the new connection is in the room and gets its news
+        await hub.publish("chat/lobby", {"name": "server", "text": "welcome back"})
+        await page.until("document.getElementById('messages').textContent"
+                         ".includes('welcome back')")
         assert page.exceptions == []
