@@ -91,6 +91,26 @@ async def test_epoch_mismatch_and_window_loss_are_reported() -> None:
         assert other["recovered"] is False
 
 
+async def test_a_replay_too_big_for_one_reply_is_not_recovered() -> None:
+    """A replay that could never be sent in one frame (the outbox would close the
+    connection with 1013, again on every retry) is answered recovered: false."""
+    from tidings import Limits
+
+    hub = Hub(history_size=100, limits=Limits(outbox_bytes=64 * 1024))
+    async with running(hub) as base, native(base) as c:
+        first = await hub.publish("big", "x")
+        for _ in range(10):
+            await hub.publish("big", "y" * 8000)  # 80 KB to replay > half the outbox
+        reply = await subscribe(c, "big", {"offset": first.offset, "epoch": first.epoch})
+        assert reply["recovered"] is False
+        assert (reply["publications"], reply["offset"]) == ([], 11)
+        await hub.publish("big", "live")
+        assert (await c.next("publication"))["data"] == "live"  # still connected
+        small = await subscribe(c, "big", {"offset": 10, "epoch": first.epoch})
+        assert small["recovered"] is True
+        assert [p["offset"] for p in small["publications"]] == [11, 12]
+
+
 @pytest.mark.redis
 @pytest.mark.parametrize("how", ["flushall", "restart"])
 async def test_redis_losing_state_gives_a_new_epoch(how: str) -> None:

@@ -34,3 +34,12 @@ def test_filter_masks_args_and_known_secrets() -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "key is hunter22", None, None)
     RedactingFilter(secrets=["hunter22"]).filter(record)
     assert record.getMessage() == "key is ***"
+
+
+def test_broker_url_passwords_are_masked() -> None:
+    from tidings.security.redact import redact
+
+    assert redact("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
+    assert redact("amqp://guest:guest@127.0.0.1:5672/") == "amqp://guest:***@127.0.0.1:5672/"
+    assert redact("postgresql://app:p%40ss@db/test?prefix=x") == "postgresql://app:***@db/test?prefix=x"
+    assert redact("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"  # a port is not a password

@@ -53,6 +53,7 @@ from tidings.protocol.index import SubscriptionIndex
 from tidings.protocol.names import is_pattern, pattern_matches, validate_channel, validate_pattern
 from tidings.protocol.native import StreamPos
 from tidings.security.auth import Authenticator, Identity
+from tidings.security.redact import redact
 from tidings.types import HistoryPage, Member, Publication
 
 if TYPE_CHECKING:
@@ -194,7 +195,7 @@ class HubCore:
         self._loop = asyncio.get_running_loop()
         await self.broker.connect(self.node, BrokerCallbacks(self))
         self._started = True
-        log.info("tidings node %s started on %s (offers: %s)", self.node, self.broker.url,
+        log.info("tidings node %s started on %s (offers: %s)", self.node, self.broker_url,
                  ", ".join(self.capabilities.offered()))
 
     async def stop(self, *, timeout: float = 2.0) -> None:
@@ -456,11 +457,11 @@ class HubCore:
     def on_broker_state(self, health: BrokerHealth) -> None:
         if health.up != self._health.up:
             if health.up and self._health.reason == "not started":
-                log.debug("broker %s is up", self.broker.url)
+                log.debug("broker %s is up", self.broker_url)
             elif health.up:
-                log.warning("broker %s is up again", self.broker.url)
+                log.warning("broker %s is up again", self.broker_url)
             else:
-                log.warning("broker %s is down: %s", self.broker.url, health.reason)
+                log.warning("broker %s is down: %s", self.broker_url, health.reason)
         self._health = health
 
     def health(self) -> BrokerHealth:
@@ -593,6 +594,11 @@ class HubCore:
             if pattern is None or pattern_matches(pattern, name) or pattern == name:
                 out[name] = self.index.subscribers(name)
         return out
+
+    @property
+    def broker_url(self) -> str:
+        """The broker's URL with any password masked, for logs."""
+        return redact(self.broker.url)
 
     @property
     def broker_name(self) -> str:

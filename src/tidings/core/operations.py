@@ -6,6 +6,9 @@ here in between (as centrifuge's one ``handleSubscribe`` serves every
 encoding). So there is one policy for the things that must not drift apart:
 
 - permissions (:func:`tidings.core.permissions.check`) and limits come first;
+- a recovery whose replay would not fit one reply (half the outbox bytes) is
+  answered ``recovered: false`` rather than with a frame the connection could
+  never send;
 - while the broker is down a subscription still succeeds and delivers live
   publications: its position is unknown (offset 0, no epoch) and a recovering
   client is told ``recovered: false``, never an error that leaves it
@@ -28,6 +31,7 @@ from tidings.exceptions import BrokerUnavailable, HookError, NotAvailable
 from tidings.protocol.codes import ErrorCode
 from tidings.protocol.errors import ProtocolError
 from tidings.protocol.names import is_pattern
+from tidings.protocol.native import dumps
 from tidings.types import HistoryPage, Publication, StreamPos
 
 if TYPE_CHECKING:
@@ -141,9 +145,20 @@ async def _position(hub: HubCore, channel: str, recover: StreamPos | None,
             raise
         # subscribed and delivering live; the position is unknown until the broker is back
         return Subscribed(channel, recovering=recover is not None)
+    pubs = list(page.publications) if page.recovered else []
+    if pubs and replay_size(pubs) > hub.limits.outbox_bytes // 2:
+        # one reply that big would overflow the outbox (close 1013) on every
+        # try: the client is told it did not recover and reads history in pages
+        return Subscribed(channel, page.offset, page.epoch, recovering=True,
+                          positioned=True)
     return Subscribed(channel, page.offset, page.epoch, recovering=True,
-                      recovered=page.recovered, positioned=True,
-                      publications=list(page.publications) if page.recovered else [])
+                      recovered=page.recovered, positioned=True, publications=pubs)
+
+
+def replay_size(pubs: list[Publication]) -> int:
+    """About the bytes a reply carrying ``pubs`` takes (their data as JSON)."""
+    return sum(len(p.text) if p.text is not None else len(dumps(p.to_dict()["data"]))
+               for p in pubs)
 
 
 async def history(hub: HubCore, conn: Connection | None, channel: str, *,

@@ -1,4 +1,5 @@
-"""Keep secrets out of logs: tokens in URLs and headers, JWTs, API keys.
+"""Keep secrets out of logs: tokens in URLs and headers, JWTs, API keys, and the
+passwords of broker URLs.
 
 uvicorn logs every request path *with* its query string, so a browser that
 puts its JWT in ``?token=`` would leave it in every access log. ``tidings
@@ -24,6 +25,8 @@ _PATTERNS: Final = (
     re.compile(r"(?i)(\b(?:bearer|apikey)\s+)[^\s\"',]+"),
     # X-API-Key: ... in dumped headers
     re.compile(r"(?i)(x-api-key[\"']?\s*[:=,]\s*[\"']?)[^\s\"',)]+"),
+    # the password of a broker URL: redis://user:secret@host, amqp://guest:guest@...
+    re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s/]+(?=@)"),
     # anything shaped like a JWT (also a ``token.<jwt>`` subprotocol)
     re.compile(r"()\beyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*"),
 )
