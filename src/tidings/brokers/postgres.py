@@ -182,7 +182,6 @@ class PostgresBroker:
 
     capabilities = Capabilities(positions=True, history=True, presence=True, queues=True,
                                 direct=True)
-    pipelined = True  # publishes may be issued without waiting for the previous reply
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
