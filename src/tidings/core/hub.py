@@ -37,6 +37,7 @@ from tidings.brokers import (
     create_broker,
 )
 from tidings.brokers.base import PublishDone
+from tidings.core.channels import ChannelTypes
 from tidings.core.config import HistoryConfig, HistoryRule, Limits
 from tidings.core.connection import Connection, ConnectionKind, DirectTransport
 from tidings.core.fanout import FanOut
@@ -163,6 +164,7 @@ class HubCore:
         self.index: SubscriptionIndex[Connection] = self.fanout.index
         # the subset of subscriptions that asked for join/leave frames
         self.join_leave_index: SubscriptionIndex[Connection] = self.fanout.join_leave_index
+        self.channel_types = ChannelTypes()
         self.publisher = Publisher(self, self.broker, self.fanout)
         self.messenger = NodeMessenger(self, self.broker)
         # queues live in the broker when it can share them between nodes (Redis),
@@ -514,6 +516,16 @@ class HubCore:
         return await self._history.position(channel)
 
     # -- publishing, fan-out and messages: the parts ---------------------------------
+
+    def channel(self, pattern: str, type_: Any) -> None:
+        """Declare what channels matching ``pattern`` carry: a Pydantic model, or
+        any type ``pydantic.TypeAdapter`` takes (``list[int]``, a TypedDict...).
+
+        Every publish on a matching channel, from any protocol, is validated
+        first: invalid data is refused with ``bad_request`` and the error
+        locations, and nothing is published; valid data goes out as the type
+        dumps it to JSON. The first matching declaration wins."""
+        self.channel_types.declare(pattern, type_, max_name=self.limits.max_name)
 
     async def publish(self, channel: str, data: Any, *, sender: str | None = None,
                       text: str | None = None) -> Publication:

@@ -32,6 +32,7 @@ from tidings.types import Publication
 if TYPE_CHECKING:
     from tidings.brokers import Broker
     from tidings.brokers.base import HistoryOptions
+    from tidings.core.channels import ChannelTypes
     from tidings.core.config import HistoryConfig, Limits
     from tidings.core.fanout import FanOut
     from tidings.core.hub import HubCore, HubStats
@@ -44,7 +45,7 @@ class Publisher:
     declares; owned by :class:`~tidings.core.hub.HubCore` (``hub.publisher``)."""
 
     __slots__ = ("_nowait", "_pipeline", "broker", "fanout", "history_config", "hub",
-                 "limits", "stats")
+                 "limits", "stats", "types")
 
     def __init__(self, hub: HubCore, broker: Broker, fanout: FanOut) -> None:
         self.hub = hub  # for its state: running or not, and its event loop
@@ -53,6 +54,7 @@ class Publisher:
         self.limits: Limits = hub.limits
         self.stats: HubStats = hub.stats
         self.history_config: HistoryConfig = hub.history_config
+        self.types: ChannelTypes = hub.channel_types
         self._nowait: NowaitPublisher | None = (
             broker if isinstance(broker, NowaitPublisher) else None)
         self._pipeline: PipelinedPublisher | None = (
@@ -66,6 +68,8 @@ class Publisher:
         producer's frame); raw-stream subscribers then get that text as is.
         """
         history = self._publishing(channel)
+        if self.types.active:
+            data, text = self.types.check(channel, data, text)
         try:
             return await self.broker.publish(channel, data, sender=sender, history=history,
                                              text=text)
@@ -107,6 +111,8 @@ class Publisher:
         history = self._publishing(channel)
         if self._nowait is None:
             raise HubError(f"the {self.broker.url} broker cannot publish without waiting")
+        if self.types.active:
+            data, text = self.types.check(channel, data, text)
         return self._nowait.publish_nowait(channel, data, sender=sender, history=history,
                                            text=text)
 
@@ -117,6 +123,8 @@ class Publisher:
         history = self._publishing(channel, len(items))
         if self._nowait is None:
             raise HubError(f"the {self.broker.url} broker cannot publish without waiting")
+        if self.types.active:  # all or none: one invalid item refuses the batch
+            items = [self.types.check(channel, data, text) for data, text in items]
         return self._nowait.publish_many_nowait(channel, items, sender=sender, history=history)
 
     def publish_soon(self, channel: str, data: Any, *, sender: str | None = None,
@@ -147,10 +155,14 @@ class Publisher:
                 lambda future: done(outcome_of(future)))
             return
 
+        history = self._publishing(channel)
+        if self.types.active:
+            data, text = self.types.check(channel, data, text)
+
         def finished(outcome: PublishOutcome) -> None:
             if isinstance(outcome, BrokerUnavailable):
                 self._publish_locally(channel, data, sender, text)
             done(outcome)
 
-        pipeline.publish_then(channel, data, sender=sender, history=self._publishing(channel),
-                              text=text, done=finished)
+        pipeline.publish_then(channel, data, sender=sender, history=history, text=text,
+                              done=finished)

@@ -124,15 +124,24 @@ class PubEndpoint(WebSocketSession):
                                and not frame_guard(hub, conn, payload)):
                 return True
             data, text = _raw_value(payload)
-            if mode == "nowait":
-                pub = hub.publisher.publish_nowait(channel, data, sender=sender, text=text)
-                if ack:
-                    conn.send_frame(dumps({"offset": pub.offset, "epoch": pub.epoch}).decode())
-            else:
-                hub.publisher.publish_then(channel, data, sender=sender, text=text,
-                                           done=window.settled)
-                window.count += 1  # after: a refused publish (it raises) is not counted
+            try:
+                if mode == "nowait":
+                    pub = hub.publisher.publish_nowait(channel, data, sender=sender, text=text)
+                    if ack:
+                        conn.send_frame(dumps({"offset": pub.offset,
+                                               "epoch": pub.epoch}).decode())
+                else:
+                    hub.publisher.publish_then(channel, data, sender=sender, text=text,
+                                               done=window.settled)
+                    window.count += 1  # after: a refused publish (it raises) is not counted
+            except ProtocolError as exc:  # refused (a typed channel): said, not dropped
+                refused(exc)
             return True
+
+        def refused(exc: ProtocolError) -> None:
+            hub.stats.errors[exc.code.value] += 1
+            conn.send_frame(dumps({"error": {"code": exc.code.value,
+                                             "message": exc.message}}).decode())
 
         def take_many(payloads: list[str | bytes]) -> int:
             """Publish frames read together without waiting; how many were taken
@@ -145,7 +154,7 @@ class PubEndpoint(WebSocketSession):
                 while allowed < len(payloads) and conn.frame_delay(now) == 0.0:
                     allowed += 1
                 payloads = payloads[:allowed]
-            if mode != "nowait":
+            if mode != "nowait" or hub.channel_types.active:  # typed: each frame answers
                 taken = 0
                 for payload in payloads:
                     if not take(payload):
@@ -195,7 +204,11 @@ class PubEndpoint(WebSocketSession):
             if not frame_guard(hub, conn, payload):
                 return
             data, text = _raw_value(payload)
-            pub = await hub.publisher.publish(channel, data, sender=sender, text=text)
+            try:
+                pub = await hub.publisher.publish(channel, data, sender=sender, text=text)
+            except ProtocolError as exc:
+                refused(exc)
+                continue
             if ack:
                 conn.send_frame(dumps({"offset": pub.offset, "epoch": pub.epoch}).decode())
 
