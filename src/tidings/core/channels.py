@@ -56,6 +56,14 @@ class ChannelTypes:
         """(pattern, type) of every declaration, in order (for generated docs)."""
         return [(pattern, type_) for pattern, type_, _ in self._rules]
 
+    def json_schemas(self, ref_template: str) -> list[tuple[str, Any, dict[str, Any]]]:
+        """(pattern, type, JSON Schema of the type) of every declaration, as
+        subscribers get the data (the dumped form: defaults filled in); nested
+        models under ``$defs``, referenced with ``ref_template``."""
+        return [(pattern, type_, adapter.json_schema(ref_template=ref_template,
+                                                     mode="serialization"))
+                for pattern, type_, adapter in self._rules]
+
     def _rule(self, channel: str) -> tuple[str, Any] | None:
         try:
             return self._by_channel[channel]

@@ -85,8 +85,11 @@ def _parser() -> argparse.ArgumentParser:
                              "(postgresql://; idempotent, also done on first use)")
     _add(migrate, "broker", "broker URL", "memory://")
 
-    sub.add_parser("asyncapi", help="print the AsyncAPI 3 document of the wire protocol")
-    sub.add_parser("typescript", help="print TypeScript types of every frame")
+    for name, what in (("asyncapi", "print the AsyncAPI 3 document of the wire protocol"),
+                       ("typescript", "print TypeScript types of every frame")):
+        schema_cmd = sub.add_parser(name, help=what)
+        schema_cmd.add_argument("--app", default=None, metavar="MODULE:HUB",
+                                help="also the typed channels of this hub (hub.channel)")
 
     bench = sub.add_parser(
         "bench", help="tidings side by side with its peers (benchmarks/compare.py)")
@@ -335,7 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("asyncapi", "typescript"):
         from tidings.server.cli_schema import print_asyncapi, print_typescript
 
-        return print_asyncapi() if args.command == "asyncapi" else print_typescript()
+        if args.command == "asyncapi":
+            return print_asyncapi(args.app)
+        return print_typescript(args.app)
     return 2  # pragma: no cover
 
 
