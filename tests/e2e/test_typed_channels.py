@@ -109,3 +109,19 @@ async def test_centrifuge_publish(app: tuple[Hub, str]) -> None:
                                                        "data": {"order_id": 9,
                                                                 "status": "ok"}}}))
         assert "publish" in json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+
+
+async def test_asyncapi_route_and_docs_page(app: tuple[Hub, str]) -> None:
+    import httpx
+
+    _, base = app
+    async with httpx.AsyncClient() as client:
+        doc = (await client.get(base + "/asyncapi.json")).json()
+        page = await client.get(base + "/asyncapi")
+    addresses = {c["address"] for c in doc["channels"].values()}
+    assert {"/ws", "orders/+", "sensors/#"} <= addresses
+    assert doc["components"]["schemas"]["OrderUpdate"]["required"] == ["order_id", "status"]
+    assert page.status_code == 200
+    assert 'fetch("asyncapi.json")' in page.text
+    assert "<script src" not in page.text  # nothing fetched from elsewhere
+    assert "https://" not in page.text

@@ -1,4 +1,5 @@
-"""Every route of a hub: the websocket endpoints, the HTTP API, health and metrics."""
+"""Every route of a hub: the websocket endpoints, the HTTP API, health, metrics,
+and the AsyncAPI document of the protocol and the app's typed channels."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from tidings.endpoints.centrifuge import CentrifugeEndpoint
 from tidings.endpoints.http_api import api_endpoint, health_endpoint
 from tidings.endpoints.metrics import metrics_endpoint
 from tidings.endpoints.native import NativeEndpoint
+from tidings.endpoints.schema import asyncapi_endpoint, docs_endpoint
 from tidings.endpoints.streams import PubEndpoint, PullEndpoint, PushEndpoint, SubEndpoint
 
 if TYPE_CHECKING:
@@ -33,6 +35,9 @@ def build_router(hub: HubCore) -> Router:
         Route("/api/{method}", api_endpoint(hub), methods=["POST"], name="tidings_api"),
         Route("/health", health_endpoint(hub), methods=["GET"], name="tidings_health"),
         Route("/metrics", metrics_endpoint(hub), methods=["GET"], name="tidings_metrics"),
+        Route("/asyncapi.json", asyncapi_endpoint(hub), methods=["GET"],
+              name="tidings_asyncapi"),
+        Route("/asyncapi", docs_endpoint(), methods=["GET"], name="tidings_docs"),
     ]
     try:  # FastAPI's include_router wants its own router class
         from fastapi import APIRouter
