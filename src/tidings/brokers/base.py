@@ -61,6 +61,7 @@ __all__ = [
     "capabilities_of",
     "outcome_of",
     "settle_future",
+    "transition",
 ]
 
 # what a pipelined publish (``publish_then``) hands its callback
@@ -182,6 +183,15 @@ def capabilities_of(broker: object) -> Capabilities:
 class BrokerHealth:
     up: bool
     reason: str = ""
+
+
+def transition(handler: BrokerHandler | None, old: BrokerHealth,
+               new: BrokerHealth) -> BrokerHealth:
+    """``new``, after telling ``handler`` if it changes up/down: the duty of
+    calling ``on_broker_state`` exactly once per transition, in one place."""
+    if new.up != old.up and handler is not None:
+        handler.on_broker_state(new)
+    return new
 
 
 class BrokerHandler(Protocol):

@@ -57,6 +57,7 @@ from tidings.brokers.base import (
     PublishDone,
     PublishOutcome,
     settle_future,
+    transition,
 )
 from tidings.brokers.postgres_queue import PostgresQueueStore
 from tidings.brokers.postgres_schema import (
@@ -366,10 +367,7 @@ class PostgresBroker:
         return self._closing
 
     def _set_health(self, health: BrokerHealth) -> None:
-        changed = health.up != self._health.up
-        self._health = health
-        if changed and self._handler is not None:
-            self._handler.on_broker_state(health)
+        self._health = transition(self._handler, self._health, health)
 
     async def _watch(self) -> None:
         """Wait while the listener works; on loss, reconnect with backoff."""

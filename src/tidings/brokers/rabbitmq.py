@@ -57,7 +57,13 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 
-from tidings.brokers.base import BrokerHandler, BrokerHealth, Capabilities, HistoryOptions
+from tidings.brokers.base import (
+    BrokerHandler,
+    BrokerHealth,
+    Capabilities,
+    HistoryOptions,
+    transition,
+)
 from tidings.brokers.plain_wire import (
     encode_event,
     encode_publication,
@@ -276,10 +282,7 @@ class RabbitMQBroker:
         return self._closing
 
     def _set_health(self, health: BrokerHealth) -> None:
-        changed = health.up != self._health.up
-        self._health = health
-        if changed and self._handler is not None:
-            self._handler.on_broker_state(health)
+        self._health = transition(self._handler, self._health, health)
 
     # -- receiving -----------------------------------------------------------------
 

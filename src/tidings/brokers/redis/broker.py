@@ -60,6 +60,7 @@ from tidings.brokers.base import (
     PublishDone,
     PublishOutcome,
     settle_future,
+    transition,
 )
 from tidings.brokers.redis.history import RedisHistory
 from tidings.brokers.redis.keys import RedisKeys
@@ -316,10 +317,7 @@ class RedisBroker:
         return self._closing
 
     def _set_health(self, health: BrokerHealth) -> None:
-        changed = health.up != self._health.up
-        self._health = health
-        if changed and self._handler is not None:
-            self._handler.on_broker_state(health)
+        self._health = transition(self._handler, self._health, health)
 
     # -- receiving -----------------------------------------------------------------
 
