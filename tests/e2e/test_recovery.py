@@ -99,16 +99,16 @@ async def test_a_replay_too_big_for_one_reply_is_not_recovered() -> None:
     hub = Hub(history_size=100, limits=Limits(outbox_bytes=64 * 1024))
     async with running(hub) as base, native(base) as c:
         first = await hub.publish("big", "x")
-        for _ in range(10):
-            await hub.publish("big", "y" * 8000)  # 80 KB to replay > half the outbox
+        for _ in range(20):
+            await hub.publish("big", "y" * 8000)  # 160 KB to replay: more than a reply may hold
         reply = await subscribe(c, "big", {"offset": first.offset, "epoch": first.epoch})
         assert reply["recovered"] is False
-        assert (reply["publications"], reply["offset"]) == ([], 11)
+        assert (reply["publications"], reply["offset"]) == ([], 21)
         await hub.publish("big", "live")
         assert (await c.next("publication"))["data"] == "live"  # still connected
-        small = await subscribe(c, "big", {"offset": 10, "epoch": first.epoch})
+        small = await subscribe(c, "big", {"offset": 20, "epoch": first.epoch})
         assert small["recovered"] is True
-        assert [p["offset"] for p in small["publications"]] == [11, 12]
+        assert [p["offset"] for p in small["publications"]] == [21, 22]
 
 
 @pytest.mark.redis

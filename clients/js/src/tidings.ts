@@ -661,6 +661,10 @@ export class Subscription<T = unknown>
     const recovered = sentRecover && r.recovered === true;
     if (sentRecover && !recovered) {
       this.gaps++;
+      const last = this.positions.get(this.pattern);
+      const top = typeof r.offset === "number" ? r.offset : 0;
+      this.emit("gap", { channel: this.pattern, from: (last?.offset ?? 0) + 1, to: top,
+        reason: "not recovered: history too short or reset, or more than one reply may carry" });
       this.logger.warn(`subscription ${this.pattern}: missed publications could not be recovered (history too short or reset)`);
     }
     const offset = typeof r.offset === "number" ? r.offset : 0;

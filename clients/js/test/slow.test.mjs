@@ -85,7 +85,7 @@ for (const [policy, expect] of [["drop", "lagged"], ["disconnect", "1013"]]) {
   });
 }
 
-test("a recovery too large for the server's outbox (1013 while re-subscribing, twice) is given up and reported as a gap", async () => {
+test("a recovery too large for one reply is answered recovered: false and reported as a gap", async () => {
   const server = new Server();
   servers.push(server);
   await server.start();
@@ -95,16 +95,19 @@ test("a recovery too large for the server's outbox (1013 while re-subscribing, t
   await c.connect();
   const got = [];
   const sub = await c.subscribe("huge/x", { onPublication: (p) => got.push(p) });
-  const gap = nextEvent(sub, "gap", (g) => /abandoned/.test(g.reason), 60_000);
+  const gap = nextEvent(sub, "gap", () => true, 60_000);
   sockets.at(-1).pause();
   const count = 300; // ~15 MB: far more than a reply may carry (2 x 1 MiB)
   for (let n = 1; n <= count; n++) await server.api("publish", { channel: "huge/x", data: { n, pad: PAYLOAD } });
   sockets.at(-1).resume();
   const info = await gap;
   assert.equal(info.to, count);
-  assert.ok(c.reconnects >= 3);
+  assert.ok(c.reconnects >= 1); // the flood overflowed the outbox: 1013, then a recovery
   await c.waitConnected(30_000);
-  assert.equal(sub.lastSubscribed.recoverAsked, false);
+  // the server refused a replay of ~15 MB (more than one reply may carry) rather
+  // than queue a frame it could never send: recovered false, a gap, live again
+  assert.equal(sub.lastSubscribed.recoverAsked, true);
+  assert.equal(sub.lastSubscribed.recovered, false);
   assert.ok(sub.gaps >= 1);
   // live publications flow again after the gap; everything came in order, each once
   const { body } = await server.api("publish", { channel: "huge/x", data: { n: "after" } });

@@ -6,7 +6,7 @@ here in between (as centrifuge's one ``handleSubscribe`` serves every
 encoding). So there is one policy for the things that must not drift apart:
 
 - permissions (:func:`tidings.core.permissions.check`) and limits come first;
-- a recovery whose replay would not fit one reply (half the outbox bytes) is
+- a recovery whose replay would not fit one reply (the outbox's bound) is
   answered ``recovered: false`` rather than with a frame the connection could
   never send;
 - while the broker is down a subscription still succeeds and delivers live
@@ -146,7 +146,7 @@ async def _position(hub: HubCore, channel: str, recover: StreamPos | None,
         # subscribed and delivering live; the position is unknown until the broker is back
         return Subscribed(channel, recovering=recover is not None)
     pubs = list(page.publications) if page.recovered else []
-    if pubs and replay_size(pubs) > hub.limits.outbox_bytes // 2:
+    if pubs and replay_size(pubs) > hub.limits.outbox_bytes * REPLY_ROOM:
         # one reply that big would overflow the outbox (close 1013) on every
         # try: the client is told it did not recover and reads history in pages
         return Subscribed(channel, page.offset, page.epoch, recovering=True,
@@ -155,10 +155,16 @@ async def _position(hub: HubCore, channel: str, recover: StreamPos | None,
                       recovered=page.recovered, positioned=True, publications=pubs)
 
 
+# a connection queues a reply until its outbox holds twice ``outbox_bytes``
+# (Connection.send_frame); a replay is refused a little before that
+REPLY_ROOM = 1.9
+ENVELOPE = 256  # bytes of a replayed publication besides its data, at most
+
+
 def replay_size(pubs: list[Publication]) -> int:
-    """About the bytes a reply carrying ``pubs`` takes (their data as JSON)."""
-    return sum(len(p.text) if p.text is not None else len(dumps(p.to_dict()["data"]))
-               for p in pubs)
+    """About the bytes a reply carrying ``pubs`` takes (data as JSON, envelopes)."""
+    return sum((len(p.text) if p.text is not None else len(dumps(p.to_dict()["data"])))
+               + ENVELOPE for p in pubs)
 
 
 async def history(hub: HubCore, conn: Connection | None, channel: str, *,
