@@ -71,10 +71,10 @@ async def test_a_frozen_redis_is_noticed_by_its_silence(monkeypatch: pytest.Monk
     down, and up again once Redis runs on."""
     import signal
 
-    import tidings.brokers.redis.broker as redis_module
+    import tidings.brokers.redis.topology as topology_module
     from tests.support import wait_until
 
-    monkeypatch.setattr(redis_module, "_HEALTH_CHECK", 0.2)
+    monkeypatch.setattr(topology_module, "HEALTH_CHECK", 0.2)
     redis = RedisServer()
     try:
         async with Hub(redis.url) as hub:
@@ -103,14 +103,14 @@ async def test_publishes_started_together_go_as_grouped_script_calls() -> None:
         conn = h2.register(sink)
         await h2.subscribe(conn, "grp/#")
         calls: list[int] = []
-        run_scripts = h1.broker._run_scripts  # type: ignore[attr-defined]
+        run_scripts = h1.broker.topology.run_scripts  # type: ignore[attr-defined]
 
         async def counted(batch: list[tuple[object, ...]]) -> list[object]:
             results = await run_scripts(batch)
             calls.append(len(batch))
             return list(results)
 
-        h1.broker._run_scripts = counted  # type: ignore[attr-defined]
+        h1.broker.topology.run_scripts = counted  # type: ignore[attr-defined]
         plan = ([("grp/a", i) for i in range(100)] + [("grp/b", "b0"), ("grp/a", "after-b")]
                 + [("grp/a", b"\x1f\x00bin\x1f" + bytes([i])) for i in range(3)])
         senders = [None, "s.1", ""]

@@ -41,17 +41,12 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tidings.brokers.base import (
     BrokerHandler,
@@ -66,10 +61,8 @@ from tidings.brokers.redis.history import RedisHistory
 from tidings.brokers.redis.keys import RedisKeys
 from tidings.brokers.redis.presence import RedisPresence
 from tidings.brokers.redis.queue import RedisQueueStore
-from tidings.brokers.redis.resp import RespConnection, RespPubSub, bulk
+from tidings.brokers.redis.topology import ServerTopology, Topology
 from tidings.brokers.redis.wire import (
-    GROUP_BYTES,
-    GROUP_MAX,
     PUBLISH_LUA,
     SEP,
     encode_data,
@@ -87,7 +80,6 @@ log = logging.getLogger("tidings.brokers.redis.broker")
 _CONFIRMATIONS = frozenset({"subscribe", "psubscribe", "ssubscribe", "unsubscribe",
                             "punsubscribe", "sunsubscribe"})
 _CONFIRM_TIMEOUT = 5.0
-_HEALTH_CHECK = 5.0  # seconds between PINGs on a quiet subscriber connection
 
 _GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 
@@ -104,7 +96,8 @@ def glob_for(pattern: str) -> str:
 class RedisBroker:
     """Broker, HistoryStore and PresenceStore on one Redis server."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str,
+                 topology: Callable[[RedisBroker], Topology] = ServerTopology) -> None:
         self.url = url
         parts = urlsplit(url)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
@@ -120,12 +113,11 @@ class RedisBroker:
         self._node = ""
         self._handler: BrokerHandler | None = None
         self._client: Any = None  # redis.asyncio.Redis or RedisCluster
-        self._pubsub: Any = None
         self._script: Any = None
         self._listener: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
-        self._exact: set[str] = set()
-        self._patterns: dict[bytes, str] = {}  # glob (prefixed) -> MQTT pattern
+        self.exact: set[str] = set()
+        self.patterns: dict[bytes, str] = {}  # glob (prefixed) -> MQTT pattern
         self._globs: dict[str, bytes] = {}
         self._health = BrokerHealth(False, "not connected")
         self._closing = False
@@ -135,11 +127,9 @@ class RedisBroker:
         self._flush_scheduled = False
         self._flushing = False
         self._queues: RedisQueueStore | None = None
-        self._publisher: RespConnection | None = None  # lean connection for EVALSHA batches
-        self._pong_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None  # see RespConnection.loop
-        # (channel, history size, ttl) -> its EVALSHA prefix: argument count, packed
-        self._evalsha_heads: dict[tuple[str, int, int], tuple[int, bytes]] = {}
+        # one server or a cluster: its connections and how a publication travels
+        self.topology: Topology = topology(self)
 
     publish_lua = PUBLISH_LUA
 
@@ -150,15 +140,6 @@ class RedisBroker:
         if self._queues is None:
             self._queues = RedisQueueStore(self, max_len=self.queue_max_len)
         return self._queues
-
-    def _make_client(self) -> Any:
-        return aioredis.Redis.from_url(
-            self.redis_url, socket_connect_timeout=2, health_check_interval=5,
-            socket_keepalive=True,
-            # one quick retry covers pooled connections left stale by a Redis restart
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        )
 
     # -- the link its parts use (RedisLink) -------------------------------------------
 
@@ -173,6 +154,11 @@ class RedisBroker:
     @property
     def closing(self) -> bool:
         return self._closing
+
+    @property
+    def script(self) -> Any:
+        """The publish script as registered with the client (its ``sha``)."""
+        return self._script
 
     @property
     def node(self) -> str:
@@ -207,10 +193,10 @@ class RedisBroker:
         self._node = node_id
         self._handler = handler
         self._closing = False
-        self._client = self._make_client()
+        self._client = self.topology.make_client()
         self._script = self._client.register_script(self.publish_lua)
         try:
-            await self._open_pubsub()
+            await self.topology.open_pubsub()
         except (RedisError, OSError) as exc:
             await self._client.aclose()
             self._client = None
@@ -220,66 +206,6 @@ class RedisBroker:
         self._listener = loop.create_task(self._listen(), name=f"tidings-redis-{node_id}")
         self._heartbeat = loop.create_task(self.presence_store.beat(),
                                            name=f"tidings-presence-{node_id}")
-
-    async def _open_pubsub(self) -> None:
-        """(Re)open the subscriber connection(s) and subscribe everything we want."""
-        if self._client is None:
-            raise BrokerUnavailable("not connected")
-        pubsub = RespPubSub(await RespConnection.open(self.redis_url, on_push=self._on_push))
-        await pubsub.subscribe(self.keys.inbox(self._node), self.keys.all,
-                               *(self.keys.chan(c) for c in self._exact))
-        if self._patterns:
-            await pubsub.psubscribe(*self._patterns)
-        await self._close_pubsubs()
-        self._pubsub = pubsub
-
-    async def _close_pubsubs(self) -> None:
-        old, self._pubsub = self._pubsub, None
-        if old is not None:
-            try:
-                await old.aclose()
-            except Exception:  # the old connection is dead anyway
-                pass
-
-    async def _read(self) -> None:
-        """Wait while the subscriber connection delivers (``_on_push``); raise when
-        it is lost or stops answering PINGs (a silent network failure)."""
-        pubsub: RespPubSub = self._pubsub
-        pinged: float | None = None
-        while True:
-            try:
-                await asyncio.wait_for(asyncio.shield(pubsub.conn.lost), _HEALTH_CHECK)
-            except TimeoutError:
-                if pinged is not None and self._pong_at < pinged:  # no answer in 5 s
-                    pubsub.conn.close()
-                    raise RedisConnectionError("Redis stopped answering PING") from None
-                pinged = time.monotonic()
-                pubsub.ping()
-                continue
-            raise RedisConnectionError("connection to Redis lost")
-
-    def _on_push(self, reply: Any) -> None:
-        """A pub/sub push from the lean subscriber connection."""
-        try:
-            kind = reply[0]
-            if kind == b"message":
-                self._deliver("message", None, reply[1], reply[2])
-            elif kind == b"pmessage":
-                self._deliver("pmessage", reply[1], reply[2], reply[3])
-            elif kind == b"pong":
-                self._pong_at = time.monotonic()
-            elif isinstance(kind, bytes) and len(reply) == 3:  # (un)subscribe confirmations
-                self._deliver(kind.decode(), None, reply[1], reply[2])
-            else:
-                log.warning("unexpected reply on the Redis subscriber connection: %r", reply)
-        except Exception:  # one bad message must not stop the connection
-            log.exception("cannot deliver a message from Redis")
-
-    async def _sub_exact(self, channel: str) -> None:
-        await self._pubsub.subscribe(self.keys.chan(channel))
-
-    async def _unsub_exact(self, channel: str) -> None:
-        await self._pubsub.unsubscribe(self.keys.chan(channel))
 
     async def close(self) -> None:
         self._closing = True
@@ -301,10 +227,7 @@ class RedisBroker:
         self.presence_store.own.clear()
         if self._queues is not None:
             await self._queues.close()
-        await self._close_pubsubs()
-        if self._publisher is not None:
-            self._publisher.close()
-            self._publisher = None
+        await self.topology.close()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -325,7 +248,7 @@ class RedisBroker:
         backoff = 0.1
         while not self._closing:
             try:
-                await self._read()
+                await self.topology.read()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -336,7 +259,7 @@ class RedisBroker:
                 await asyncio.sleep(random.uniform(0, backoff))
                 backoff = min(backoff * 2, 5.0)
                 try:
-                    await self._open_pubsub()
+                    await self.topology.open_pubsub()
                     await self._call_raw("ping")
                 except asyncio.CancelledError:
                     raise
@@ -347,12 +270,7 @@ class RedisBroker:
                 await self.presence_store.refresh()
                 break
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        """A redis-py pub/sub message (the cluster's connections)."""
-        self._deliver(message["type"], message.get("pattern"), message["channel"],
-                      message["data"])
-
-    def _deliver(self, kind: str, pattern: bytes | None, raw_channel: bytes,
+    def deliver(self, kind: str, pattern: bytes | None, raw_channel: bytes,
                  data: Any) -> None:
         handler = self._handler
         if handler is None:
@@ -365,8 +283,8 @@ class RedisBroker:
         if raw_channel == self.keys.inbox(self._node) or raw_channel == self.keys.all:
             handler.on_node_message(data)
             return
-        channel = self._channel_of(raw_channel)
-        via = self._patterns.get(pattern) if kind == "pmessage" and pattern else channel
+        channel = self.topology.channel_of(raw_channel)
+        via = self.patterns.get(pattern) if kind == "pmessage" and pattern else channel
         if via is None or via != self._first_match(channel):
             return  # a glob false positive, or a duplicate via another subscription
         kind_byte = data[:1]
@@ -379,12 +297,9 @@ class RedisBroker:
             handler.on_publication(publication_from(channel, int(offset), epoch.decode(), ts,
                                                 sender, payload))
 
-    def _channel_of(self, raw_channel: bytes) -> str:
-        return self.keys.channel_of(raw_channel)
-
     def _first_match(self, channel: str) -> str | None:
         """The one subscription a message for ``channel`` is accepted through."""
-        best = channel if channel in self._exact else None
+        best = channel if channel in self.exact else None
         for pattern in self._globs:
             if pattern_matches(pattern, channel) and (best is None or pattern < best):
                 best = pattern
@@ -476,11 +391,11 @@ class RedisBroker:
         try:
             if self._client is None:
                 raise BrokerUnavailable("not connected")
-            results = await self._run_scripts(args)
+            results = await self.topology.run_scripts(args)
             missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
             if missing:
                 await self._client.script_load(self.publish_lua)
-                again = await self._run_scripts([args[i] for i in missing])
+                again = await self.topology.run_scripts([args[i] for i in missing])
                 for i, result in zip(missing, again, strict=True):
                     results[i] = result
         except Exception as exc:
@@ -501,85 +416,18 @@ class RedisBroker:
             except Exception:  # one caller's bug must not cost the others their answer
                 log.exception("publish callback failed")
 
-    def _script_call(self, args: tuple[Any, ...], client: Any) -> Any:
+    def script_call(self, args: tuple[Any, ...], client: Any) -> Any:
         """One publish through redis-py (the cluster's path)."""
         channel, data, sender, ts, size, ttl_ms = args
         return self._script(
             keys=[self.keys.meta(channel), self.keys.stream(channel)],
-            args=[*self._targets(channel), size, ttl_ms, self.meta_ttl, secrets.token_hex(4),
-                  data, sender, ts],
+            args=[*self.topology.targets(channel), size, ttl_ms, self.meta_ttl,
+                  secrets.token_hex(4), data, sender, ts],
             client=client,
         )
 
-    async def _run_scripts(self, batch: list[tuple[Any, ...]]) -> list[Any]:
-        """One batch of EVALSHA calls: one write on the lean publisher connection,
-        a result per publish in order (errors as values).
-
-        Consecutive publishes to one channel (with the same history settings) go
-        as one call, up to ``GROUP_MAX`` of them: Redis runs the script once,
-        they get consecutive offsets, and subscribers get them in one message.
-        Plain EVALSHA: a ``Script`` object would first ask ``SCRIPT EXISTS``;
-        the script is loaded whenever the connection is (re)opened instead."""
-        # the epoch a channel gets if its state is missing: one fresh value per
-        # batch is enough (it only has to differ from that channel's last epoch)
-        epoch = bulk((secrets.token_hex(4),))
-        heads = self._evalsha_heads
-        if len(heads) > 10_000:
-            heads.clear()
-        parts: list[bytes] = []
-        sizes: list[int] = []  # publishes per call
-        i, total = 0, len(batch)
-        while i < total:
-            channel, _, _, _, size, ttl_ms = batch[i]
-            j, group_bytes = i, 0
-            entries = []
-            while j < total and j - i < GROUP_MAX and group_bytes < GROUP_BYTES:
-                other, data, sender, ts, other_size, other_ttl = batch[j]
-                if j > i and (other != channel or other_size != size or other_ttl != ttl_ms):
-                    break
-                sender_b = sender.encode()
-                ts_b = b"%d" % ts
-                entries.append(b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
-                    len(data), data, len(sender_b), sender_b, len(ts_b), ts_b))
-                group_bytes += len(data)
-                j += 1
-            key = (channel, size, ttl_ms)
-            head = heads.get(key)
-            if head is None:  # the command up to the publications, packed once
-                fixed = ["EVALSHA", self._script.sha, 2, self.keys.meta(channel),
-                         self.keys.stream(channel), *self._targets(channel), size, ttl_ms,
-                         self.meta_ttl]
-                head = heads[key] = (len(fixed) + 1, bulk(fixed))  # + 1: the epoch
-            parts.append(b"*%d\r\n" % (head[0] + 3 * (j - i)))
-            parts.append(head[1])
-            parts.append(epoch)
-            parts.extend(entries)
-            sizes.append(j - i)
-            i = j
-        conn = self._publisher
-        if conn is None or not conn.is_open:
-            conn = await RespConnection.open(self.redis_url)
-            loaded = (await conn.execute([["SCRIPT", "LOAD", self.publish_lua]]))[0]
-            if isinstance(loaded, Exception):
-                conn.close()
-                raise loaded
-            self._publisher = conn
-        replies = await conn.execute_packed(b"".join(parts), len(sizes))
-        results: list[Any] = []
-        for n, reply in zip(sizes, replies, strict=True):
-            if isinstance(reply, Exception):
-                results.extend([reply] * n)
-            else:
-                first, channel_epoch = reply
-                results.extend([(int(first) + k, channel_epoch) for k in range(n)])
-        return results
-
-    def _targets(self, channel: str) -> list[bytes]:
-        """Leading script arguments: the classic and the shard channel to publish on."""
-        return [self.keys.chan(channel), b""]
-
     async def publish_event(self, channel: str, frame: str) -> None:
-        await self.call("publish", self.keys.chan(channel), b"E" + frame.encode())
+        await self.topology.publish_event(channel, b"E" + frame.encode())
 
     async def call(self, method: str, *args: Any) -> Any:
         if not self._health.up:
@@ -602,18 +450,15 @@ class RedisBroker:
         right after cannot miss a publication that is not delivered live."""
         if is_pattern(pattern):
             glob = self.keys.chan(glob_for(pattern))
-            self._patterns[glob] = pattern
+            self.patterns[glob] = pattern
             self._globs[pattern] = glob
-            if self._pubsub is not None and self._health.up:
-                await self._confirmed(glob, self._pubsub.psubscribe(glob))
+            if self.topology.subscribed and self._health.up:
+                await self._confirmed(glob, self.topology.psubscribe(glob))
         else:
-            self._exact.add(pattern)
-            if self._pubsub is not None and self._health.up:
-                await self._confirmed(self._sub_key(pattern), self._sub_exact(pattern))
-
-    def _sub_key(self, channel: str) -> bytes:
-        """The Redis channel name a subscription to ``channel`` is confirmed for."""
-        return self.keys.chan(channel)
+            self.exact.add(pattern)
+            if self.topology.subscribed and self._health.up:
+                await self._confirmed(self.topology.sub_key(pattern),
+                                      self.topology.sub_exact(pattern))
 
     async def _confirmed(self, name: bytes, request: Awaitable[Any]) -> None:
         waiter = self._confirm.get(name)
@@ -631,13 +476,13 @@ class RedisBroker:
             glob = self._globs.pop(pattern, None)
             if glob is None:
                 return
-            self._patterns.pop(glob, None)
-            if self._pubsub is not None and self._health.up:
-                await self._pubsub.punsubscribe(glob)
-        elif pattern in self._exact:
-            self._exact.discard(pattern)
-            if self._pubsub is not None and self._health.up:
-                await self._unsub_exact(pattern)
+            self.patterns.pop(glob, None)
+            if self.topology.subscribed and self._health.up:
+                await self.topology.punsubscribe(glob)
+        elif pattern in self.exact:
+            self.exact.discard(pattern)
+            if self.topology.subscribed and self._health.up:
+                await self.topology.unsub_exact(pattern)
 
     async def send_node(self, node_id: str, payload: bytes) -> None:
         await self.call("publish", f"{self.prefix}:n:{node_id}", payload)
