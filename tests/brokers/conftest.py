@@ -22,6 +22,7 @@ from tests.support import free_port
 from tidings import Hub
 
 REDIS_URL = os.environ.get("TIDINGS_REDIS_URL", "redis://127.0.0.1:6379/0")
+NATS_URL = os.environ.get("TIDINGS_NATS_URL", "nats://127.0.0.1:4222")
 
 
 def unavailable(reason: str) -> None:
@@ -133,7 +134,78 @@ def redis_cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
             n.stop()
 
 
-BROKERS = ["memory", "ipc", "redis", "redis-cluster"]
+def nats_ping(url: str) -> bool:
+    """True when a NATS server with JetStream answers at ``url``."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url.split(",")[0])
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 4222),
+                                      timeout=1) as sock:
+            return b'"jetstream":true' in sock.recv(4096)
+    except OSError:
+        return False
+
+
+class NatsServer:
+    """A private nats-server (JetStream on) on a free port, stopped by its PID."""
+
+    def __init__(self, port: int | None = None, *extra: str, jetstream: bool = True,
+                 store: str | None = None) -> None:
+        if shutil.which("nats-server") is None:
+            unavailable("nats-server is not installed")
+        self.port = port or free_port()
+        self.extra = extra
+        self.jetstream = jetstream
+        self.dir = store or tempfile.mkdtemp(prefix="tidings-nats-")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True) -> None:
+        js = ["-js", "-sd", self.dir] if self.jetstream else []
+        self.proc = subprocess.Popen(
+            ["nats-server", "-a", "127.0.0.1", "-p", str(self.port), *js, *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        import socket
+
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    if sock.recv(4096).startswith(b"INFO"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("private nats-server did not start")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def wipe(self) -> None:
+        """Lose the server's storage (while it is down)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def stop(self) -> None:
+        self.kill()
+        self.wipe()
+
+
+BROKERS = ["memory", "ipc", "redis", "redis-cluster", "nats"]
 
 
 @pytest.fixture(scope="session")
@@ -164,6 +236,10 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., H
         if not redis_ping(REDIS_URL):
             unavailable(f"no Redis at {REDIS_URL}")
         url = REDIS_URL + f"?prefix=t{uuid.uuid4().hex[:8]}"
+    elif kind == "nats":
+        if not nats_ping(NATS_URL):
+            unavailable(f"no NATS with JetStream at {NATS_URL}")
+        url = NATS_URL + f"?prefix=t{uuid.uuid4().hex[:8]}"
     else:
         nodes = request.getfixturevalue("cluster_nodes")
         url = f"redis+cluster://127.0.0.1:{nodes[0].port}?prefix=t{uuid.uuid4().hex[:8]}"

@@ -43,6 +43,7 @@ _BACKENDS: dict[str, tuple[str, str, str]] = {
     "redis": ("tidings.brokers.redis", "RedisBroker", "redis"),
     "rediss": ("tidings.brokers.redis", "RedisBroker", "redis"),
     "redis+cluster": ("tidings.brokers.redis_cluster", "RedisClusterBroker", "redis"),
+    "nats": ("tidings.brokers.nats", "NatsBroker", "nats"),
 }
 
 

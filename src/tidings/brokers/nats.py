@@ -1,0 +1,891 @@
+"""``nats://``: publications over NATS, positions and history in JetStream.
+
+URL: ``nats://host:4222[,host2:4222]?prefix=tidings&replicas=1&presence_ttl=30``
+(``tls://`` too). Every server of the list is a candidate for the first
+connection and for every reconnect.
+
+Design (docs/brokers-nats.md has the long version):
+
+- Subjects. A channel's levels become subject tokens (``chat/room1`` ->
+  ``<prefix>.c.chat.room1``), each token percent-escaped
+  (:func:`token_for`): everything but ``A-Z a-z 0-9 _ - ~`` is written as
+  ``%XX`` of its UTF-8 bytes, so ``.``, ``*``, ``>``, spaces and ``%`` never
+  reach NATS raw and every valid channel round-trips. Patterns: ``+`` -> ``*``,
+  ``#`` -> ``>`` plus the parent subject (``a/#`` also matches ``a``); every
+  message is filtered exactly on receipt with :func:`pattern_matches` and is
+  accepted through one subscription only (no duplicates when several match).
+- Positions and history: one JetStream stream ``<prefix>_H`` on
+  ``<prefix>.h.>``. A publish goes to ``<prefix>.h.<tokens>`` carrying its
+  offset and epoch in headers (``T-O``, ``T-E``) and
+  ``Nats-Expected-Last-Subject-Sequence`` = the stream sequence of the
+  channel's last message: a compare-and-set. A wrong-sequence answer (another
+  node published first) reloads the channel's last message and tries again,
+  so offsets are +1 and in one order across nodes. Publishes queued while
+  one is in flight go together in the next message (``T-N`` publications at
+  consecutive offsets). A channel with no message gets a fresh epoch (its
+  state was never there, purged, expired or lost with the server's storage).
+- Live delivery: the stream republishes every stored message to
+  ``<prefix>.c.<tokens>`` (``RePublish``, NATS >= 2.9), in stream order,
+  after it is stored (after the quorum commit on a cluster): subscribers get
+  offset order per channel, and only publications that got their offset.
+- Window: the physical bound is the stream's ``max_msgs_per_subject`` (raised
+  when a publish asks for more history) and ``max_age`` (``meta_ttl``,
+  default 7 days, which also bounds how long an idle channel keeps its
+  position); the logical window (the channel's ``size`` and ``ttl``) travels
+  in header ``T-H`` of each message and is applied on read, so channels with
+  different history settings share one stream.
+- Events (join/leave) are core messages on the live subject (header ``T-V``);
+  node messages go to ``<prefix>.n.<node>`` and ``<prefix>.all``.
+- Presence: stream ``<prefix>_P`` (one message per member subject,
+  ``max_age`` = ``presence_ttl``), refreshed by each node every third of the
+  TTL, so a node killed -9 loses its members within the TTL.
+- Work queues: :mod:`tidings.brokers.nats_queue`.
+- Faults: nats-py reconnects to any server of the list and restores the core
+  subscriptions; ``on_broker_state`` is called once per transition; while
+  down every call raises :class:`BrokerUnavailable`. A server without
+  JetStream still carries pub/sub (offset 0, epoch ""), and history,
+  positions and presence raise :class:`NotAvailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import secrets
+import struct
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import nats
+import orjson
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from tidings.brokers.base import (
+    BrokerHandler,
+    BrokerHealth,
+    Capabilities,
+    HistoryOptions,
+    PublishDone,
+    PublishOutcome,
+    settle_future,
+)
+from tidings.brokers.nats_queue import NatsQueueStore
+from tidings.brokers.nats_subjects import channel_of_tokens, subjects_for, token_for
+from tidings.exceptions import BrokerUnavailable, NotAvailable
+from tidings.protocol.names import is_pattern, pattern_matches
+from tidings.types import HistoryPage, Member, Publication, StreamPos
+
+__all__ = ["JetStreamError", "NatsBroker"]
+
+log = logging.getLogger("tidings.brokers.nats")
+
+WRONG_LAST_SEQUENCE = 10071
+STREAM_NAME_IN_USE = 10058
+STREAM_NOT_FOUND = 10059
+_REQUEST_TIMEOUT = 5.0
+_GROUP_MAX = 1000  # publications in one stream message
+_GROUP_BYTES = 256 * 1024
+_CAS_TRIES = 1000
+_STATE_CACHE_MAX = 100_000
+_FULL = Capabilities(positions=True, history=True, presence=True, queues=True, direct=True)
+_CORE_ONLY = Capabilities(direct=True)
+_REC = struct.Struct(">HQI")  # sender length, ts ms, data length
+
+
+class JetStreamError(Exception):
+    """An error answer of the JetStream API."""
+
+    def __init__(self, code: int, err_code: int, description: str) -> None:
+        super().__init__(f"JetStream: {description} ({code}/{err_code})")
+        self.code = code
+        self.err_code = err_code
+
+
+def encode_data(data: Any, text: str | None) -> bytes:
+    if text is not None:
+        return b"j" + text.encode()
+    if isinstance(data, bytes):
+        return b"b" + data
+    return b"j" + orjson.dumps(data)
+
+
+def decode_data(raw: bytes) -> tuple[Any, str | None]:
+    if raw[:1] == b"b":
+        return raw[1:], None
+    text = raw[1:].decode()
+    return orjson.loads(text), text
+
+
+def pack_record(sender: str | None, ts: int, payload: bytes) -> bytes:
+    s = (sender or "").encode()
+    return _REC.pack(len(s), ts, len(payload)) + s + payload
+
+
+def unpack_records(channel: str, first: int, epoch: str, body: bytes
+                   ) -> list[Publication]:
+    out: list[Publication] = []
+    pos, offset, end = 0, first, len(body)
+    size = _REC.size
+    while pos < end:
+        slen, ts, dlen = _REC.unpack_from(body, pos)
+        pos += size
+        sender = body[pos:pos + slen].decode() or None
+        pos += slen
+        data, text = decode_data(body[pos:pos + dlen])
+        pos += dlen
+        out.append(Publication(channel, data, offset, epoch, sender, ts, raw=text))
+        offset += 1
+    return out
+
+
+@dataclass(slots=True)
+class _Chan:
+    """What this node knows of a channel's stream tail (for the compare-and-set)."""
+
+    seq: int | None = None  # stream sequence of the last message; None: unknown
+    offset: int = 0  # last offset
+    epoch: str = ""
+    queue: deque[tuple[bytes, int, int, PublishDone, Any, str | None, str | None, int]] = field(
+        default_factory=deque)
+    busy: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Tail:
+    seq: int
+    first: int  # offset of the message's first publication
+    count: int  # publications in it (0: an epoch marker)
+    epoch: str
+    size: int
+    ttl_ms: int
+
+    @property
+    def last(self) -> int:
+        return self.first + self.count - 1
+
+
+def parse_headers(raw: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in raw.decode().split("\r\n")[1:]:
+        if ":" in line:
+            key, value = line.split(":", 1)
+            out[key.strip()] = value.strip()
+    return out
+
+
+class NatsBroker:
+    """Broker, HistoryStore, PresenceStore and QueueStoreProvider on NATS JetStream."""
+
+    capabilities: Capabilities = _FULL
+    pipelined = True
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parts = urlsplit(url)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        self.prefix = query.pop("prefix", "tidings")
+        if not self.prefix or not all(c.isalnum() or c in "_-" for c in self.prefix):
+            raise ValueError(f"NATS prefix must be letters, digits, '_' or '-': {self.prefix!r}")
+        self.replicas = int(query.pop("replicas", "1"))
+        self.presence_ttl = float(query.pop("presence_ttl", "30"))
+        self.meta_ttl = float(query.pop("meta_ttl", str(7 * 86400)))
+        self.history_max = int(query.pop("history_max", "1000"))
+        self.queue_max_len = int(query.pop("queue_max_len", "1000000"))
+        scheme = "tls" if parts.scheme in ("tls", "nats+tls") else "nats"
+        auth, _, hosts = parts.netloc.rpartition("@")
+        self.servers = [f"{scheme}://{auth + '@' if auth else ''}{h or '127.0.0.1:4222'}"
+                        for h in hosts.split(",")]
+        self.stream = f"{self.prefix}_H"
+        self.presence_stream = f"{self.prefix}_P"
+        self._node = ""
+        self._handler: BrokerHandler | None = None
+        self._nc: NatsClient | None = None
+        self._health = BrokerHealth(False, "not connected")
+        self._closing = False
+        self._js = False
+        self._chans: dict[str, _Chan] = {}
+        self._hsubj: dict[str, str] = {}
+        self._csubj: dict[str, str] = {}  # live subject tokens -> channel
+        self._subs: dict[str, list[Subscription]] = {}  # pattern -> its NATS subscriptions
+        self._node_subs: list[Subscription] = []
+        self._members: dict[str, dict[str, Member]] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._cap = 0  # max_msgs_per_subject of the history stream
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queues: NatsQueueStore | None = None
+
+    def queue_store(self) -> NatsQueueStore:
+        """Work queues in a JetStream work-queue stream (:mod:`.nats_queue`)."""
+        if self._queues is None:
+            self._queues = NatsQueueStore(self, max_len=self.queue_max_len)
+        return self._queues
+
+    # -- names ------------------------------------------------------------------
+
+    def _live(self, channel: str) -> str:
+        return f"{self.prefix}.c.{subjects_for(channel)[0]}"
+
+    def _hist(self, channel: str) -> str:
+        subject = self._hsubj.get(channel)
+        if subject is None:
+            if len(self._hsubj) > _STATE_CACHE_MAX:
+                self._hsubj.clear()
+            subject = self._hsubj[channel] = f"{self.prefix}.h.{subjects_for(channel)[0]}"
+        return subject
+
+    def _member_subject(self, channel: str, conn_id: str = "*") -> str:
+        tail = conn_id if conn_id == "*" else token_for(conn_id)
+        return f"{self.prefix}.p.{token_for(channel)}.{tail}"
+
+    def _channel_of(self, subject: str) -> str:
+        tokens = subject[len(self.prefix) + 3:]
+        channel = self._csubj.get(tokens)
+        if channel is None:
+            if len(self._csubj) > _STATE_CACHE_MAX:
+                self._csubj.clear()
+            channel = self._csubj[tokens] = channel_of_tokens(tokens)
+        return channel
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    @property
+    def client(self) -> NatsClient:
+        """The NATS connection (for the queue store); BrokerUnavailable when down."""
+        nc = self._nc
+        if nc is None or not self._health.up:
+            raise BrokerUnavailable(self._health.reason or "not connected")
+        return nc
+
+    @property
+    def node_id(self) -> str:
+        return self._node
+
+    @property
+    def jetstream(self) -> bool:
+        return self._js
+
+    async def connect(self, node_id: str, handler: BrokerHandler) -> None:
+        self._node = node_id
+        self._handler = handler
+        self._closing = False
+        self._loop = asyncio.get_running_loop()
+        try:
+            nc = await nats.connect(
+                servers=self.servers, name=f"tidings-{node_id}", connect_timeout=2,
+                allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.25,
+                ping_interval=2, max_outstanding_pings=2, dont_randomize=False,
+                disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
+                error_cb=self._on_error, closed_cb=self._on_closed,
+            )
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot reach NATS at {', '.join(self.servers)}: {exc}"
+                                    ) from exc
+        self._nc = nc
+        self._node_subs = [
+            await nc.subscribe(f"{self.prefix}.n.{token_for(node_id)}", cb=self._on_node),
+            await nc.subscribe(f"{self.prefix}.all", cb=self._on_node),
+        ]
+        for pattern in list(self._subs):
+            self._subs[pattern] = await self._nats_subscribe(pattern)
+        await nc.flush()
+        await self._setup_jetstream()
+        self._set_health(BrokerHealth(True))
+        self._heartbeat = self._loop.create_task(self._beat(), name=f"tidings-nats-{node_id}")
+
+    async def _setup_jetstream(self) -> None:
+        """Create (or update) the streams; without JetStream only pub/sub is on."""
+        try:
+            await self._ensure_stream({
+                "name": self.stream, "subjects": [f"{self.prefix}.h.>"],
+                "retention": "limits", "storage": "file", "discard": "old",
+                "max_msgs_per_subject": max(self.history_max, self._cap, 1),
+                "max_age": int(self.meta_ttl * 1e9), "num_replicas": self.replicas,
+                "republish": {"src": f"{self.prefix}.h.>", "dest": f"{self.prefix}.c.>"},
+            })
+            self._cap = max(self.history_max, self._cap, 1)
+            await self._ensure_stream({
+                "name": self.presence_stream, "subjects": [f"{self.prefix}.p.>"],
+                "retention": "limits", "storage": "memory", "discard": "old",
+                "max_msgs_per_subject": 1, "max_age": int(self.presence_ttl * 1e9),
+                "num_replicas": self.replicas,
+            })
+            self._js = True
+            if self._queues is not None:
+                await self._queues.setup()
+        except (JetStreamError, nats.errors.NoRespondersError) as exc:
+            if self._js:
+                raise BrokerUnavailable(f"JetStream: {exc}") from exc
+            log.warning("JetStream is not available on %s (%s): pub/sub only",
+                        ", ".join(self.servers), exc)
+            self._js = False
+            self.capabilities = _CORE_ONLY
+            return
+        except Exception as exc:
+            raise BrokerUnavailable(f"JetStream setup failed: {exc}") from exc
+        self._js = True
+        self.capabilities = _FULL
+
+    async def _ensure_stream(self, config: dict[str, Any]) -> None:
+        try:
+            await self.api(f"STREAM.CREATE.{config['name']}", config)
+        except JetStreamError as exc:
+            if exc.err_code != STREAM_NAME_IN_USE:
+                raise
+            await self.api(f"STREAM.UPDATE.{config['name']}", config)
+
+    async def api(self, what: str, body: dict[str, Any] | None = None, *,
+                  timeout: float = _REQUEST_TIMEOUT) -> dict[str, Any]:
+        """One JetStream API request; raises JetStreamError for an error answer."""
+        nc = self._nc
+        if nc is None:
+            raise BrokerUnavailable("not connected")
+        msg = await nc.request(f"$JS.API.{what}", orjson.dumps(body) if body else b"",
+                               timeout=timeout)
+        reply: dict[str, Any] = orjson.loads(msg.data)
+        err = reply.get("error")
+        if err:
+            raise JetStreamError(int(err.get("code", 0)), int(err.get("err_code", 0)),
+                                 str(err.get("description", "")))
+        return reply
+
+    async def close(self) -> None:
+        if self._closing and self._nc is None:
+            return
+        self._closing = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            try:
+                await self._heartbeat
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._heartbeat = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._nc is not None and self._health.up and self._js:
+            for channel, members in list(self._members.items()):
+                for conn_id in list(members):
+                    try:
+                        await self._purge(self.presence_stream,
+                                          self._member_subject(channel, conn_id))
+                    except Exception:
+                        break
+        self._members.clear()
+        if self._queues is not None:
+            await self._queues.close()
+        nc, self._nc = self._nc, None
+        if nc is not None:
+            try:
+                await nc.close()
+            except Exception:  # closing a broken connection: nothing to save
+                pass
+        self._subs.clear()
+        self._node_subs.clear()
+        self._health = BrokerHealth(False, "closed")
+
+    def health(self) -> BrokerHealth:
+        return self._health
+
+    def _set_health(self, health: BrokerHealth) -> None:
+        changed = health.up != self._health.up
+        self._health = health
+        if changed and self._handler is not None and not self._closing:
+            self._handler.on_broker_state(health)
+
+    async def _on_disconnected(self) -> None:
+        if not self._closing:
+            self._set_health(BrokerHealth(False, "NATS unreachable (reconnecting)"))
+
+    async def _on_reconnected(self) -> None:
+        """Back on some server of the list: streams again (a server may have lost
+        them), every channel tail reloaded, our members written again."""
+        if self._closing:
+            return
+        for state in self._chans.values():
+            state.seq = None
+        self._spawn(self._after_reconnect())
+
+    async def _after_reconnect(self) -> None:
+        deadline = time.monotonic() + 10
+        while not self._closing and self._nc is not None and self._nc.is_connected:
+            try:
+                await self._setup_jetstream()
+                break
+            except BrokerUnavailable:
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)  # JetStream elects its leaders after a restart
+        if self._closing or self._nc is None or not self._nc.is_connected:
+            return
+        self._set_health(BrokerHealth(True))
+        await self._refresh_members()
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("NATS client error: %s", exc)
+
+    async def _on_closed(self) -> None:
+        if not self._closing:
+            self._set_health(BrokerHealth(False, "NATS connection closed"))
+
+    def _spawn(self, coro: Any) -> None:
+        task = (self._loop or asyncio.get_running_loop()).create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- receiving ------------------------------------------------------------------
+
+    async def _on_node(self, msg: Msg) -> None:
+        if self._handler is not None:
+            self._handler.on_node_message(msg.data)
+
+    async def _on_live(self, pattern: str, msg: Msg) -> None:
+        handler = self._handler
+        if handler is None:
+            return
+        try:
+            channel = self._channel_of(msg.subject)
+            if pattern != self._first_match(channel):
+                return  # a false positive of a wider subject, or another subscription's
+            hdrs = msg.headers or {}
+            if "T-V" in hdrs:
+                handler.on_event(channel, msg.data.decode())
+                return
+            count = int(hdrs.get("T-N", "1"))
+            if count == 0:
+                return  # an epoch marker
+            if "T-L" in hdrs:  # published without JetStream: no position
+                pubs = unpack_records(channel, 0, "", msg.data)
+                for pub in pubs:
+                    pub.offset = 0
+            else:
+                first, epoch = int(hdrs["T-O"]), hdrs["T-E"]
+                pubs = unpack_records(channel, first, epoch, msg.data)
+                seq = int(hdrs.get("Nats-Sequence", "0"))
+                state = self._chans.get(channel)
+                if state is not None and state.seq is not None and seq > state.seq:
+                    state.seq, state.offset, state.epoch = seq, first + count - 1, epoch
+            if len(pubs) == 1:
+                handler.on_publication(pubs[0])
+            elif pubs:
+                handler.on_publications(pubs)
+        except Exception:  # one bad message must not stop the subscription
+            log.exception("cannot deliver a message from NATS on %s", msg.subject)
+
+    def _first_match(self, channel: str) -> str | None:
+        """The one subscription a message for ``channel`` is accepted through."""
+        best = channel if channel in self._subs else None
+        for pattern in self._subs:
+            if is_pattern(pattern) and pattern_matches(pattern, channel) and (
+                    best is None or pattern < best):
+                best = pattern
+        return best
+
+    # -- interest ---------------------------------------------------------------------
+
+    async def _nats_subscribe(self, pattern: str) -> list[Subscription]:
+        nc = self._nc
+        assert nc is not None
+        cb = partial(self._on_live, pattern)
+        return [await nc.subscribe(f"{self.prefix}.c.{s}", cb=cb, pending_msgs_limit=-1,
+                                   pending_bytes_limit=-1)
+                for s in subjects_for(pattern)]
+
+    async def subscribe(self, pattern: str) -> None:
+        """Subscribe and flush, so the server has the interest before this returns
+        (a history read right after cannot miss a publication)."""
+        if pattern in self._subs:
+            return
+        self._subs[pattern] = []
+        nc = self._nc
+        if nc is None:
+            return
+        self._subs[pattern] = await self._nats_subscribe(pattern)
+        if self._health.up:
+            try:
+                await nc.flush(timeout=_REQUEST_TIMEOUT)
+            except Exception as exc:
+                raise BrokerUnavailable(f"subscribe to {pattern!r}: {exc}") from exc
+
+    async def unsubscribe(self, pattern: str) -> None:
+        subs = self._subs.pop(pattern, None)
+        for sub in subs or ():
+            try:
+                await sub.unsubscribe()
+            except Exception:  # the connection is gone: so is the subscription
+                pass
+
+    async def send_node(self, node_id: str, payload: bytes) -> None:
+        await self._core(f"{self.prefix}.n.{token_for(node_id)}", payload)
+
+    async def send_all(self, payload: bytes) -> None:
+        await self._core(f"{self.prefix}.all", payload)
+
+    async def publish_event(self, channel: str, frame: str) -> None:
+        await self._core(self._live(channel), frame.encode(), {"T-V": "1"})
+
+    async def _core(self, subject: str, payload: bytes,
+                    headers: dict[str, str] | None = None) -> None:
+        nc = self.client
+        try:
+            await nc.publish(subject, payload, headers=headers)
+        except Exception as exc:
+            raise BrokerUnavailable(f"publish to {subject}: {exc}") from exc
+
+    # -- publishing ---------------------------------------------------------------------
+
+    async def publish(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        sender: str | None = None,
+        history: HistoryOptions | None = None,
+        text: str | None = None,
+    ) -> Publication:
+        future: asyncio.Future[Publication] = (
+            self._loop or asyncio.get_running_loop()).create_future()
+        self.publish_then(channel, data, sender=sender, history=history, text=text,
+                          done=partial(settle_future, future))
+        return await future
+
+    def publish_then(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        sender: str | None = None,
+        history: HistoryOptions | None = None,
+        text: str | None = None,
+        done: PublishDone,
+    ) -> None:
+        """``done`` gets the publication (or BrokerUnavailable), in the order the
+        publishes of one channel were started."""
+        if not self._health.up or self._nc is None:
+            done(BrokerUnavailable(self._health.reason or "NATS unreachable"))
+            return
+        size, ttl_ms = 0, 0
+        if history is not None and history.enabled:
+            size, ttl_ms = history.size, int(history.ttl * 1000)
+        ts = int(time.time() * 1000)
+        payload = encode_data(data, text)
+        if not self._js:
+            self._spawn(self._publish_core(channel, pack_record(sender, ts, payload),
+                                           done, data, text, sender, ts))
+            return
+        state = self._chans.get(channel)
+        if state is None:
+            if len(self._chans) > _STATE_CACHE_MAX:
+                for name in [n for n, s in self._chans.items() if not s.busy]:
+                    del self._chans[name]
+            state = self._chans[channel] = _Chan()
+        state.queue.append((pack_record(sender, ts, payload), size, ttl_ms, done, data, text,
+                            sender, ts))
+        if not state.busy:
+            state.busy = True
+            self._spawn(self._drain(channel, state))
+
+    async def _publish_core(self, channel: str, record: bytes, done: PublishDone, data: Any,
+                            text: str | None, sender: str | None, ts: int) -> None:
+        outcome: PublishOutcome
+        try:
+            await self._core(self._live(channel), record, {"T-L": "1"})
+            outcome = Publication(channel, data, 0, "", sender, ts, raw=text)
+        except BrokerUnavailable as exc:
+            outcome = exc
+        done(outcome)
+
+    async def _drain(self, channel: str, state: _Chan) -> None:
+        """One message in flight per channel: what queues up meanwhile goes next,
+        together (consecutive offsets in one stream message)."""
+        try:
+            while state.queue:
+                first = state.queue[0]
+                group = [state.queue.popleft()]
+                nbytes = len(first[0])
+                while (state.queue and len(group) < _GROUP_MAX and nbytes < _GROUP_BYTES
+                       and state.queue[0][1:3] == first[1:3]):
+                    item = state.queue.popleft()
+                    nbytes += len(item[0])
+                    group.append(item)
+                outcomes: list[PublishOutcome]
+                try:
+                    first_offset, epoch = await self._store(channel, state, group)
+                    outcomes = [Publication(channel, data, first_offset + i, epoch, sender, ts,
+                                            raw=text)
+                                for i, (_, _, _, _, data, text, sender, ts) in enumerate(group)]
+                except BrokerUnavailable as exc:
+                    outcomes = [exc] * len(group)
+                except Exception as exc:
+                    outcomes = [BrokerUnavailable(f"publish to {channel!r} failed: {exc}")
+                                ] * len(group)
+                for item, outcome in zip(group, outcomes, strict=True):
+                    try:
+                        item[3](outcome)
+                    except Exception:
+                        log.exception("publish callback failed")
+        finally:
+            state.busy = False
+
+    async def _store(self, channel: str, state: _Chan, group: Sequence[tuple[Any, ...]]
+                     ) -> tuple[int, str]:
+        """Append ``group`` at the channel's tail with a compare-and-set."""
+        size, ttl_ms = group[0][1], group[0][2]
+        if size + 1 > self._cap:
+            await self._raise_cap(size + 1)
+        body = b"".join(item[0] for item in group)
+        subject = self._hist(channel)
+        nc = self.client
+        for _ in range(_CAS_TRIES):
+            if state.seq is None:
+                await self._load(channel, state)
+            assert state.seq is not None
+            first = state.offset + 1
+            headers = {"Nats-Expected-Last-Subject-Sequence": str(state.seq),
+                       "T-O": str(first), "T-E": state.epoch, "T-H": f"{size},{ttl_ms}"}
+            if len(group) != 1:
+                headers["T-N"] = str(len(group))
+            try:
+                msg = await nc.request(subject, body, timeout=_REQUEST_TIMEOUT,
+                                       headers=headers)
+            except Exception as exc:
+                state.seq = None
+                raise BrokerUnavailable(f"publish to {channel!r}: {exc!r}") from exc
+            reply = orjson.loads(msg.data)
+            err = reply.get("error")
+            if err:
+                state.seq = None
+                if err.get("err_code") == WRONG_LAST_SEQUENCE:
+                    continue  # another node appended first: reload the tail
+                raise BrokerUnavailable(f"publish to {channel!r}: {err.get('description')}")
+            seq = int(reply["seq"])
+            epoch = state.epoch
+            if state.seq is None or seq > state.seq:
+                state.seq, state.offset = seq, first + len(group) - 1
+            return first, epoch
+        raise BrokerUnavailable(f"publish to {channel!r}: too much contention")
+
+    async def _raise_cap(self, cap: int) -> None:
+        info = await self.api(f"STREAM.INFO.{self.stream}")
+        config = info["config"]
+        if int(config.get("max_msgs_per_subject", 0)) < cap:
+            config["max_msgs_per_subject"] = cap
+            await self.api(f"STREAM.UPDATE.{self.stream}", config)
+        self._cap = max(self._cap, cap)
+
+    async def _tail(self, channel: str) -> _Tail | None:
+        """The channel's last stream message (read from the stream leader)."""
+        try:
+            reply = await self.api(f"STREAM.MSG.GET.{self.stream}",
+                                   {"last_by_subj": self._hist(channel)})
+        except JetStreamError as exc:
+            if exc.code == 404:
+                return None
+            raise BrokerUnavailable(str(exc)) from exc
+        except BrokerUnavailable:
+            raise
+        except Exception as exc:
+            raise BrokerUnavailable(f"read the tail of {channel!r}: {exc!r}") from exc
+        message = reply["message"]
+        hdrs = parse_headers(base64.b64decode(message.get("hdrs", "")))
+        size, _, ttl = hdrs.get("T-H", "0,0").partition(",")
+        return _Tail(int(message["seq"]), int(hdrs.get("T-O", "1")), int(hdrs.get("T-N", "1")),
+                     hdrs.get("T-E", ""), int(size), int(ttl or 0))
+
+    async def _load(self, channel: str, state: _Chan) -> None:
+        tail = await self._tail(channel)
+        if tail is None:  # never published, purged, expired or lost: a new epoch
+            state.seq, state.offset, state.epoch = 0, 0, secrets.token_hex(4)
+        else:
+            state.seq, state.offset, state.epoch = tail.seq, tail.last, tail.epoch
+
+    async def _mark(self, channel: str, offset: int, expected: int) -> _Tail | None:
+        """Write an epoch marker (no publication) where the channel has no message:
+        its epoch is then fixed before anything is published."""
+        epoch = secrets.token_hex(4)
+        msg = await self.client.request(self._hist(channel), b"", timeout=_REQUEST_TIMEOUT,
+                                        headers={
+            "Nats-Expected-Last-Subject-Sequence": str(expected),
+            "T-O": str(offset + 1), "T-E": epoch, "T-N": "0", "T-H": "0,0"})
+        reply = orjson.loads(msg.data)
+        if reply.get("error"):
+            return await self._tail(channel)  # someone else wrote first
+        return _Tail(int(reply["seq"]), offset + 1, 0, epoch, 0, 0)
+
+    # -- history ------------------------------------------------------------------------
+
+    def _need_js(self, feature: str) -> None:
+        if not self._health.up or self._nc is None:
+            raise BrokerUnavailable(self._health.reason or "NATS unreachable")
+        if not self._js:
+            raise NotAvailable(feature, "nats (JetStream is not enabled on the server)")
+
+    async def _current(self, channel: str) -> _Tail:
+        tail = await self._tail(channel)
+        while tail is None:
+            tail = await self._mark(channel, 0, 0)
+        return tail
+
+    async def position(self, channel: str) -> StreamPos:
+        self._need_js("positions")
+        tail = await self._current(channel)
+        return StreamPos(tail.last, tail.epoch)
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: StreamPos | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> HistoryPage:
+        self._need_js("history")
+        tail = await self._current(channel)
+        top, epoch = tail.last, tail.epoch
+        if since is not None:
+            if since.epoch != epoch:
+                return HistoryPage([], top, epoch, False)
+            if since.offset >= top:
+                return HistoryPage([], top, epoch, True)
+        pubs: list[Publication] = []
+        if tail.size > 0 and tail.ttl_ms > 0 and tail.count > 0:
+            horizon = int(time.time() * 1000) - tail.ttl_ms
+            low = top - tail.size
+            for msg in await self.scan(self.stream, self._hist(channel)):
+                hdrs = msg.headers or {}
+                if hdrs.get("T-E") != epoch or msg.metadata.sequence.stream > tail.seq:
+                    continue
+                first, count = int(hdrs.get("T-O", "1")), int(hdrs.get("T-N", "1"))
+                if count == 0 or first + count - 1 <= low:
+                    continue
+                pubs.extend(p for p in unpack_records(channel, first, epoch, msg.data)
+                            if p.offset > low and p.ts >= horizon)
+        recovered = True
+        if since is not None:
+            first_kept = pubs[0].offset if pubs else top + 1
+            if since.offset + 1 < first_kept:
+                recovered = False
+            pubs = [p for p in pubs if p.offset > since.offset]
+        if reverse:
+            pubs.reverse()
+        if limit is not None:
+            pubs = pubs[:limit]
+        return HistoryPage(pubs, top, epoch, recovered)
+
+    async def remove_history(self, channel: str) -> None:
+        """Purge the channel's messages and mark a new epoch at its offset."""
+        self._need_js("history")
+        tail = await self._current(channel)
+        await self._purge(self.stream, self._hist(channel))
+        await self._mark(channel, tail.last, 0)
+        state = self._chans.get(channel)
+        if state is not None:
+            state.seq = None
+
+    async def _purge(self, stream: str, subject: str) -> None:
+        try:
+            await self.api(f"STREAM.PURGE.{stream}", {"filter": subject})
+        except BrokerUnavailable:
+            raise
+        except Exception as exc:
+            raise BrokerUnavailable(f"purge {subject}: {exc!r}") from exc
+
+    async def scan(self, stream: str, subject: str, policy: str = "all") -> list[Msg]:
+        """Every message of ``stream`` on ``subject`` (a filter), oldest first,
+        through a short-lived push consumer (``policy``: all, last_per_subject)."""
+        nc = self.client
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        name = ""
+        try:
+            reply = await self.api(f"CONSUMER.CREATE.{stream}", {"stream_name": stream, "config": {
+                "deliver_subject": inbox, "filter_subject": subject,
+                "deliver_policy": policy, "ack_policy": "none", "replay_policy": "instant",
+                "mem_storage": True, "num_replicas": 1,
+                "inactive_threshold": int(10e9)}})
+            name = reply["name"]
+            out: list[Msg] = []
+            pending = int(reply.get("num_pending", 0))
+            while pending > 0:
+                msg = await sub.next_msg(timeout=_REQUEST_TIMEOUT)
+                if not msg.reply:
+                    continue  # a status message
+                out.append(msg)
+                pending = msg.metadata.num_pending
+            return out
+        except (BrokerUnavailable, NotAvailable):
+            raise
+        except Exception as exc:
+            raise BrokerUnavailable(f"read {subject}: {exc!r}") from exc
+        finally:
+            try:
+                await sub.unsubscribe()
+                if name:
+                    await nc.publish(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"")
+            except Exception:  # the consumer goes away by itself (inactive_threshold)
+                pass
+
+    # -- presence ------------------------------------------------------------------------
+
+    async def add_member(self, channel: str, member: Member) -> None:
+        self._members.setdefault(channel, {})[member.conn_id] = member
+        if not self._health.up:
+            return  # written at the refresh after the reconnect
+        self._need_js("presence")
+        await self._write_member(channel, member)
+
+    async def _write_member(self, channel: str, member: Member) -> None:
+        try:
+            msg = await self.client.request(self._member_subject(channel, member.conn_id),
+                                            orjson.dumps(member.to_dict()),
+                                            timeout=_REQUEST_TIMEOUT)
+        except BrokerUnavailable:
+            raise
+        except Exception as exc:
+            raise BrokerUnavailable(f"presence in {channel!r}: {exc!r}") from exc
+        err = orjson.loads(msg.data).get("error")
+        if err:
+            raise BrokerUnavailable(f"presence in {channel!r}: {err.get('description')}")
+
+    async def remove_member(self, channel: str, conn_id: str) -> None:
+        ours = self._members.get(channel)
+        if ours is not None:
+            ours.pop(conn_id, None)
+            if not ours:
+                del self._members[channel]
+        self._need_js("presence")
+        await self._purge(self.presence_stream, self._member_subject(channel, conn_id))
+
+    async def members(self, channel: str) -> list[Member]:
+        self._need_js("presence")
+        out: list[Member] = []
+        for msg in await self.scan(self.presence_stream, self._member_subject(channel),
+                                   "last_per_subject"):
+            if msg.data:
+                d = orjson.loads(msg.data)
+                out.append(Member(d["conn_id"], d.get("user"), d.get("info")))
+        return out
+
+    async def _refresh_members(self) -> None:
+        if not self._js:
+            return
+        for channel, members in list(self._members.items()):
+            for member in list(members.values()):
+                try:
+                    await self._write_member(channel, member)
+                except BrokerUnavailable:
+                    return
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.presence_ttl / 3)
+            if self._health.up:
+                await self._refresh_members()
+
