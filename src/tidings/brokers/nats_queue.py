@@ -30,8 +30,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from datetime import datetime
 from collections.abc import Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -243,12 +243,26 @@ class NatsQueueStore:
                 msgs += await self._pull(queue, count - 1, 0)
         return await self._take(queue, msgs)
 
-    def _holds(self, queue: str, item_id: str) -> tuple[str, bytes, int, float] | None:
+    def _holds(self, queue: str, item_id: str, ack_wait: float | None = None
+               ) -> tuple[str, bytes, int, float] | None:
         """This node's lease of ``item_id`` (taken out of the table), if still valid."""
         lease = self._held_of(queue).pop(item_id, None)
-        if lease is None or time.monotonic() - lease[3] > self._lease(queue):
+        wait = self._lease(queue) if ack_wait is None else ack_wait
+        if lease is None or time.monotonic() - lease[3] > wait:
             return None  # never ours, settled already, or the server took it back
         return lease
+
+    async def _ack_wait(self, queue: str) -> float:
+        """The consumer's ack wait as the server has it now (another node may have
+        changed it): a requeue must not move an item the server gave to another."""
+        try:
+            info = await self._broker.api(
+                f"CONSUMER.INFO.{self.stream}.{self._consumer(queue)}")
+        except BrokerUnavailable:
+            raise
+        except Exception as exc:
+            raise BrokerUnavailable(f"queue {queue!r}: {exc!r}") from exc
+        return min(self._lease(queue), int(info["config"].get("ack_wait", 0)) / 1e9)
 
     async def _settle(self, ack_subject: str, body: bytes = b"+ACK") -> None:
         """An ack (or term), confirmed by the server."""
@@ -266,7 +280,9 @@ class NatsQueueStore:
 
     async def requeue(self, queue: str, item_id: str, attempts: int, *,
                       delay: float = 0.0, dead: bool = False) -> bool:
-        lease = self._holds(queue, item_id)
+        if item_id not in self._held_of(queue):
+            return False
+        lease = self._holds(queue, item_id, await self._ack_wait(queue))
         if lease is None:
             return False
         ack_subject, payload, _, _ = lease
