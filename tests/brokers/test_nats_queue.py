@@ -22,7 +22,6 @@ from tidings.queue import Consumer, QueueItem
 from tidings.store_queue import StoreQueue
 
 
-
 @pytest.fixture
 def nats_url() -> str:
     if not nats_ping(NATS_URL):

@@ -1,7 +1,8 @@
 """``nats://``: publications over NATS, positions and history in JetStream.
 
 URL: ``nats://host:4222[,host2:4222]?prefix=tidings&replicas=1&presence_ttl=30``
-(``tls://`` too). Every server of the list is a candidate for the first
+(``tls://`` too; also ``meta_ttl``, ``history_max``, ``queue_max_len``,
+``randomize=0``). Every server of the list is a candidate for the first
 connection and for every reconnect.
 
 Design (docs/brokers-nats.md has the long version):
@@ -199,6 +200,8 @@ class NatsBroker:
         self.meta_ttl = float(query.pop("meta_ttl", str(7 * 86400)))
         self.history_max = int(query.pop("history_max", "1000"))
         self.queue_max_len = int(query.pop("queue_max_len", "1000000"))
+        # randomize=0: try the servers in the order given (tests pin a node to one)
+        self.randomize = query.pop("randomize", "1") not in ("0", "false", "no")
         scheme = "tls" if parts.scheme in ("tls", "nats+tls") else "nats"
         auth, _, hosts = parts.netloc.rpartition("@")
         self.servers = [f"{scheme}://{auth + '@' if auth else ''}{h or '127.0.0.1:4222'}"
@@ -282,7 +285,7 @@ class NatsBroker:
             nc = await nats.connect(
                 servers=self.servers, name=f"tidings-{node_id}", connect_timeout=2,
                 allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.25,
-                ping_interval=2, max_outstanding_pings=2, dont_randomize=False,
+                ping_interval=2, max_outstanding_pings=2, dont_randomize=not self.randomize,
                 disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
                 error_cb=self._on_error, closed_cb=self._on_closed,
             )
@@ -297,14 +300,24 @@ class NatsBroker:
         for pattern in list(self._subs):
             self._subs[pattern] = await self._nats_subscribe(pattern)
         await nc.flush()
-        await self._setup_jetstream()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await self._setup_jetstream()
+                break
+            except BrokerUnavailable:
+                if time.monotonic() > deadline:
+                    await nc.close()
+                    self._nc = None
+                    raise
+                await asyncio.sleep(0.2)  # a cluster electing its JetStream leaders
         self._set_health(BrokerHealth(True))
         self._heartbeat = self._loop.create_task(self._beat(), name=f"tidings-nats-{node_id}")
 
     async def _setup_jetstream(self) -> None:
         """Create (or update) the streams; without JetStream only pub/sub is on."""
         try:
-            await self._ensure_stream({
+            await self.ensure_stream({
                 "name": self.stream, "subjects": [f"{self.prefix}.h.>"],
                 "retention": "limits", "storage": "file", "discard": "old",
                 "max_msgs_per_subject": max(self.history_max, self._cap, 1),
@@ -312,7 +325,7 @@ class NatsBroker:
                 "republish": {"src": f"{self.prefix}.h.>", "dest": f"{self.prefix}.c.>"},
             })
             self._cap = max(self.history_max, self._cap, 1)
-            await self._ensure_stream({
+            await self.ensure_stream({
                 "name": self.presence_stream, "subjects": [f"{self.prefix}.p.>"],
                 "retention": "limits", "storage": "memory", "discard": "old",
                 "max_msgs_per_subject": 1, "max_age": int(self.presence_ttl * 1e9),
@@ -321,26 +334,34 @@ class NatsBroker:
             self._js = True
             if self._queues is not None:
                 await self._queues.setup()
-        except (JetStreamError, nats.errors.NoRespondersError) as exc:
+        except nats.errors.NoRespondersError as exc:
             if self._js:
                 raise BrokerUnavailable(f"JetStream: {exc}") from exc
-            log.warning("JetStream is not available on %s (%s): pub/sub only",
-                        ", ".join(self.servers), exc)
+            log.warning("JetStream is not enabled on %s: pub/sub only", ", ".join(self.servers))
             self._js = False
             self.capabilities = _CORE_ONLY
             return
-        except Exception as exc:
+        except BrokerUnavailable:
+            raise
+        except Exception as exc:  # e.g. 503: no JetStream leader yet
             raise BrokerUnavailable(f"JetStream setup failed: {exc}") from exc
         self._js = True
         self.capabilities = _FULL
 
-    async def _ensure_stream(self, config: dict[str, Any]) -> None:
+    async def ensure_stream(self, config: dict[str, Any]) -> None:
+        """Create the stream unless it exists (an existing one is left as it is:
+        an update needs every replica up, a reconnect must not)."""
+        try:
+            await self.api(f"STREAM.INFO.{config['name']}")
+            return
+        except JetStreamError as exc:
+            if exc.err_code != STREAM_NOT_FOUND:
+                raise
         try:
             await self.api(f"STREAM.CREATE.{config['name']}", config)
         except JetStreamError as exc:
-            if exc.err_code != STREAM_NAME_IN_USE:
+            if exc.err_code != STREAM_NAME_IN_USE:  # created by another node meanwhile
                 raise
-            await self.api(f"STREAM.UPDATE.{config['name']}", config)
 
     async def api(self, what: str, body: dict[str, Any] | None = None, *,
                   timeout: float = _REQUEST_TIMEOUT) -> dict[str, Any]:
@@ -414,19 +435,19 @@ class NatsBroker:
         self._spawn(self._after_reconnect())
 
     async def _after_reconnect(self) -> None:
-        deadline = time.monotonic() + 10
+        self._set_health(BrokerHealth(True))  # core pub/sub is back (nats-py resubscribed)
+        deadline = time.monotonic() + 30
         while not self._closing and self._nc is not None and self._nc.is_connected:
             try:
                 await self._setup_jetstream()
                 break
-            except BrokerUnavailable:
+            except BrokerUnavailable as exc:
                 if time.monotonic() > deadline:
+                    log.warning("JetStream not ready after the reconnect: %s", exc)
                     break
                 await asyncio.sleep(0.2)  # JetStream elects its leaders after a restart
-        if self._closing or self._nc is None or not self._nc.is_connected:
-            return
-        self._set_health(BrokerHealth(True))
-        await self._refresh_members()
+        if not self._closing:
+            await self._refresh_members()
 
     async def _on_error(self, exc: Exception) -> None:
         log.debug("NATS client error: %s", exc)
@@ -510,7 +531,7 @@ class NatsBroker:
         self._subs[pattern] = await self._nats_subscribe(pattern)
         if self._health.up:
             try:
-                await nc.flush(timeout=_REQUEST_TIMEOUT)
+                await nc.flush(timeout=int(_REQUEST_TIMEOUT))
             except Exception as exc:
                 raise BrokerUnavailable(f"subscribe to {pattern!r}: {exc}") from exc
 

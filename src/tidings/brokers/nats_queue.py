@@ -105,16 +105,12 @@ class NatsQueueStore:
         self._ready = True
 
     async def _ensure_stream(self, config: dict[str, Any]) -> None:
-        broker = self._broker
         try:
-            await broker.api(f"STREAM.CREATE.{config['name']}", config)
+            await self._broker.ensure_stream(config)
+        except BrokerUnavailable:
+            raise
         except Exception as exc:
-            if getattr(exc, "err_code", 0) != 10058:  # not "name already in use"
-                raise BrokerUnavailable(f"queue stream: {exc}") from exc
-            try:
-                await broker.api(f"STREAM.UPDATE.{config['name']}", config)
-            except Exception as again:
-                raise BrokerUnavailable(f"queue stream: {again}") from again
+            raise BrokerUnavailable(f"queue stream: {exc}") from exc
 
     async def _ensure(self, queue: str) -> str:
         if not self._ready:
