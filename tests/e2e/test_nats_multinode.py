@@ -139,3 +139,61 @@ async def test_one_queue_consumed_from_both_nodes_exactly_once(nats_url: str) ->
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def health_status(base: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+async def wait_health(base: str, status: int, timeout: float = 20) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while await asyncio.to_thread(health_status, base) != status:
+        assert asyncio.get_running_loop().time() < deadline, f"/health never {status}"
+        await asyncio.sleep(0.05)
+
+
+async def test_nats_server_killed_and_restarted_without_its_storage() -> None:
+    """/health 503 while the server is down, 200 when back; the client recovering
+    across the loss is told recovered: false (the epoch changed)."""
+    from tests.brokers.conftest import NatsServer
+    from tests.support import running
+    from tidings import Hub
+
+    server = NatsServer()
+    try:
+        url = server.url + "?prefix=fault"
+        async with running(Hub(url)) as b1, running(Hub(url)) as b2:
+            async with native(b1) as c:
+                await subscribe(c, "feed")
+                await apost(b2, "publish", {"channel": "feed", "data": 1})
+                last = await c.next("publication")
+                server.kill()
+                await wait_health(b1, 503)
+                await wait_health(b2, 503)
+                server.wipe()
+                server.start()
+                await wait_health(b1, 200)
+                await wait_health(b2, 200)
+                deadline = asyncio.get_running_loop().time() + 15
+                while True:  # JetStream may still be starting
+                    status, _ = await apost(b2, "publish", {"channel": "feed", "data": 2})
+                    if status == 200:
+                        break
+                    assert asyncio.get_running_loop().time() < deadline
+                    await asyncio.sleep(0.1)
+                live = await c.next("publication")  # delivery resumed
+                assert live["data"] == 2 and live["epoch"] != last["epoch"]
+            async with native(b1) as c:
+                result = await subscribe(c, "feed", {"offset": last["offset"],
+                                                     "epoch": last["epoch"]})
+                assert result["recovered"] is False  # never a silent gap
+                assert result["epoch"] != last["epoch"]
+    finally:
+        server.stop()
