@@ -9,7 +9,10 @@ only and report p50/p99 latency; the difference between (b) and (a) is the
 cost of the Redis hop.
 
     python -m benchmarks.crossnode [--subscribers 100] [--rate 1000] [--seconds 5]
-                                   [--redis redis://127.0.0.1:6379/0] [--json FILE]
+                                   [--redis redis://127.0.0.1:6379/0]
+                                   [--nats nats://127.0.0.1:4222] [--json FILE]
+
+(c) two nodes sharing NATS (JetStream) when ``--nats`` is not empty.
 """
 
 from __future__ import annotations
@@ -142,6 +145,12 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
             print("  redis, 2 nodes ...", file=sys.stderr)
             r = await measure([b1, b2], args.subscribers, args.rate, args.seconds, args.every)
             results.append({"setup": "redis, 2 nodes", **r})
+    if args.nats:
+        url = f"{args.nats}?prefix=xn{uuid.uuid4().hex[:6]}"
+        with serve(url) as b1, serve(url) as b2:
+            print("  nats, 2 nodes ...", file=sys.stderr)
+            r = await measure([b1, b2], args.subscribers, args.rate, args.seconds, args.every)
+            results.append({"setup": "nats, 2 nodes", **r})
     return results
 
 
@@ -153,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=10, help="parse every k-th frame")
     parser.add_argument("--redis", default=os.environ.get("TIDINGS_REDIS_URL",
                                                           "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--nats", default=os.environ.get("TIDINGS_NATS_URL",
+                                                         "nats://127.0.0.1:4222"),
+                        help="NATS URL (JetStream on), or '' to skip")
     parser.add_argument("--json", dest="json_out", default=None)
     args = parser.parse_args(argv)
     results = asyncio.run(main_async(args))
@@ -162,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"| {r['setup']} | {r['published']} | {r['deliveries']} ({r['expected']}) "
               f"| {r['p50_ms']} | {r['p99_ms']} |")
-    if len(results) == 2 and results[0]["p50_ms"] is not None and results[1]["p50_ms"]:
-        print(f"\nRedis hop at p50: {results[1]['p50_ms'] - results[0]['p50_ms']:+.3f} ms")
+    base = results[0]["p50_ms"]
+    for r in results[1:]:
+        if base is not None and r["p50_ms"]:
+            print(f"\n{r['setup'].split(',')[0]} hop at p50: {r['p50_ms'] - base:+.3f} ms")
     if args.json_out:
         with open(args.json_out, "w") as fh:
             json.dump(results, fh, indent=2)
