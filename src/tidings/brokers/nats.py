@@ -2,7 +2,7 @@
 
 URL: ``nats://host:4222[,host2:4222]?prefix=tidings&replicas=1&presence_ttl=30``
 (``tls://`` too; also ``meta_ttl``, ``history_max``, ``queue_max_len``,
-``randomize=0``). Every server of the list is a candidate for the first
+``randomize=0``, ``failover``). Every server of the list is a candidate for the first
 connection and for every reconnect.
 
 Design (docs/brokers-nats.md has the long version):
@@ -95,6 +95,9 @@ _REQUEST_TIMEOUT = 5.0
 _GROUP_MAX = 1000  # publications in one stream message
 _GROUP_BYTES = 256 * 1024
 _CAS_TRIES = 1000
+_FAILOVER = 10.0  # seconds a publish is retried while JetStream has no leader (?failover=)
+_PUBLISH_TIMEOUT = 2.0
+_SCAN_TIMEOUT = 2.0
 _STATE_CACHE_MAX = 100_000
 _FULL = Capabilities(positions=True, history=True, presence=True, queues=True, direct=True)
 _CORE_ONLY = Capabilities(direct=True)
@@ -202,6 +205,7 @@ class NatsBroker:
         self.queue_max_len = int(query.pop("queue_max_len", "1000000"))
         # randomize=0: try the servers in the order given (tests pin a node to one)
         self.randomize = query.pop("randomize", "1") not in ("0", "false", "no")
+        self.failover = float(query.pop("failover", str(_FAILOVER)))
         scheme = "tls" if parts.scheme in ("tls", "nats+tls") else "nats"
         auth, _, hosts = parts.netloc.rpartition("@")
         self.servers = [f"{scheme}://{auth + '@' if auth else ''}{h or '127.0.0.1:4222'}"
@@ -322,6 +326,7 @@ class NatsBroker:
                 "retention": "limits", "storage": "file", "discard": "old",
                 "max_msgs_per_subject": max(self.history_max, self._cap, 1),
                 "max_age": int(self.meta_ttl * 1e9), "num_replicas": self.replicas,
+                "duplicate_window": int(max(self.failover, 1.0) * 2e9),
                 "republish": {"src": f"{self.prefix}.h.>", "dest": f"{self.prefix}.c.>"},
             })
             self._cap = max(self.history_max, self._cap, 1)
@@ -657,39 +662,64 @@ class NatsBroker:
 
     async def _store(self, channel: str, state: _Chan, group: Sequence[tuple[Any, ...]]
                      ) -> tuple[int, str]:
-        """Append ``group`` at the channel's tail with a compare-and-set."""
+        """Append ``group`` at the channel's tail with a compare-and-set.
+
+        A wrong-sequence answer reloads the tail and tries again. No answer (the
+        stream's leader is being elected after a server loss, or the ack was
+        lost) is retried for up to ``failover`` s (default 10) with the same
+        ``Nats-Msg-Id``: if the first attempt was stored, the stream's duplicate
+        window answers with that message's sequence instead of storing it twice."""
         size, ttl_ms = group[0][1], group[0][2]
         if size + 1 > self._cap:
             await self._raise_cap(size + 1)
         body = b"".join(item[0] for item in group)
         subject = self._hist(channel)
-        nc = self.client
+        msg_id = secrets.token_hex(8)
+        deadline = time.monotonic() + self.failover
+        headers: dict[str, str] | None = None
         for _ in range(_CAS_TRIES):
-            if state.seq is None:
-                await self._load(channel, state)
-            assert state.seq is not None
-            first = state.offset + 1
-            headers = {"Nats-Expected-Last-Subject-Sequence": str(state.seq),
-                       "T-O": str(first), "T-E": state.epoch, "T-H": f"{size},{ttl_ms}"}
-            if len(group) != 1:
-                headers["T-N"] = str(len(group))
+            if headers is None:
+                if state.seq is None:
+                    try:
+                        await self._load(channel, state)
+                    except BrokerUnavailable as exc:
+                        if time.monotonic() < deadline and not self._closing:
+                            await asyncio.sleep(0.05)
+                            continue
+                        log.warning("publish to %r failed: %s", channel, exc)
+                        raise
+                assert state.seq is not None
+                headers = {"Nats-Expected-Last-Subject-Sequence": str(state.seq),
+                           "Nats-Msg-Id": msg_id, "T-O": str(state.offset + 1),
+                           "T-E": state.epoch, "T-H": f"{size},{ttl_ms}"}
+                if len(group) != 1:
+                    headers["T-N"] = str(len(group))
             try:
-                msg = await nc.request(subject, body, timeout=_REQUEST_TIMEOUT,
-                                       headers=headers)
+                msg = await self.client.request(subject, body, timeout=_PUBLISH_TIMEOUT,
+                                                headers=headers)
+                reply = orjson.loads(msg.data)
             except Exception as exc:
+                if time.monotonic() < deadline and not self._closing:
+                    await asyncio.sleep(0.05)
+                    continue  # same headers, same message id
                 state.seq = None
+                log.warning("publish to %r failed: %r", channel, exc)
                 raise BrokerUnavailable(f"publish to {channel!r}: {exc!r}") from exc
-            reply = orjson.loads(msg.data)
             err = reply.get("error")
             if err:
-                state.seq = None
                 if err.get("err_code") == WRONG_LAST_SEQUENCE:
+                    state.seq, headers = None, None
                     continue  # another node appended first: reload the tail
+                if err.get("code") == 503 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                    continue
+                state.seq = None
+                log.warning("publish to %r refused: %s", channel, err)
                 raise BrokerUnavailable(f"publish to {channel!r}: {err.get('description')}")
             seq = int(reply["seq"])
-            epoch = state.epoch
+            first, epoch = int(headers["T-O"]), headers["T-E"]
             if state.seq is None or seq > state.seq:
-                state.seq, state.offset = seq, first + len(group) - 1
+                state.seq, state.offset, state.epoch = seq, first + len(group) - 1, epoch
             return first, epoch
         raise BrokerUnavailable(f"publish to {channel!r}: too much contention")
 
@@ -731,10 +761,15 @@ class NatsBroker:
         """Write an epoch marker (no publication) where the channel has no message:
         its epoch is then fixed before anything is published."""
         epoch = secrets.token_hex(4)
-        msg = await self.client.request(self._hist(channel), b"", timeout=_REQUEST_TIMEOUT,
-                                        headers={
-            "Nats-Expected-Last-Subject-Sequence": str(expected),
-            "T-O": str(offset + 1), "T-E": epoch, "T-N": "0", "T-H": "0,0"})
+        try:
+            msg = await self.client.request(
+                self._hist(channel), b"", timeout=_REQUEST_TIMEOUT, headers={
+                    "Nats-Expected-Last-Subject-Sequence": str(expected),
+                    "T-O": str(offset + 1), "T-E": epoch, "T-N": "0", "T-H": "0,0"})
+        except BrokerUnavailable:
+            raise
+        except Exception as exc:
+            raise BrokerUnavailable(f"mark {channel!r}: {exc!r}") from exc
         reply = orjson.loads(msg.data)
         if reply.get("error"):
             return await self._tail(channel)  # someone else wrote first
@@ -749,10 +784,19 @@ class NatsBroker:
             raise NotAvailable(feature, "nats (JetStream is not enabled on the server)")
 
     async def _current(self, channel: str) -> _Tail:
-        tail = await self._tail(channel)
-        while tail is None:
-            tail = await self._mark(channel, 0, 0)
-        return tail
+        """The channel's tail (an epoch marker is written when it has none),
+        retried like :meth:`scan` while a cluster fails over."""
+        deadline = time.monotonic() + self.failover
+        while True:
+            try:
+                tail = await self._tail(channel)
+                while tail is None:
+                    tail = await self._mark(channel, 0, 0)
+                return tail
+            except BrokerUnavailable:
+                if not self._health.up or time.monotonic() > deadline or self._closing:
+                    raise
+                await asyncio.sleep(0.1)
 
     async def position(self, channel: str) -> StreamPos:
         self._need_js("positions")
@@ -820,13 +864,31 @@ class NatsBroker:
 
     async def scan(self, stream: str, subject: str, policy: str = "all") -> list[Msg]:
         """Every message of ``stream`` on ``subject`` (a filter), oldest first,
-        through a short-lived push consumer (``policy``: all, last_per_subject)."""
+        through a short-lived push consumer (``policy``: all, last_per_subject).
+
+        Tried again (for up to ``failover`` s) when the consumer goes silent or
+        JetStream does not answer: on a cluster that just lost a server, the
+        consumer may have been placed on the lost peer, or the meta leader is
+        being elected. While the connection is down it raises at once."""
+        deadline = time.monotonic() + self.failover
+        while True:
+            try:
+                return await self._scan_once(stream, subject, policy)
+            except (TimeoutError, BrokerUnavailable) as exc:
+                if not self._health.up or time.monotonic() > deadline or self._closing:
+                    if isinstance(exc, BrokerUnavailable):
+                        raise
+                    raise BrokerUnavailable(f"read {subject}: no answer") from exc
+                await asyncio.sleep(0.1)
+
+    async def _scan_once(self, stream: str, subject: str, policy: str) -> list[Msg]:
         nc = self.client
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox, pending_msgs_limit=-1, pending_bytes_limit=-1)
         name = ""
         try:
-            reply = await self.api(f"CONSUMER.CREATE.{stream}", {"stream_name": stream, "config": {
+            reply = await self.api(f"CONSUMER.CREATE.{stream}", timeout=_SCAN_TIMEOUT, body={
+                "stream_name": stream, "config": {
                 "deliver_subject": inbox, "filter_subject": subject,
                 "deliver_policy": policy, "ack_policy": "none", "replay_policy": "instant",
                 "mem_storage": True, "num_replicas": 1,
@@ -835,13 +897,13 @@ class NatsBroker:
             out: list[Msg] = []
             pending = int(reply.get("num_pending", 0))
             while pending > 0:
-                msg = await sub.next_msg(timeout=_REQUEST_TIMEOUT)
+                msg = await sub.next_msg(timeout=_SCAN_TIMEOUT)
                 if not msg.reply:
                     continue  # a status message
                 out.append(msg)
                 pending = msg.metadata.num_pending
             return out
-        except (BrokerUnavailable, NotAvailable):
+        except (BrokerUnavailable, NotAvailable, TimeoutError):
             raise
         except Exception as exc:
             raise BrokerUnavailable(f"read {subject}: {exc!r}") from exc
