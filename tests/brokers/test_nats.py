@@ -306,6 +306,17 @@ async def test_without_jetstream_pubsub_still_works() -> None:
                 await a.position("plain")
             with pytest.raises(NotAvailable):
                 await a.members("plain")
+        # a hub on it: subscribing (with presence on) and publishing work
+        async with Hub(server.url + "?prefix=nojs") as h1, \
+                Hub(server.url + "?prefix=nojs") as h2:
+            sink = Sink()
+            conn = h1.register(sink, user="u")
+            await h1.subscribe(conn, "plain")
+            await h2.publish("plain", "via hubs")
+            await sink.wait_for(lambda f: len(f) == 1)
+            assert (sink.frames[0]["data"], sink.frames[0]["offset"]) == ("via hubs", 0)
+            with pytest.raises(NotAvailable):
+                await h1.history("plain")
     finally:
         server.stop()
 

@@ -631,6 +631,7 @@ class NatsBroker:
     async def _drain(self, channel: str, state: _Chan) -> None:
         """One message in flight per channel: what queues up meanwhile goes next,
         together (consecutive offsets in one stream message)."""
+        group: list[tuple[bytes, int, int, PublishDone, Any, str | None, str | None, int]] = []
         try:
             while state.queue:
                 first = state.queue[0]
@@ -657,6 +658,15 @@ class NatsBroker:
                         item[3](outcome)
                     except Exception:
                         log.exception("publish callback failed")
+        except asyncio.CancelledError:  # close(): nobody is left waiting for nothing
+            gone = BrokerUnavailable("broker closed")
+            for item in (*group, *state.queue):
+                try:
+                    item[3](gone)
+                except Exception:
+                    log.exception("publish callback failed")
+            state.queue.clear()
+            raise
         finally:
             state.busy = False
 
@@ -683,7 +693,7 @@ class NatsBroker:
                     try:
                         await self._load(channel, state)
                     except BrokerUnavailable as exc:
-                        if time.monotonic() < deadline and not self._closing:
+                        if self._retry_until(deadline):
                             await asyncio.sleep(0.05)
                             continue
                         log.warning("publish to %r failed: %s", channel, exc)
@@ -699,7 +709,7 @@ class NatsBroker:
                                                 headers=headers)
                 reply = orjson.loads(msg.data)
             except Exception as exc:
-                if time.monotonic() < deadline and not self._closing:
+                if self._retry_until(deadline):
                     await asyncio.sleep(0.05)
                     continue  # same headers, same message id
                 state.seq = None
@@ -710,7 +720,7 @@ class NatsBroker:
                 if err.get("err_code") == WRONG_LAST_SEQUENCE:
                     state.seq, headers = None, None
                     continue  # another node appended first: reload the tail
-                if err.get("code") == 503 and time.monotonic() < deadline:
+                if err.get("code") == 503 and self._retry_until(deadline):
                     await asyncio.sleep(0.05)
                     continue
                 state.seq = None
@@ -722,6 +732,11 @@ class NatsBroker:
                 state.seq, state.offset, state.epoch = seq, first + len(group) - 1, epoch
             return first, epoch
         raise BrokerUnavailable(f"publish to {channel!r}: too much contention")
+
+    def _retry_until(self, deadline: float) -> bool:
+        """Whether a failed JetStream call is worth another try: connected (while
+        down every call raises at once), not closing, and within ``failover``."""
+        return self._health.up and not self._closing and time.monotonic() < deadline
 
     async def _raise_cap(self, cap: int) -> None:
         info = await self.api(f"STREAM.INFO.{self.stream}")
@@ -919,9 +934,10 @@ class NatsBroker:
 
     async def add_member(self, channel: str, member: Member) -> None:
         self._members.setdefault(channel, {})[member.conn_id] = member
-        if not self._health.up:
-            return  # written at the refresh after the reconnect
-        self._need_js("presence")
+        if not self._health.up or not self._js:
+            # written at the refresh after the reconnect; without JetStream there
+            # is no store (members() says NotAvailable), join/leave events still go
+            return
         await self._write_member(channel, member)
 
     async def _write_member(self, channel: str, member: Member) -> None:
@@ -943,6 +959,8 @@ class NatsBroker:
             ours.pop(conn_id, None)
             if not ours:
                 del self._members[channel]
+        if self._nc is not None and self._health.up and not self._js:
+            return  # no store without JetStream (see add_member)
         self._need_js("presence")
         await self._purge(self.presence_stream, self._member_subject(channel, conn_id))
 
