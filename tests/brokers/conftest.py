@@ -150,6 +150,29 @@ def nats_ping(url: str) -> bool:
         return False
 
 
+async def drop_nats_streams(url: str) -> None:
+    """Delete the streams of ``url``'s prefix from a shared server (test cleanup)."""
+    import json
+    from urllib.parse import parse_qs, urlsplit
+
+    import nats
+
+    parts = urlsplit(url)
+    prefix = parse_qs(parts.query).get("prefix", ["tidings"])[-1]
+    try:
+        nc = await nats.connect(f"nats://{parts.netloc.split(',')[0]}", connect_timeout=2,
+                                allow_reconnect=False)
+    except Exception:
+        return
+    try:
+        for name in ("H", "P", "Q", "QZ"):
+            with contextlib.suppress(Exception):
+                await nc.request(f"$JS.API.STREAM.DELETE.{prefix}_{name}", json.dumps({}).encode(),
+                                 timeout=2)
+    finally:
+        await nc.close()
+
+
 class NatsServer:
     """A private nats-server (JetStream on) on a free port, stopped by its PID."""
 
@@ -257,6 +280,8 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., H
     finally:
         for hub in hubs:
             await hub.stop()
+        if kind == "nats":
+            await drop_nats_streams(url)
         if relay is not None:
             await relay.stop()
         if sock_dir is not None:

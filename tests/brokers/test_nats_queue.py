@@ -13,7 +13,13 @@ from typing import Any
 
 import pytest
 
-from tests.brokers.conftest import NATS_URL, NatsServer, nats_ping, unavailable
+from tests.brokers.conftest import (
+    NATS_URL,
+    NatsServer,
+    drop_nats_streams,
+    nats_ping,
+    unavailable,
+)
 from tests.support import wait_until
 from tidings import Hub
 from tidings.brokers.nats_queue import NatsQueueStore
@@ -23,10 +29,12 @@ from tidings.store_queue import StoreQueue
 
 
 @pytest.fixture
-def nats_url() -> str:
+async def nats_url() -> AsyncIterator[str]:
     if not nats_ping(NATS_URL):
         unavailable(f"no NATS with JetStream at {NATS_URL}")
-    return f"{NATS_URL}?prefix=nq{uuid.uuid4().hex[:8]}"
+    url = f"{NATS_URL}?prefix=nq{uuid.uuid4().hex[:8]}"
+    yield url
+    await drop_nats_streams(url)
 
 
 @pytest.fixture

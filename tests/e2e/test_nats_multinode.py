@@ -6,20 +6,23 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import websockets
 
-from tests.brokers.conftest import NATS_URL, nats_ping, unavailable
+from tests.brokers.conftest import NATS_URL, drop_nats_streams, nats_ping, unavailable
 from tests.support import NativeClient, apost, native, serve_process, ws_url
 
 
 @pytest.fixture
-def nats_url() -> str:
+async def nats_url() -> AsyncIterator[str]:
     if not nats_ping(NATS_URL):
         unavailable(f"no NATS with JetStream at {NATS_URL}")
-    return f"{NATS_URL}?prefix=e2e{uuid.uuid4().hex[:8]}"
+    url = f"{NATS_URL}?prefix=e2e{uuid.uuid4().hex[:8]}"
+    yield url
+    await drop_nats_streams(url)
 
 
 async def subscribe(client: NativeClient, channel: str, recover: Any = None) -> dict[str, Any]:

@@ -223,6 +223,8 @@ class NatsBroker:
         self._csubj: dict[str, str] = {}  # live subject tokens -> channel
         self._subs: dict[str, list[Subscription]] = {}  # pattern -> its NATS subscriptions
         self._node_subs: list[Subscription] = []
+        self._barrier_subject = ""
+        self._barriers: dict[str, asyncio.Future[None]] = {}
         self._members: dict[str, dict[str, Member]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -297,9 +299,11 @@ class NatsBroker:
             raise BrokerUnavailable(f"cannot reach NATS at {', '.join(self.servers)}: {exc}"
                                     ) from exc
         self._nc = nc
+        self._barrier_subject = nc.new_inbox()
         self._node_subs = [
             await nc.subscribe(f"{self.prefix}.n.{token_for(node_id)}", cb=self._on_node),
             await nc.subscribe(f"{self.prefix}.all", cb=self._on_node),
+            await nc.subscribe(self._barrier_subject, cb=self._on_barrier),
         ]
         for pattern in list(self._subs):
             self._subs[pattern] = await self._nats_subscribe(pattern)
@@ -535,10 +539,29 @@ class NatsBroker:
             return
         self._subs[pattern] = await self._nats_subscribe(pattern)
         if self._health.up:
-            try:
-                await nc.flush(timeout=int(_REQUEST_TIMEOUT))
-            except Exception as exc:
-                raise BrokerUnavailable(f"subscribe to {pattern!r}: {exc}") from exc
+            await self._barrier(f"subscribe to {pattern!r}")
+
+    async def _barrier(self, what: str) -> None:
+        """Wait until the server has processed everything sent so far: a message
+        to our own inbox, queued behind the SUBs, comes back. (nats-py's
+        ``flush()`` writes its PING ahead of commands still in its buffer, so a
+        PONG does not prove a SUB arrived.)"""
+        nc = self.client
+        token = secrets.token_hex(6)
+        waiter = (self._loop or asyncio.get_running_loop()).create_future()
+        self._barriers[token] = waiter
+        try:
+            await nc.publish(self._barrier_subject, token.encode())
+            await asyncio.wait_for(waiter, _REQUEST_TIMEOUT)
+        except Exception as exc:
+            raise BrokerUnavailable(f"{what}: {exc!r}") from exc
+        finally:
+            self._barriers.pop(token, None)
+
+    async def _on_barrier(self, msg: Msg) -> None:
+        waiter = self._barriers.pop(msg.data.decode(), None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def unsubscribe(self, pattern: str) -> None:
         subs = self._subs.pop(pattern, None)
