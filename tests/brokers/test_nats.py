@@ -162,7 +162,7 @@ async def test_history_window_and_physical_bound(url: str) -> None:
         page = await a.history("trim")
         assert [p.data for p in page.publications] == list(range(45, 50))
         info = await a.api(f"STREAM.INFO.{a.stream}", {"subjects_filter": ">"})
-        held = info["state"]["subjects"][a._hist("trim")]
+        held = info["state"]["subjects"][f"{a.prefix}.h.trim"]
         assert held <= 10  # the stream's per-subject bound keeps the storage small
         # a bigger window than the bound raises the bound (never serves less)
         for i in range(30):
