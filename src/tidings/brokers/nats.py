@@ -51,10 +51,8 @@ Design (docs/brokers-nats.md has the long version):
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import secrets
-import struct
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -78,76 +76,36 @@ from tidings.brokers.base import (
     PublishOutcome,
     settle_future,
 )
+from tidings.brokers.nats_history import NatsHistory
+from tidings.brokers.nats_presence import NatsPresence
 from tidings.brokers.nats_queue import NatsQueueStore
 from tidings.brokers.nats_subjects import channel_of_tokens, subjects_for, token_for
-from tidings.exceptions import BrokerUnavailable, NotAvailable
+from tidings.brokers.nats_wire import (
+    REQUEST_TIMEOUT,
+    STREAM_NAME_IN_USE,
+    STREAM_NOT_FOUND,
+    WRONG_LAST_SEQUENCE,
+    JetStreamError,
+    encode_data,
+    pack_record,
+    unpack_records,
+)
+from tidings.exceptions import BrokerUnavailable
 from tidings.protocol.names import is_pattern, pattern_matches
-from tidings.types import HistoryPage, Member, Publication, StreamPos
+from tidings.types import Member, Publication
 
-__all__ = ["JetStreamError", "NatsBroker"]
+__all__ = ["NatsBroker"]
 
 log = logging.getLogger("tidings.brokers.nats")
 
-WRONG_LAST_SEQUENCE = 10071
-STREAM_NAME_IN_USE = 10058
-STREAM_NOT_FOUND = 10059
-_REQUEST_TIMEOUT = 5.0
 _GROUP_MAX = 1000  # publications in one stream message
 _GROUP_BYTES = 256 * 1024
 _CAS_TRIES = 1000
 _FAILOVER = 10.0  # seconds a publish is retried while JetStream has no leader (?failover=)
 _PUBLISH_TIMEOUT = 2.0
-_SCAN_TIMEOUT = 2.0
 _STATE_CACHE_MAX = 100_000
 _FULL = Capabilities(positions=True, history=True, presence=True, queues=True, direct=True)
 _CORE_ONLY = Capabilities(direct=True)
-_REC = struct.Struct(">HQI")  # sender length, ts ms, data length
-
-
-class JetStreamError(Exception):
-    """An error answer of the JetStream API."""
-
-    def __init__(self, code: int, err_code: int, description: str) -> None:
-        super().__init__(f"JetStream: {description} ({code}/{err_code})")
-        self.code = code
-        self.err_code = err_code
-
-
-def encode_data(data: Any, text: str | None) -> bytes:
-    if text is not None:
-        return b"j" + text.encode()
-    if isinstance(data, bytes):
-        return b"b" + data
-    return b"j" + orjson.dumps(data)
-
-
-def decode_data(raw: bytes) -> tuple[Any, str | None]:
-    if raw[:1] == b"b":
-        return raw[1:], None
-    text = raw[1:].decode()
-    return orjson.loads(text), text
-
-
-def pack_record(sender: str | None, ts: int, payload: bytes) -> bytes:
-    s = (sender or "").encode()
-    return _REC.pack(len(s), ts, len(payload)) + s + payload
-
-
-def unpack_records(channel: str, first: int, epoch: str, body: bytes
-                   ) -> list[Publication]:
-    out: list[Publication] = []
-    pos, offset, end = 0, first, len(body)
-    size = _REC.size
-    while pos < end:
-        slen, ts, dlen = _REC.unpack_from(body, pos)
-        pos += size
-        sender = body[pos:pos + slen].decode() or None
-        pos += slen
-        data, text = decode_data(body[pos:pos + dlen])
-        pos += dlen
-        out.append(Publication(channel, data, offset, epoch, sender, ts, raw=text))
-        offset += 1
-    return out
 
 
 @dataclass(slots=True)
@@ -162,30 +120,7 @@ class _Chan:
     busy: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class _Tail:
-    seq: int
-    first: int  # offset of the message's first publication
-    count: int  # publications in it (0: an epoch marker)
-    epoch: str
-    size: int
-    ttl_ms: int
-
-    @property
-    def last(self) -> int:
-        return self.first + self.count - 1
-
-
-def parse_headers(raw: bytes) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in raw.decode().split("\r\n")[1:]:
-        if ":" in line:
-            key, value = line.split(":", 1)
-            out[key.strip()] = value.strip()
-    return out
-
-
-class NatsBroker:
+class NatsBroker(NatsPresence, NatsHistory):
     """Broker, HistoryStore, PresenceStore and QueueStoreProvider on NATS JetStream."""
 
     capabilities: Capabilities = _FULL
@@ -250,10 +185,6 @@ class NatsBroker:
                 self._hsubj.clear()
             subject = self._hsubj[channel] = f"{self.prefix}.h.{subjects_for(channel)[0]}"
         return subject
-
-    def _member_subject(self, channel: str, conn_id: str = "*") -> str:
-        tail = conn_id if conn_id == "*" else token_for(conn_id)
-        return f"{self.prefix}.p.{token_for(channel)}.{tail}"
 
     def _channel_of(self, subject: str) -> str:
         tokens = subject[len(self.prefix) + 3:]
@@ -373,7 +304,7 @@ class NatsBroker:
                 raise
 
     async def api(self, what: str, body: dict[str, Any] | None = None, *,
-                  timeout: float = _REQUEST_TIMEOUT) -> dict[str, Any]:
+                  timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
         """One JetStream API request; raises JetStreamError for an error answer."""
         nc = self._nc
         if nc is None:
@@ -552,7 +483,7 @@ class NatsBroker:
         self._barriers[token] = waiter
         try:
             await nc.publish(self._barrier_subject, token.encode())
-            await asyncio.wait_for(waiter, _REQUEST_TIMEOUT)
+            await asyncio.wait_for(waiter, REQUEST_TIMEOUT)
         except Exception as exc:
             raise BrokerUnavailable(f"{what}: {exc!r}") from exc
         finally:
@@ -769,247 +700,9 @@ class NatsBroker:
             await self.api(f"STREAM.UPDATE.{self.stream}", config)
         self._cap = max(self._cap, cap)
 
-    async def _tail(self, channel: str) -> _Tail | None:
-        """The channel's last stream message (read from the stream leader)."""
-        try:
-            reply = await self.api(f"STREAM.MSG.GET.{self.stream}",
-                                   {"last_by_subj": self._hist(channel)})
-        except JetStreamError as exc:
-            if exc.code == 404:
-                return None
-            raise BrokerUnavailable(str(exc)) from exc
-        except BrokerUnavailable:
-            raise
-        except Exception as exc:
-            raise BrokerUnavailable(f"read the tail of {channel!r}: {exc!r}") from exc
-        message = reply["message"]
-        hdrs = parse_headers(base64.b64decode(message.get("hdrs", "")))
-        size, _, ttl = hdrs.get("T-H", "0,0").partition(",")
-        return _Tail(int(message["seq"]), int(hdrs.get("T-O", "1")), int(hdrs.get("T-N", "1")),
-                     hdrs.get("T-E", ""), int(size), int(ttl or 0))
-
     async def _load(self, channel: str, state: _Chan) -> None:
         tail = await self._tail(channel)
         if tail is None:  # never published, purged, expired or lost: a new epoch
             state.seq, state.offset, state.epoch = 0, 0, secrets.token_hex(4)
         else:
             state.seq, state.offset, state.epoch = tail.seq, tail.last, tail.epoch
-
-    async def _mark(self, channel: str, offset: int, expected: int) -> _Tail | None:
-        """Write an epoch marker (no publication) where the channel has no message:
-        its epoch is then fixed before anything is published."""
-        epoch = secrets.token_hex(4)
-        try:
-            msg = await self.client.request(
-                self._hist(channel), b"", timeout=_REQUEST_TIMEOUT, headers={
-                    "Nats-Expected-Last-Subject-Sequence": str(expected),
-                    "T-O": str(offset + 1), "T-E": epoch, "T-N": "0", "T-H": "0,0"})
-        except BrokerUnavailable:
-            raise
-        except Exception as exc:
-            raise BrokerUnavailable(f"mark {channel!r}: {exc!r}") from exc
-        reply = orjson.loads(msg.data)
-        if reply.get("error"):
-            return await self._tail(channel)  # someone else wrote first
-        return _Tail(int(reply["seq"]), offset + 1, 0, epoch, 0, 0)
-
-    # -- history ------------------------------------------------------------------------
-
-    def _need_js(self, feature: str) -> None:
-        if not self._health.up or self._nc is None:
-            raise BrokerUnavailable(self._health.reason or "NATS unreachable")
-        if not self._js:
-            raise NotAvailable(feature, "nats (JetStream is not enabled on the server)")
-
-    async def _current(self, channel: str) -> _Tail:
-        """The channel's tail (an epoch marker is written when it has none),
-        retried like :meth:`scan` while a cluster fails over."""
-        deadline = time.monotonic() + self.failover
-        while True:
-            try:
-                tail = await self._tail(channel)
-                while tail is None:
-                    tail = await self._mark(channel, 0, 0)
-                return tail
-            except BrokerUnavailable:
-                if not self._health.up or time.monotonic() > deadline or self._closing:
-                    raise
-                await asyncio.sleep(0.1)
-
-    async def position(self, channel: str) -> StreamPos:
-        self._need_js("positions")
-        tail = await self._current(channel)
-        return StreamPos(tail.last, tail.epoch)
-
-    async def history(
-        self,
-        channel: str,
-        *,
-        since: StreamPos | None = None,
-        limit: int | None = None,
-        reverse: bool = False,
-    ) -> HistoryPage:
-        self._need_js("history")
-        tail = await self._current(channel)
-        top, epoch = tail.last, tail.epoch
-        if since is not None:
-            if since.epoch != epoch:
-                return HistoryPage([], top, epoch, False)
-            if since.offset >= top:
-                return HistoryPage([], top, epoch, True)
-        pubs: list[Publication] = []
-        if tail.size > 0 and tail.ttl_ms > 0 and tail.count > 0:
-            horizon = int(time.time() * 1000) - tail.ttl_ms
-            low = top - tail.size
-            for msg in await self.scan(self.stream, self._hist(channel)):
-                hdrs = msg.headers or {}
-                if hdrs.get("T-E") != epoch or msg.metadata.sequence.stream > tail.seq:
-                    continue
-                first, count = int(hdrs.get("T-O", "1")), int(hdrs.get("T-N", "1"))
-                if count == 0 or first + count - 1 <= low:
-                    continue
-                pubs.extend(p for p in unpack_records(channel, first, epoch, msg.data)
-                            if p.offset > low and p.ts >= horizon)
-        recovered = True
-        if since is not None:
-            first_kept = pubs[0].offset if pubs else top + 1
-            if since.offset + 1 < first_kept:
-                recovered = False
-            pubs = [p for p in pubs if p.offset > since.offset]
-        if reverse:
-            pubs.reverse()
-        if limit is not None:
-            pubs = pubs[:limit]
-        return HistoryPage(pubs, top, epoch, recovered)
-
-    async def remove_history(self, channel: str) -> None:
-        """Purge the channel's messages and mark a new epoch at its offset."""
-        self._need_js("history")
-        tail = await self._current(channel)
-        await self._purge(self.stream, self._hist(channel))
-        await self._mark(channel, tail.last, 0)
-        state = self._chans.get(channel)
-        if state is not None:
-            state.seq = None
-
-    async def _purge(self, stream: str, subject: str) -> None:
-        try:
-            await self.api(f"STREAM.PURGE.{stream}", {"filter": subject})
-        except BrokerUnavailable:
-            raise
-        except Exception as exc:
-            raise BrokerUnavailable(f"purge {subject}: {exc!r}") from exc
-
-    async def scan(self, stream: str, subject: str, policy: str = "all") -> list[Msg]:
-        """Every message of ``stream`` on ``subject`` (a filter), oldest first,
-        through a short-lived push consumer (``policy``: all, last_per_subject).
-
-        Tried again (for up to ``failover`` s) when the consumer goes silent or
-        JetStream does not answer: on a cluster that just lost a server, the
-        consumer may have been placed on the lost peer, or the meta leader is
-        being elected. While the connection is down it raises at once."""
-        deadline = time.monotonic() + self.failover
-        while True:
-            try:
-                return await self._scan_once(stream, subject, policy)
-            except (TimeoutError, BrokerUnavailable) as exc:
-                if not self._health.up or time.monotonic() > deadline or self._closing:
-                    if isinstance(exc, BrokerUnavailable):
-                        raise
-                    raise BrokerUnavailable(f"read {subject}: no answer") from exc
-                await asyncio.sleep(0.1)
-
-    async def _scan_once(self, stream: str, subject: str, policy: str) -> list[Msg]:
-        nc = self.client
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox, pending_msgs_limit=-1, pending_bytes_limit=-1)
-        name = ""
-        try:
-            reply = await self.api(f"CONSUMER.CREATE.{stream}", timeout=_SCAN_TIMEOUT, body={
-                "stream_name": stream, "config": {
-                "deliver_subject": inbox, "filter_subject": subject,
-                "deliver_policy": policy, "ack_policy": "none", "replay_policy": "instant",
-                "mem_storage": True, "num_replicas": 1,
-                "inactive_threshold": int(10e9)}})
-            name = reply["name"]
-            out: list[Msg] = []
-            pending = int(reply.get("num_pending", 0))
-            while pending > 0:
-                msg = await sub.next_msg(timeout=_SCAN_TIMEOUT)
-                if not msg.reply:
-                    continue  # a status message
-                out.append(msg)
-                pending = msg.metadata.num_pending
-            return out
-        except (BrokerUnavailable, NotAvailable, TimeoutError):
-            raise
-        except Exception as exc:
-            raise BrokerUnavailable(f"read {subject}: {exc!r}") from exc
-        finally:
-            try:
-                await sub.unsubscribe()
-                if name:
-                    await nc.publish(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"")
-            except Exception:  # the consumer goes away by itself (inactive_threshold)
-                pass
-
-    # -- presence ------------------------------------------------------------------------
-
-    async def add_member(self, channel: str, member: Member) -> None:
-        self._members.setdefault(channel, {})[member.conn_id] = member
-        if not self._health.up or not self._js:
-            # written at the refresh after the reconnect; without JetStream there
-            # is no store (members() says NotAvailable), join/leave events still go
-            return
-        await self._write_member(channel, member)
-
-    async def _write_member(self, channel: str, member: Member) -> None:
-        try:
-            msg = await self.client.request(self._member_subject(channel, member.conn_id),
-                                            orjson.dumps(member.to_dict()),
-                                            timeout=_REQUEST_TIMEOUT)
-        except BrokerUnavailable:
-            raise
-        except Exception as exc:
-            raise BrokerUnavailable(f"presence in {channel!r}: {exc!r}") from exc
-        err = orjson.loads(msg.data).get("error")
-        if err:
-            raise BrokerUnavailable(f"presence in {channel!r}: {err.get('description')}")
-
-    async def remove_member(self, channel: str, conn_id: str) -> None:
-        ours = self._members.get(channel)
-        if ours is not None:
-            ours.pop(conn_id, None)
-            if not ours:
-                del self._members[channel]
-        if self._nc is not None and self._health.up and not self._js:
-            return  # no store without JetStream (see add_member)
-        self._need_js("presence")
-        await self._purge(self.presence_stream, self._member_subject(channel, conn_id))
-
-    async def members(self, channel: str) -> list[Member]:
-        self._need_js("presence")
-        out: list[Member] = []
-        for msg in await self.scan(self.presence_stream, self._member_subject(channel),
-                                   "last_per_subject"):
-            if msg.data:
-                d = orjson.loads(msg.data)
-                out.append(Member(d["conn_id"], d.get("user"), d.get("info")))
-        return out
-
-    async def _refresh_members(self) -> None:
-        if not self._js:
-            return
-        for channel, members in list(self._members.items()):
-            for member in list(members.values()):
-                try:
-                    await self._write_member(channel, member)
-                except BrokerUnavailable:
-                    return
-
-    async def _beat(self) -> None:
-        while True:
-            await asyncio.sleep(self.presence_ttl / 3)
-            if self._health.up:
-                await self._refresh_members()
-
