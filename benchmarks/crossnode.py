@@ -11,7 +11,8 @@ cost of the Redis hop.
 
     python -m benchmarks.crossnode [--subscribers 100] [--rate 1000] [--seconds 5]
                                    [--redis redis://127.0.0.1:6379/0] [--json FILE]
-                                   [--setups memory redis amqp mqtt]
+                                   [--nats nats://127.0.0.1:4222]
+                                   [--setups memory redis nats amqp mqtt]
 """
 
 from __future__ import annotations
@@ -139,8 +140,8 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
             print("  memory, 1 node ...", file=sys.stderr)
             r = await measure([base], args.subscribers, args.rate, args.seconds, args.every)
             results.append({"setup": "memory, 1 node", **r})
-    remote = {"redis": args.redis, "amqp": args.amqp, "mqtt": args.mqtt}
-    for name in ("redis", "amqp", "mqtt"):
+    remote = {"redis": args.redis, "nats": args.nats, "amqp": args.amqp, "mqtt": args.mqtt}
+    for name in ("redis", "nats", "amqp", "mqtt"):
         if name not in args.setups or not remote[name]:
             continue
         base_url = remote[name]
@@ -164,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         "TIDINGS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     parser.add_argument("--mqtt", default=os.environ.get("TIDINGS_MQTT_URL",
                                                          "mqtt://127.0.0.1:1883"))
-    parser.add_argument("--setups", nargs="+", default=["memory", "redis"],
-                        choices=["memory", "redis", "amqp", "mqtt"])
+    parser.add_argument("--nats", default=os.environ.get("TIDINGS_NATS_URL",
+                                                         "nats://127.0.0.1:4222"))
+    parser.add_argument("--setups", nargs="+", default=["memory", "redis", "nats"],
+                        choices=["memory", "redis", "nats", "amqp", "mqtt"])
     parser.add_argument("--json", dest="json_out", default=None)
     args = parser.parse_args(argv)
     results = asyncio.run(main_async(args))

@@ -1,4 +1,4 @@
-"""Publish throughput of one hub, history on vs off, memory vs Redis.
+"""Publish throughput of one hub, history on vs off, memory vs Redis vs NATS.
 
 Measures ``hub.publish`` calls per second in-process (no sockets between the
 publisher and the hub; one local subscriber connection whose outbox is drained
@@ -6,6 +6,7 @@ by its writer task into a counting sink), so the figure is the cost of the
 broker path: offsets, history, fan-out to the node.
 
     python -m benchmarks.publish [--messages 20000] [--redis redis://127.0.0.1:6379/0]
+                                 [--nats nats://127.0.0.1:4222]
                                  [--concurrency 64] [--json FILE]
 """
 
@@ -75,6 +76,8 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     urls = ["memory://"]
     if args.redis:
         urls.append(f"{args.redis}?prefix=bench{uuid.uuid4().hex[:6]}")
+    if args.nats:
+        urls.append(f"{args.nats}?prefix=bench{uuid.uuid4().hex[:6]}")
     results = []
     for url in urls:
         for history in (False, True):
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="publishes in flight at once (Redis pipelines them)")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0",
                         help="Redis URL, or '' to skip")
+    parser.add_argument("--nats", default="nats://127.0.0.1:4222",
+                        help="NATS URL (JetStream on), or '' to skip")
     parser.add_argument("--json", dest="json_out", default=None)
     args = parser.parse_args(argv)
     results = asyncio.run(main_async(args))

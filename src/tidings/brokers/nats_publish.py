@@ -1,0 +1,280 @@
+"""Publishing on JetStream: the publish path of :class:`tidings.brokers.nats.NatsBroker`.
+
+One message in flight per channel per node, a compare-and-set on the
+channel's tail (``Nats-Expected-Last-Subject-Sequence``), publishes queued
+meanwhile batched into the next message, failover retries with
+``Nats-Msg-Id`` (design in docs/brokers-nats.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from nats.aio.client import Client as NatsClient
+
+from tidings.brokers.base import (
+    BrokerHealth,
+    HistoryOptions,
+    PublishDone,
+    PublishOutcome,
+    settle_future,
+)
+from tidings.brokers.nats_wire import (
+    REQUEST_TIMEOUT,
+    WRONG_LAST_SEQUENCE,
+    Tail,
+    encode_data,
+    pack_record,
+)
+from tidings.exceptions import BrokerUnavailable
+from tidings.types import Publication
+
+__all__ = ["FAILOVER", "STATE_CACHE_MAX", "ChanState", "NatsPublishing"]
+
+log = logging.getLogger("tidings.brokers.nats")
+
+_GROUP_MAX = 1000  # publications in one stream message
+_GROUP_BYTES = 256 * 1024
+_CAS_TRIES = 1000
+FAILOVER = 10.0  # seconds a publish is retried while JetStream has no leader (?failover=)
+_PUBLISH_TIMEOUT = 2.0
+STATE_CACHE_MAX = 100_000
+
+
+@dataclass(slots=True)
+class ChanState:
+    """What this node knows of a channel's stream tail (for the compare-and-set)."""
+
+    seq: int | None = None  # stream sequence of the last message; None: unknown
+    offset: int = 0  # last offset
+    epoch: str = ""
+    queue: deque[tuple[bytes, int, int, PublishDone, Any, str | None, str | None, int]] = field(
+        default_factory=deque)
+    busy: bool = False
+
+
+class NatsPublishing:
+    """Mixin: ``publish`` and ``publish_then``; the broker provides what is declared here."""
+
+    stream: str
+    failover: float
+    _health: BrokerHealth
+    _closing: bool
+    _js: bool
+    _nc: NatsClient | None
+    _chans: dict[str, ChanState]
+    _cap: int
+    _loop: asyncio.AbstractEventLoop | None
+
+    if TYPE_CHECKING:
+        @property
+        def client(self) -> NatsClient: ...
+
+        def _hist(self, channel: str) -> str: ...
+
+        def _live(self, channel: str) -> str: ...
+
+        def _spawn(self, coro: Any) -> None: ...
+
+        async def _core(self, subject: str, payload: bytes,
+                        headers: dict[str, str] | None = None) -> None: ...
+
+        async def _tail(self, channel: str) -> Tail | None: ...
+
+        async def api(self, what: str, body: dict[str, Any] | None = None, *,
+                      timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]: ...
+
+    async def publish(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        sender: str | None = None,
+        history: HistoryOptions | None = None,
+        text: str | None = None,
+    ) -> Publication:
+        future: asyncio.Future[Publication] = (
+            self._loop or asyncio.get_running_loop()).create_future()
+        self.publish_then(channel, data, sender=sender, history=history, text=text,
+                          done=partial(settle_future, future))
+        return await future
+
+    def publish_then(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        sender: str | None = None,
+        history: HistoryOptions | None = None,
+        text: str | None = None,
+        done: PublishDone,
+    ) -> None:
+        """``done`` gets the publication (or BrokerUnavailable), in the order the
+        publishes of one channel were started."""
+        if not self._health.up or self._nc is None:
+            done(BrokerUnavailable(self._health.reason or "NATS unreachable"))
+            return
+        size, ttl_ms = 0, 0
+        if history is not None and history.enabled:
+            size, ttl_ms = history.size, int(history.ttl * 1000)
+        ts = int(time.time() * 1000)
+        payload = encode_data(data, text)
+        if not self._js:
+            self._spawn(self._publish_core(channel, pack_record(sender, ts, payload),
+                                           done, data, text, sender, ts))
+            return
+        state = self._chans.get(channel)
+        if state is None:
+            if len(self._chans) > STATE_CACHE_MAX:
+                for name in [n for n, s in self._chans.items() if not s.busy]:
+                    del self._chans[name]
+            state = self._chans[channel] = ChanState()
+        state.queue.append((pack_record(sender, ts, payload), size, ttl_ms, done, data, text,
+                            sender, ts))
+        if not state.busy:
+            state.busy = True
+            self._spawn(self._drain(channel, state))
+
+    async def _publish_core(self, channel: str, record: bytes, done: PublishDone, data: Any,
+                            text: str | None, sender: str | None, ts: int) -> None:
+        outcome: PublishOutcome
+        try:
+            await self._core(self._live(channel), record, {"T-L": "1"})
+            outcome = Publication(channel, data, 0, "", sender, ts, text=text)
+        except BrokerUnavailable as exc:
+            outcome = exc
+        done(outcome)
+
+    async def _drain(self, channel: str, state: ChanState) -> None:
+        """One message in flight per channel: what queues up meanwhile goes next,
+        together (consecutive offsets in one stream message)."""
+        group: list[tuple[bytes, int, int, PublishDone, Any, str | None, str | None, int]] = []
+        try:
+            while state.queue:
+                first = state.queue[0]
+                group = [state.queue.popleft()]
+                nbytes = len(first[0])
+                while (state.queue and len(group) < _GROUP_MAX and nbytes < _GROUP_BYTES
+                       and state.queue[0][1:3] == first[1:3]):
+                    item = state.queue.popleft()
+                    nbytes += len(item[0])
+                    group.append(item)
+                outcomes: list[PublishOutcome]
+                try:
+                    first_offset, epoch = await self._store(channel, state, group)
+                    outcomes = [Publication(channel, data, first_offset + i, epoch, sender, ts,
+                                            text=text)
+                                for i, (_, _, _, _, data, text, sender, ts) in enumerate(group)]
+                except BrokerUnavailable as exc:
+                    outcomes = [exc] * len(group)
+                except Exception as exc:
+                    outcomes = [BrokerUnavailable(f"publish to {channel!r} failed: {exc}")
+                                ] * len(group)
+                for item, outcome in zip(group, outcomes, strict=True):
+                    try:
+                        item[3](outcome)
+                    except Exception:
+                        log.exception("publish callback failed")
+        except asyncio.CancelledError:  # close(): nobody is left waiting for nothing
+            gone = BrokerUnavailable("broker closed")
+            for item in (*group, *state.queue):
+                try:
+                    item[3](gone)
+                except Exception:
+                    log.exception("publish callback failed")
+            state.queue.clear()
+            raise
+        finally:
+            state.busy = False
+
+    async def _store(self, channel: str, state: ChanState, group: Sequence[tuple[Any, ...]]
+                     ) -> tuple[int, str]:
+        """Append ``group`` at the channel's tail with a compare-and-set.
+
+        A wrong-sequence answer reloads the tail and tries again. No answer (the
+        stream's leader is being elected after a server loss, or the ack was
+        lost) is retried for up to ``failover`` s (default 10) with the same
+        ``Nats-Msg-Id``: if the first attempt was stored, the stream's duplicate
+        window answers with that message's sequence instead of storing it twice."""
+        size, ttl_ms = group[0][1], group[0][2]
+        if size + 1 > self._cap:
+            await self._raise_cap(size + 1)
+        body = b"".join(item[0] for item in group)
+        subject = self._hist(channel)
+        msg_id = secrets.token_hex(8)
+        deadline = time.monotonic() + self.failover
+        headers: dict[str, str] | None = None
+        for _ in range(_CAS_TRIES):
+            if headers is None:
+                if state.seq is None:
+                    try:
+                        await self._load(channel, state)
+                    except BrokerUnavailable as exc:
+                        if self._retry_until(deadline):
+                            await asyncio.sleep(0.05)
+                            continue
+                        log.warning("publish to %r failed: %s", channel, exc)
+                        raise
+                assert state.seq is not None
+                headers = {"Nats-Expected-Last-Subject-Sequence": str(state.seq),
+                           "Nats-Msg-Id": msg_id, "T-O": str(state.offset + 1),
+                           "T-E": state.epoch, "T-H": f"{size},{ttl_ms}"}
+                if len(group) != 1:
+                    headers["T-N"] = str(len(group))
+            try:
+                msg = await self.client.request(subject, body, timeout=_PUBLISH_TIMEOUT,
+                                                headers=headers)
+                reply = orjson.loads(msg.data)
+            except Exception as exc:
+                if self._retry_until(deadline):
+                    await asyncio.sleep(0.05)
+                    continue  # same headers, same message id
+                state.seq = None
+                log.warning("publish to %r failed: %r", channel, exc)
+                raise BrokerUnavailable(f"publish to {channel!r}: {exc!r}") from exc
+            err = reply.get("error")
+            if err:
+                if err.get("err_code") == WRONG_LAST_SEQUENCE:
+                    state.seq, headers = None, None
+                    continue  # another node appended first: reload the tail
+                if err.get("code") == 503 and self._retry_until(deadline):
+                    await asyncio.sleep(0.05)
+                    continue
+                state.seq = None
+                log.warning("publish to %r refused: %s", channel, err)
+                raise BrokerUnavailable(f"publish to {channel!r}: {err.get('description')}")
+            seq = int(reply["seq"])
+            first, epoch = int(headers["T-O"]), headers["T-E"]
+            if state.seq is None or seq > state.seq:
+                state.seq, state.offset, state.epoch = seq, first + len(group) - 1, epoch
+            return first, epoch
+        raise BrokerUnavailable(f"publish to {channel!r}: too much contention")
+
+    def _retry_until(self, deadline: float) -> bool:
+        """Whether a failed JetStream call is worth another try: connected (while
+        down every call raises at once), not closing, and within ``failover``."""
+        return self._health.up and not self._closing and time.monotonic() < deadline
+
+    async def _raise_cap(self, cap: int) -> None:
+        info = await self.api(f"STREAM.INFO.{self.stream}")
+        config = info["config"]
+        if int(config.get("max_msgs_per_subject", 0)) < cap:
+            config["max_msgs_per_subject"] = cap
+            await self.api(f"STREAM.UPDATE.{self.stream}", config)
+        self._cap = max(self._cap, cap)
+
+    async def _load(self, channel: str, state: ChanState) -> None:
+        tail = await self._tail(channel)
+        if tail is None:  # never published, purged, expired or lost: a new epoch
+            state.seq, state.offset, state.epoch = 0, 0, secrets.token_hex(4)
+        else:
+            state.seq, state.offset, state.epoch = tail.seq, tail.last, tail.epoch

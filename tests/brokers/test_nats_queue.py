@@ -1,0 +1,218 @@
+"""The NATS QueueStore (a JetStream work-queue stream, one durable pull consumer
+per queue) and the hub's StoreQueue on top of it, against a real nats-server:
+leases, claims of a dead node's items, atomic requeue, the length bound,
+delays, a server restart."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tests.brokers.conftest import (
+    NATS_URL,
+    NatsServer,
+    drop_nats_streams,
+    nats_ping,
+    unavailable,
+)
+from tests.support import wait_until
+from tidings import Hub
+from tidings.brokers.nats_queue import NatsQueueStore
+from tidings.core.queue import Consumer, QueueItem
+from tidings.core.store_queue import StoreQueue
+from tidings.exceptions import QueueFull
+
+
+@pytest.fixture
+async def nats_url() -> AsyncIterator[str]:
+    if not nats_ping(NATS_URL):
+        unavailable(f"no NATS with JetStream at {NATS_URL}")
+    url = f"{NATS_URL}?prefix=nq{uuid.uuid4().hex[:8]}"
+    yield url
+    await drop_nats_streams(url)
+
+
+@pytest.fixture
+async def nodes(nats_url: str) -> AsyncIterator[Any]:
+    hubs: list[Hub] = []
+
+    async def make(**kwargs: Any) -> Hub:
+        hub = Hub(nats_url, **kwargs)
+        await hub.start()
+        hubs.append(hub)
+        return hub
+
+    yield make
+    for hub in hubs:
+        await hub.stop()
+
+
+def store_of(hub: Hub) -> NatsQueueStore:
+    store = hub.queues.store
+    assert isinstance(store, NatsQueueStore)
+    return store
+
+
+def collector(max_in_flight: int) -> tuple[Consumer, list[QueueItem]]:
+    got: list[QueueItem] = []
+    return Consumer(got.append, max_in_flight), got
+
+
+async def test_store_is_used_with_nats(nodes: Any) -> None:
+    hub = await nodes()
+    assert isinstance(hub.queue("jobs"), StoreQueue)
+    async with Hub() as memory:
+        assert type(memory.queue("jobs")).__name__ == "WorkQueue"
+
+
+async def test_push_fetch_ack_fifo(nodes: Any) -> None:
+    store = store_of(await nodes())
+    ids = [await store.push("jobs", i) for i in range(5)]
+    items = await store.fetch("jobs", 3, block=0)
+    assert [i.data for i in items] == [0, 1, 2] and [i.id for i in items] == ids[:3]
+    assert all(i.attempts == 0 for i in items)
+    s = await store.stats("jobs")
+    assert (s.length, s.in_flight) == (2, 3)
+    assert await store.ack("jobs", [i.id for i in items]) == 3
+    assert await store.ack("jobs", [items[0].id]) == 0  # twice: nothing
+    s = await store.stats("jobs")
+    assert (s.length, s.in_flight) == (2, 0)
+    assert [i.data for i in await store.fetch("jobs", 10, block=0)] == [3, 4]
+
+
+async def test_requeue_is_atomic_and_only_by_the_holder(nodes: Any) -> None:
+    a, b = store_of(await nodes()), store_of(await nodes())
+    await a.push("jobs", "x")
+    (item,) = await a.fetch("jobs", 1, block=0)
+    assert not await b.requeue("jobs", item.id, 1)  # b does not hold it
+    assert await a.requeue("jobs", item.id, 1)
+    assert not await a.requeue("jobs", item.id, 1)  # the old entry is gone: no duplicate
+    s = await a.stats("jobs")
+    assert (s.length, s.in_flight) == (1, 0)
+    (again,) = await b.fetch("jobs", 1, block=0)
+    assert (again.data, again.attempts) == ("x", 1)  # attempts travel with the item
+    assert await b.requeue("jobs", again.id, 2, dead=True)
+    (letter,) = await b.fetch("jobs.dead", 1, block=0)
+    assert letter.data == {"id": again.id, "data": "x", "attempts": 2, "queue": "jobs"}
+    # a dead-letter queue does not dead-letter again
+    assert await b.requeue("jobs.dead", letter.id, 5, dead=True)
+    assert (await b.stats("jobs.dead")).length == 0
+
+
+async def test_claim_expired_leases_of_a_dead_node(nodes: Any) -> None:
+    dead_node, live = store_of(await nodes()), store_of(await nodes())
+    for i in range(3):
+        await dead_node.push("jobs", i)
+    held = await dead_node.fetch("jobs", 3, block=0)
+    assert len(held) == 3
+    assert await live.claim("jobs", min_idle=0.3, count=10, max_attempts=5) == []  # fresh
+    await asyncio.sleep(0.35)
+    claimed = await live.claim("jobs", min_idle=0.3, count=10, max_attempts=5)
+    assert [(c.data, c.attempts) for c in claimed] == [(0, 1), (1, 1), (2, 1)]
+    assert not await dead_node.requeue("jobs", held[0].id, 1)  # its lease is gone
+    await asyncio.sleep(0.35)
+    # out of attempts (delivered twice, max 2): dead-lettered instead of claimed
+    assert await live.claim("jobs", min_idle=0.3, count=10, max_attempts=2) == []
+    s = await live.stats("jobs")
+    assert (s.length, s.in_flight) == (0, 0)
+    assert (await live.stats("jobs.dead")).length == 3
+
+
+async def test_a_node_dying_with_items_in_flight(nodes: Any) -> None:
+    """Nothing graceful reaches the server: the other node gets the items when the
+    lease (visibility timeout + margin) expires."""
+    a = await nodes(queue_visibility_timeout=0.5)
+    b = await nodes(queue_visibility_timeout=0.5)
+    ca, got_a = collector(10)
+    a.queue("jobs").add_consumer(ca)
+    for i in range(10):
+        await a.queue("jobs").push(i)
+    await wait_until(lambda: len(got_a) == 10, what="a's items")
+    a.queues.close()  # crash: timers and fetching stop, no requeue, no ack
+    await a.broker.close()
+    started = time.monotonic()
+    cb, got_b = collector(10)
+    b.queue("jobs").add_consumer(cb)
+    await wait_until(lambda: len(got_b) == 10, what="b gets them")
+    assert time.monotonic() - started >= 0.4
+    assert sorted(i.data for i in got_b) == list(range(10))
+    assert all(i.attempts == 2 for i in got_b)
+    for item in got_b:
+        assert await item.ack()
+    await b.queue("jobs").refresh()
+    assert (len(b.queue("jobs")), b.queue("jobs").in_flight) == (0, 0)
+
+
+async def test_length_bound_refuses_pushes(nats_url: str) -> None:
+    async with Hub(nats_url + "&queue_max_len=3") as hub:
+        q = hub.queue("small")
+        for i in range(3):
+            await q.push(i)
+        with pytest.raises(QueueFull):
+            await q.push(3)
+        c, got = collector(1)
+        q.add_consumer(c)
+        await wait_until(lambda: len(got) == 1)
+        assert await got[0].ack()
+        await q.push(3)  # room again
+
+
+async def test_nack_with_delay(nodes: Any) -> None:
+    hub = await nodes()
+    q = hub.queue("later")
+    c, got = collector(5)
+    q.add_consumer(c)
+    await q.push("a")
+    await wait_until(lambda: len(got) == 1)
+    assert q.nack(got[0].id, delay=0.4)
+    await asyncio.sleep(0.1)
+    await q.refresh()
+    assert q.stats()["delayed"] == 1 and len(got) == 1
+    await wait_until(lambda: len(got) == 2, 5)
+    assert (got[1].data, got[1].attempts) == ("a", 2)
+
+
+async def test_python_consumers_and_backpressure_across_nodes(nodes: Any) -> None:
+    a, b = await nodes(), await nodes()
+    ca, got_a = collector(1)
+    cb, got_b = collector(3)
+    a.queue("jobs").add_consumer(ca)
+    b.queue("jobs").add_consumer(cb)
+    for i in range(10):
+        await a.queue("jobs").push(i)
+    await wait_until(lambda: len(got_a) + len(got_b) == 4)
+    await asyncio.sleep(0.2)
+    assert (len(got_a), len(got_b)) == (1, 3)  # nobody holds more than it can take
+    await b.queue("jobs").refresh()
+    assert len(b.queue("jobs")) == 6 and b.queue("jobs").in_flight == 4
+
+
+async def test_server_restart_keeps_items(tmp_path: Any) -> None:
+    """A private server killed -9 and restarted on its storage: the items pushed
+    before are still there, and pushing works again."""
+    server = NatsServer(store=str(tmp_path / "js"))
+    try:
+        async with Hub(server.url + "?prefix=nr") as hub:
+            q = hub.queue("jobs")
+            await q.push("before")
+            server.kill()
+            server.start()
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    await q.push("after")
+                    break
+                except Exception:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.2)
+            c, got = collector(10)
+            q.add_consumer(c)
+            await wait_until(lambda: len(got) == 2, 15, "both items after the restart")
+            assert [i.data for i in got] == ["before", "after"]
+    finally:
+        server.stop()
