@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +30,6 @@ if TYPE_CHECKING:
     from tidings.core.hub import HubCore
 
 __all__ = ["ApiError", "Endpoint", "api_endpoint", "health_endpoint"]
-
-log = logging.getLogger("tidings.api")
 
 # Centrifugo's API error codes
 INTERNAL, UNAUTHORIZED, UNKNOWN_CHANNEL, PERMISSION_DENIED = 100, 101, 102, 103
