@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import os
 import json
+import os
 import time
 import uuid
 from typing import Any
