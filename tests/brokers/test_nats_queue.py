@@ -70,59 +70,6 @@ async def test_store_is_used_with_nats(nodes: Any) -> None:
         assert type(memory.queue("jobs")).__name__ == "WorkQueue"
 
 
-async def test_push_fetch_ack_fifo(nodes: Any) -> None:
-    store = store_of(await nodes())
-    ids = [await store.push("jobs", i) for i in range(5)]
-    items = await store.fetch("jobs", 3, block=0)
-    assert [i.data for i in items] == [0, 1, 2] and [i.id for i in items] == ids[:3]
-    assert all(i.attempts == 0 for i in items)
-    s = await store.stats("jobs")
-    assert (s.length, s.in_flight) == (2, 3)
-    assert await store.ack("jobs", [i.id for i in items]) == 3
-    assert await store.ack("jobs", [items[0].id]) == 0  # twice: nothing
-    s = await store.stats("jobs")
-    assert (s.length, s.in_flight) == (2, 0)
-    assert [i.data for i in await store.fetch("jobs", 10, block=0)] == [3, 4]
-
-
-async def test_requeue_is_atomic_and_only_by_the_holder(nodes: Any) -> None:
-    a, b = store_of(await nodes()), store_of(await nodes())
-    await a.push("jobs", "x")
-    (item,) = await a.fetch("jobs", 1, block=0)
-    assert not await b.requeue("jobs", item.id, 1)  # b does not hold it
-    assert await a.requeue("jobs", item.id, 1)
-    assert not await a.requeue("jobs", item.id, 1)  # the old entry is gone: no duplicate
-    s = await a.stats("jobs")
-    assert (s.length, s.in_flight) == (1, 0)
-    (again,) = await b.fetch("jobs", 1, block=0)
-    assert (again.data, again.attempts) == ("x", 1)  # attempts travel with the item
-    assert await b.requeue("jobs", again.id, 2, dead=True)
-    (letter,) = await b.fetch("jobs.dead", 1, block=0)
-    assert letter.data == {"id": again.id, "data": "x", "attempts": 2, "queue": "jobs"}
-    # a dead-letter queue does not dead-letter again
-    assert await b.requeue("jobs.dead", letter.id, 5, dead=True)
-    assert (await b.stats("jobs.dead")).length == 0
-
-
-async def test_claim_expired_leases_of_a_dead_node(nodes: Any) -> None:
-    dead_node, live = store_of(await nodes()), store_of(await nodes())
-    for i in range(3):
-        await dead_node.push("jobs", i)
-    held = await dead_node.fetch("jobs", 3, block=0)
-    assert len(held) == 3
-    assert await live.claim("jobs", min_idle=0.3, count=10, max_attempts=5) == []  # fresh
-    await asyncio.sleep(0.35)
-    claimed = await live.claim("jobs", min_idle=0.3, count=10, max_attempts=5)
-    assert [(c.data, c.attempts) for c in claimed] == [(0, 1), (1, 1), (2, 1)]
-    assert not await dead_node.requeue("jobs", held[0].id, 1)  # its lease is gone
-    await asyncio.sleep(0.35)
-    # out of attempts (delivered twice, max 2): dead-lettered instead of claimed
-    assert await live.claim("jobs", min_idle=0.3, count=10, max_attempts=2) == []
-    s = await live.stats("jobs")
-    assert (s.length, s.in_flight) == (0, 0)
-    assert (await live.stats("jobs.dead")).length == 3
-
-
 async def test_a_node_dying_with_items_in_flight(nodes: Any) -> None:
     """Nothing graceful reaches the server: the other node gets the items when the
     lease (visibility timeout + margin) expires."""

@@ -71,6 +71,9 @@ async def test_requeue_is_atomic_and_only_by_the_holder(world: World) -> None:
     assert await b.requeue(jobs, again.id, 2, dead=True)
     (letter,) = await b.fetch(f"{jobs}.dead", 1, block=0)
     assert letter.data == {"id": again.id, "data": "x", "attempts": 2, "queue": jobs}
+    # a dead-letter queue does not dead-letter again
+    assert await b.requeue(f"{jobs}.dead", letter.id, 5, dead=True)
+    assert (await b.stats(f"{jobs}.dead")).length == 0
 
 
 async def test_claim_expired_leases_of_a_dead_node(world: World) -> None:
