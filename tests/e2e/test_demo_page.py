@@ -144,6 +144,13 @@ async def browser(url: str) -> AsyncIterator[DevTools]:
         async with websockets.connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
             tools = DevTools(ws)
             await tools.call("Runtime.enable")
+            # the tab starts on about:blank, which is "complete" too: wait for our page
+            loaded = f"location.href === {json.dumps(url)} && document.readyState === 'complete'"
+            deadline = time.monotonic() + TIMEOUT
+            while not await tools.eval(loaded):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"chromium did not load {url}")
+                await asyncio.sleep(0.05)
             try:
                 yield tools
             finally:

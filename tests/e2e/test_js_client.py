@@ -105,7 +105,7 @@ async def test_in_headless_chromium(built: str) -> None:
     async with running(hub) as base, browser(base + "/") as page, native(base) as peer:
         await page.until("document.readyState === 'complete'")
         conn_id = await page.eval("""(async () => {
-            const { Client } = await import("./tidings-client.js");
+            const { Client } = await import(new URL("tidings-client.js", location.href).href);
             const url = new URL("ws", location.href);
             url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
             const client = new Client(url.href);
