@@ -2,6 +2,7 @@
 
 from tidings._version import __version__
 from tidings.client.client import Client
+from tidings.core.channels import JsonSchema
 from tidings.core.config import HistoryRule, Limits
 from tidings.core.connection import Connection
 from tidings.core.permissions import Rule
@@ -41,6 +42,7 @@ __all__ = [
     "Hub",
     "HubError",
     "JWTAuth",
+    "JsonSchema",
     "Limits",
     "Member",
     "NotAvailable",

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import websockets
@@ -13,8 +16,9 @@ from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
 from tests.e2e.test_centrifuge import cf_url
-from tests.support import TIMEOUT, apost, native, running, ws_url
-from tidings import Hub, ProtocolError
+from tests.support import TIMEOUT, apost, http_post, native, running, serve_process, ws_url
+from tidings import Hub, JsonSchema, ProtocolError
+from tidings.endpoints.schema import app_asyncapi, app_typescript
 
 
 class OrderUpdate(BaseModel):
@@ -125,3 +129,72 @@ async def test_asyncapi_route_and_docs_page(app: tuple[Hub, str]) -> None:
     assert 'fetch("asyncapi.json")' in page.text
     assert "<script src" not in page.text  # nothing fetched from elsewhere
     assert "https://" not in page.text
+
+
+# --- JSON Schema channel types: what `tidings serve` users declare in its config ----------
+
+ORDER_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "Order",
+    "type": "object",
+    "required": ["order_id", "status"],
+    "properties": {"order_id": {"type": "integer"},
+                   "status": {"enum": ["new", "paid"]},
+                   "lines": {"type": "array", "items": {"$ref": "#/$defs/line"}}},
+    "$defs": {"line": {"type": "object", "required": ["sku"],
+                       "properties": {"sku": {"type": "string"}}}},
+}
+
+
+async def test_json_schema_channel_refuses_with_the_location_and_keeps_valid_data() -> None:
+    hub = Hub(channels=[("orders/+", JsonSchema(ORDER_SCHEMA))])
+    async with running(hub) as base, native(base) as c:
+        await c.request({"type": "subscribe", "channel": "orders/+"})
+        reply = await c.request({"type": "publish", "channel": "orders/7",
+                                 "data": {"order_id": 7, "status": "lost",
+                                          "lines": [{"sku": 1}]}})
+        assert reply["type"] == "error" and reply["code"] == "bad_request"
+        assert "lines/0/sku: 1 is not of type 'string'" in reply["message"]
+        assert "status: 'lost' is not one of ['new', 'paid']" in reply["message"]
+        status, body = await apost(base, "publish", {"channel": "orders/7", "data": {}})
+        assert status == 400 and "'order_id' is a required property" in body["error"]["message"]
+        valid = {"order_id": 7, "status": "paid", "lines": [{"sku": "a", "extra": True}]}
+        reply = await c.request({"type": "publish", "channel": "orders/7", "data": valid})
+        assert reply["result"]["offset"] == 1  # the refused ones got no offset
+        assert (await c.next("publication"))["data"] == valid  # unchanged, extras kept
+        # the documents name it by its title and point its $ref at components
+        doc = app_asyncapi(hub)
+        assert doc["components"]["schemas"]["line"]["required"] == ["sku"]
+        items = doc["components"]["schemas"]["Order"]["properties"]["lines"]["items"]
+        assert items == {"$ref": "#/components/schemas/line"}
+        assert '"orders/+": Order;' in app_typescript(hub)
+
+
+def test_a_bad_json_schema_is_refused_at_declaration() -> None:
+    with pytest.raises(ValueError, match=r"bad JSON Schema .* at type"):
+        Hub(channels=[("a", JsonSchema({"type": "no-such-type"}))])
+
+
+def test_serve_config_channels_from_schema_files(tmp_path: Path) -> None:
+    (tmp_path / "order.schema.json").write_text(json.dumps(ORDER_SCHEMA))
+    config = tmp_path / "tidings.toml"
+    config.write_text('[[channels]]\npattern = "orders/+"\nschema = "order.schema.json"\n\n'
+                      '[[channels]]\npattern = "ticks"\nschema = { type = "number" }\n')
+    for workers in ("1", "2"):  # the workers get the schemas too
+        with serve_process("--config", str(config), "--workers", workers) as server:
+            for channel, data, want in (("orders/1", {"order_id": "x", "status": "new"},
+                                         "order_id: 'x' is not of type 'integer'"),
+                                        ("ticks", "high", "data: 'high' is not of type")):
+                status, body = http_post(server.base, "publish",
+                                         {"channel": channel, "data": data})
+                assert status == 400, body
+                assert want in body["error"]["message"]
+            status, body = http_post(server.base, "publish", {"channel": "ticks", "data": 1.5})
+            assert status == 200, body
+    (tmp_path / "bad.json").write_text('{"type": 5}')
+    config.write_text('[[channels]]\npattern = "x"\nschema = "bad.json"\n')
+    out = subprocess.run([sys.executable, "-m", "tidings.server.cli", "serve", "--config",
+                          str(config)], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert "bad [[channels]] entry in config: bad JSON Schema" in out.stderr
+    assert "bad.json at type" in out.stderr

@@ -98,6 +98,8 @@ class HubCore:
     everything but publishing to ``$`` channels; ``allowed_origins`` refuses
     browsers of other sites; ``api_key`` is the HTTP API's admin key and
     ``api_key_publish`` a key limited to ``publish`` and ``broadcast``.
+
+    ``channels``: ``(pattern, type)`` pairs, as many :meth:`channel` calls.
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class HubCore:
         rules: Iterable[Rule] = (),
         admins: Iterable[str] = (),
         allowed_origins: Iterable[str] = (),
+        channels: Iterable[tuple[str, Any]] = (),
     ) -> None:
         self.broker: Broker = create_broker(broker) if isinstance(broker, str) else broker
         # what the broker offers beyond pub/sub; what it does not is NotAvailable
@@ -165,6 +168,8 @@ class HubCore:
         # the subset of subscriptions that asked for join/leave frames
         self.join_leave_index: SubscriptionIndex[Connection] = self.fanout.join_leave_index
         self.channel_types = ChannelTypes()
+        for pattern, type_ in channels:
+            self.channel_types.declare(pattern, type_, max_name=self.limits.max_name)
         self.publisher = Publisher(self, self.broker, self.fanout)
         self.messenger = NodeMessenger(self, self.broker)
         # queues live in the broker when it can share them between nodes (Redis),
@@ -518,8 +523,9 @@ class HubCore:
     # -- publishing, fan-out and messages: the parts ---------------------------------
 
     def channel(self, pattern: str, type_: Any) -> None:
-        """Declare what channels matching ``pattern`` carry: a Pydantic model, or
-        any type ``pydantic.TypeAdapter`` takes (``list[int]``, a TypedDict...).
+        """Declare what channels matching ``pattern`` carry: a Pydantic model, any
+        type ``pydantic.TypeAdapter`` takes (``list[int]``, a TypedDict...), or a
+        :class:`~tidings.core.channels.JsonSchema`.
 
         Every publish on a matching channel, from any protocol, is validated
         first: invalid data is refused with ``bad_request`` and the error

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, get_origin
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
+from tidings.core.channels import JsonSchema
 from tidings.protocol.schema import asyncapi, ts_declare, typescript
 
 if TYPE_CHECKING:
@@ -33,7 +34,10 @@ Schema = dict[str, Any]
 
 def _type_name(type_: Any, index: int) -> str:
     """A class's own name; ``Channel<n>Data`` for ``list[float]`` and the like."""
-    name = getattr(type_, "__name__", "") if get_origin(type_) is None else ""
+    if isinstance(type_, JsonSchema):
+        name = type_.title
+    else:
+        name = getattr(type_, "__name__", "") if get_origin(type_) is None else ""
     return name if re.fullmatch(r"[A-Za-z_]\w*", name) else f"Channel{index}Data"
 
 

@@ -126,7 +126,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
     for key, value in config.items():
         attr = key.replace("-", "_")
-        if attr not in ("history", "permissions") and hasattr(args, attr):
+        if attr not in ("history", "permissions", "channels") and hasattr(args, attr):
             setattr(args, attr, value)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -160,6 +160,7 @@ def _serve(args: argparse.Namespace) -> int:
         "api_key": args.api_key, "api_key_publish": args.api_key_publish, "auth": auth,
         "rules": _permission_rules(config), "admins": _list(args.admins),
         "allowed_origins": _list(args.allowed_origins),
+        "channels": _channel_schemas(config, args.config),
     }
     if args.workers > 1:  # each worker is a node; the supervisor runs the relay
         from tidings.server.supervisor import run_workers
@@ -200,6 +201,38 @@ def _authenticator(args: argparse.Namespace) -> Any:
                        leeway=args.jwt_leeway)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"tidings: JWT configuration: {exc}") from None
+
+
+def _channel_schemas(config: dict[str, Any], path: str | None) -> list[tuple[str, Any]]:
+    """``[[channels]] pattern = "orders/+"  schema = "order.schema.json"`` (a
+    path relative to the config file, or the schema itself as a table):
+    JSON Schemas every publish on a matching channel must satisfy."""
+    from tidings.core.channels import JsonSchema, JsonSchemaChecker
+
+    tables = config.get("channels", [])
+    if not isinstance(tables, list):
+        raise SystemExit("tidings: 'channels' in the config must be a list of tables")
+    folder = Path(path).parent if path else Path()
+    declared: list[tuple[str, Any]] = []
+    for table in tables:
+        try:
+            if (not isinstance(table, dict) or set(table) - {"pattern", "schema", "name"}
+                    or not {"pattern", "schema"} <= set(table)):
+                raise ValueError("each needs 'pattern' and 'schema' (and maybe 'name'), "
+                                 f"not {table!r:.200}")
+            pattern, schema = str(table["pattern"]), table["schema"]
+            name = table.get("name")
+            if isinstance(schema, str):
+                declared_type = JsonSchema.load(folder / schema, name)
+            elif isinstance(schema, dict):
+                declared_type = JsonSchema(schema, name)
+            else:
+                raise ValueError("'schema' must be a file name or a table")
+            JsonSchemaChecker(pattern, declared_type)  # a bad schema stops the start, here
+        except (ValueError, ImportError) as exc:
+            raise SystemExit(f"tidings: bad [[channels]] entry in config: {exc}") from None
+        declared.append((pattern, declared_type))
+    return declared
 
 
 def _permission_rules(config: dict[str, Any]) -> list[Any]:
