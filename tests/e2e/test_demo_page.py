@@ -40,7 +40,7 @@ async def test_page_is_served(server: tuple[Hub, str]) -> None:
     # the websocket URL is computed from the page's own location, so prefixes work
     assert 'new URL("ws", location.href)' in page
     assert '"wss:"' in page
-    assert 'fetch("api/publish"' in page
+    assert "fetch(`api/${method}`" in page  # the HTTP API, relative too
     # the page uses the JavaScript client served beside it (clients/js, built)
     assert 'import { Client } from "./tidings-client.js"' in page
     assert "recoverAsked" in page
@@ -205,10 +205,10 @@ async def test_page_in_a_browser(server: tuple[Hub, str]) -> None:
                                ".length === document.querySelectorAll('#messages li b').length"
                                " && !document.querySelector('#messages img')")
 
-        # the feed follows feed/#; the sample button publishes through the HTTP API
+        # the tail follows feed/#; the publish form publishes through the HTTP API
         await page.until("document.getElementById('feed-status').textContent"
                          ".includes('following feed/#')")
-        await page.eval("document.getElementById('sample-form').requestSubmit()")
+        await page.eval("document.getElementById('publish-form').requestSubmit()")
         await page.until("document.getElementById('feed-rows').textContent.includes('feed/news')")
         await page.until("document.getElementById('rtt').textContent.includes('ms')")
 

@@ -111,6 +111,10 @@ async def test_server_side_subscribe_and_disconnect_by_user() -> None:
         ("nope", {}, 404, 104),
         ("history", {"channel": "a", "limit": "x"}, 400, 107),
         ("broadcast", {"channels": "a", "data": 1}, 400, 107),
+        ("connections", {"limit": -1}, 400, 107),
+        ("connections", {"user": 5}, 400, 107),
+        ("validate", {"channel": "a/#", "data": 1}, 400, 107),
+        ("validate", {"channel": "a"}, 400, 107),
     ],
 )
 async def test_bad_requests_get_4xx_with_error_body(server, method, body, status, code) -> None:
@@ -119,6 +123,47 @@ async def test_bad_requests_get_4xx_with_error_body(server, method, body, status
     assert got_status == status
     assert got["error"]["code"] == code
     assert got["error"]["message"]
+
+
+async def test_console_methods(server) -> None:
+    """What the console reads: connections, queues, channel types, validate."""
+    hub, base = server
+    from pydantic import BaseModel
+
+    class Point(BaseModel):
+        x: int
+
+    hub.channel("points/+", Point)
+    async with native(base) as ann, native(base) as anon:
+        await ann.request({"type": "subscribe", "channel": "points/+"})
+        _, body = await apost(base, "connections", {})
+        conns = {c["conn_id"]: c for c in body["result"]["connections"]}
+        assert body["result"]["total"] == 2 and body["result"]["node"] == hub.node
+        mine = conns[ann.welcome["conn_id"]]
+        assert (mine["protocol"], mine["subscriptions"], mine["num_subs"]) == (
+            "native", ["points/+"], 1)
+        assert anon.welcome["conn_id"] in conns
+        _, body = await apost(base, "connections", {"limit": 1})
+        assert len(body["result"]["connections"]) == 1 and body["result"]["total"] == 2
+        _, body = await apost(base, "connections", {"user": "nobody"})
+        assert body["result"] == {"node": hub.node, "total": 0, "connections": []}
+
+    await hub.queue("jobs").push({"n": 1})
+    _, body = await apost(base, "queues", {})
+    assert body["result"]["queues"]["jobs"]["length"] == 1
+
+    _, body = await apost(base, "channel_types", {})
+    (declared,) = body["result"]["channel_types"]
+    assert (declared["pattern"], declared["name"]) == ("points/+", "Point")
+    assert declared["schema"]["properties"]["x"]["type"] == "integer"
+
+    status, body = await apost(base, "validate", {"channel": "points/1", "data": {"x": "1"}})
+    assert status == 200 and body["result"] == {"valid": True, "data": {"x": 1}}
+    status, body = await apost(base, "validate", {"channel": "points/1", "data": {"x": "a"}})
+    assert status == 400 and "x: Input should be a valid integer" in body["error"]["message"]
+    status, body = await apost(base, "validate", {"channel": "free", "data": [1]})
+    assert body["result"]["valid"] is True
+    assert (await hub.position("points/1")).offset == 0  # validate published nothing
 
 
 async def test_health_and_metrics(server) -> None:

@@ -634,6 +634,10 @@ class HubCore:
             "num_channels": len(self.index),
             "broker": self.broker_name,
             "capabilities": self.capabilities.offered(),
+            "stats": {"publications_in": self.stats.publications_in,
+                      "publications_out": self.stats.publications_out,
+                      "deliveries": self.stats.deliveries, "messages": self.stats.messages,
+                      "dropped": self.stats.dropped, "overflows": self.stats.overflows},
         }
 
 

@@ -22,8 +22,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from tidings.core.operations import classify
+from tidings.endpoints.schema import type_name
 from tidings.exceptions import BrokerUnavailable, NotAvailable
 from tidings.protocol.errors import ProtocolError
+from tidings.protocol.names import validate_channel
 from tidings.protocol.native import StreamPos, loads
 
 if TYPE_CHECKING:
@@ -170,6 +172,55 @@ async def _info(hub: HubCore, params: dict[str, Any]) -> dict[str, Any]:
     return {"nodes": [hub.info()]}
 
 
+def _limit(params: dict[str, Any], default: int) -> int:
+    limit = params.get("limit", default)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise _bad("'limit' must be a non-negative integer")
+    return limit
+
+
+async def _connections(hub: HubCore, params: dict[str, Any]) -> dict[str, Any]:
+    """This node's connections (a user's only, with ``user``), at most ``limit``
+    (1000) of them, and how many there are in all."""
+    user = params.get("user")
+    if user is not None and not isinstance(user, str):
+        raise _bad("'user' must be a string")
+    limit = _limit(params, 1000)
+    conns = (hub.users.get(user, set()) if user is not None else hub.connections.values())
+    listed = [{"conn_id": c.conn_id, "user": c.user, "protocol": c.kind.value,
+               "address": c.ip, "num_subs": len(c.subs),
+               "subscriptions": sorted(c.subs)[:100]}
+              for _, c in zip(range(limit), conns, strict=False)]
+    return {"node": hub.node, "total": len(conns), "connections": listed}
+
+
+async def _queues(hub: HubCore, params: dict[str, Any]) -> dict[str, Any]:
+    """The stats of every queue this node has used (pushed, pulled or asked about)."""
+    out = {}
+    for name, queue in list(hub.queues.queues.items()):
+        await queue.refresh()
+        out[name] = queue.stats()
+    return {"queues": out}
+
+
+async def _channel_types(hub: HubCore, params: dict[str, Any]) -> dict[str, Any]:
+    """The typed channels: pattern, type name and JSON Schema (the ``$defs`` of
+    each kept with it), in the order they match."""
+    declared = hub.channel_types.json_schemas("#/$defs/{model}")
+    return {"channel_types": [{"pattern": pattern, "name": type_name(type_, index),
+                               "schema": schema}
+                              for index, (pattern, type_, schema) in enumerate(declared, 1)]}
+
+
+async def _validate(hub: HubCore, params: dict[str, Any]) -> dict[str, Any]:
+    """Check ``data`` for ``channel`` as a publish would, publishing nothing:
+    ``{"valid": true, "data": what would go out}`` or error 107 with the locations."""
+    channel = _str(params, "channel")
+    validate_channel(channel, hub.limits.max_name)
+    data, _ = hub.channel_types.check(channel, _data(params), None)
+    return {"valid": True, "data": data}
+
+
 async def _queue_stats(hub: HubCore, params: dict[str, Any]) -> dict[str, Any]:
     queue = hub.queue(_str(params, "queue"))
     await queue.refresh()  # a shared queue: the store's numbers, across every node
@@ -191,6 +242,10 @@ METHODS: dict[str, Method] = {
     "channels": _channels,
     "info": _info,
     "queue_stats": _queue_stats,
+    "queues": _queues,
+    "connections": _connections,
+    "channel_types": _channel_types,
+    "validate": _validate,
 }
 
 

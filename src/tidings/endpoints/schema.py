@@ -27,12 +27,12 @@ if TYPE_CHECKING:
     from tidings.core.hub import HubCore
 
 __all__ = ["app_asyncapi", "app_channels", "app_typescript", "asyncapi_endpoint",
-           "docs_endpoint"]
+           "docs_endpoint", "type_name"]
 
 Schema = dict[str, Any]
 
 
-def _type_name(type_: Any, index: int) -> str:
+def type_name(type_: Any, index: int) -> str:
     """A class's own name; ``Channel<n>Data`` for ``list[float]`` and the like."""
     if isinstance(type_, JsonSchema):
         name = type_.title
@@ -48,7 +48,7 @@ def app_channels(hub: HubCore) -> tuple[list[tuple[str, str]], dict[str, Schema]
     schemas: dict[str, Schema] = {}
     declared = hub.channel_types.json_schemas("#/components/schemas/{model}")
     for index, (pattern, type_, schema) in enumerate(declared, 1):
-        name = _type_name(type_, index)
+        name = type_name(type_, index)
         for def_name, definition in schema.pop("$defs", {}).items():
             schemas[def_name] = definition
         schemas[name] = schema
