@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -198,3 +199,70 @@ def test_serve_config_channels_from_schema_files(tmp_path: Path) -> None:
     assert out.returncode != 0
     assert "bad [[channels]] entry in config: bad JSON Schema" in out.stderr
     assert "bad.json at type" in out.stderr
+
+
+# --- typed queue items and direct messages ------------------------------------------------
+
+
+class Job(BaseModel):
+    task: str
+    retries: int = 0
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+async def test_typed_queue_refuses_invalid_items_on_every_push_path(broker: str) -> None:
+    from tests.brokers.conftest import REDIS_URL, redis_ping, unavailable
+
+    url = "memory://"
+    if broker == "redis":  # a shared store: pushes are pipelined, the check is the same
+        if not redis_ping(REDIS_URL):
+            unavailable(f"no Redis at {REDIS_URL}")
+        url = f"{REDIS_URL}?prefix=ty{uuid.uuid4().hex[:8]}"
+    hub = Hub(url)
+    hub.queue_type("jobs", Job)
+    async with running(hub) as base:
+        queue = hub.queue("jobs")
+        with pytest.raises(ProtocolError) as info:
+            await queue.push({"retries": 1})
+        assert info.value.code == "bad_request"
+        assert "invalid data for jobs: task: Field required" in info.value.message
+        await queue.push(Job(task="a"))
+        async with websockets.connect(ws_url(base, "/ws/push/jobs?ack=1")) as producer:
+            await producer.send(json.dumps({"task": 5}))
+            refused = json.loads(await asyncio.wait_for(producer.recv(), TIMEOUT))
+            assert refused["error"]["code"] == "bad_request"
+            assert "task: Input should be a valid string" in refused["error"]["message"]
+            await producer.send(json.dumps({"task": "b", "retries": 2}))  # still open
+            assert "item" in json.loads(await asyncio.wait_for(producer.recv(), TIMEOUT))
+        other = hub.queue("untyped")
+        await other.push({"anything": True})  # other queues are untouched
+        got = []
+        async with asyncio.timeout(TIMEOUT):
+            async for item in queue.consume():
+                got.append(item.data)
+                await item.ack()
+                if len(got) == 2:
+                    break
+        assert got == [{"task": "a", "retries": 0}, {"task": "b", "retries": 2}]
+
+
+async def test_typed_direct_messages() -> None:
+    hub = Hub()
+    hub.message_type(Job)
+    async with running(hub) as base, native(base) as a, native(base) as b:
+        reply = await a.request({"type": "send", "to": b.welcome["conn_id"],
+                                 "data": {"task": None}})
+        assert reply["type"] == "error" and reply["code"] == "bad_request"
+        assert "invalid data for messages: task: Input should be a valid string" in \
+            reply["message"]
+        reply = await a.request({"type": "send", "to": b.welcome["conn_id"],
+                                 "data": {"task": "x"}})
+        assert reply["result"] == {"sent": 1}
+        message = await b.next("message")
+        assert message["data"] == {"task": "x", "retries": 0}  # dumped as the type has it
+        assert message["from"] == a.welcome["conn_id"]
+        with pytest.raises(ProtocolError):
+            await hub.send(b.welcome["conn_id"], {"nope": 1})
+        with pytest.raises(ProtocolError):
+            await hub.broadcast([1, 2])
+        await hub.send_user("nobody", Job(task="y"))  # a model instance is fine

@@ -35,7 +35,7 @@ try:
 except ImportError:  # pragma: no cover - typed channels need pydantic, the rest does not
     pydantic = None  # type: ignore[assignment]
 
-__all__ = ["ChannelTypes", "JsonSchema"]
+__all__ = ["ChannelTypes", "Checker", "JsonSchema", "checker_for"]
 
 _CACHE_MAX = 10_000  # channel -> its declaration, remembered for names seen before
 
@@ -158,8 +158,17 @@ class JsonSchemaChecker:
         return schema
 
 
+def checker_for(label: str, type_: Any) -> Checker:
+    """The checker of ``type_`` (a :class:`JsonSchema` or a pydantic type);
+    ``label`` names it in error messages (``invalid data for <label>: ...``)."""
+    if isinstance(type_, JsonSchema):
+        return JsonSchemaChecker(label, type_)
+    return PydanticChecker(label, type_)
+
+
 class ChannelTypes:
-    """The typed channels of one hub."""
+    """The typed channels of one hub (or the typed queues: names are matched the
+    same way)."""
 
     __slots__ = ("_by_channel", "_rules")
 
@@ -175,9 +184,7 @@ class ChannelTypes:
     def declare(self, pattern: str, type_: Any, *, max_name: int = 1024) -> None:
         """``type_``: a :class:`JsonSchema`, or anything ``pydantic.TypeAdapter`` takes."""
         validate_pattern(pattern, max_name)
-        checker: Checker = (JsonSchemaChecker(pattern, type_) if isinstance(type_, JsonSchema)
-                            else PydanticChecker(pattern, type_))
-        self._rules.append((pattern, type_, checker))
+        self._rules.append((pattern, type_, checker_for(pattern, type_)))
         self._by_channel.clear()
 
     def declarations(self) -> list[tuple[str, Any]]:

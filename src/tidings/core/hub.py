@@ -37,7 +37,7 @@ from tidings.brokers import (
     create_broker,
 )
 from tidings.brokers.base import PublishDone
-from tidings.core.channels import ChannelTypes
+from tidings.core.channels import ChannelTypes, checker_for
 from tidings.core.config import HistoryConfig, HistoryRule, Limits
 from tidings.core.connection import Connection, ConnectionKind, DirectTransport
 from tidings.core.fanout import FanOut
@@ -532,6 +532,19 @@ class HubCore:
         locations, and nothing is published; valid data goes out as the type
         dumps it to JSON. The first matching declaration wins."""
         self.channel_types.declare(pattern, type_, max_name=self.limits.max_name)
+
+    def queue_type(self, pattern: str, type_: Any) -> None:
+        """Declare what items of the queues named by ``pattern`` (wildcards as
+        for channels) carry, as :meth:`channel` does for channels: every push
+        (``queue.push``, ``/ws/push``) is checked, an invalid item is refused
+        with ``bad_request`` and its locations, and nothing is queued."""
+        self.queues.types.declare(pattern, type_, max_name=self.limits.max_name)
+
+    def message_type(self, type_: Any) -> None:
+        """Declare what direct messages carry (``send``, ``send_user``,
+        ``broadcast``, a native ``send``): checked like a channel's type before
+        they leave; use a union for several kinds."""
+        self.messenger.message_type = checker_for("messages", type_)
 
     async def publish(self, channel: str, data: Any, *, sender: str | None = None,
                       text: str | None = None) -> Publication:

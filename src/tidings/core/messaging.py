@@ -13,10 +13,16 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from tidings.core.channels import Checker
 from tidings.core.connection import Connection, ConnectionKind
 from tidings.protocol.codes import CloseCode
 from tidings.protocol.names import validate_pattern
 from tidings.protocol.native import dumps, encode_message, loads
+
+try:
+    import pydantic
+except ImportError:  # pragma: no cover - models need pydantic, the rest does not
+    pydantic = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from tidings.brokers import Broker
@@ -32,7 +38,8 @@ class NodeMessenger:
     """Messages between nodes, owned by :class:`~tidings.core.hub.HubCore`
     (``hub.messenger``); it reaches connections through the hub's registry."""
 
-    __slots__ = ("broker", "connections", "hub", "limits", "node", "stats", "users")
+    __slots__ = ("broker", "connections", "hub", "limits", "message_type", "node", "stats",
+                 "users")
 
     def __init__(self, hub: HubCore, broker: Broker) -> None:
         self.hub = hub  # to subscribe on orders, check it runs and run tasks
@@ -42,6 +49,17 @@ class NodeMessenger:
         self.stats: HubStats = hub.stats
         self.connections: dict[str, Connection] = hub.connections
         self.users: dict[str, set[Connection]] = hub.users
+        # what direct messages carry (hub.message_type); None: any JSON
+        self.message_type: Checker | None = None
+
+    def check(self, data: Any) -> Any:
+        """``data`` as it goes out: checked and dumped on a typed hub (invalid:
+        ``ProtocolError(bad_request)``, nothing sent), a model dumped to JSON."""
+        if self.message_type is not None:
+            return self.message_type.check(data)
+        if pydantic is not None and isinstance(data, pydantic.BaseModel):
+            return data.model_dump(mode="json")
+        return data
 
     async def send(self, to: str | Iterable[str], data: Any, *, sender: str = "server") -> int:
         """Send ``data`` as a ``message`` frame to one or many conn_ids on any node.
@@ -50,6 +68,7 @@ class NodeMessenger:
         node (a remote target's existence is not checked synchronously).
         """
         self.hub.require_started()
+        data = self.check(data)
         targets = [to] if isinstance(to, str) else list(to)
         local: list[Connection] = []
         remote: dict[str, list[str]] = {}
@@ -72,12 +91,14 @@ class NodeMessenger:
     async def send_user(self, user: str, data: Any, *, sender: str = "server") -> None:
         """Send to every connection of ``user`` on every node."""
         self.hub.require_started()
+        data = self.check(data)
         await self.broker.send_all(dumps({"k": "user", "user": user, "from": sender,
                                           "data": data}))
 
     async def broadcast(self, data: Any, *, sender: str = "server") -> None:
         """Send a ``message`` frame to every native connection on every node."""
         self.hub.require_started()
+        data = self.check(data)
         await self.broker.send_all(dumps({"k": "all", "from": sender, "data": data}))
 
     async def disconnect(self, user: str, *, code: int = CloseCode.NORMAL,

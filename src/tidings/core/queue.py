@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
+from tidings.core.channels import ChannelTypes
 from tidings.exceptions import HubError
 
 __all__ = ["DEFAULT_MAX_ATTEMPTS", "DEFAULT_VISIBILITY", "Consumer", "QueueHost", "QueueItem",
@@ -90,6 +91,7 @@ class QueueHost(Protocol):
     node: str
     closed: bool
     waiters: set[Waiter]
+    types: ChannelTypes  # what items of each queue must be (hub.queue_type)
 
     def get(self, name: str) -> WorkQueue:
         """The queue ``name`` of the same registry (its dead-letter queue, say)."""
@@ -150,6 +152,14 @@ class WorkQueue:
         return self.push_nowait(data)
 
     def push_nowait(self, data: Any) -> str:
+        """Append an item now. On a typed queue (``hub.queue_type``) invalid data
+        raises ``ProtocolError(bad_request)`` and nothing is queued."""
+        if self._queues.types.active:
+            data, _ = self._queues.types.check(self.name, data, None)
+        return self.append(data)
+
+    def append(self, data: Any) -> str:
+        """Queue ``data`` as it is (no type check: dead letters, redelivery)."""
         if self._queues.closed:
             raise HubError("the hub is closed")
         item = QueueItem(self, f"{self._queues.node}:{next(self._ids)}", data)
@@ -334,7 +344,7 @@ class WorkQueue:
         if self.name.endswith(".dead"):
             return  # a dead-letter queue does not dead-letter again
         dead = self._queues.get(f"{self.name}.dead")
-        dead.push_nowait({"id": item.id, "data": item.data, "attempts": item.attempts,
+        dead.append({"id": item.id, "data": item.data, "attempts": item.attempts,
                           "queue": self.name})
 
     # -- stats -------------------------------------------------------------------

@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from tidings.brokers.base import QueueStore
+from tidings.core.channels import ChannelTypes
 from tidings.core.queue import DEFAULT_MAX_ATTEMPTS, DEFAULT_VISIBILITY, Waiter, WorkQueue
 from tidings.core.store_queue import StoreQueue
 
@@ -25,6 +26,7 @@ class WorkQueues:
         self.visibility_timeout = visibility_timeout
         self.max_attempts = max_attempts
         self.queues: dict[str, WorkQueue] = {}
+        self.types = ChannelTypes()  # typed queues (hub.queue_type), matched by name
         self.closed = False
         self.waiters: set[Waiter] = set()
 

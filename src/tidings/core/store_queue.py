@@ -77,11 +77,16 @@ class StoreQueue(WorkQueue):
     async def push(self, data: Any) -> str:
         if self._queues.closed:
             raise HubError("the hub is closed")
+        if self._queues.types.active:
+            data, _ = self._queues.types.check(self.name, data, None)
         item_id = await self._store.push(self.name, data)
         self.pushed += 1
         return item_id
 
     def push_nowait(self, data: Any) -> str:
+        raise HubError("a queue in a shared store is pushed to with `await queue.push()`")
+
+    def append(self, data: Any) -> str:
         raise HubError("a queue in a shared store is pushed to with `await queue.push()`")
 
     # -- settling ------------------------------------------------------------------

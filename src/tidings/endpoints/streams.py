@@ -135,13 +135,8 @@ class PubEndpoint(WebSocketSession):
                                                done=window.settled)
                     window.count += 1  # after: a refused publish (it raises) is not counted
             except ProtocolError as exc:  # refused (a typed channel): said, not dropped
-                refused(exc)
+                _refuse(hub, conn, exc)
             return True
-
-        def refused(exc: ProtocolError) -> None:
-            hub.stats.errors[exc.code.value] += 1
-            conn.send_frame(dumps({"error": {"code": exc.code.value,
-                                             "message": exc.message}}).decode())
 
         def take_many(payloads: list[str | bytes]) -> int:
             """Publish frames read together without waiting; how many were taken
@@ -207,7 +202,7 @@ class PubEndpoint(WebSocketSession):
             try:
                 pub = await hub.publisher.publish(channel, data, sender=sender, text=text)
             except ProtocolError as exc:
-                refused(exc)
+                _refuse(hub, conn, exc)
                 continue
             if ack:
                 conn.send_frame(dumps({"offset": pub.offset, "epoch": pub.epoch}).decode())
@@ -228,6 +223,13 @@ class SubEndpoint(WebSocketSession):
         await hub.subscribe(conn, pattern)
         while await receive_message(receive, conn, None) is not None:
             pass  # frames from a raw subscriber are ignored
+
+
+def _refuse(hub: HubCore, conn: Connection, exc: ProtocolError) -> None:
+    """A raw producer's frame refused (invalid for the channel's or queue's type):
+    an ``{"error": ...}`` frame, and the connection stays open."""
+    hub.stats.errors[exc.code.value] += 1
+    conn.send_frame(dumps({"error": {"code": exc.code.value, "message": exc.message}}).decode())
 
 
 class PushEndpoint(WebSocketSession):
@@ -253,6 +255,9 @@ class PushEndpoint(WebSocketSession):
                 await pace(conn)
             try:
                 item_id = await queue.push(_raw_data(payload))
+            except ProtocolError as exc:  # invalid for the queue's type
+                _refuse(hub, conn, exc)
+                continue
             except (HubError, BrokerError) as exc:  # closed, store down, queue full
                 conn.close(CloseCode.TRY_AGAIN_LATER, str(exc))
                 return
@@ -272,6 +277,9 @@ class PushEndpoint(WebSocketSession):
             while (task := await order.get()) is not None:
                 try:
                     item_id = await task
+                except ProtocolError as exc:  # invalid for the queue's type
+                    _refuse(self.hub, conn, exc)
+                    continue
                 except (HubError, BrokerError) as exc:  # closed, store down, queue full
                     conn.close(CloseCode.TRY_AGAIN_LATER, str(exc))
                     continue  # the pushes after it still settle (they may have landed)
