@@ -7,18 +7,25 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 import websockets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from fastapi import Depends, FastAPI, WebSocket
 from websockets.exceptions import InvalidStatus
 
 from tests.support import NativeClient, apost, running, ws_url
 from tidings import Hub, Limits
 from tidings.core.permissions import Rule
-from tidings.security.auth import JWTAuth, encode_jwt
+from tidings.security.auth import (
+    Identity,
+    JWTAuth,
+    RequireIdentity,
+    WebSocketTokenBearer,
+    encode_jwt,
+)
 
 SECRET = "test-secret-0123456789"
 
@@ -284,6 +291,35 @@ async def test_api_keys_admin_and_publish_only() -> None:
         text = await asyncio.to_thread(_get, base + "/metrics")
         assert 'tidings_refusals_total{reason="api_key"} 1.0' in text
         assert 'tidings_limit{name="frame_hard"} 1.048576e+06' in text
+
+
+async def test_fastapi_dependencies_in_a_websocket_route() -> None:
+    """As docs/security.md shows them: FastAPI injects the socket (they once
+    asked for a query parameter named ``websocket`` and refused every client;
+    the routes' annotations are resolved in this module's globals)."""
+    app = FastAPI()
+
+    @app.websocket("/token")
+    async def raw(ws: WebSocket, tok: Annotated[str, Depends(WebSocketTokenBearer())]) -> None:
+        await ws.accept()
+        await ws.send_text(tok)
+
+    @app.websocket("/who")
+    async def who(ws: WebSocket,
+                  ident: Annotated[Identity, Depends(RequireIdentity(JWTAuth(SECRET)))]) -> None:
+        await ws.accept()
+        await ws.send_text(ident.user or "")
+
+    async with running(Hub(), app) as base:
+        tok = token("zoe")
+        for path, expected in (("/token", tok), ("/who", "zoe")):
+            async with websockets.connect(ws_url(base, path) + f"?token={tok}") as ws:
+                assert await asyncio.wait_for(ws.recv(), 5) == expected
+        for path in ("/token", "/who", "/who?token=nope"):
+            with pytest.raises(InvalidStatus) as info:
+                async with websockets.connect(ws_url(base, path)):
+                    pass
+            assert info.value.response.status_code == 403, path
 
 
 def _get(url: str) -> str:

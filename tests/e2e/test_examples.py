@@ -14,7 +14,7 @@ import pytest
 import websockets
 
 from tests.brokers.conftest import POSTGRES_URL, unavailable
-from tests.support import TIMEOUT, ws_url
+from tests.support import ASGI_WS, TIMEOUT, NativeClient, native, ws_url
 from tests.support import running as serve
 
 
@@ -134,3 +134,172 @@ async def test_typed_workers_on_redis_with_uvicorn_workers(tmp_path: Any) -> Non
                          "examples.typed_workers:hub"], capture_output=True, text=True,
                         timeout=60, check=True).stdout
     assert '"docs/+/cursors": CursorMove;' in ts and "export interface DocEdit" in ts
+
+
+# -- examples/chat.py: rooms, auth, direct messages, the gateway, exception handlers --
+
+async def chat_login(base: str, user: str) -> str:
+    import examples.chat
+
+    status, body = await post(base, "/login", {"user": user,
+                                               "password": examples.chat.USERS[user]})
+    assert status == 200
+    return str(body["token"])
+
+
+async def chat_join(client: NativeClient, room: str) -> None:
+    got = await client.request({"type": "subscribe", "channel": f"chat/{room}",
+                                "join_leave": True})
+    assert got["type"] == "reply", got
+
+
+async def member_event(client: NativeClient, kind: str, conn_id: str) -> dict[str, Any]:
+    """The ``join``/``leave`` of ``conn_id`` (one's own join and earlier ones come too)."""
+    while True:
+        event = await client.next(kind)
+        if event["member"]["conn_id"] == conn_id:
+            return event
+
+
+async def refused(base: str, path: str) -> int:
+    with pytest.raises(websockets.InvalidStatus) as info:
+        async with websockets.connect(ws_url(base, path)):
+            pass
+    return int(info.value.response.status_code)
+
+
+@pytest.mark.parametrize("entry", ["/rt/ws", "/gateway"])
+async def test_chat_rooms_auth_direct_messages_and_error_handlers(
+        entry: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under uvicorn, straight to the chat socket or through the gateway route."""
+    chat = fresh("chat", monkeypatch, "memory://")
+    async with serve(chat.hub, chat.app, ws=ASGI_WS) as base:
+        status, _ = await post(base, "/login", {"user": "alice", "password": "guess"})
+        assert status == 401
+        tokens = {user: await chat_login(base, user) for user in ("alice", "bob", "carol")}
+        for bad in (f"{entry}?token=forged", f"{entry}?token={tokens['bob'][:-2]}"):
+            assert await refused(base, bad) == 403
+        if entry == "/gateway":  # the gateway checks at the edge: no token, no socket
+            assert await refused(base, entry) == 403
+        else:  # no token in the handshake: the first frame must bring one
+            async with websockets.connect(ws_url(base, entry)) as anonymous:
+                await anonymous.send(json.dumps({"type": "subscribe", "channel": "chat/lobby"}))
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await asyncio.wait_for(anonymous.recv(), TIMEOUT)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        async with (native(base, f"{entry}?token={tokens['alice']}") as alice,
+                    native(base, f"{entry}?token={tokens['carol']}") as carol):
+            assert (alice.welcome["user"], carol.welcome["user"]) == ("alice", "carol")
+            await chat_join(alice, "lobby")
+            await chat_join(carol, "lobby")
+            async with native(base, f"{entry}?token={tokens['bob']}") as bob:
+                await chat_join(bob, "lobby")
+                for other in (alice, carol):
+                    join = await member_event(other, "join", bob.conn_id)
+                    assert join["member"] == {"conn_id": bob.conn_id, "user": "bob"}
+                presence = await bob.request({"type": "presence", "channel": "chat/lobby"})
+                members = presence["result"]["presence"]
+                assert sorted(m["user"] for m in members.values()) == ["alice", "bob", "carol"]
+
+                # a message in the room reaches everyone in it, validated by its type
+                await bob.request({"type": "publish", "channel": "chat/lobby",
+                                   "data": {"text": "hi all"}})
+                for other in (alice, carol):
+                    pub = await other.next("publication")
+                    assert (pub["data"], pub["sender"]) == ({"text": "hi all"}, bob.conn_id)
+                bad = await bob.request({"type": "publish", "channel": "chat/lobby",
+                                         "data": {"text": ""}})
+                assert bad["code"] == "bad_request" and "text:" in bad["message"]
+
+                # the hooks' domain exceptions, as the on_error handler words them
+                got = await bob.request({"type": "publish", "channel": "chat/news",
+                                         "data": {"text": "breaking"}})
+                assert (got["code"], got["message"]) == (
+                    "forbidden", "only carol may post in 'chat/news'")
+                got = await bob.request({"type": "subscribe", "channel": "chat/attic"})
+                assert (got["code"], got["message"]) == (
+                    "not_found", "there is no room 'attic'")
+                assert (await bob.request({"type": "ping"}))["type"] == "pong"  # still open
+                got = await carol.request({"type": "publish", "channel": "chat/news",
+                                           "data": {"text": "breaking"}})
+                assert got["type"] == "reply"
+
+                # direct messages: to a conn_id from presence, and to a user over HTTP
+                sent = await alice.request({"type": "send", "to": bob.conn_id,
+                                            "data": {"text": "psst"}})
+                assert sent["result"] == {"sent": 1}
+                assert await bob.next("message") == {
+                    "type": "message", "from": alice.conn_id, "data": {"text": "psst"}}
+                dm = "/dm/bob"
+                # no bearer: 401 (older FastAPI versions of HTTPBearer answer 403)
+                assert (await post(base, dm, {"text": "lunch?"}))[0] in (401, 403)
+                import httpx
+
+                async with httpx.AsyncClient() as http:
+                    for tok, expected in (("forged", 401), (tokens["alice"], 200)):
+                        response = await http.post(
+                            base + dm, json={"text": "lunch?"}, timeout=TIMEOUT,
+                            headers={"Authorization": f"Bearer {tok}"})
+                        assert response.status_code == expected
+                assert await bob.next("message") == {
+                    "type": "message", "from": "alice", "data": {"text": "lunch?"}}
+                # carol got neither: her next frame is the room's next message
+                await alice.request({"type": "publish", "channel": "chat/lobby",
+                                     "data": {"text": "bye bob"}})
+                pub = await carol.next("publication")
+                assert pub["data"] == {"text": "bye bob"}
+                assert [f for f in carol.pending if f["type"] == "message"] == []
+            # bob left: the room sees him go, and presence no longer lists him
+            leave = await member_event(alice, "leave", bob.conn_id)
+            assert leave["member"] == {"conn_id": bob.conn_id, "user": "bob"}
+            presence = await alice.request({"type": "presence", "channel": "chat/lobby"})
+            assert sorted(m["user"] for m in presence["result"]["presence"].values()) == [
+                "alice", "carol"]
+            history = await alice.request({"type": "history", "channel": "chat/lobby"})
+            assert [p["data"]["text"] for p in history["result"]["publications"]] == [
+                "hi all", "bye bob"]
+
+
+@pytest.mark.redis
+async def test_chat_on_redis_across_two_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two workers of the chat on one Redis: alice on one, bob through the other's
+    gateway; the room, its presence and both kinds of direct message cross."""
+    from tests.brokers.conftest import REDIS_URL, redis_ping
+
+    if not redis_ping(REDIS_URL):
+        unavailable(f"no Redis at {REDIS_URL}")
+    url = f"{REDIS_URL}?prefix=ex{uuid.uuid4().hex[:8]}"
+    one = fresh("chat", monkeypatch, url)
+    hub1, app1 = one.hub, one.app
+    two = fresh("chat", monkeypatch, url)  # a second worker: its own hub, the same code
+    async with serve(hub1, app1, ws=ASGI_WS) as base1, serve(two.hub, two.app,
+                                                             ws=ASGI_WS) as base2:
+        alice_token, bob_token = await chat_login(base1, "alice"), await chat_login(base2, "bob")
+        async with (native(base1, f"/rt/ws?token={alice_token}") as alice,
+                    native(base2, f"/gateway?token={bob_token}") as bob):
+            assert alice.welcome["node"] == hub1.node and bob.welcome["node"] == two.hub.node
+            await chat_join(alice, "lobby")
+            await chat_join(bob, "lobby")
+            await member_event(alice, "join", bob.conn_id)
+            presence = await alice.request({"type": "presence", "channel": "chat/lobby"})
+            assert {m["user"]: m["conn_id"] for m in presence["result"]["presence"].values()
+                    } == {"alice": alice.conn_id, "bob": bob.conn_id}
+            await bob.request({"type": "publish", "channel": "chat/lobby",
+                               "data": {"text": "from node two"}})
+            pub = await alice.next("publication")
+            assert (pub["data"], pub["sender"]) == ({"text": "from node two"}, bob.conn_id)
+
+            sent = await alice.request({"type": "send", "to": bob.conn_id,
+                                        "data": {"text": "psst"}})
+            assert sent["result"] == {"sent": 1}
+            assert await bob.next("message") == {
+                "type": "message", "from": alice.conn_id, "data": {"text": "psst"}}
+            import httpx
+
+            async with httpx.AsyncClient() as http:  # bob's node, alice's user
+                response = await http.post(base2 + "/dm/alice", json={"text": "hey"},
+                                           headers={"Authorization": f"Bearer {bob_token}"},
+                                           timeout=TIMEOUT)
+                assert response.status_code == 200
+            assert await alice.next("message") == {
+                "type": "message", "from": "bob", "data": {"text": "hey"}}

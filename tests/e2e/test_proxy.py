@@ -8,7 +8,7 @@ import pytest
 import websockets
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
-from tests.support import native, running, ws_url
+from tests.support import ASGI_WS, native, running, ws_url
 from tidings import Hub
 from tidings.endpoints.proxy import WebSocketProxy
 
@@ -76,3 +76,27 @@ async def test_unreachable_upstream_closes_the_client_1011() -> None:
         with pytest.raises(websockets.ConnectionClosed) as info:
             await asyncio.wait_for(ws.recv(), 15)
         assert info.value.rcvd is not None and info.value.rcvd.code == 1011
+
+
+@pytest.mark.parametrize("server", [ASGI_WS, "wsproto"])
+async def test_a_client_that_leaves_ends_the_proxy_without_an_error(server: str) -> None:
+    """uvicorn's wsproto and websockets-sansio answer a close to a client that is
+    gone with WebSocketDisconnect: the proxy returns, it does not raise it."""
+    outcomes: asyncio.Queue[BaseException | None] = asyncio.Queue()
+    app = FastAPI()
+
+    @app.websocket("/gw")
+    async def gw(ws: WebSocket) -> None:
+        try:
+            await WebSocketProxy(ws, upstream)()
+        except Exception as exc:
+            await outcomes.put(exc)
+            raise
+        await outcomes.put(None)
+
+    async with running(Hub()) as up, running(Hub(), app, ws=server) as gw_base:
+        upstream = ws_url(up)
+        for _ in range(3):
+            async with native(gw_base, "/gw") as client:
+                assert (await client.request({"type": "ping"}))["type"] == "pong"
+            assert await asyncio.wait_for(outcomes.get(), 5) is None

@@ -120,5 +120,9 @@ class WebSocketProxy:
         return _sendable(received.code, CloseCode.NORMAL), received.reason
 
     async def _close_client(self, code: int, reason: str) -> None:
-        with contextlib.suppress(RuntimeError, OSError):  # already closed
+        from starlette.websockets import WebSocketDisconnect
+
+        # already closed: Starlette raises RuntimeError, or WebSocketDisconnect when
+        # the server says the client is gone (uvicorn's wsproto and websockets-sansio)
+        with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
             await self.client.close(code, reason)

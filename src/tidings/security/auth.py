@@ -40,6 +40,9 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qs
 
+# the annotation FastAPI reads to inject the socket into the dependencies below
+from starlette.websockets import WebSocket
+
 from tidings.exceptions import AuthError
 from tidings.protocol.errors import ProtocolError
 from tidings.protocol.names import validate_pattern
@@ -499,7 +502,7 @@ class WebSocketTokenBearer:
         self.auto_error = auto_error
         self.query_param = query_param
 
-    async def __call__(self, websocket: Any) -> str | None:
+    async def __call__(self, websocket: WebSocket) -> str | None:
         token = token_from_scope(websocket.scope, query_param=self.query_param)
         if token is None and self.auto_error:
             raise _policy_violation("not authenticated")
@@ -514,7 +517,7 @@ class RequireIdentity:
         self.authenticator = authenticator
         self.bearer = WebSocketTokenBearer(query_param=query_param)
 
-    async def __call__(self, websocket: Any) -> Identity:
+    async def __call__(self, websocket: WebSocket) -> Identity:
         token = await self.bearer(websocket)
         if token is None:  # unreachable: the bearer raises first
             raise _policy_violation("not authenticated")
