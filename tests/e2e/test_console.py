@@ -144,3 +144,22 @@ async def test_console_in_a_browser(tmp_path: os.PathLike[str]) -> None:
         assert png_size(png) == (1280, 1600)
         assert distinct_rows(png) > 200, "the screenshot looks blank"
         assert page.exceptions == []
+
+
+async def test_console_shows_the_broker_going_down_and_back() -> None:
+    if not os.access(CHROMIUM, os.X_OK):
+        unavailable(f"the console test needs Debian's chromium at {CHROMIUM}")
+    from tests.brokers.conftest import RedisServer
+
+    redis = RedisServer()
+    try:
+        hub = Hub(redis.url)
+        async with running(hub) as base, browser(base + "/") as page:
+            await page.until(f"{text('health')} === 'broker up'")
+            await page.until(f"{text('broker')} === 'redis'")
+            redis.kill()
+            await page.until(f"{text('health')}.startsWith('broker down')", timeout=30)
+            redis.start()
+            await page.until(f"{text('health')} === 'broker up'", timeout=30)
+    finally:
+        redis.stop()
