@@ -35,14 +35,16 @@ from tidings import (
     AuthError,
     Connection,
     ErrorCode,
+    ErrorContext,
     Hub,
     JWTAuth,
     ProtocolError,
+    RequireIdentity,
     Rule,
     WebSocketProxy,
+    encode_jwt,
+    token_from_scope,
 )
-from tidings.core.hooks import ErrorContext
-from tidings.security.auth import RequireIdentity, encode_jwt, token_from_scope
 
 SECRET = os.environ.get("CHAT_SECRET", "dev only: set CHAT_SECRET")  # same on every worker
 USERS = {"alice": "wonderland", "bob": "builder", "carol": "caroling"}  # your user store

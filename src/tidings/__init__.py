@@ -5,6 +5,7 @@ from tidings.client.client import Client
 from tidings.core.channels import JsonSchema
 from tidings.core.config import HistoryRule, Limits
 from tidings.core.connection import Connection
+from tidings.core.hooks import ErrorContext
 from tidings.core.permissions import Rule
 from tidings.core.queue import QueueItem, WorkQueue
 from tidings.endpoints.proxy import WebSocketProxy
@@ -23,7 +24,7 @@ from tidings.exceptions import (
 )
 from tidings.hub import Hub
 from tidings.protocol import CloseCode, ErrorCode, ProtocolError
-from tidings.security.auth import JWTAuth
+from tidings.security.auth import JWTAuth, RequireIdentity, encode_jwt, token_from_scope
 from tidings.types import HistoryPage, Member, Publication, StreamPos
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "CloseCode",
     "Connection",
     "ErrorCode",
+    "ErrorContext",
     "HistoryPage",
     "HistoryRule",
     "HookError",
@@ -51,10 +53,13 @@ __all__ = [
     "QueueFull",
     "QueueItem",
     "ReplyError",
+    "RequireIdentity",
     "Rule",
     "StreamPos",
     "TidingsError",
     "WebSocketProxy",
     "WorkQueue",
     "__version__",
+    "encode_jwt",
+    "token_from_scope",
 ]
