@@ -34,19 +34,51 @@ def png_size(png: bytes) -> tuple[int, int]:
     return width, height
 
 
-def distinct_rows(png: bytes) -> int:
-    """How many different pixel rows the (8-bit, non-interlaced) PNG has: a blank
-    or unstyled page has few, a laid-out console many."""
-    _, height = png_size(png)
+def pixels(png: bytes) -> list[list[tuple[int, int, int]]]:
+    """The RGB rows of an 8-bit RGB or RGBA PNG (what Chromium writes)."""
+    width, height = png_size(png)
+    depth, color = png[24], png[25]
+    assert depth == 8 and color in (2, 6), (depth, color)
+    bpp = 3 if color == 2 else 4
     data, pos = b"", 8
     while pos < len(png):
         length, kind = struct.unpack(">I4s", png[pos:pos + 8])
         if kind == b"IDAT":
             data += png[pos + 8:pos + 8 + length]
         pos += 12 + length
-    raw = zlib.decompress(data)
-    stride = (len(raw) // height)
-    return len({raw[row * stride + 1:(row + 1) * stride] for row in range(height)})
+    raw, stride = zlib.decompress(data), width * bpp
+    rows: list[list[tuple[int, int, int]]] = []
+    prev = bytearray(stride)
+    for y in range(height):
+        start = y * (stride + 1)
+        kind, line = raw[start], bytearray(raw[start + 1:start + 1 + stride])
+        for i in range(stride):  # undo the scanline filter (PNG spec, section 9)
+            left = line[i - bpp] if i >= bpp else 0
+            up, corner = prev[i], prev[i - bpp] if i >= bpp else 0
+            if kind == 1:
+                line[i] = (line[i] + left) & 0xFF
+            elif kind == 2:
+                line[i] = (line[i] + up) & 0xFF
+            elif kind == 3:
+                line[i] = (line[i] + (left + up) // 2) & 0xFF
+            elif kind == 4:
+                p = left + up - corner
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
+                line[i] = (line[i] + (left if pa <= pb and pa <= pc else up if pb <= pc
+                                      else corner)) & 0xFF
+        rows.append([(line[x], line[x + 1], line[x + 2]) for x in range(0, stride, bpp)])
+        prev = line
+    return rows
+
+
+def has_color(rows: list[list[tuple[int, int, int]]], box: dict[str, float],
+              color: tuple[int, int, int]) -> bool:
+    """Some pixel inside ``box`` (a DOMRect) is close to ``color``."""
+    for y in range(int(box["top"]), int(box["bottom"])):
+        for x in range(int(box["left"]), int(box["right"])):
+            if all(abs(a - b) < 40 for a, b in zip(rows[y][x], color, strict=True)):
+                return True
+    return False
 
 
 async def test_console_in_a_browser(tmp_path: os.PathLike[str]) -> None:
@@ -138,11 +170,32 @@ async def test_console_in_a_browser(tmp_path: os.PathLike[str]) -> None:
         # a screenshot of the whole console: a real, laid-out page, not a blank one
         await page.call("Emulation.setDeviceMetricsOverride", width=1280, height=1600,
                         deviceScaleFactor=1, mobile=False)
+        await page.call("Emulation.setEmulatedMedia",  # the light palette's colours below
+                        features=[{"name": "prefers-color-scheme", "value": "light"}])
         shot = await page.call("Page.captureScreenshot", format="png")
         png = base64.b64decode(shot["data"])
         (tmp_path / "console.png").write_bytes(png)
         assert png_size(png) == (1280, 1600)
-        assert distinct_rows(png) > 200, "the screenshot looks blank"
+        rows = pixels(png)
+        assert len(set(map(tuple, rows))) > 200, "the screenshot looks blank"
+
+        def box(selector: str) -> str:
+            return (f"(r => ({{top: r.top, bottom: r.bottom, left: r.left, right: r.right}}))"
+                    f"(document.querySelector({selector!r}).getBoundingClientRect())")
+
+        # every panel is on the screen, and the badges and buttons are drawn in their colours
+        for heading in ("Server", "Connections", "Channels", "Publish", "Live tail",
+                        "Channel: presence", "Queues", "Chat"):
+            rect = await page.eval(f"(h => (r => ({{top: r.top, bottom: r.bottom}}))"
+                                   f"(h.getBoundingClientRect()))([...document."
+                                   f"querySelectorAll('h2')].find(h => h.textContent."
+                                   f"startsWith({heading!r})))")
+            assert 0 <= rect["top"] < rect["bottom"] <= 1600, heading
+        green, blue = (0x1A, 0x7F, 0x37), (0x2F, 0x5B, 0xD3)  # --ok and --accent
+        assert has_color(rows, await page.eval(box("#health")), green)
+        assert has_color(rows, await page.eval(box("#pub-status")), green)  # "published"
+        assert has_color(rows, await page.eval(box("#publish-form button")), blue)
+        assert not has_color(rows, await page.eval(box("#pub-status")), blue)
         assert page.exceptions == []
 
 
