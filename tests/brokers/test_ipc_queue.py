@@ -31,6 +31,7 @@ from tidings.brokers.memory_queue import MemoryQueues
 from tidings.core.queue import Consumer, QueueItem
 from tidings.core.store_queue import StoreQueue
 from tidings.exceptions import QueueFull
+from tidings.testing.queue_store import collector
 
 
 @pytest.fixture
@@ -64,11 +65,6 @@ def store_of(hub: Hub) -> IpcQueueStore:
     store = hub.queues.store
     assert isinstance(store, IpcQueueStore)
     return store
-
-
-def collector(max_in_flight: int) -> tuple[Consumer, list[QueueItem]]:
-    got: list[QueueItem] = []
-    return Consumer(got.append, max_in_flight), got
 
 
 # -- the in-memory store, no I/O ----------------------------------------------------------
@@ -344,21 +340,6 @@ async def test_visibility_timeout_then_dead_letter(nodes: Any) -> None:
     await wait_until(lambda: len(letters) == 3)
     assert sorted(x.data["data"] for x in letters) == [0, 1, 2]
     assert all(x.data["queue"] == "jobs" and x.data["attempts"] == 3 for x in letters)
-
-
-async def test_nack_with_delay(nodes: Any) -> None:
-    hub = await nodes()
-    q = hub.queue("later")
-    c, got = collector(5)
-    q.add_consumer(c)
-    await q.push("a")
-    await wait_until(lambda: len(got) == 1)
-    assert q.nack(got[0].id, delay=0.4)
-    await asyncio.sleep(0.1)
-    await q.refresh()
-    assert q.stats()["delayed"] == 1 and len(got) == 1
-    await wait_until(lambda: len(got) == 2, 5)
-    assert (got[1].data, got[1].attempts) == ("a", 2)
 
 
 async def test_backpressure_max_1_never_holds_2(nodes: Any) -> None:

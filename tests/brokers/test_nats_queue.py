@@ -1,142 +1,20 @@
 """The NATS QueueStore (a JetStream work-queue stream, one durable pull consumer
-per queue) and the hub's StoreQueue on top of it, against a real nats-server:
-leases, claims of a dead node's items, atomic requeue, the length bound,
-delays, a server restart."""
+per queue) through a server restart. What every store does (leases, claims,
+atomic requeue, delays, nodes dying) is tidings.testing.queue_store's suite,
+run on NATS by test_store_conformance.py; the length bound is test_queue_bounds.py."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
-
 from tests.brokers.conftest import (
-    NATS_URL,
     NatsServer,
-    drop_nats_streams,
-    nats_ping,
-    unavailable,
 )
 from tests.support import wait_until
 from tidings import Hub
-from tidings.brokers.nats_queue import NatsQueueStore
-from tidings.core.queue import Consumer, QueueItem
-from tidings.core.store_queue import StoreQueue
-from tidings.exceptions import QueueFull
-
-
-@pytest.fixture
-async def nats_url() -> AsyncIterator[str]:
-    if not nats_ping(NATS_URL):
-        unavailable(f"no NATS with JetStream at {NATS_URL}")
-    url = f"{NATS_URL}?prefix=nq{uuid.uuid4().hex[:8]}"
-    yield url
-    await drop_nats_streams(url)
-
-
-@pytest.fixture
-async def nodes(nats_url: str) -> AsyncIterator[Any]:
-    hubs: list[Hub] = []
-
-    async def make(**kwargs: Any) -> Hub:
-        hub = Hub(nats_url, **kwargs)
-        await hub.start()
-        hubs.append(hub)
-        return hub
-
-    yield make
-    for hub in hubs:
-        await hub.stop()
-
-
-def store_of(hub: Hub) -> NatsQueueStore:
-    store = hub.queues.store
-    assert isinstance(store, NatsQueueStore)
-    return store
-
-
-def collector(max_in_flight: int) -> tuple[Consumer, list[QueueItem]]:
-    got: list[QueueItem] = []
-    return Consumer(got.append, max_in_flight), got
-
-
-async def test_store_is_used_with_nats(nodes: Any) -> None:
-    hub = await nodes()
-    assert isinstance(hub.queue("jobs"), StoreQueue)
-    async with Hub() as memory:
-        assert type(memory.queue("jobs")).__name__ == "WorkQueue"
-
-
-async def test_a_node_dying_with_items_in_flight(nodes: Any) -> None:
-    """Nothing graceful reaches the server: the other node gets the items when the
-    lease (visibility timeout + margin) expires."""
-    a = await nodes(queue_visibility_timeout=0.5)
-    b = await nodes(queue_visibility_timeout=0.5)
-    ca, got_a = collector(10)
-    a.queue("jobs").add_consumer(ca)
-    for i in range(10):
-        await a.queue("jobs").push(i)
-    await wait_until(lambda: len(got_a) == 10, what="a's items")
-    a.queues.close()  # crash: timers and fetching stop, no requeue, no ack
-    await a.broker.close()
-    started = time.monotonic()
-    cb, got_b = collector(10)
-    b.queue("jobs").add_consumer(cb)
-    await wait_until(lambda: len(got_b) == 10, what="b gets them")
-    assert time.monotonic() - started >= 0.4
-    assert sorted(i.data for i in got_b) == list(range(10))
-    assert all(i.attempts == 2 for i in got_b)
-    for item in got_b:
-        assert await item.ack()
-    await b.queue("jobs").refresh()
-    assert (len(b.queue("jobs")), b.queue("jobs").in_flight) == (0, 0)
-
-
-async def test_length_bound_refuses_pushes(nats_url: str) -> None:
-    async with Hub(nats_url + "&queue_max_len=3") as hub:
-        q = hub.queue("small")
-        for i in range(3):
-            await q.push(i)
-        with pytest.raises(QueueFull):
-            await q.push(3)
-        c, got = collector(1)
-        q.add_consumer(c)
-        await wait_until(lambda: len(got) == 1)
-        assert await got[0].ack()
-        await q.push(3)  # room again
-
-
-async def test_nack_with_delay(nodes: Any) -> None:
-    hub = await nodes()
-    q = hub.queue("later")
-    c, got = collector(5)
-    q.add_consumer(c)
-    await q.push("a")
-    await wait_until(lambda: len(got) == 1)
-    assert q.nack(got[0].id, delay=0.4)
-    await asyncio.sleep(0.1)
-    await q.refresh()
-    assert q.stats()["delayed"] == 1 and len(got) == 1
-    await wait_until(lambda: len(got) == 2, 5)
-    assert (got[1].data, got[1].attempts) == ("a", 2)
-
-
-async def test_python_consumers_and_backpressure_across_nodes(nodes: Any) -> None:
-    a, b = await nodes(), await nodes()
-    ca, got_a = collector(1)
-    cb, got_b = collector(3)
-    a.queue("jobs").add_consumer(ca)
-    b.queue("jobs").add_consumer(cb)
-    for i in range(10):
-        await a.queue("jobs").push(i)
-    await wait_until(lambda: len(got_a) + len(got_b) == 4)
-    await asyncio.sleep(0.2)
-    assert (len(got_a), len(got_b)) == (1, 3)  # nobody holds more than it can take
-    await b.queue("jobs").refresh()
-    assert len(b.queue("jobs")) == 6 and b.queue("jobs").in_flight == 4
+from tidings.testing.queue_store import collector
 
 
 async def test_server_restart_keeps_items(tmp_path: Any) -> None:

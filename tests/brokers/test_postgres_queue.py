@@ -16,9 +16,7 @@ from tests.brokers.conftest import PostgresServer, postgres_drop, postgres_url
 from tests.support import wait_until
 from tidings import Hub
 from tidings.brokers.postgres_queue import PostgresQueueStore
-from tidings.core.queue import Consumer, QueueItem
-from tidings.core.store_queue import StoreQueue
-from tidings.exceptions import QueueFull
+from tidings.testing.queue_store import collector
 
 
 @pytest.fixture
@@ -47,16 +45,6 @@ def store_of(hub: Hub) -> PostgresQueueStore:
     store = hub.queues.store
     assert isinstance(store, PostgresQueueStore)
     return store
-
-
-def collector(max_in_flight: int) -> tuple[Consumer, list[QueueItem]]:
-    got: list[QueueItem] = []
-    return Consumer(got.append, max_in_flight), got
-
-
-async def test_store_is_used_with_postgres(nodes: Any) -> None:
-    hub = await nodes()
-    assert isinstance(hub.queue("jobs"), StoreQueue)
 
 
 async def test_concurrent_pushes_keep_their_order_and_binary(nodes: Any) -> None:
@@ -99,45 +87,6 @@ async def test_blocking_fetch_is_woken_by_a_push_on_another_node(nodes: Any) -> 
     assert item.data == "hi" and time.monotonic() - started < 2
 
 
-async def test_a_node_dying_with_items_in_flight(nodes: Any) -> None:
-    """Nothing graceful reaches PostgreSQL: the other node gets the items when
-    the lease (visibility timeout + margin) expires."""
-    a = await nodes(queue_visibility_timeout=0.5)
-    b = await nodes(queue_visibility_timeout=0.5)
-    ca, got_a = collector(10)
-    a.queue("jobs").add_consumer(ca)
-    for i in range(10):
-        await a.queue("jobs").push(i)
-    await wait_until(lambda: len(got_a) == 10, what="a's items")
-    a.queues.close()  # crash: timers and fetching stop, no requeue, no ack
-    await a.broker.close()
-    started = time.monotonic()
-    cb, got_b = collector(10)
-    b.queue("jobs").add_consumer(cb)
-    await wait_until(lambda: len(got_b) == 10, what="b gets them")
-    assert time.monotonic() - started >= 0.4
-    assert sorted(i.data for i in got_b) == list(range(10))
-    assert all(i.attempts == 2 for i in got_b)
-    for item in got_b:
-        assert await item.ack()
-    await b.queue("jobs").refresh()
-    assert (len(b.queue("jobs")), b.queue("jobs").in_flight) == (0, 0)
-
-
-async def test_length_bound_refuses_pushes(pg_url: str) -> None:
-    async with Hub(pg_url + "&queue_max_len=3") as hub:
-        q = hub.queue("small")
-        for i in range(3):
-            await q.push(i)
-        with pytest.raises(QueueFull):
-            await q.push(3)
-        c, got = collector(1)
-        q.add_consumer(c)
-        await wait_until(lambda: len(got) == 1)
-        assert await got[0].ack()
-        await q.push(3)  # room again
-
-
 async def test_dead_letters_are_trimmed_to_the_bound(pg_url: str) -> None:
     async with Hub(pg_url + "&queue_max_len=2") as hub:
         store = store_of(hub)
@@ -147,36 +96,6 @@ async def test_dead_letters_are_trimmed_to_the_bound(pg_url: str) -> None:
             assert await store.requeue("d", item.id, 3, dead=True)
         letters = await store.fetch("d.dead", 10, block=0)
         assert [x.data["data"] for x in letters] == [2, 3]  # the oldest were dropped
-
-
-async def test_nack_with_delay(nodes: Any) -> None:
-    hub = await nodes()
-    q = hub.queue("later")
-    c, got = collector(5)
-    q.add_consumer(c)
-    await q.push("a")
-    await wait_until(lambda: len(got) == 1)
-    assert q.nack(got[0].id, delay=0.4)
-    await asyncio.sleep(0.1)
-    await q.refresh()
-    assert q.stats()["delayed"] == 1 and len(got) == 1
-    await wait_until(lambda: len(got) == 2, 5)
-    assert (got[1].data, got[1].attempts) == ("a", 2)
-
-
-async def test_python_consumers_and_backpressure_across_nodes(nodes: Any) -> None:
-    a, b = await nodes(), await nodes()
-    ca, got_a = collector(1)
-    cb, got_b = collector(3)
-    a.queue("jobs").add_consumer(ca)
-    b.queue("jobs").add_consumer(cb)
-    for i in range(10):
-        await a.queue("jobs").push(i)
-    await wait_until(lambda: len(got_a) + len(got_b) == 4)
-    await asyncio.sleep(0.2)
-    assert (len(got_a), len(got_b)) == (1, 3)  # nobody holds more than it can take
-    await b.queue("jobs").refresh()
-    assert len(b.queue("jobs")) == 6 and b.queue("jobs").in_flight == 4
 
 
 @pytest.mark.slow

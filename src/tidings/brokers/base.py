@@ -402,7 +402,11 @@ class QueueStore(Protocol):
         """Make due delayed items waiting again; seconds until the next is due."""
 
     async def stats(self, queue: str) -> QueueStoreStats:
-        """Length, in flight, delayed and oldest age, across every node."""
+        """Length, in flight, delayed and oldest age, across every node.
+
+        A store whose server does not say how many items other nodes hold
+        (RabbitMQ without its management API) sets ``in_flight_local = True``
+        and counts this node's in ``in_flight``."""
 
     async def release(self, queue: str) -> None:
         """This node stopped fetching ``queue``: free what fetching held."""

@@ -93,6 +93,7 @@ class RabbitMQQueueStore:
     """The :class:`~tidings.brokers.base.QueueStore` of a :class:`RabbitMQBroker`."""
 
     lease_expiry = False  # RabbitMQ requeues a closed channel's unacked items itself
+    in_flight_local = True  # queue.declare counts the ready items only
 
     def __init__(self, broker: RabbitMQBroker, *, delivery_limit: int = 20,
                  max_len: int = 1_000_000) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 
@@ -19,11 +20,17 @@ from tidings.hub import Hub
 from tidings.testing.support import World, requires, started
 
 __all__ = [
+    "collector",
+    "fresh",
+    "test_a_node_dying_with_items_in_flight",
     "test_claim_expired_leases_of_a_dead_node",
     "test_delayed_requeue",
     "test_exactly_once_across_two_nodes",
+    "test_nack_with_delay",
     "test_push_fetch_ack_fifo",
+    "test_python_consumers_and_backpressure_across_nodes",
     "test_requeue_is_atomic_and_only_by_the_holder",
+    "until",
 ]
 
 
@@ -41,6 +48,7 @@ def fresh(name: str) -> str:
 async def test_push_fetch_ack_fifo(world: World) -> None:
     (hub,) = await started(world, 1)
     store, jobs = store_of(hub), fresh("jobs")
+    assert hub.queue(jobs).shared  # the hub's queues live in the store
     ids = [await store.push(jobs, i) for i in range(5)]
     assert len(set(ids)) == 5
     items = await store.fetch(jobs, 3, block=0)
@@ -137,3 +145,82 @@ async def test_exactly_once_across_two_nodes(world: World) -> None:
     await asyncio.wait_for(done.wait(), 30)
     data = sorted(i.data for side in got.values() for i in side)
     assert data == list(range(n))  # every item, exactly once
+
+
+# --- the hub's StoreQueue on the store: what queue users see -----------------------------
+
+
+def collector(max_in_flight: int) -> tuple[Consumer, list[QueueItem]]:
+    """A consumer that holds at most ``max_in_flight`` items, and what it got."""
+    got: list[QueueItem] = []
+    return Consumer(got.append, max_in_flight), got
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Wait for ``predicate()`` to hold, checking every 10 ms; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_a_node_dying_with_items_in_flight(world: World) -> None:
+    """Nothing graceful reaches the server: the other node gets the items when the
+    lease (visibility timeout + margin) expires, or when the server sees the
+    node's connection go (brokers whose leases do not expire by time)."""
+    a, b = await started(world, queue_visibility_timeout=0.5)
+    store_of(a)
+    jobs = fresh("jobs")
+    ca, got_a = collector(10)
+    a.queue(jobs).add_consumer(ca)
+    for i in range(10):
+        await a.queue(jobs).push(i)
+    await until(lambda: len(got_a) == 10, "a's items")
+    a.queues.close()  # crash: timers and fetching stop, no requeue, no ack
+    await a.broker.close()
+    cb, got_b = collector(10)
+    b.queue(jobs).add_consumer(cb)
+    await until(lambda: len(got_b) == 10, "b gets them")
+    assert sorted(i.data for i in got_b) == list(range(10))
+    assert [i.attempts for i in got_b] == [2] * 10, [i.attempts for i in got_b]
+    for item in got_b:
+        assert await item.ack()
+    await b.queue(jobs).refresh()
+    assert (len(b.queue(jobs)), b.queue(jobs).in_flight) == (0, 0)
+
+
+async def test_nack_with_delay(world: World) -> None:
+    (hub,) = await started(world, 1)
+    store_of(hub)
+    q = hub.queue(fresh("later"))
+    c, got = collector(5)
+    q.add_consumer(c)
+    await q.push("a")
+    await until(lambda: len(got) == 1, "the item")
+    assert q.nack(got[0].id, delay=0.4)
+    await asyncio.sleep(0.1)
+    await q.refresh()
+    assert q.stats()["delayed"] == 1
+    assert len(got) == 1
+    await until(lambda: len(got) == 2, "the item again", 5)
+    assert (got[1].data, got[1].attempts) == ("a", 2)
+
+
+async def test_python_consumers_and_backpressure_across_nodes(world: World) -> None:
+    a, b = await started(world)
+    store_of(a)
+    jobs = fresh("jobs")
+    ca, got_a = collector(1)
+    cb, got_b = collector(3)
+    a.queue(jobs).add_consumer(ca)
+    b.queue(jobs).add_consumer(cb)
+    for i in range(10):
+        await a.queue(jobs).push(i)
+    await until(lambda: len(got_a) + len(got_b) == 4, "4 items out")
+    await asyncio.sleep(0.2)  # time for a wrong fifth delivery to show
+    assert (len(got_a), len(got_b)) == (1, 3)  # nobody holds more than it can take
+    await b.queue(jobs).refresh()
+    stats = b.queue(jobs).stats()
+    held = 3 if getattr(store_of(b), "in_flight_local", False) else 4  # b's, or everyone's
+    assert (stats["length"], stats["in_flight"]) == (6, held), stats
