@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import orjson
@@ -52,6 +53,7 @@ __all__ = [
     "HistoryStore",
     "MemberEvent",
     "NowaitPublisher",
+    "PipelinedBroker",
     "PipelinedPublisher",
     "PresenceStore",
     "QueueStore",
@@ -296,6 +298,33 @@ class PipelinedPublisher(Protocol):
         (``BrokerUnavailable`` while down), in the order the publishes were started
         (maybe before this returns)."""
         ...
+
+
+class PipelinedBroker:
+    """A base for brokers written around ``publish_then`` (a PipelinedPublisher):
+    ``publish`` and ``publish_soon`` are that one path with a future, so the
+    three keep one order."""
+
+    def publish_then(self, channel: str, data: Any, *, sender: str | None = None,
+                     history: HistoryOptions | None = None, text: str | None = None,
+                     done: PublishDone) -> None:
+        raise NotImplementedError
+
+    async def publish(self, channel: str, data: Any, *, sender: str | None = None,
+                      history: HistoryOptions | None = None,
+                      text: str | None = None) -> Publication:
+        return await self.publish_soon(channel, data, sender=sender, history=history,
+                                       text=text)
+
+    def publish_soon(self, channel: str, data: Any, *, sender: str | None = None,
+                     history: HistoryOptions | None = None,
+                     text: str | None = None) -> asyncio.Future[Publication]:
+        """``publish`` without a coroutine: the future gets the publication (or
+        ``BrokerUnavailable``); publishes started in order reach the server in order."""
+        future: asyncio.Future[Publication] = asyncio.get_running_loop().create_future()
+        self.publish_then(channel, data, sender=sender, history=history, text=text,
+                          done=partial(settle_future, future))
+        return future
 
 
 @runtime_checkable

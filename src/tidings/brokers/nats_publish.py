@@ -15,7 +15,6 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -24,9 +23,9 @@ from nats.aio.client import Client as NatsClient
 from tidings.brokers.base import (
     BrokerHealth,
     HistoryOptions,
+    PipelinedBroker,
     PublishDone,
     PublishOutcome,
-    settle_future,
 )
 from tidings.brokers.nats_wire import (
     REQUEST_TIMEOUT,
@@ -62,7 +61,7 @@ class ChanState:
     busy: bool = False
 
 
-class NatsPublishing:
+class NatsPublishing(PipelinedBroker):
     """Mixin: ``publish`` and ``publish_then``; the broker provides what is declared here."""
 
     stream: str
@@ -92,21 +91,6 @@ class NatsPublishing:
 
         async def api(self, what: str, body: dict[str, Any] | None = None, *,
                       timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]: ...
-
-    async def publish(
-        self,
-        channel: str,
-        data: Any,
-        *,
-        sender: str | None = None,
-        history: HistoryOptions | None = None,
-        text: str | None = None,
-    ) -> Publication:
-        future: asyncio.Future[Publication] = (
-            self._loop or asyncio.get_running_loop()).create_future()
-        self.publish_then(channel, data, sender=sender, history=history, text=text,
-                          done=partial(settle_future, future))
-        return await future
 
     def publish_then(
         self,

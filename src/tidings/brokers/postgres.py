@@ -54,9 +54,9 @@ from tidings.brokers.base import (
     BrokerHealth,
     Capabilities,
     HistoryOptions,
+    PipelinedBroker,
     PublishDone,
     PublishOutcome,
-    settle_future,
     transition,
 )
 from tidings.brokers.postgres_queue import PostgresQueueStore
@@ -178,7 +178,7 @@ class _Run:
         self.room = NOTIFY_LIMIT - 80 - len(channel.encode())
 
 
-class PostgresBroker:
+class PostgresBroker(PipelinedBroker):
     """Broker, HistoryStore, PresenceStore and QueueStoreProvider on PostgreSQL."""
 
     capabilities = Capabilities(positions=True, history=True, presence=True, queues=True,
@@ -602,34 +602,6 @@ class PostgresBroker:
             await self._unlisten([name])
 
     # -- publishing -------------------------------------------------------------------
-
-    async def publish(
-        self,
-        channel: str,
-        data: Any,
-        *,
-        sender: str | None = None,
-        history: HistoryOptions | None = None,
-        text: str | None = None,
-    ) -> Publication:
-        return await self.publish_soon(channel, data, sender=sender, history=history,
-                                       text=text)
-
-    def publish_soon(
-        self,
-        channel: str,
-        data: Any,
-        *,
-        sender: str | None = None,
-        history: HistoryOptions | None = None,
-        text: str | None = None,
-    ) -> asyncio.Future[Publication]:
-        """``publish`` without a coroutine; publishes started in order keep it."""
-        future: asyncio.Future[Publication] = (
-            self._loop or asyncio.get_running_loop()).create_future()
-        self.publish_then(channel, data, sender=sender, history=history, text=text,
-                          done=partial(settle_future, future))
-        return future
 
     def publish_then(
         self,

@@ -42,7 +42,6 @@ import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
@@ -52,9 +51,9 @@ from tidings.brokers.base import (
     BrokerHandler,
     BrokerHealth,
     HistoryOptions,
+    PipelinedBroker,
     PublishDone,
     PublishOutcome,
-    settle_future,
     transition,
 )
 from tidings.brokers.redis.history import RedisHistory
@@ -93,7 +92,7 @@ def glob_for(pattern: str) -> str:
     return "/".join(lv.translate(_GLOB_SPECIAL) if lv != "+" else "*" for lv in levels)
 
 
-class RedisBroker:
+class RedisBroker(PipelinedBroker):
     """Broker, HistoryStore and PresenceStore on one Redis server."""
 
     def __init__(self, url: str,
@@ -306,35 +305,6 @@ class RedisBroker:
         return best
 
     # -- publishing ----------------------------------------------------------------
-
-    async def publish(
-        self,
-        channel: str,
-        data: Any,
-        *,
-        sender: str | None = None,
-        history: HistoryOptions | None = None,
-        text: str | None = None,
-    ) -> Publication:
-        return await self.publish_soon(channel, data, sender=sender, history=history,
-                                       text=text)
-
-    def publish_soon(
-        self,
-        channel: str,
-        data: Any,
-        *,
-        sender: str | None = None,
-        history: HistoryOptions | None = None,
-        text: str | None = None,
-    ) -> asyncio.Future[Publication]:
-        """``publish`` without a coroutine: the future gets the publication (or
-        ``BrokerUnavailable``). Publishes started in order reach Redis in order."""
-        future: asyncio.Future[Publication] = (
-            self._loop or asyncio.get_running_loop()).create_future()
-        self.publish_then(channel, data, sender=sender, history=history, text=text,
-                          done=partial(settle_future, future))
-        return future
 
     def publish_then(
         self,
