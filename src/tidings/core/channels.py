@@ -129,7 +129,7 @@ class JsonSchemaChecker:
     def check(self, data: Any) -> Any:
         if pydantic is not None and isinstance(data, pydantic.BaseModel):
             data = data.model_dump(mode="json")
-        errors = sorted(self.validator.iter_errors(data), key=lambda e: list(e.path))
+        errors = sorted(self.validator.iter_errors(data), key=lambda e: [str(p) for p in e.path])
         if errors:
             parts = [f"{'/'.join(str(p) for p in e.path) or 'data'}: {e.message}"
                      for e in errors[:10]]
@@ -154,7 +154,8 @@ class JsonSchemaChecker:
         schema: dict[str, Any] = move(self.schema)
         schema.pop("$schema", None)
         schema.pop("$id", None)
-        schema.setdefault("$defs", {}).update(schema.pop("definitions", {}))
+        if "definitions" in schema:
+            schema.setdefault("$defs", {}).update(schema.pop("definitions"))
         return schema
 
 
