@@ -196,11 +196,8 @@ async def _connections(hub: HubCore, params: dict[str, Any]) -> dict[str, Any]:
 
 async def _queues(hub: HubCore, params: dict[str, Any]) -> dict[str, Any]:
     """The stats of every queue this node has used (pushed, pulled or asked about)."""
-    out = {}
-    for name, queue in list(hub.queues.queues.items()):
-        await queue.refresh()
-        out[name] = queue.stats()
-    return {"queues": out}
+    await hub.queues.refresh()  # shared stores: their numbers, fetched together (bounded)
+    return {"queues": {name: queue.stats() for name, queue in list(hub.queues.queues.items())}}
 
 
 async def _channel_types(hub: HubCore, params: dict[str, Any]) -> dict[str, Any]:
