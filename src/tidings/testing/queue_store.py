@@ -183,7 +183,11 @@ async def test_a_node_dying_with_items_in_flight(world: World) -> None:
     b.queue(jobs).add_consumer(cb)
     await until(lambda: len(got_b) == 10, "b gets them")
     assert sorted(i.data for i in got_b) == list(range(10))
-    assert [i.attempts for i in got_b] == [2] * 10, [i.attempts for i in got_b]
+    attempts = [i.attempts for i in got_b]
+    if getattr(store_of(b), "lease_expiry", True):
+        assert attempts == [2] * 10, attempts
+    else:  # the server counts its deliveries, also one a window gave back unseen
+        assert min(attempts) == 2, attempts
     for item in got_b:
         assert await item.ack()
     await b.queue(jobs).refresh()
