@@ -40,7 +40,7 @@ Design (docs/brokers-nats.md has the long version):
 - Presence: stream ``<prefix>_P`` (one message per member subject,
   ``max_age`` = ``presence_ttl``), refreshed by each node every third of the
   TTL, so a node killed -9 loses its members within the TTL.
-- Work queues: :mod:`tidings.brokers.nats_queue`.
+- Work queues: :mod:`tidings.brokers.nats.queue`.
 - Faults: nats-py reconnects to any server of the list and restores the core
   subscriptions; ``on_broker_state`` is called once per transition; while
   down every call raises :class:`BrokerUnavailable`. A server without
@@ -69,12 +69,12 @@ from tidings.brokers.base import (
     BrokerHealth,
     Capabilities,
 )
-from tidings.brokers.nats_history import NatsHistory
-from tidings.brokers.nats_presence import NatsPresence
-from tidings.brokers.nats_publish import FAILOVER, STATE_CACHE_MAX, ChanState, NatsPublishing
-from tidings.brokers.nats_queue import NatsQueueStore
-from tidings.brokers.nats_subjects import channel_of_tokens, subjects_for, token_for
-from tidings.brokers.nats_wire import (
+from tidings.brokers.nats.history import NatsHistory
+from tidings.brokers.nats.presence import NatsPresence
+from tidings.brokers.nats.publishing import FAILOVER, STATE_CACHE_MAX, ChanState, NatsPublishing
+from tidings.brokers.nats.queue import NatsQueueStore
+from tidings.brokers.nats.subjects import channel_of_tokens, subjects_for, token_for
+from tidings.brokers.nats.wire import (
     REQUEST_TIMEOUT,
     STREAM_NAME_IN_USE,
     STREAM_NOT_FOUND,

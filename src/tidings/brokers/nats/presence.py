@@ -16,8 +16,8 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from tidings.brokers.base import BrokerHealth
-from tidings.brokers.nats_subjects import token_for
-from tidings.brokers.nats_wire import REQUEST_TIMEOUT
+from tidings.brokers.nats.subjects import token_for
+from tidings.brokers.nats.wire import REQUEST_TIMEOUT
 from tidings.exceptions import BrokerUnavailable
 from tidings.types import Member
 

@@ -38,11 +38,11 @@ import orjson
 from nats.aio.msg import Msg
 
 from tidings.brokers.base import QueueStoreStats, StoredItem
-from tidings.brokers.nats_subjects import token_for
+from tidings.brokers.nats.subjects import token_for
 from tidings.exceptions import BrokerUnavailable, NotAvailable, QueueFull
 
 if TYPE_CHECKING:
-    from tidings.brokers.nats import NatsBroker
+    from tidings.brokers.nats.broker import NatsBroker
 
 __all__ = ["DEFAULT_LEASE", "NatsQueueStore"]
 

@@ -20,7 +20,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from tidings.brokers.base import BrokerHealth
-from tidings.brokers.nats_wire import (
+from tidings.brokers.nats.wire import (
     REQUEST_TIMEOUT,
     SCAN_TIMEOUT,
     JetStreamError,

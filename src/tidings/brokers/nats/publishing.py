@@ -27,7 +27,7 @@ from tidings.brokers.base import (
     PublishDone,
     PublishOutcome,
 )
-from tidings.brokers.nats_wire import (
+from tidings.brokers.nats.wire import (
     REQUEST_TIMEOUT,
     WRONG_LAST_SEQUENCE,
     Tail,
