@@ -1,10 +1,13 @@
 """History and positions on JetStream: the history part of
-:class:`tidings.brokers.nats.NatsBroker` (design in docs/brokers-nats.md).
+:class:`tidings.brokers.nats.broker.NatsBroker` (design in docs/brokers-nats.md).
 
-The channel's tail is read from the stream leader (``STREAM.MSG.GET
-last_by_subj``); a channel without a message gets an epoch marker first.
-History reads the subject's messages through a short-lived push consumer and
-applies the channel's window (``T-H``) on read.
+This part keeps the history stream ``<prefix>_H``: it creates it, raises its
+per-subject bound when a publish asks for more history, and reads a
+channel's tail from the stream leader (``STREAM.MSG.GET last_by_subj``) for
+positions and for the publisher's compare-and-set; a channel without a
+message gets an epoch marker first. History reads the subject's messages
+through a short-lived push consumer and applies the channel's window
+(``T-H``) on read.
 """
 
 from __future__ import annotations
@@ -13,52 +16,67 @@ import asyncio
 import base64
 import secrets
 import time
-from typing import TYPE_CHECKING, Any
 
 import orjson
-from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 
-from tidings.brokers.base import BrokerHealth
+from tidings.brokers.nats.subjects import NatsLink, NatsSubjects
 from tidings.brokers.nats.wire import (
     REQUEST_TIMEOUT,
-    SCAN_TIMEOUT,
     JetStreamError,
     Tail,
     parse_headers,
     unpack_records,
 )
-from tidings.exceptions import BrokerUnavailable, NotAvailable
+from tidings.exceptions import BrokerUnavailable
 from tidings.types import HistoryPage, Publication, StreamPos
 
 __all__ = ["NatsHistory"]
 
 
 class NatsHistory:
-    """Mixin: the HistoryStore methods; the broker provides what is declared here."""
+    """The HistoryStore of a NATS broker (a part it owns and delegates to), and
+    the keeper of its history stream."""
 
-    stream: str
-    failover: float
-    _health: BrokerHealth
-    _closing: bool
-    _js: bool
-    _nc: NatsClient | None
-    _chans: dict[str, Any]
+    __slots__ = ("cap", "failover", "history_max", "link", "meta_ttl", "replicas", "subjects")
 
-    if TYPE_CHECKING:
-        @property
-        def client(self) -> NatsClient: ...
+    def __init__(self, link: NatsLink, subjects: NatsSubjects, *, history_max: int,
+                 meta_ttl: float, replicas: int, failover: float) -> None:
+        self.link = link
+        self.subjects = subjects
+        self.history_max = history_max  # the stream's initial max_msgs_per_subject
+        self.meta_ttl = meta_ttl  # its max_age: how long an idle channel keeps its position
+        self.replicas = replicas
+        self.failover = failover
+        self.cap = 0  # max_msgs_per_subject of the stream as this node last set it
 
-        def _hist(self, channel: str) -> str: ...
+    async def setup(self) -> None:
+        """Create the stream unless it exists (again after a reconnect)."""
+        subjects = self.subjects
+        await self.link.ensure_stream({
+            "name": subjects.stream, "subjects": [subjects.under("h")],
+            "retention": "limits", "storage": "file", "discard": "old",
+            "max_msgs_per_subject": max(self.history_max, self.cap, 1),
+            "max_age": int(self.meta_ttl * 1e9), "num_replicas": self.replicas,
+            "duplicate_window": int(max(self.failover, 1.0) * 2e9),
+            "republish": {"src": subjects.under("h"), "dest": subjects.under("c")},
+        })
+        self.cap = max(self.history_max, self.cap, 1)
 
-        async def api(self, what: str, body: dict[str, Any] | None = None, *,
-                      timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]: ...
+    async def raise_cap(self, cap: int) -> None:
+        """Let the stream keep at least ``cap`` messages per channel."""
+        stream = self.subjects.stream
+        info = await self.link.api(f"STREAM.INFO.{stream}")
+        config = info["config"]
+        if int(config.get("max_msgs_per_subject", 0)) < cap:
+            config["max_msgs_per_subject"] = cap
+            await self.link.api(f"STREAM.UPDATE.{stream}", config)
+        self.cap = max(self.cap, cap)
 
-    async def _tail(self, channel: str) -> Tail | None:
+    async def tail(self, channel: str) -> Tail | None:
         """The channel's last stream message (read from the stream leader)."""
         try:
-            reply = await self.api(f"STREAM.MSG.GET.{self.stream}",
-                                   {"last_by_subj": self._hist(channel)})
+            reply = await self.link.api(f"STREAM.MSG.GET.{self.subjects.stream}",
+                                        {"last_by_subj": self.subjects.hist(channel)})
         except JetStreamError as exc:
             if exc.code == 404:
                 return None
@@ -73,13 +91,13 @@ class NatsHistory:
         return Tail(int(message["seq"]), int(hdrs.get("T-O", "1")), int(hdrs.get("T-N", "1")),
                      hdrs.get("T-E", ""), int(size), int(ttl or 0))
 
-    async def _mark(self, channel: str, offset: int, expected: int) -> Tail | None:
+    async def mark(self, channel: str, offset: int, expected: int) -> Tail | None:
         """Write an epoch marker (no publication) where the channel has no message:
         its epoch is then fixed before anything is published."""
         epoch = secrets.token_hex(4)
         try:
-            msg = await self.client.request(
-                self._hist(channel), b"", timeout=REQUEST_TIMEOUT, headers={
+            msg = await self.link.client.request(
+                self.subjects.hist(channel), b"", timeout=REQUEST_TIMEOUT, headers={
                     "Nats-Expected-Last-Subject-Sequence": str(expected),
                     "T-O": str(offset + 1), "T-E": epoch, "T-N": "0", "T-H": "0,0"})
         except BrokerUnavailable:
@@ -88,35 +106,30 @@ class NatsHistory:
             raise BrokerUnavailable(f"mark {channel!r}: {exc!r}") from exc
         reply = orjson.loads(msg.data)
         if reply.get("error"):
-            return await self._tail(channel)  # someone else wrote first
+            return await self.tail(channel)  # someone else wrote first
         return Tail(int(reply["seq"]), offset + 1, 0, epoch, 0, 0)
 
-    # -- history ------------------------------------------------------------------------
-
-    def _need_js(self, feature: str) -> None:
-        if not self._health.up or self._nc is None:
-            raise BrokerUnavailable(self._health.reason or "NATS unreachable")
-        if not self._js:
-            raise NotAvailable(feature, "nats (JetStream is not enabled on the server)")
-
-    async def _current(self, channel: str) -> Tail:
+    async def current(self, channel: str) -> Tail:
         """The channel's tail (an epoch marker is written when it has none),
-        retried like :meth:`scan` while a cluster fails over."""
+        retried like the link's ``scan`` while a cluster fails over."""
         deadline = time.monotonic() + self.failover
         while True:
             try:
-                tail = await self._tail(channel)
+                tail = await self.tail(channel)
                 while tail is None:
-                    tail = await self._mark(channel, 0, 0)
+                    tail = await self.mark(channel, 0, 0)
                 return tail
             except BrokerUnavailable:
-                if not self._health.up or time.monotonic() > deadline or self._closing:
+                if (not self.link.health().up or time.monotonic() > deadline
+                        or self.link.closing):
                     raise
                 await asyncio.sleep(0.1)
 
+    # -- the HistoryStore ---------------------------------------------------------------
+
     async def position(self, channel: str) -> StreamPos:
-        self._need_js("positions")
-        tail = await self._current(channel)
+        self.link.require_jetstream("positions")
+        tail = await self.current(channel)
         return StreamPos(tail.last, tail.epoch)
 
     async def history(
@@ -127,8 +140,8 @@ class NatsHistory:
         limit: int | None = None,
         reverse: bool = False,
     ) -> HistoryPage:
-        self._need_js("history")
-        tail = await self._current(channel)
+        self.link.require_jetstream("history")
+        tail = await self.current(channel)
         top, epoch = tail.last, tail.epoch
         if since is not None:
             if since.epoch != epoch:
@@ -139,7 +152,7 @@ class NatsHistory:
         if tail.size > 0 and tail.ttl_ms > 0 and tail.count > 0:
             horizon = int(time.time() * 1000) - tail.ttl_ms
             low = top - tail.size
-            for msg in await self.scan(self.stream, self._hist(channel)):
+            for msg in await self.link.scan(self.subjects.stream, self.subjects.hist(channel)):
                 hdrs = msg.headers or {}
                 if hdrs.get("T-E") != epoch or msg.metadata.sequence.stream > tail.seq:
                     continue
@@ -161,72 +174,9 @@ class NatsHistory:
         return HistoryPage(pubs, top, epoch, recovered)
 
     async def remove_history(self, channel: str) -> None:
-        """Purge the channel's messages and mark a new epoch at its offset."""
-        self._need_js("history")
-        tail = await self._current(channel)
-        await self._purge(self.stream, self._hist(channel))
-        await self._mark(channel, tail.last, 0)
-        state = self._chans.get(channel)
-        if state is not None:
-            state.seq = None
-
-    async def _purge(self, stream: str, subject: str) -> None:
-        try:
-            await self.api(f"STREAM.PURGE.{stream}", {"filter": subject})
-        except BrokerUnavailable:
-            raise
-        except Exception as exc:
-            raise BrokerUnavailable(f"purge {subject}: {exc!r}") from exc
-
-    async def scan(self, stream: str, subject: str, policy: str = "all") -> list[Msg]:
-        """Every message of ``stream`` on ``subject`` (a filter), oldest first,
-        through a short-lived push consumer (``policy``: all, last_per_subject).
-
-        Tried again (for up to ``failover`` s) when the consumer goes silent or
-        JetStream does not answer: on a cluster that just lost a server, the
-        consumer may have been placed on the lost peer, or the meta leader is
-        being elected. While the connection is down it raises at once."""
-        deadline = time.monotonic() + self.failover
-        while True:
-            try:
-                return await self._scan_once(stream, subject, policy)
-            except (TimeoutError, BrokerUnavailable) as exc:
-                if not self._health.up or time.monotonic() > deadline or self._closing:
-                    if isinstance(exc, BrokerUnavailable):
-                        raise
-                    raise BrokerUnavailable(f"read {subject}: no answer") from exc
-                await asyncio.sleep(0.1)
-
-    async def _scan_once(self, stream: str, subject: str, policy: str) -> list[Msg]:
-        nc = self.client
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox, pending_msgs_limit=-1, pending_bytes_limit=-1)
-        name = ""
-        try:
-            reply = await self.api(f"CONSUMER.CREATE.{stream}", timeout=SCAN_TIMEOUT, body={
-                "stream_name": stream, "config": {
-                "deliver_subject": inbox, "filter_subject": subject,
-                "deliver_policy": policy, "ack_policy": "none", "replay_policy": "instant",
-                "mem_storage": True, "num_replicas": 1,
-                "inactive_threshold": int(10e9)}})
-            name = reply["name"]
-            out: list[Msg] = []
-            pending = int(reply.get("num_pending", 0))
-            while pending > 0:
-                msg = await sub.next_msg(timeout=SCAN_TIMEOUT)
-                if not msg.reply:
-                    continue  # a status message
-                out.append(msg)
-                pending = msg.metadata.num_pending
-            return out
-        except (BrokerUnavailable, NotAvailable, TimeoutError):
-            raise
-        except Exception as exc:
-            raise BrokerUnavailable(f"read {subject}: {exc!r}") from exc
-        finally:
-            try:
-                await sub.unsubscribe()
-                if name:
-                    await nc.publish(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"")
-            except Exception:  # the consumer goes away by itself (inactive_threshold)
-                pass
+        """Purge the channel's messages and mark a new epoch at its offset (the
+        broker then drops the publisher's cached tail of the channel)."""
+        self.link.require_jetstream("history")
+        tail = await self.current(channel)
+        await self.link.purge(self.subjects.stream, self.subjects.hist(channel))
+        await self.mark(channel, tail.last, 0)
