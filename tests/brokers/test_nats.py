@@ -30,7 +30,7 @@ from tests.support import Sink, free_port, wait_until
 from tidings import Hub, StreamPos
 from tidings.brokers.base import BrokerHealth, HistoryOptions, capabilities_of
 from tidings.brokers.nats import NatsBroker
-from tidings.brokers.nats_subjects import channel_of_tokens, subjects_for, token_for
+from tidings.brokers.nats.subjects import channel_of_tokens, subjects_for, token_for
 from tidings.exceptions import BrokerUnavailable, NotAvailable
 from tidings.protocol.names import validate_channel
 from tidings.types import Member, Publication

@@ -55,7 +55,7 @@ _BACKENDS: dict[str, tuple[str, str, str]] = {
     "mqtts": ("tidings.brokers.mqtt", "MqttBroker", "mqtt"),
     "postgresql": ("tidings.brokers.postgres", "PostgresBroker", "postgres"),
     "postgres": ("tidings.brokers.postgres", "PostgresBroker", "postgres"),
-    "nats": ("tidings.brokers.nats", "NatsBroker", "nats"),
+    "nats": ("tidings.brokers.nats.broker", "NatsBroker", "nats"),
 }
 
 

@@ -9,12 +9,13 @@ Design (docs/brokers-nats.md has the long version):
 
 - Subjects. A channel's levels become subject tokens (``chat/room1`` ->
   ``<prefix>.c.chat.room1``), each token percent-escaped
-  (:func:`token_for`): everything but ``A-Z a-z 0-9 _ - ~`` is written as
-  ``%XX`` of its UTF-8 bytes, so ``.``, ``*``, ``>``, spaces and ``%`` never
-  reach NATS raw and every valid channel round-trips. Patterns: ``+`` -> ``*``,
-  ``#`` -> ``>`` plus the parent subject (``a/#`` also matches ``a``); every
-  message is filtered exactly on receipt with :func:`pattern_matches` and is
-  accepted through one subscription only (no duplicates when several match).
+  (:func:`~tidings.brokers.nats.subjects.token_for`): everything but
+  ``A-Z a-z 0-9 _ - ~`` is written as ``%XX`` of its UTF-8 bytes, so ``.``,
+  ``*``, ``>``, spaces and ``%`` never reach NATS raw and every valid channel
+  round-trips. Patterns: ``+`` -> ``*``, ``#`` -> ``>`` plus the parent
+  subject (``a/#`` also matches ``a``); every message is filtered exactly on
+  receipt with :func:`pattern_matches` and is accepted through one
+  subscription only (no duplicates when several match).
 - Positions and history: one JetStream stream ``<prefix>_H`` on
   ``<prefix>.h.>``. A publish goes to ``<prefix>.h.<tokens>`` carrying its
   offset and epoch in headers (``T-O``, ``T-E``) and
@@ -40,12 +41,21 @@ Design (docs/brokers-nats.md has the long version):
 - Presence: stream ``<prefix>_P`` (one message per member subject,
   ``max_age`` = ``presence_ttl``), refreshed by each node every third of the
   TTL, so a node killed -9 loses its members within the TTL.
-- Work queues: :mod:`tidings.brokers.nats_queue`.
+- Work queues: :mod:`tidings.brokers.nats.queue`.
 - Faults: nats-py reconnects to any server of the list and restores the core
   subscriptions; ``on_broker_state`` is called once per transition; while
   down every call raises :class:`BrokerUnavailable`. A server without
   JetStream still carries pub/sub (offset 0, epoch ""), and history,
   positions and presence raise :class:`NotAvailable`.
+
+Layout: this module holds the connection, interest, receiving, faults and the
+JetStream plumbing (``api``, ``ensure_stream``, ``scan``, ``purge``); it is the
+:class:`~tidings.brokers.nats.subjects.NatsLink` of the parts it owns and
+delegates to: ``publisher`` (:mod:`.publishing`: the per-channel
+compare-and-set, a concept with state of its own), ``history_store``
+(:mod:`.history`: the history stream, tails, epoch markers, reads),
+``presence_store`` (:mod:`.presence`) and the queue store (:mod:`.queue`).
+All of them name subjects through one ``NatsSubjects`` (:mod:`.subjects`).
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Coroutine
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -68,22 +79,26 @@ from tidings.brokers.base import (
     BrokerHandler,
     BrokerHealth,
     Capabilities,
+    HistoryOptions,
+    PipelinedBroker,
+    PublishDone,
 )
-from tidings.brokers.nats_history import NatsHistory
-from tidings.brokers.nats_presence import NatsPresence
-from tidings.brokers.nats_publish import FAILOVER, STATE_CACHE_MAX, ChanState, NatsPublishing
-from tidings.brokers.nats_queue import NatsQueueStore
-from tidings.brokers.nats_subjects import channel_of_tokens, subjects_for, token_for
-from tidings.brokers.nats_wire import (
+from tidings.brokers.nats.history import NatsHistory
+from tidings.brokers.nats.presence import NatsPresence
+from tidings.brokers.nats.publishing import FAILOVER, NatsPublisher
+from tidings.brokers.nats.queue import NatsQueueStore
+from tidings.brokers.nats.subjects import NatsSubjects
+from tidings.brokers.nats.wire import (
     REQUEST_TIMEOUT,
+    SCAN_TIMEOUT,
     STREAM_NAME_IN_USE,
     STREAM_NOT_FOUND,
     JetStreamError,
     unpack_records,
 )
-from tidings.exceptions import BrokerUnavailable
+from tidings.exceptions import BrokerUnavailable, NotAvailable
 from tidings.protocol.names import is_pattern, pattern_matches
-from tidings.types import Member
+from tidings.types import HistoryPage, Member, StreamPos
 
 __all__ = ["NatsBroker"]
 
@@ -93,8 +108,13 @@ _FULL = Capabilities(positions=True, history=True, presence=True, queues=True, d
 _CORE_ONLY = Capabilities(direct=True)
 
 
-class NatsBroker(NatsPublishing, NatsPresence, NatsHistory):
-    """Broker, HistoryStore, PresenceStore and QueueStoreProvider on NATS JetStream."""
+class NatsBroker(PipelinedBroker):
+    """Broker, HistoryStore, PresenceStore and QueueStoreProvider on NATS JetStream.
+
+    The broker holds the connection, the subscriptions and the JetStream
+    plumbing (it is the :class:`~tidings.brokers.nats.subjects.NatsLink` of its
+    parts); publishing, history and presence are parts it owns and delegates to.
+    """
 
     capabilities: Capabilities = _FULL
     pipelined = True
@@ -118,55 +138,69 @@ class NatsBroker(NatsPublishing, NatsPresence, NatsHistory):
         auth, _, hosts = parts.netloc.rpartition("@")
         self.servers = [f"{scheme}://{auth + '@' if auth else ''}{h or '127.0.0.1:4222'}"
                         for h in hosts.split(",")]
-        self.stream = f"{self.prefix}_H"
-        self.presence_stream = f"{self.prefix}_P"
+        # the parts: subject names, and the history, presence and publish paths on them
+        self.subjects = NatsSubjects(self.prefix)
+        self.stream = self.subjects.stream
+        self.presence_stream = self.subjects.presence_stream
+        self.history_store = NatsHistory(self, self.subjects, history_max=self.history_max,
+                                         meta_ttl=self.meta_ttl, replicas=self.replicas,
+                                         failover=self.failover)
+        self.presence_store = NatsPresence(self, self.subjects, ttl=self.presence_ttl,
+                                           replicas=self.replicas)
+        self.publisher = NatsPublisher(self, self.subjects, self.history_store,
+                                       failover=self.failover)
         self._node = ""
         self._handler: BrokerHandler | None = None
         self._nc: NatsClient | None = None
         self._health = BrokerHealth(False, "not connected")
         self._closing = False
         self._js = False
-        self._chans: dict[str, ChanState] = {}
-        self._hsubj: dict[str, str] = {}
-        self._csubj: dict[str, str] = {}  # live subject tokens -> channel
         self._subs: dict[str, list[Subscription]] = {}  # pattern -> its NATS subscriptions
         self._node_subs: list[Subscription] = []
         self._barrier_subject = ""
         self._barriers: dict[str, asyncio.Future[None]] = {}
-        self._members: dict[str, dict[str, Member]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._cap = 0  # max_msgs_per_subject of the history stream
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queues: NatsQueueStore | None = None
 
     def queue_store(self) -> NatsQueueStore:
-        """Work queues in a JetStream work-queue stream (:mod:`.nats_queue`)."""
+        """Work queues in a JetStream work-queue stream (:mod:`.queue`)."""
         if self._queues is None:
-            self._queues = NatsQueueStore(self, max_len=self.queue_max_len)
+            self._queues = NatsQueueStore(self, self.subjects, replicas=self.replicas,
+                                          max_len=self.queue_max_len)
         return self._queues
 
-    # -- names ------------------------------------------------------------------
+    # -- the parts' stores and publish path -----------------------------------------
 
-    def _live(self, channel: str) -> str:
-        return f"{self.prefix}.c.{subjects_for(channel)[0]}"
+    def publish_then(self, channel: str, data: Any, *, sender: str | None = None,
+                     history: HistoryOptions | None = None, text: str | None = None,
+                     done: PublishDone) -> None:
+        """``done`` gets the publication (or BrokerUnavailable), in the order the
+        publishes of one channel were started (:mod:`.publishing`)."""
+        self.publisher.publish_then(channel, data, sender=sender, history=history, text=text,
+                                    done=done)
 
-    def _hist(self, channel: str) -> str:
-        subject = self._hsubj.get(channel)
-        if subject is None:
-            if len(self._hsubj) > STATE_CACHE_MAX:
-                self._hsubj.clear()
-            subject = self._hsubj[channel] = f"{self.prefix}.h.{subjects_for(channel)[0]}"
-        return subject
+    async def history(self, channel: str, *, since: StreamPos | None = None,
+                      limit: int | None = None, reverse: bool = False) -> HistoryPage:
+        return await self.history_store.history(channel, since=since, limit=limit,
+                                                reverse=reverse)
 
-    def _channel_of(self, subject: str) -> str:
-        tokens = subject[len(self.prefix) + 3:]
-        channel = self._csubj.get(tokens)
-        if channel is None:
-            if len(self._csubj) > STATE_CACHE_MAX:
-                self._csubj.clear()
-            channel = self._csubj[tokens] = channel_of_tokens(tokens)
-        return channel
+    async def remove_history(self, channel: str) -> None:
+        await self.history_store.remove_history(channel)
+        self.publisher.forget(channel)
+
+    async def position(self, channel: str) -> StreamPos:
+        return await self.history_store.position(channel)
+
+    async def add_member(self, channel: str, member: Member) -> None:
+        await self.presence_store.add_member(channel, member)
+
+    async def remove_member(self, channel: str, conn_id: str) -> None:
+        await self.presence_store.remove_member(channel, conn_id)
+
+    async def members(self, channel: str) -> list[Member]:
+        return await self.presence_store.members(channel)
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -185,6 +219,14 @@ class NatsBroker(NatsPublishing, NatsPresence, NatsHistory):
     @property
     def jetstream(self) -> bool:
         return self._js
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._health.up
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     async def connect(self, node_id: str, handler: BrokerHandler) -> None:
         self._node = node_id
@@ -205,8 +247,8 @@ class NatsBroker(NatsPublishing, NatsPresence, NatsHistory):
         self._nc = nc
         self._barrier_subject = nc.new_inbox()
         self._node_subs = [
-            await nc.subscribe(f"{self.prefix}.n.{token_for(node_id)}", cb=self._on_node),
-            await nc.subscribe(f"{self.prefix}.all", cb=self._on_node),
+            await nc.subscribe(self.subjects.node(node_id), cb=self._on_node),
+            await nc.subscribe(self.subjects.all, cb=self._on_node),
             await nc.subscribe(self._barrier_subject, cb=self._on_barrier),
         ]
         for pattern in list(self._subs):
@@ -224,26 +266,14 @@ class NatsBroker(NatsPublishing, NatsPresence, NatsHistory):
                     raise
                 await asyncio.sleep(0.2)  # a cluster electing its JetStream leaders
         self._set_health(BrokerHealth(True))
-        self._heartbeat = self._loop.create_task(self._beat(), name=f"tidings-nats-{node_id}")
+        self._heartbeat = self._loop.create_task(self.presence_store.beat(),
+                                                 name=f"tidings-nats-{node_id}")
 
     async def _setup_jetstream(self) -> None:
         """Create (or update) the streams; without JetStream only pub/sub is on."""
         try:
-            await self.ensure_stream({
-                "name": self.stream, "subjects": [f"{self.prefix}.h.>"],
-                "retention": "limits", "storage": "file", "discard": "old",
-                "max_msgs_per_subject": max(self.history_max, self._cap, 1),
-                "max_age": int(self.meta_ttl * 1e9), "num_replicas": self.replicas,
-                "duplicate_window": int(max(self.failover, 1.0) * 2e9),
-                "republish": {"src": f"{self.prefix}.h.>", "dest": f"{self.prefix}.c.>"},
-            })
-            self._cap = max(self.history_max, self._cap, 1)
-            await self.ensure_stream({
-                "name": self.presence_stream, "subjects": [f"{self.prefix}.p.>"],
-                "retention": "limits", "storage": "memory", "discard": "old",
-                "max_msgs_per_subject": 1, "max_age": int(self.presence_ttl * 1e9),
-                "num_replicas": self.replicas,
-            })
+            await self.history_store.setup()
+            await self.presence_store.setup()
             self._js = True
             if self._queues is not None:
                 await self._queues.setup()
@@ -291,6 +321,75 @@ class NatsBroker(NatsPublishing, NatsPresence, NatsHistory):
                                  str(err.get("description", "")))
         return reply
 
+    def require_jetstream(self, feature: str) -> None:
+        """``BrokerUnavailable`` while down, ``NotAvailable(feature)`` without JetStream."""
+        if not self._health.up or self._nc is None:
+            raise BrokerUnavailable(self._health.reason or "NATS unreachable")
+        if not self._js:
+            raise NotAvailable(feature, "nats (JetStream is not enabled on the server)")
+
+    async def purge(self, stream: str, subject: str) -> None:
+        """Drop the stream's messages on ``subject`` (a filter)."""
+        try:
+            await self.api(f"STREAM.PURGE.{stream}", {"filter": subject})
+        except BrokerUnavailable:
+            raise
+        except Exception as exc:
+            raise BrokerUnavailable(f"purge {subject}: {exc!r}") from exc
+
+    async def scan(self, stream: str, subject: str, policy: str = "all") -> list[Msg]:
+        """Every message of ``stream`` on ``subject`` (a filter), oldest first,
+        through a short-lived push consumer (``policy``: all, last_per_subject).
+
+        Tried again (for up to ``failover`` s) when the consumer goes silent or
+        JetStream does not answer: on a cluster that just lost a server, the
+        consumer may have been placed on the lost peer, or the meta leader is
+        being elected. While the connection is down it raises at once."""
+        deadline = time.monotonic() + self.failover
+        while True:
+            try:
+                return await self._scan_once(stream, subject, policy)
+            except (TimeoutError, BrokerUnavailable) as exc:
+                if not self._health.up or time.monotonic() > deadline or self._closing:
+                    if isinstance(exc, BrokerUnavailable):
+                        raise
+                    raise BrokerUnavailable(f"read {subject}: no answer") from exc
+                await asyncio.sleep(0.1)
+
+    async def _scan_once(self, stream: str, subject: str, policy: str) -> list[Msg]:
+        nc = self.client
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        name = ""
+        try:
+            reply = await self.api(f"CONSUMER.CREATE.{stream}", timeout=SCAN_TIMEOUT, body={
+                "stream_name": stream, "config": {
+                "deliver_subject": inbox, "filter_subject": subject,
+                "deliver_policy": policy, "ack_policy": "none", "replay_policy": "instant",
+                "mem_storage": True, "num_replicas": 1,
+                "inactive_threshold": int(10e9)}})
+            name = reply["name"]
+            out: list[Msg] = []
+            pending = int(reply.get("num_pending", 0))
+            while pending > 0:
+                msg = await sub.next_msg(timeout=SCAN_TIMEOUT)
+                if not msg.reply:
+                    continue  # a status message
+                out.append(msg)
+                pending = msg.metadata.num_pending
+            return out
+        except (BrokerUnavailable, NotAvailable, TimeoutError):
+            raise
+        except Exception as exc:
+            raise BrokerUnavailable(f"read {subject}: {exc!r}") from exc
+        finally:
+            try:
+                await sub.unsubscribe()
+                if name:
+                    await nc.publish(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"")
+            except Exception:  # the consumer goes away by itself (inactive_threshold)
+                pass
+
     async def close(self) -> None:
         if self._closing and self._nc is None:
             return
@@ -304,15 +403,7 @@ class NatsBroker(NatsPublishing, NatsPresence, NatsHistory):
             self._heartbeat = None
         for task in list(self._tasks):
             task.cancel()
-        if self._nc is not None and self._health.up and self._js:
-            for channel, members in list(self._members.items()):
-                for conn_id in list(members):
-                    try:
-                        await self._purge(self.presence_stream,
-                                          self._member_subject(channel, conn_id))
-                    except Exception:
-                        break
-        self._members.clear()
+        await self.presence_store.withdraw()
         if self._queues is not None:
             await self._queues.close()
         nc, self._nc = self._nc, None
@@ -343,9 +434,8 @@ class NatsBroker(NatsPublishing, NatsPresence, NatsHistory):
         them), every channel tail reloaded, our members written again."""
         if self._closing:
             return
-        for state in self._chans.values():
-            state.seq = None
-        self._spawn(self._after_reconnect())
+        self.publisher.forget_all()
+        self.spawn(self._after_reconnect())
 
     async def _after_reconnect(self) -> None:
         self._set_health(BrokerHealth(True))  # core pub/sub is back (nats-py resubscribed)
@@ -360,7 +450,7 @@ class NatsBroker(NatsPublishing, NatsPresence, NatsHistory):
                     break
                 await asyncio.sleep(0.2)  # JetStream elects its leaders after a restart
         if not self._closing:
-            await self._refresh_members()
+            await self.presence_store.refresh()
 
     async def _on_error(self, exc: Exception) -> None:
         log.debug("NATS client error: %s", exc)
@@ -369,7 +459,8 @@ class NatsBroker(NatsPublishing, NatsPresence, NatsHistory):
         if not self._closing:
             self._set_health(BrokerHealth(False, "NATS connection closed"))
 
-    def _spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` as a task of the broker (cancelled when it closes)."""
         task = (self._loop or asyncio.get_running_loop()).create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -385,7 +476,7 @@ class NatsBroker(NatsPublishing, NatsPresence, NatsHistory):
         if handler is None:
             return
         try:
-            channel = self._channel_of(msg.subject)
+            channel = self.subjects.channel_of(msg.subject)
             if pattern != self._first_match(channel):
                 return  # a false positive of a wider subject, or another subscription's
             hdrs = msg.headers or {}
@@ -402,10 +493,8 @@ class NatsBroker(NatsPublishing, NatsPresence, NatsHistory):
             else:
                 first, epoch = int(hdrs["T-O"]), hdrs["T-E"]
                 pubs = unpack_records(channel, first, epoch, msg.data)
-                seq = int(hdrs.get("Nats-Sequence", "0"))
-                state = self._chans.get(channel)
-                if state is not None and state.seq is not None and seq > state.seq:
-                    state.seq, state.offset, state.epoch = seq, first + count - 1, epoch
+                self.publisher.observed(channel, int(hdrs.get("Nats-Sequence", "0")),
+                                        first + count - 1, epoch)
             if len(pubs) == 1:
                 handler.on_publication(pubs[0])
             elif pubs:
@@ -428,9 +517,9 @@ class NatsBroker(NatsPublishing, NatsPresence, NatsHistory):
         nc = self._nc
         assert nc is not None
         cb = partial(self._on_live, pattern)
-        return [await nc.subscribe(f"{self.prefix}.c.{s}", cb=cb, pending_msgs_limit=-1,
+        return [await nc.subscribe(subject, cb=cb, pending_msgs_limit=-1,
                                    pending_bytes_limit=-1)
-                for s in subjects_for(pattern)]
+                for subject in self.subjects.live_for(pattern)]
 
     async def subscribe(self, pattern: str) -> None:
         """Subscribe and flush, so the server has the interest before this returns
@@ -476,16 +565,17 @@ class NatsBroker(NatsPublishing, NatsPresence, NatsHistory):
                 pass
 
     async def send_node(self, node_id: str, payload: bytes) -> None:
-        await self._core(f"{self.prefix}.n.{token_for(node_id)}", payload)
+        await self.publish_core(self.subjects.node(node_id), payload)
 
     async def send_all(self, payload: bytes) -> None:
-        await self._core(f"{self.prefix}.all", payload)
+        await self.publish_core(self.subjects.all, payload)
 
     async def publish_event(self, channel: str, frame: str) -> None:
-        await self._core(self._live(channel), frame.encode(), {"T-V": "1"})
+        await self.publish_core(self.subjects.live(channel), frame.encode(), {"T-V": "1"})
 
-    async def _core(self, subject: str, payload: bytes,
-                    headers: dict[str, str] | None = None) -> None:
+    async def publish_core(self, subject: str, payload: bytes,
+                           headers: dict[str, str] | None = None) -> None:
+        """One core NATS message (no JetStream); ``BrokerUnavailable`` on failure."""
         nc = self.client
         try:
             await nc.publish(subject, payload, headers=headers)

@@ -32,17 +32,14 @@ import hashlib
 import time
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from nats.aio.msg import Msg
 
 from tidings.brokers.base import QueueStoreStats, StoredItem
-from tidings.brokers.nats_subjects import token_for
+from tidings.brokers.nats.subjects import NatsLink, NatsSubjects
 from tidings.exceptions import BrokerUnavailable, NotAvailable, QueueFull
-
-if TYPE_CHECKING:
-    from tidings.brokers.nats import NatsBroker
 
 __all__ = ["DEFAULT_LEASE", "NatsQueueStore"]
 
@@ -60,13 +57,16 @@ def _decode(raw: bytes) -> Any:
 
 
 class NatsQueueStore:
-    """The :class:`~tidings.brokers.base.QueueStore` of a :class:`NatsBroker`."""
+    """The :class:`~tidings.brokers.base.QueueStore` of a NATS broker, over its link."""
 
-    def __init__(self, broker: NatsBroker, *, max_len: int = 1_000_000) -> None:
-        self._broker = broker
+    def __init__(self, link: NatsLink, subjects: NatsSubjects, *, replicas: int = 1,
+                 max_len: int = 1_000_000) -> None:
+        self.link = link
+        self.subjects = subjects
+        self.replicas = replicas
         self.max_len = max_len
-        self.stream = f"{broker.prefix}_Q"
-        self.delay_stream = f"{broker.prefix}_QZ"
+        self.stream = subjects.queue_stream
+        self.delay_stream = subjects.delay_stream
         self._ready = False
         self._consumers: dict[str, float] = {}  # queue -> ack wait its consumer has
         self._leases: dict[str, float] = {}  # queue -> lease the hub asked for
@@ -76,37 +76,30 @@ class NatsQueueStore:
 
     # -- names and setup ----------------------------------------------------------
 
-    def _subject(self, queue: str) -> str:
-        return f"{self._broker.prefix}.q.{token_for(queue)}"
-
-    def _delay_subject(self, queue: str, item_id: str = "*") -> str:
-        return f"{self._broker.prefix}.qz.{token_for(queue)}.{item_id}"
-
     @staticmethod
     def _consumer(queue: str) -> str:
         return "q" + hashlib.sha256(queue.encode()).hexdigest()[:24]
 
     async def setup(self) -> None:
         """Create the streams (again after a reconnect: a server may have lost them)."""
-        broker = self._broker
-        if not broker.jetstream:
+        if not self.link.jetstream:
             raise NotAvailable("queues", "nats (JetStream is not enabled on the server)")
         await self._ensure_stream({
-            "name": self.stream, "subjects": [f"{broker.prefix}.q.>"],
+            "name": self.stream, "subjects": [self.subjects.under("q")],
             "retention": "workqueue", "storage": "file", "discard": "new",
             "discard_new_per_subject": True, "max_msgs_per_subject": self.max_len,
-            "num_replicas": broker.replicas})
+            "num_replicas": self.replicas})
         await self._ensure_stream({
-            "name": self.delay_stream, "subjects": [f"{broker.prefix}.qz.>"],
+            "name": self.delay_stream, "subjects": [self.subjects.under("qz")],
             "retention": "limits", "storage": "memory", "discard": "old",
             "max_msgs_per_subject": 1, "max_age": int(_DELAY_HORIZON * 1e9),
-            "num_replicas": broker.replicas})
+            "num_replicas": self.replicas})
         self._consumers.clear()
         self._ready = True
 
     async def _ensure_stream(self, config: dict[str, Any]) -> None:
         try:
-            await self._broker.ensure_stream(config)
+            await self.link.ensure_stream(config)
         except BrokerUnavailable:
             raise
         except Exception as exc:
@@ -119,9 +112,9 @@ class NatsQueueStore:
         lease = self._leases.get(queue, DEFAULT_LEASE)
         if self._consumers.get(queue) != lease:
             try:
-                await self._broker.api(f"CONSUMER.DURABLE.CREATE.{self.stream}.{name}", {
+                await self.link.api(f"CONSUMER.DURABLE.CREATE.{self.stream}.{name}", {
                     "stream_name": self.stream, "config": {
-                        "durable_name": name, "filter_subject": self._subject(queue),
+                        "durable_name": name, "filter_subject": self.subjects.queue(queue),
                         "ack_policy": "explicit", "ack_wait": int(lease * 1e9),
                         "deliver_policy": "all", "max_deliver": -1, "max_ack_pending": -1,
                         "replay_policy": "instant", "num_replicas": 0}})
@@ -139,7 +132,7 @@ class NatsQueueStore:
     async def push(self, queue: str, data: Any) -> str:
         if not self._ready:
             await self.setup()
-        reply = await self._js_publish(self._subject(queue), _encode(data))
+        reply = await self._js_publish(self.subjects.queue(queue), _encode(data))
         err = reply.get("error")
         if err:
             if "maximum messages" in str(err.get("description", "")):
@@ -152,8 +145,8 @@ class NatsQueueStore:
     async def _js_publish(self, subject: str, payload: bytes,
                           headers: dict[str, str] | None = None) -> dict[str, Any]:
         try:
-            msg = await self._broker.client.request(subject, payload, timeout=_TIMEOUT,
-                                                    headers=headers)
+            msg = await self.link.client.request(subject, payload, timeout=_TIMEOUT,
+                                                 headers=headers)
         except BrokerUnavailable:
             raise
         except Exception as exc:
@@ -165,7 +158,7 @@ class NatsQueueStore:
     async def _pull(self, queue: str, count: int, block: float) -> list[Msg]:
         """One pull request: up to ``count`` messages, waiting ``block`` s at most."""
         name = await self._ensure(queue)
-        nc = self._broker.client
+        nc = self.link.client
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox, pending_msgs_limit=-1, pending_bytes_limit=-1)
         out: list[Msg] = []
@@ -252,7 +245,7 @@ class NatsQueueStore:
         """The consumer's ack wait as the server has it now (another node may have
         changed it): a requeue must not move an item the server gave to another."""
         try:
-            info = await self._broker.api(
+            info = await self.link.api(
                 f"CONSUMER.INFO.{self.stream}.{self._consumer(queue)}")
         except BrokerUnavailable:
             raise
@@ -263,7 +256,7 @@ class NatsQueueStore:
     async def _settle(self, ack_subject: str, body: bytes = b"+ACK") -> None:
         """An ack (or term), confirmed by the server."""
         try:
-            await self._broker.client.request(ack_subject, body, timeout=_TIMEOUT)
+            await self.link.client.request(ack_subject, body, timeout=_TIMEOUT)
         except BrokerUnavailable:
             raise
         except Exception as exc:
@@ -287,17 +280,18 @@ class NatsQueueStore:
             if not is_dead:
                 letter = {"id": item_id, "data": _decode(payload), "attempts": attempts,
                           "queue": queue}
-                reply = await self._js_publish(self._subject(queue + ".dead"), _encode(letter))
+                reply = await self._js_publish(self.subjects.queue(queue + ".dead"),
+                                               _encode(letter))
                 if reply.get("error"):
                     raise BrokerUnavailable(
                         f"dead letter of {queue!r}: {reply['error'].get('description')}")
             await self._settle(ack_subject, b"+TERM")
         elif delay > 0:
             due = int((time.time() + delay) * 1000)
-            await self._js_publish(self._delay_subject(queue, item_id), b"%d" % due)
+            await self._js_publish(self.subjects.delay(queue, item_id), b"%d" % due)
             await self._settle(ack_subject, b"-NAK " + orjson.dumps({"delay": int(delay * 1e9)}))
         else:
-            reply = await self._js_publish(self._subject(queue), payload,
+            reply = await self._js_publish(self.subjects.queue(queue), payload,
                                            {"T-A": str(attempts)})
             if reply.get("error"):
                 raise BrokerUnavailable(f"requeue to {queue!r}: "
@@ -320,21 +314,22 @@ class NatsQueueStore:
 
     async def stats(self, queue: str) -> QueueStoreStats:
         name = await self._ensure(queue)
-        broker = self._broker
+        link = self.link
         try:
-            info = await broker.api(f"CONSUMER.INFO.{self.stream}.{name}")
+            info = await link.api(f"CONSUMER.INFO.{self.stream}.{name}")
             delayed = 0
             now_ms = int(time.time() * 1000)
-            for msg in await broker.scan(self.delay_stream, self._delay_subject(queue),
-                                         "last_per_subject"):
+            for msg in await link.scan(self.delay_stream, self.subjects.delay(queue),
+                                       "last_per_subject"):
                 if int(msg.data or b"0") > now_ms:
                     delayed += 1
             waiting = int(info.get("num_pending", 0))
             age = 0.0
             if waiting:
                 last = int(info.get("delivered", {}).get("stream_seq", 0))
-                got = await broker.api(f"STREAM.MSG.GET.{self.stream}",
-                                       {"seq": last + 1, "next_by_subj": self._subject(queue)})
+                got = await link.api(f"STREAM.MSG.GET.{self.stream}",
+                                     {"seq": last + 1,
+                                      "next_by_subj": self.subjects.queue(queue)})
                 stamp = got["message"]["time"]
                 age = max(0.0, time.time() - _parse_time(stamp))
         except (BrokerUnavailable, NotAvailable):

@@ -1,9 +1,14 @@
-"""Publishing on JetStream: the publish path of :class:`tidings.brokers.nats.NatsBroker`.
+"""Publishing on JetStream: the publish path of :class:`tidings.brokers.nats.broker.NatsBroker`.
 
-One message in flight per channel per node, a compare-and-set on the
-channel's tail (``Nats-Expected-Last-Subject-Sequence``), publishes queued
-meanwhile batched into the next message, failover retries with
-``Nats-Msg-Id`` (design in docs/brokers-nats.md).
+A part of its own because it is a concept of its own, with state nothing else
+owns: what this node knows of each channel's stream tail (:class:`ChanState`),
+and the publishes queued behind the one in flight. One message in flight per
+channel per node, a compare-and-set on the channel's tail
+(``Nats-Expected-Last-Subject-Sequence``), publishes queued meanwhile batched
+into the next message, failover retries with ``Nats-Msg-Id`` (design in
+docs/brokers-nats.md). The broker tells it what it learns elsewhere: a newer
+tail seen live (:meth:`NatsPublisher.observed`), a purge or a reconnect
+(:meth:`NatsPublisher.forget`, :meth:`NatsPublisher.forget_all`).
 """
 
 from __future__ import annotations
@@ -15,29 +20,18 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
-from nats.aio.client import Client as NatsClient
 
-from tidings.brokers.base import (
-    BrokerHealth,
-    HistoryOptions,
-    PipelinedBroker,
-    PublishDone,
-    PublishOutcome,
-)
-from tidings.brokers.nats_wire import (
-    REQUEST_TIMEOUT,
-    WRONG_LAST_SEQUENCE,
-    Tail,
-    encode_data,
-    pack_record,
-)
+from tidings.brokers.base import HistoryOptions, PublishDone, PublishOutcome
+from tidings.brokers.nats.history import NatsHistory
+from tidings.brokers.nats.subjects import STATE_CACHE_MAX, NatsLink, NatsSubjects
+from tidings.brokers.nats.wire import WRONG_LAST_SEQUENCE, encode_data, pack_record
 from tidings.exceptions import BrokerUnavailable
 from tidings.types import Publication
 
-__all__ = ["FAILOVER", "STATE_CACHE_MAX", "ChanState", "NatsPublishing"]
+__all__ = ["FAILOVER", "ChanState", "NatsPublisher"]
 
 log = logging.getLogger("tidings.brokers.nats")
 
@@ -46,7 +40,6 @@ _GROUP_BYTES = 256 * 1024
 _CAS_TRIES = 1000
 FAILOVER = 10.0  # seconds a publish is retried while JetStream has no leader (?failover=)
 _PUBLISH_TIMEOUT = 2.0
-STATE_CACHE_MAX = 100_000
 
 
 @dataclass(slots=True)
@@ -61,36 +54,36 @@ class ChanState:
     busy: bool = False
 
 
-class NatsPublishing(PipelinedBroker):
-    """Mixin: ``publish`` and ``publish_then``; the broker provides what is declared here."""
+class NatsPublisher:
+    """``publish_then`` of a NATS broker: a part it owns and delegates to."""
 
-    stream: str
-    failover: float
-    _health: BrokerHealth
-    _closing: bool
-    _js: bool
-    _nc: NatsClient | None
-    _chans: dict[str, ChanState]
-    _cap: int
-    _loop: asyncio.AbstractEventLoop | None
+    __slots__ = ("chans", "failover", "history", "link", "subjects")
 
-    if TYPE_CHECKING:
-        @property
-        def client(self) -> NatsClient: ...
+    def __init__(self, link: NatsLink, subjects: NatsSubjects, history: NatsHistory, *,
+                 failover: float) -> None:
+        self.link = link
+        self.subjects = subjects
+        self.history = history  # the tails, and the stream's bound
+        self.failover = failover
+        self.chans: dict[str, ChanState] = {}
 
-        def _hist(self, channel: str) -> str: ...
+    def observed(self, channel: str, seq: int, last: int, epoch: str) -> None:
+        """A stored message seen live: a newer tail than ours saves a reload."""
+        state = self.chans.get(channel)
+        if state is not None and state.seq is not None and seq > state.seq:
+            state.seq, state.offset, state.epoch = seq, last, epoch
 
-        def _live(self, channel: str) -> str: ...
+    def forget(self, channel: str) -> None:
+        """Drop what we know of the channel's tail (it was purged): the next
+        publish reloads it."""
+        state = self.chans.get(channel)
+        if state is not None:
+            state.seq = None
 
-        def _spawn(self, coro: Any) -> None: ...
-
-        async def _core(self, subject: str, payload: bytes,
-                        headers: dict[str, str] | None = None) -> None: ...
-
-        async def _tail(self, channel: str) -> Tail | None: ...
-
-        async def api(self, what: str, body: dict[str, Any] | None = None, *,
-                      timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]: ...
+    def forget_all(self) -> None:
+        """Drop every tail we know (after a reconnect: the server may have lost them)."""
+        for state in self.chans.values():
+            state.seq = None
 
     def publish_then(
         self,
@@ -104,35 +97,37 @@ class NatsPublishing(PipelinedBroker):
     ) -> None:
         """``done`` gets the publication (or BrokerUnavailable), in the order the
         publishes of one channel were started."""
-        if not self._health.up or self._nc is None:
-            done(BrokerUnavailable(self._health.reason or "NATS unreachable"))
+        link = self.link
+        if not link.connected:
+            done(BrokerUnavailable(link.health().reason or "NATS unreachable"))
             return
         size, ttl_ms = 0, 0
         if history is not None and history.enabled:
             size, ttl_ms = history.size, int(history.ttl * 1000)
         ts = int(time.time() * 1000)
         payload = encode_data(data, text)
-        if not self._js:
-            self._spawn(self._publish_core(channel, pack_record(sender, ts, payload),
-                                           done, data, text, sender, ts))
+        if not link.jetstream:
+            link.spawn(self._publish_core(channel, pack_record(sender, ts, payload),
+                                          done, data, text, sender, ts))
             return
-        state = self._chans.get(channel)
+        chans = self.chans
+        state = chans.get(channel)
         if state is None:
-            if len(self._chans) > STATE_CACHE_MAX:
-                for name in [n for n, s in self._chans.items() if not s.busy]:
-                    del self._chans[name]
-            state = self._chans[channel] = ChanState()
+            if len(chans) > STATE_CACHE_MAX:
+                for name in [n for n, s in chans.items() if not s.busy]:
+                    del chans[name]
+            state = chans[channel] = ChanState()
         state.queue.append((pack_record(sender, ts, payload), size, ttl_ms, done, data, text,
                             sender, ts))
         if not state.busy:
             state.busy = True
-            self._spawn(self._drain(channel, state))
+            link.spawn(self._drain(channel, state))
 
     async def _publish_core(self, channel: str, record: bytes, done: PublishDone, data: Any,
                             text: str | None, sender: str | None, ts: int) -> None:
         outcome: PublishOutcome
         try:
-            await self._core(self._live(channel), record, {"T-L": "1"})
+            await self.link.publish_core(self.subjects.live(channel), record, {"T-L": "1"})
             outcome = Publication(channel, data, 0, "", sender, ts, text=text)
         except BrokerUnavailable as exc:
             outcome = exc
@@ -190,10 +185,10 @@ class NatsPublishing(PipelinedBroker):
         ``Nats-Msg-Id``: if the first attempt was stored, the stream's duplicate
         window answers with that message's sequence instead of storing it twice."""
         size, ttl_ms = group[0][1], group[0][2]
-        if size + 1 > self._cap:
-            await self._raise_cap(size + 1)
+        if size + 1 > self.history.cap:
+            await self.history.raise_cap(size + 1)
         body = b"".join(item[0] for item in group)
-        subject = self._hist(channel)
+        subject = self.subjects.hist(channel)
         msg_id = secrets.token_hex(8)
         deadline = time.monotonic() + self.failover
         headers: dict[str, str] | None = None
@@ -215,7 +210,7 @@ class NatsPublishing(PipelinedBroker):
                 if len(group) != 1:
                     headers["T-N"] = str(len(group))
             try:
-                msg = await self.client.request(subject, body, timeout=_PUBLISH_TIMEOUT,
+                msg = await self.link.client.request(subject, body, timeout=_PUBLISH_TIMEOUT,
                                                 headers=headers)
                 reply = orjson.loads(msg.data)
             except Exception as exc:
@@ -246,18 +241,11 @@ class NatsPublishing(PipelinedBroker):
     def _retry_until(self, deadline: float) -> bool:
         """Whether a failed JetStream call is worth another try: connected (while
         down every call raises at once), not closing, and within ``failover``."""
-        return self._health.up and not self._closing and time.monotonic() < deadline
-
-    async def _raise_cap(self, cap: int) -> None:
-        info = await self.api(f"STREAM.INFO.{self.stream}")
-        config = info["config"]
-        if int(config.get("max_msgs_per_subject", 0)) < cap:
-            config["max_msgs_per_subject"] = cap
-            await self.api(f"STREAM.UPDATE.{self.stream}", config)
-        self._cap = max(self._cap, cap)
+        link = self.link
+        return link.health().up and not link.closing and time.monotonic() < deadline
 
     async def _load(self, channel: str, state: ChanState) -> None:
-        tail = await self._tail(channel)
+        tail = await self.history.tail(channel)
         if tail is None:  # never published, purged, expired or lost: a new epoch
             state.seq, state.offset, state.epoch = 0, 0, secrets.token_hex(4)
         else:
