@@ -1,7 +1,7 @@
 """``nats://``: publications over NATS, positions and history in JetStream.
 
 URL: ``nats://host:4222[,host2:4222]?prefix=tidings&replicas=1&presence_ttl=30``
-(``tls://`` too; also ``meta_ttl``, ``history_max``, ``queue_max_len``,
+(``nats+tls://`` for TLS; also ``meta_ttl``, ``history_max``, ``queue_max_len``,
 ``randomize=0``, ``failover``). Every server of the list is a candidate for the first
 connection and for every reconnect.
 

@@ -12,7 +12,7 @@ Design:
   never disagree and offsets are global across nodes. Publishes issued while
   the previous batch is on the wire go out together in one write; consecutive
   ones to one channel are one script call and one message
-  (:mod:`tidings.brokers.redis.wire`). History reads: :mod:`.redis_history`.
+  (:mod:`tidings.brokers.redis.wire`). History reads: :mod:`tidings.brokers.redis.history`.
 - Interest routing: a node SUBSCRIBEs to exact channels and PSUBSCRIBEs to its
   patterns mapped onto globs (``+`` -> ``*``, ``a/#`` -> ``a*``). A glob is
   wider than the MQTT pattern, so every message is filtered exactly on receipt
