@@ -56,6 +56,7 @@ _BACKENDS: dict[str, tuple[str, str, str]] = {
     "postgresql": ("tidings.brokers.postgres", "PostgresBroker", "postgres"),
     "postgres": ("tidings.brokers.postgres", "PostgresBroker", "postgres"),
     "nats": ("tidings.brokers.nats", "NatsBroker", "nats"),
+    "kafka": ("tidings.brokers.kafka", "KafkaBroker", "kafka"),
 }
 
 
