@@ -174,17 +174,27 @@ class KafkaBroker:
     async def _supervise(self) -> None:
         while not self._closing:
             try:
-                await asyncio.wait_for(self._lost.wait(), self.ping_every)
-                reason = "Kafka connection lost"
-            except TimeoutError:
-                reason = await self._ping()
-                if not reason:
-                    continue
-            if self._stopping():
+                await self._watch()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # logged and carried on: the watch never stops silently
+                log.exception("node %s: the Kafka connection watch failed", self._node)
+                await asyncio.sleep(self.ping_every)
+
+    async def _watch(self) -> None:
+        """Wait for a lost connection (a failed call, or a ping), then reconnect."""
+        try:
+            await asyncio.wait_for(self._lost.wait(), self.ping_every)
+            reason = "Kafka connection lost"
+        except TimeoutError:
+            reason = await self._ping()
+            if not reason:
                 return
-            self._set_health(BrokerHealth(False, reason))
-            await self._drop_link()
-            await self._reconnect()
+        if self._stopping():
+            return
+        self._set_health(BrokerHealth(False, reason))
+        await self._drop_link()
+        await self._reconnect()
 
     async def _ping(self) -> str:
         """Why the server counts as lost, or "" while it answers as before."""
@@ -242,9 +252,11 @@ class KafkaBroker:
             raise BrokerUnavailable(self._health.reason or "Kafka unreachable")
         return link
 
-    def _failed(self, what: str, exc: BaseException) -> BrokerUnavailable:
-        """A call failed: check the connection now, and say so to the caller."""
-        self._lost.set()
+    def _failed(self, what: str, exc: BaseException, link: KafkaLink) -> BrokerUnavailable:
+        """A call on ``link`` failed: check the connection now (unless that link
+        was replaced meanwhile), and say so to the caller."""
+        if link is self._link:
+            self._lost.set()
         return BrokerUnavailable(f"{what} failed: {exc!r}")
 
     def _spawn(self, coro: Any) -> None:
@@ -368,11 +380,8 @@ class KafkaBroker:
             copy = await link.producer.send(self.bus_topic, bus_publication(offset, epoch, record),
                                             partition=0)
             await asyncio.wait_for(copy, self.timeout)
-        except BrokerUnavailable:
-            self._lost.set()
-            raise
         except _FAILURES as exc:
-            raise self._failed("publish to Kafka", exc) from exc
+            raise self._failed("publish to Kafka", exc, link) from exc
         return Publication(channel, data, offset, epoch, sender, ts, text=text)
 
     async def _checked_epoch(self, link: KafkaLink, channel: str, epoch: str,
@@ -405,7 +414,7 @@ class KafkaBroker:
             await asyncio.wait_for(
                 await link.producer.send(self.bus_topic, body, partition=0), self.timeout)
         except _FAILURES as exc:
-            raise self._failed("send on the Kafka bus", exc) from exc
+            raise self._failed("send on the Kafka bus", exc, link) from exc
 
     async def publish_event(self, channel: str, frame: str) -> None:
         await self._bus(encode_event(channel, frame))
@@ -452,7 +461,7 @@ class KafkaBroker:
             return await read_history(link, self.prefix, channel, epoch, since=since,
                                       limit=limit, reverse=reverse)
         except _FAILURES as exc:
-            raise self._failed("Kafka history read", exc) from exc
+            raise self._failed("Kafka history read", exc, link) from exc
 
     async def position(self, channel: str) -> StreamPos:
         link = self._live()
@@ -460,7 +469,7 @@ class KafkaBroker:
             epoch = await self._current_epoch(link, channel)
             _, end = await link.offsets(channel_topic(self.prefix, channel))
         except _FAILURES as exc:
-            raise self._failed("Kafka position read", exc) from exc
+            raise self._failed("Kafka position read", exc, link) from exc
         return StreamPos(end, epoch)
 
     async def remove_history(self, channel: str) -> None:
@@ -470,6 +479,6 @@ class KafkaBroker:
         try:
             await link.delete(channel_topic(self.prefix, channel))
         except _FAILURES as exc:
-            raise self._failed("Kafka topic deletion", exc) from exc
+            raise self._failed("Kafka topic deletion", exc, link) from exc
         self._epochs.pop(channel, None)
         await self._bus(b"X" + channel.encode())

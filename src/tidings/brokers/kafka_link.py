@@ -12,7 +12,6 @@ drops the whole link and builds a new one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 from io import BytesIO
 from typing import Any
@@ -143,12 +142,18 @@ class KafkaLink:
     async def stop(self) -> None:
         """Close every client, waiting at most a moment for each (a producer
         flushes on stop, which never ends while the server is gone)."""
-        for part in (self.bus, self.reader, self.producer, self.admin):
-            with contextlib.suppress(Exception, TimeoutError):
-                await asyncio.wait_for(part.stop() if part is not self.admin else part.close(),
-                                       0.5)
-        with contextlib.suppress(Exception, TimeoutError):
-            await asyncio.wait_for(self.client.close(), 0.5)
+        for part in (self.bus, self.reader, self.producer, self.admin, self.client):
+            closing = part.close() if part in (self.admin, self.client) else part.stop()
+            try:
+                await asyncio.wait_for(closing, 0.5)
+            except asyncio.CancelledError:
+                # aiokafka lets the CancelledError of its own tasks out of stop():
+                # swallowed, unless this task itself is being cancelled
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+            except Exception:  # broken already: nothing more to release
+                pass
 
     # -- topics -----------------------------------------------------------------------
 
