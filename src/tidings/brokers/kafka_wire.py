@@ -204,14 +204,15 @@ class ChannelOrder:
         if not cur.filling:
             return
         cur.filling = False
-        for pub in sorted(pubs, key=lambda p: p.offset):
-            if pub.offset == cur.last + 1:
-                cur.last = pub.offset
-                self._deliver(pub)
-                self._drain(cur)
-        if cur.last < cur.fill_to:  # the topic no longer has that part: go on after it
-            cur.last = cur.fill_to
-            self._drain(cur)
+        for pub in pubs:
+            if pub.offset > cur.last:
+                cur.held.setdefault(pub.offset, pub)
+        while cur.last < cur.fill_to:  # what the topic no longer has is skipped
+            cur.last += 1
+            found = cur.held.pop(cur.last, None)
+            if found is not None:
+                self._deliver(found)
+        self._drain(cur)
         if cur.held and not cur.waiting:  # another gap, further on
             cur.waiting = True
             self._wait(channel)
