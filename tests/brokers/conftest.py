@@ -465,7 +465,8 @@ class TansuServer:
 
     @property
     def url(self) -> str:
-        return f"kafka://127.0.0.1:{self.port}"
+        # tansu answers a fetch when its wait is over, not when data comes: keep it short
+        return f"kafka://127.0.0.1:{self.port}?fetch_wait=10"
 
     def start(self) -> None:
         listener = f"tcp://127.0.0.1:{self.port}"
@@ -542,7 +543,7 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., H
     elif kind == "postgres":
         url = await postgres_url()
     elif kind == "kafka":
-        url = request.getfixturevalue("tansu").url + f"?prefix=t{uuid.uuid4().hex[:8]}"
+        url = with_prefix(request.getfixturevalue("tansu").url, f"t{uuid.uuid4().hex[:8]}")
     elif kind == "nats":
         if not nats_ping(NATS_URL):
             unavailable(f"no NATS with JetStream at {NATS_URL}")

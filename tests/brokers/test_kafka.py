@@ -34,7 +34,7 @@ ODD = ["a.b", "a_b", "a_5Fb", "x/%", "ü/日本/語", "sp ace/tab\there", "$sys/
 
 @pytest.fixture
 async def nodes(tansu: TansuServer) -> AsyncIterator[Any]:
-    url = f"{tansu.url}?prefix=t{uuid.uuid4().hex[:8]}"
+    url = f"{tansu.url}&prefix=t{uuid.uuid4().hex[:8]}"
     hubs: list[Hub] = []
 
     async def make(**options: Any) -> Hub:
@@ -182,7 +182,7 @@ async def test_tansu_killed_and_restarted(caplog: pytest.LogCaptureFixture) -> N
     caplog.set_level(logging.WARNING, logger="tidings.hub")
     server = TansuServer()
     try:
-        url = f"{server.url}?prefix=f&ping=0.3"
+        url = f"{server.url}&prefix=f&ping=0.3"
         h1, h2 = Hub(url), Hub(url)
         async with running(h1) as base1, running(h2) as base2, native(base1) as client:
             await client.request({"type": "subscribe", "channel": "live/+"})

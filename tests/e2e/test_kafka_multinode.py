@@ -19,7 +19,7 @@ from tests.support import NativeClient, apost, native, serve_process
 def kafka_url() -> Iterator[str]:
     server = TansuServer()
     try:
-        yield f"{server.url}?prefix=e2e{uuid.uuid4().hex[:8]}"
+        yield f"{server.url}&prefix=e2e{uuid.uuid4().hex[:8]}"
     finally:
         server.stop()
 

@@ -98,7 +98,7 @@ class KafkaBroker:
         self.timeout = float(query.get("timeout", "5"))
         self.ping_every = float(query.get("ping", "1"))
         self.gap_wait = float(query.get("gap_wait", "0.05"))
-        self.fetch_wait_ms = int(query.get("fetch_wait", "10"))
+        self.fetch_wait_ms = int(query.get("fetch_wait", "100"))
         self.retention = float(query.get("retention", str(7 * 86400)))
         self.replicas = int(query.get("replicas", "1"))
         self.bus_topic = f"{self.prefix}.bus"
