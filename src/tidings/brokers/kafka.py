@@ -1,7 +1,7 @@
 """``kafka://``: publications over Kafka (or a Kafka-protocol server: tansu).
 
 URL: ``kafka://host:9092[,host2:9092]?prefix=tidings&retention=604800&replicas=1``
-(also ``fetch_wait`` ms, ``gap_wait`` s, ``timeout`` s, ``ping`` s).
+(also ``bus_retention`` s, ``fetch_wait`` ms, ``gap_wait`` s, ``timeout`` s, ``ping`` s).
 
 Design (docs/brokers-kafka.md has the long version and the reasons):
 
@@ -100,6 +100,8 @@ class KafkaBroker:
         self.gap_wait = float(query.get("gap_wait", "0.05"))
         self.fetch_wait_ms = int(query.get("fetch_wait", "100"))
         self.retention = float(query.get("retention", str(7 * 86400)))
+        # the bus only has to hold what a node has not read yet
+        self.bus_retention = float(query.get("bus_retention", "3600"))
         self.replicas = int(query.get("replicas", "1"))
         self.bus_topic = f"{self.prefix}.bus"
         self._node = ""
@@ -147,7 +149,8 @@ class KafkaBroker:
         link = KafkaLink(self._settings())
         try:
             await link.start()
-            self._bus_id = await link.ensure(self.bus_topic)
+            self._bus_id = await link.ensure(self.bus_topic,
+                                             retention_ms=int(self.bus_retention * 1000))
             tp = TopicPartition(self.bus_topic, 0)
             link.bus.assign([tp])
             await asyncio.wait_for(link.bus.seek_to_end(tp), self.timeout)

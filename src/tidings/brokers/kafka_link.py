@@ -173,12 +173,14 @@ class KafkaLink:
                 raise BrokerUnavailable(f"Kafka metadata of {name!r}: error {error}")
         return out
 
-    async def ensure(self, topic: str) -> str:
-        """The id of ``topic``, which is created (one partition) if missing."""
+    async def ensure(self, topic: str, *, retention_ms: int | None = None) -> str:
+        """The id of ``topic``, which is created (one partition; ``retention_ms``,
+        by default the channel topics' retention) if missing."""
         ids = await self.topic_ids([topic])
         if topic in ids:
             return ids[topic]
-        configs = {"retention.ms": str(self.settings.retention_ms)}
+        retention = self.settings.retention_ms if retention_ms is None else retention_ms
+        configs = {"retention.ms": str(retention)}
         reply = await asyncio.wait_for(self.admin.create_topics(
             [NewTopic(topic, 1, self.settings.replicas, topic_configs=configs)]),
             self.settings.timeout)
