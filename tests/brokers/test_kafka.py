@@ -194,6 +194,10 @@ async def test_tansu_killed_and_restarted(caplog: pytest.LogCaptureFixture) -> N
             server.kill()
             await wait_health(base1, 503, within=10)
             await wait_health(base2, 503, within=10)
+            for call in (h1.broker.publish("live/1", "x"), h1.broker.history("live/1"),
+                         h2.broker.position("live/1"), h2.broker.send_all(b"x")):
+                with pytest.raises(BrokerUnavailable):  # every call, and nothing else
+                    await call
             status, _ = await apost(base1, "publish", {"channel": "live/1", "data": "local"})
             assert status == 200  # local delivery goes on during the outage
             assert (await client.next("publication"))["data"] == "local"
