@@ -9,6 +9,7 @@ import pytest
 
 from tidings.brokers.kafka_wire import (
     ChannelOrder,
+    bus_channel,
     bus_publication,
     node_record,
     parse_bus_publication,
@@ -44,7 +45,9 @@ class Harness:
 
 def test_bus_records_round_trip() -> None:
     record = encode_publication("a/b\x1fc", {"x": 1}, None, "sender.1", 1234)
-    got = parse_bus_publication(bus_publication(42, "0123abcd", record))
+    body = bus_publication(42, "0123abcd", record)
+    assert bus_channel(body) == "a/b\x1fc"
+    got = parse_bus_publication(body)
     assert (got.channel, got.data, got.offset, got.epoch, got.sender, got.ts) == (
         "a/b\x1fc", {"x": 1}, 42, "0123abcd", "sender.1", 1234)
     raw = parse_bus_publication(bus_publication(1, "e", encode_publication("c", b"\x1f\x00", None,

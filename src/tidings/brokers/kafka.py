@@ -58,6 +58,7 @@ from tidings.brokers.kafka_history import epoch_of_id, publications_of, read_his
 from tidings.brokers.kafka_link import KafkaLink, KafkaSettings
 from tidings.brokers.kafka_wire import (
     ChannelOrder,
+    bus_channel,
     bus_publication,
     channel_topic,
     node_record,
@@ -161,9 +162,8 @@ class KafkaBroker:
         self._epochs.clear()
         self._order.clear()
         self._link = link
-        assert self._loop is not None
-        self._reader = self._loop.create_task(self._read_bus(link),
-                                              name=f"tidings-kafka-bus-{self._node}")
+        self._reader = self._running().create_task(self._read_bus(link),
+                                                   name=f"tidings-kafka-bus-{self._node}")
 
     async def _drop_link(self) -> None:
         link, self._link = self._link, None
@@ -262,9 +262,14 @@ class KafkaBroker:
             self._lost.set()
         return BrokerUnavailable(f"{what} failed: {exc!r}")
 
+    def _running(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("the Kafka broker is not connected")
+        return loop
+
     def _spawn(self, coro: Any) -> None:
-        assert self._loop is not None
-        task = self._loop.create_task(coro)
+        task = self._running().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -291,9 +296,8 @@ class KafkaBroker:
         try:
             kind = body[:1]
             if kind == b"O":
-                pub = parse_bus_publication(body)
-                if self._wanted(pub.channel):
-                    self._order.offer(pub)
+                if self._wanted(bus_channel(body)):
+                    self._order.offer(parse_bus_publication(body))
             elif kind == b"E":
                 channel, frame = parse_event(body)
                 if self._wanted(channel):
@@ -314,8 +318,7 @@ class KafkaBroker:
             self._handler.on_publication(pub)
 
     def _wait_gap(self, channel: str) -> None:
-        assert self._loop is not None
-        self._loop.call_later(self.gap_wait, self._order.waited, channel)
+        self._running().call_later(self.gap_wait, self._order.waited, channel)
 
     def _fill_gap(self, channel: str, epoch: str, first: int, last: int) -> None:
         self._spawn(self._fill(channel, epoch, first, last))

@@ -39,6 +39,7 @@ from tidings.types import Publication
 __all__ = [
     "MAX_TOPIC",
     "ChannelOrder",
+    "bus_channel",
     "bus_publication",
     "channel_topic",
     "node_record",
@@ -86,6 +87,17 @@ def parse_bus_publication(body: bytes) -> Publication:
     pub.offset = int(body[1:offset_end])
     pub.epoch = body[offset_end + 1:epoch_end].decode()
     return pub
+
+
+def bus_channel(body: bytes) -> str:
+    """The channel of an ``O`` bus record, without decoding its data (every
+    node reads every record: most are not for it)."""
+    start = body.index(SEP, body.index(SEP) + 1) + 1  # the ``P`` record
+    ts_end = body.index(SEP, start)
+    sender_end = body.index(SEP, ts_end + 1)
+    channel_end = body.index(SEP, sender_end + 1)
+    first = channel_end + 1 + int(body[ts_end + 1:sender_end])
+    return body[first:first + int(body[sender_end + 1:channel_end])].decode()
 
 
 def node_record(node: str, payload: bytes) -> bytes:
