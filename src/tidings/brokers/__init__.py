@@ -57,6 +57,7 @@ _BACKENDS: dict[str, tuple[str, str, str]] = {
     "postgres": ("tidings.brokers.postgres", "PostgresBroker", "postgres"),
     "nats": ("tidings.brokers.nats.broker", "NatsBroker", "nats"),
     "nats+tls": ("tidings.brokers.nats.broker", "NatsBroker", "nats"),
+    "kafka": ("tidings.brokers.kafka.broker", "KafkaBroker", "kafka"),
 }
 
 

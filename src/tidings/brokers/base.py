@@ -17,8 +17,10 @@ exactly on receipt with :func:`tidings.protocol.pattern_matches`:
   filtering on receipt;
 - NATS: ``/`` -> ``.``, ``+`` -> ``*``, ``#`` -> ``>`` (plus the parent subject);
 - AMQP topic exchanges: ``+`` -> ``*``, ``#`` -> ``#``;
-- MQTT: native.
-None of them needs a firehose subscription to serve a pattern.
+- MQTT: native;
+- Kafka: none (no wildcard subscription of this kind): every node reads the
+  one bus topic and filters, at the cost of reading every publication.
+No other needs a firehose subscription to serve a pattern.
 
 Contracts every backend keeps:
 
