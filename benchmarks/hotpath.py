@@ -9,9 +9,14 @@ kernel: ``epoll_wait``, ``recv`` and ``send``, which ``benchmarks.compare``
 measures with everything else.
 
     python -m benchmarks.hotpath [--subscribers 1] [--burst 20] [--seconds 3] [--native]
+                                 [--count N]
 
 Use it to compare changes of the hot path (and under ``py-spy`` or callgrind
 to see where the time goes); it prints µs per publication and per delivery.
+``--count N`` publishes exactly N frames (rounded up to whole rounds of 64
+reads) instead of running for ``--seconds``: under ``valgrind --tool=callgrind``
+two counts give the instructions per publication by difference, a figure that
+does not depend on what else the machine runs.
 """
 
 from __future__ import annotations
@@ -94,7 +99,7 @@ async def _open(server: LeanServer, path: str) -> tuple[Peer, CountingTransport]
 
 
 async def measure(subscribers: int, burst: int, seconds: float,
-                  native: bool = False) -> dict[str, float]:
+                  native: bool = False, count: int = 0) -> dict[str, float]:
     hub = Hub("memory://")
     server = LeanServer(create_app(hub), ws_routes=websocket_routes(hub),
                         max_size=hub.limits.frame_hard, ping_interval=None)
@@ -128,7 +133,7 @@ async def measure(subscribers: int, burst: int, seconds: float,
     published = 0
     cpu0, t0 = time.process_time(), time.perf_counter()
     deadline = t0 + seconds
-    while time.perf_counter() < deadline:
+    while (published < count) if count else (time.perf_counter() < deadline):
         for data in chunks:
             pub.data_received(data)
             await asyncio.sleep(0)  # the turn's end: flush
@@ -148,12 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subscribers", type=int, default=1)
     parser.add_argument("--burst", type=int, default=20, help="frames per read")
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--count", type=int, default=0,
+                        help="publish this many frames instead of running for --seconds")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
     parser.add_argument("--native", action="store_true",
                         help="publish with native ``publish`` commands on /ws (each "
                              "answered) instead of a raw /ws/pub producer")
     opts = parser.parse_args(argv)
-    coro = measure(opts.subscribers, opts.burst, opts.seconds, opts.native)
+    coro = measure(opts.subscribers, opts.burst, opts.seconds, opts.native, opts.count)
     if opts.loop == "uvloop":
         import uvloop
 

@@ -2,9 +2,10 @@
 
 Delivery never awaits: the hub appends an already-encoded frame (the same
 object for every subscriber of a publication) to each connection's outbox
-and returns. With a direct transport (see :class:`DirectTransport`) the
-outbox goes out in one write at the end of the event-loop turn; otherwise one
-writer task per connection drains it into the ASGI ``send``. When the outbox
+and returns. With a direct transport (see :class:`DirectTransport`) a lone
+frame is written at once and the rest of a turn's frames in one write at its
+end (:mod:`tidings.core.flush` has the policy); otherwise one writer task per
+connection drains the outbox into the ASGI ``send``. When the outbox
 passes its limits (frames or bytes) the policy applies: ``disconnect`` closes
 with 1013 so the client reconnects and recovers from history; ``drop``
 discards the oldest publications and tells the client with a ``lagged``
@@ -115,6 +116,7 @@ class Connection:
         "_violations",
         "_waiter",
         "_writer",
+        "_wrote",
         "codec",
         "conn_id",
         "expiry",
@@ -169,6 +171,7 @@ class Connection:
         self._floors: dict[str, int] = {}
         self._direct: DirectTransport | None = None
         self._dirty = False
+        self._wrote = -1  # the flusher's turn this connection was last written through in
         self._tokens = float(self.limits.burst or self.limits.rate or 0)
         self._tokens_at = 0.0
         self._violations = 0
@@ -211,12 +214,15 @@ class Connection:
         if payload is None:
             payload = codec.publication(pub)
         out = self._out
+        if not out and self._direct is not None and self._through():
+            self._write_through(payload)  # type: ignore[arg-type]  # framed: bytes
+            return
         out.append(payload)
         self._out_bytes += len(payload)
         limits = self.limits
         if len(out) > limits.outbox_size or self._out_bytes > limits.outbox_bytes:
             self._overflow()
-        self._wake()
+        self._wake_queued()
 
     def deliver_many(self, pubs: Sequence[Publication]) -> None:
         """Queue consecutive publications of one channel (``deliver`` each, with
@@ -232,24 +238,65 @@ class Connection:
         publication = codec.publication
         frames = [publication(pub) for pub in pubs]
         out = self._out
+        if not out and self._through():
+            self._write_through(b"".join(frames))  # type: ignore[arg-type]  # framed: bytes
+            return
         out.extend(frames)
         self._out_bytes += sum(map(len, frames))
         limits = self.limits
         if len(out) > limits.outbox_size or self._out_bytes > limits.outbox_bytes:
             self._overflow()
-        self._wake()
+        self._wake_queued()
 
     def _wake(self) -> None:
-        """Get the queued frames written: by the writer task, or (direct) at the
-        end of this event-loop turn, together with anything else queued meanwhile."""
+        """Get the queued frames written: by the writer task, or (direct) now if
+        the flusher's policy says so, else at the end of this event-loop turn
+        together with anything else queued meanwhile."""
         if self._direct is not None:
             if not self._dirty:
+                if len(self._out) == 1 and self._through():
+                    self._write_through(None)
+                    return
                 self._dirty = True
-                self.hub.schedule_flush(self)
+                self.hub.flusher.schedule(self)
             return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _wake_queued(self) -> None:
+        """:meth:`_wake` for a publication that could not be written through."""
+        if self._direct is not None:
+            if not self._dirty:
+                self._dirty = True
+                self.hub.flusher.schedule(self)
+            return
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _through(self) -> bool:
+        """Direct mode: may a frame be written at once? (in a scope that writes
+        through, not written to yet in this turn, nothing to announce first, the
+        socket taking data)"""
+        flusher = self.hub.flusher
+        if not flusher.through or self._wrote == flusher.turn or self._lagged:
+            return False
+        direct = self._direct
+        return direct is not None and direct.can_write
+
+    def _write_through(self, frames: bytes | None) -> None:
+        """Write ``frames`` (or, None, the outbox) now; later frames of this turn
+        are queued for its end."""
+        self._wrote = self.hub.flusher.turn
+        try:
+            if frames is None:
+                self.flush()
+            else:
+                self._direct.write_frames(frames)  # type: ignore[union-attr]
+        except Exception:  # a broken socket: the fan-out goes on to the others
+            log.exception("write to %s failed", self.conn_id)
+            self.abort()
 
     def hold(self) -> None:
         """Buffer publications (while a subscribe reply is being prepared)."""

@@ -28,6 +28,7 @@ from tidings.core.permissions import check, check_now
 from tidings.core.queue import Consumer, QueueItem
 from tidings.endpoints.gate import refresh
 from tidings.endpoints.session import (
+    DIRECT,
     MAX_PIPELINED,
     InFlight,
     WebSocketSession,
@@ -57,17 +58,19 @@ from tidings.protocol.native import (
     encode_error,
     encode_item,
     encode_pong,
+    encode_position_reply,
     encode_reply,
     encode_welcome,
     peek_id,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
+    from collections.abc import Awaitable, Callable
 
     from tidings.core.hub import HubCore
 
-__all__ = ["NativeEndpoint", "handle_command", "send_error", "serve_native", "welcome_frame"]
+__all__ = ["NativeEndpoint", "handle_command", "inline_publishes", "send_error", "serve_native",
+           "welcome_frame"]
 
 log = logging.getLogger("tidings.endpoints.native")
 
@@ -76,8 +79,14 @@ def welcome_frame(hub: HubCore, conn: Connection) -> str:
     return encode_welcome(conn.conn_id, hub.node, __version__, conn.user).decode()
 
 
-async def serve_native(hub: HubCore, conn: Connection, receive: Receive) -> None:
-    """Run the native protocol on ``conn`` until the client goes away."""
+async def serve_native(hub: HubCore, conn: Connection, receive: Receive,
+                       direct: Any = None) -> None:
+    """Run the native protocol on ``conn`` until the client goes away.
+
+    ``direct``: the server's ``tidings.direct`` extension; if it can hand over
+    frames from its read callback (``on_messages``), publishes on an in-process
+    broker are handled right there (:func:`inline_publishes`).
+    """
     limits = hub.limits
     loop = asyncio.get_running_loop()
     # With a remote broker, a run of publishes is pipelined: the next one starts
@@ -87,6 +96,11 @@ async def serve_native(hub: HubCore, conn: Connection, receive: Receive) -> None
     nowait = hub.can_publish_nowait  # in-process broker: a publish never waits
     inflight: InFlight | None = None  # made on first use: idle sockets are many
     idle = limits.idle_timeout
+    if (nowait and hub.can_publish is None and not idle and limits.rate is None
+            and direct is not None and hasattr(direct, "on_messages")):
+        # no task step per publish: the reader publishes and answers (order holds:
+        # the server hands frames over only while this loop waits with none queued)
+        direct.on_messages = inline_publishes(hub, conn)
     while not conn.closed:
         if idle:
             maybe = await receive_message(receive, conn, idle)
@@ -137,6 +151,44 @@ async def serve_native(hub: HubCore, conn: Connection, receive: Receive) -> None
         await handle_command(hub, conn, cmd)
 
 
+def inline_publishes(hub: HubCore, conn: Connection) -> Callable[[list[str | bytes]], int]:
+    """The ``on_messages`` handler of a native connection (in-process broker, no
+    ``can_publish`` hook, no rate or idle limit): it takes the frames of one read
+    up to the first that is not a ``publish`` (which, with the rest, goes to
+    ``serve_native``'s loop), as the loop would handle them, in one scope of the
+    write policy (:mod:`tidings.core.flush`): each publication and its reply go
+    out in the turn the frame was read in."""
+    limits = hub.limits
+    flusher = hub.flusher
+
+    def take(frames: list[str | bytes]) -> int:
+        flusher.enter()
+        try:
+            for i, data in enumerate(frames):
+                if conn.closed:
+                    break
+                if not frame_guard(hub, conn, data):
+                    break  # closing with 1009
+                if len(data) > limits.frame_soft:
+                    send_error(hub, conn, peek_id(data), ErrorCode.TOO_LARGE,
+                               f"frame larger than {limits.frame_soft} bytes")
+                    continue
+                try:
+                    cmd = decode_command(data, max_depth=limits.max_depth,
+                                         max_name=limits.max_name)
+                except ProtocolError as exc:
+                    send_error(hub, conn, exc.id, exc.code, exc.message)
+                    continue
+                if not isinstance(cmd, Publish):
+                    return i  # this one and the rest: for the loop
+                _publish_now(hub, conn, cmd)
+            return len(frames)
+        finally:
+            flusher.leave()
+
+    return take
+
+
 def _publish_now(hub: HubCore, conn: Connection, cmd: Publish) -> None:
     """A native ``publish`` on an in-process broker with no hook to await: what
     ``handle_command`` does, without its coroutines."""
@@ -150,7 +202,7 @@ def _publish_now(hub: HubCore, conn: Connection, cmd: Publish) -> None:
         log.exception("node %s: publish from %s failed", hub.node, conn.conn_id)
         send_error(hub, conn, cmd.id, ErrorCode.INTERNAL, "internal error")
         return
-    conn.send_frame(encode_reply(cmd.id, {"offset": pub.offset, "epoch": pub.epoch}).decode())
+    conn.send_frame(encode_position_reply(cmd.id, pub.offset, pub.epoch).decode())
 
 
 def _publish_soon(hub: HubCore, conn: Connection, cmd: Publish, inflight: InFlight) -> None:
@@ -195,7 +247,7 @@ class NativeEndpoint(WebSocketSession):
         if scope.get("tidings.connect_id") is not None:  # answer a first-frame ``connect``
             conn.send_frame(encode_reply(scope["tidings.connect_id"],
                                          {"conn_id": conn.conn_id, "user": conn.user}).decode())
-        return serve_native(self.hub, conn, receive)
+        return serve_native(self.hub, conn, receive, scope.get("extensions", {}).get(DIRECT))
 
 
 

@@ -1,0 +1,189 @@
+"""The per-message path over real sockets (tidings.core.flush): a lone frame
+reaches the subscribers' sockets from the producer's read callback, bursts
+still arrive whole and in order, and the bytes are what ``websockets`` sends."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+import websockets
+from websockets.frames import Frame, Opcode
+
+from tests.e2e.test_lean_server import raw, upgraded
+from tests.support import DIRECT_WS, LEAN, TIMEOUT, native, running, ws_url
+from tidings import Hub
+from tidings.server.peer import Peer
+from tidings.server.wsproto import DirectWSProtocol
+from tidings.types import Publication
+
+SERVERS = pytest.mark.parametrize("ws", [LEAN, DIRECT_WS], ids=["lean", "direct"])
+PRODUCERS = pytest.mark.parametrize("producer", ["raw", "native"])
+
+
+def publish_frame(producer: str, channel: str, value: Any, rid: int) -> bytes:
+    """What a producer sends for ``value``: the raw stream's JSON, or a native publish."""
+    if producer == "raw":
+        return orjson.dumps(value)
+    return orjson.dumps({"type": "publish", "id": rid, "channel": channel, "data": value})
+
+
+def producer_path(producer: str, channel: str) -> str:
+    return f"/ws/pub/{channel}" if producer == "raw" else "/ws"
+
+
+def expected_bytes(pubs: list[Publication]) -> bytes:
+    """The publications as the ``websockets`` library would frame the native
+    protocol's envelope (encoded here from a dict, not by tidings' template)."""
+    out = []
+    for p in pubs:
+        frame = {"type": "publication", "channel": p.channel, "data": p.data,
+                 "offset": p.offset, "epoch": p.epoch, "ts": p.ts}
+        if p.sender is not None:
+            frame["sender"] = p.sender
+        out.append(Frame(Opcode.TEXT, orjson.dumps(frame)).serialize(mask=False))
+    return b"".join(out)
+
+
+@SERVERS
+@PRODUCERS
+async def test_a_lone_frame_is_written_to_subscribers_from_the_read_callback(
+        ws: str, producer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No callback hop and no loop turn between reading a lone publication and
+    writing it to every subscriber (and, natively, writing its reply)."""
+    cls: Any = Peer if ws == LEAN else DirectWSProtocol
+    reading: list[object] = []  # the protocol whose read callback is running
+    writes: list[tuple[bool, bytes]] = []  # (inside a read callback, frames)
+    read, write = cls.data_received, cls.write_frames
+
+    def data_received(self: Any, data: bytes) -> None:
+        reading.append(self)
+        try:
+            read(self, data)
+        finally:
+            reading.pop()
+
+    def write_frames(self: Any, data: bytes) -> None:
+        writes.append((bool(reading), data))
+        write(self, data)
+
+    monkeypatch.setattr(cls, "data_received", data_received)
+    monkeypatch.setattr(cls, "write_frames", write_frames)
+    hub = Hub()
+    async with running(hub, ws=ws) as base, native(base) as a, native(base) as b:
+        for sub in (a, b):
+            assert (await sub.request({"type": "subscribe", "channel": "lone"}))["type"] == "reply"
+        async with websockets.connect(ws_url(base, producer_path(producer, "lone"))) as pub:
+            if producer == "native":
+                await pub.recv()  # welcome
+            writes.clear()
+            for i in range(5):  # one at a time: each is alone on an idle loop
+                await pub.send(publish_frame(producer, "lone", {"i": i}, i).decode())
+                for sub in (a, b):
+                    assert (await sub.next("publication"))["data"] == {"i": i}
+                if producer == "native":
+                    assert orjson.loads(await asyncio.wait_for(pub.recv(), TIMEOUT))["id"] == i
+    published = [inside for inside, data in writes if b'"type":"publication"' in data]
+    assert published == [True] * 10
+    if producer == "native":
+        replies = [inside for inside, data in writes if b'"type":"reply"' in data]
+        assert replies == [True] * 5
+
+
+class Subscriber:
+    """A native subscriber on a bare socket: keeps every byte the server sends."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.data = b""
+
+    async def subscribe(self, channel: str) -> None:
+        await upgraded(self.client)
+        await self.until(lambda d: b'"type":"welcome"' in d)
+        request = orjson.dumps({"type": "subscribe", "id": 1, "channel": channel})
+        self.client.writer.write(Frame(Opcode.TEXT, request).serialize(mask=True))
+        await self.until(lambda d: b'"type":"reply"' in d)
+        self.data = b""
+
+    async def until(self, done: Callable[[bytes], bool]) -> None:
+        async def read() -> None:
+            while not done(self.data):
+                chunk = await self.client.reader.read(1 << 16)
+                assert chunk, "the server closed the socket"
+                self.data += chunk
+
+        await asyncio.wait_for(read(), TIMEOUT)
+
+
+@SERVERS
+@PRODUCERS
+async def test_lone_burst_lone_arrive_in_order_as_websockets_would_frame_them(
+        ws: str, producer: str) -> None:
+    """A lone frame (written at once), a burst in one write (queued behind the
+    first of its turn), another lone frame, and one above 64 KiB (raw) or 125
+    bytes: every subscriber gets them in order, byte for byte the frames the
+    ``websockets`` library builds of the same envelopes."""
+    hub = Hub()
+    big = "x" * (70_000 if producer == "raw" else 2_000)
+    async with running(hub, ws=ws) as base, raw(base) as c1, raw(base) as c2:
+        subs = [Subscriber(c1), Subscriber(c2)]
+        for sub in subs:
+            await sub.subscribe("o")
+        async with raw(base, producer_path(producer, "o")) as pub:
+            await upgraded(pub)
+
+            def send(values: list[Any], first: int) -> None:
+                pub.writer.write(b"".join(
+                    Frame(Opcode.TEXT, publish_frame(producer, "o", v, first + k)).serialize(
+                        mask=True) for k, v in enumerate(values)))
+
+            async def arrived(count: int) -> None:
+                for sub in subs:
+                    await sub.until(lambda d: d.count(b'"type":"publication"') >= count)
+
+            send([{"lone": 1}], 0)
+            await arrived(1)
+            send([{"burst": i} for i in range(20)], 1)
+            await arrived(21)
+            send([{"lone": 2}, {"big": big}], 21)
+            await arrived(23)
+        page = await hub.history("o", limit=100)
+        assert [p.offset for p in page.publications] == list(range(1, 24))
+        expected = expected_bytes(page.publications)
+        for sub in subs:  # the big frame may still be on its way
+            await sub.until(lambda d: len(d) >= len(expected))
+            assert sub.data == expected
+
+
+@SERVERS
+async def test_native_publishes_then_a_close_in_one_read_lose_nothing(ws: str) -> None:
+    """100 publishes and a close frame in one read: all are published in order,
+    every reply is written before the close is echoed."""
+    hub = Hub()
+    async with running(hub, ws=ws) as base, native(base) as sub:
+        assert (await sub.request({"type": "subscribe", "channel": "c"}))["type"] == "reply"
+        async with raw(base, "/ws") as client:
+            await upgraded(client)
+            frames = [Frame(Opcode.TEXT, publish_frame("native", "c", i, i)) for i in range(100)]
+            frames.append(Frame(Opcode.CLOSE, (1000).to_bytes(2, "big")))
+            client.writer.write(b"".join(f.serialize(mask=True) for f in frames))
+            data = await asyncio.wait_for(client.reader.read(), TIMEOUT)
+        seen = [(await sub.next("publication"))["data"] for _ in range(100)]
+    assert seen == list(range(100))
+    replies = [orjson.loads(line) for line in _texts(data)]
+    assert [r["id"] for r in replies if r["type"] == "reply"] == list(range(100))
+    assert data.endswith(b"\x88\x02\x03\xe8")  # the close echoed, after every reply
+
+
+def _texts(data: bytes) -> list[bytes]:
+    """The text frames of an unmasked server stream (short frames)."""
+    out, pos = [], 0
+    while pos + 2 <= len(data):
+        op, length = data[pos] & 0x0F, data[pos + 1] & 0x7F
+        if op == 0x1:
+            out.append(data[pos + 2:pos + 2 + length])
+        pos += 2 + length
+    return out
