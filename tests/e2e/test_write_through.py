@@ -179,11 +179,51 @@ async def test_native_publishes_then_a_close_in_one_read_lose_nothing(ws: str) -
 
 
 def _texts(data: bytes) -> list[bytes]:
-    """The text frames of an unmasked server stream (short frames)."""
+    """The whole text frames of an unmasked server stream (below 64 KiB)."""
     out, pos = [], 0
     while pos + 2 <= len(data):
-        op, length = data[pos] & 0x0F, data[pos + 1] & 0x7F
+        op, length, head = data[pos] & 0x0F, data[pos + 1] & 0x7F, 2
+        if length == 126:
+            length, head = int.from_bytes(data[pos + 2:pos + 4], "big"), 4
+        if pos + head + length > len(data):
+            break
         if op == 0x1:
-            out.append(data[pos + 2:pos + 2 + length])
-        pos += 2 + length
+            out.append(data[pos + head:pos + head + length])
+        pos += head + length
     return out
+
+
+@SERVERS
+async def test_native_frames_read_together_are_answered_in_order(ws: str) -> None:
+    """Publishes read together (batched per channel), a refused one, a bad frame
+    and a ping between them: every answer in the order of the frames, each
+    channel's publications in order at consecutive offsets."""
+    hub = Hub()
+    async with running(hub, ws=ws) as base, native(base) as sub:
+        for channel in ("a", "b"):
+            assert (await sub.request({"type": "subscribe", "channel": channel}))["type"] == "reply"
+        async with raw(base, "/ws") as client:
+            await upgraded(client)
+            frames = [publish_frame("native", "a", 0, 0), publish_frame("native", "a", 1, 1),
+                      publish_frame("native", "b", 2, 2), publish_frame("native", "$x", 3, 3),
+                      publish_frame("native", "a", 4, 4), b"not json",
+                      b'{"type":"ping","id":6}', publish_frame("native", "a", 7, 7),
+                      publish_frame("native", "a", 8, 8)]
+            client.writer.write(b"".join(Frame(Opcode.TEXT, f).serialize(mask=True)
+                                         for f in frames))
+            answers: list[dict[str, Any]] = []
+            data = b""
+            while len(answers) < 10:  # the welcome and nine answers
+                data += await asyncio.wait_for(client.reader.read(1 << 16), TIMEOUT)
+                answers = [orjson.loads(t) for t in _texts(data)]
+        seen = [await sub.next("publication") for _ in range(6)]
+    kinds = [(a["type"], a.get("id"), a.get("code")) for a in answers[1:]]
+    assert kinds == [("reply", 0, None), ("reply", 1, None), ("reply", 2, None),
+                     ("error", 3, "forbidden"), ("reply", 4, None),
+                     ("error", None, "bad_request"), ("pong", 6, None), ("reply", 7, None),
+                     ("reply", 8, None)]
+    on_a = [(p["data"], p["offset"]) for p in seen if p["channel"] == "a"]
+    assert on_a == [(0, 1), (1, 2), (4, 3), (7, 4), (8, 5)]
+    assert [p["data"] for p in seen if p["channel"] == "b"] == [2]
+    assert [a["result"]["offset"] for a in answers[1:] if a["type"] == "reply"] == [
+        1, 2, 1, 3, 4, 5]

@@ -34,16 +34,14 @@ _CACHE_MAX = 10_000  # channel -> its declaration, remembered for names seen bef
 class ChannelTypes:
     """The typed channels of one hub."""
 
-    __slots__ = ("_by_channel", "_rules")
+    __slots__ = ("_by_channel", "_rules", "active")
 
     def __init__(self) -> None:
         self._rules: list[tuple[str, Any, Any]] = []  # (pattern, type, TypeAdapter)
         self._by_channel: dict[str, tuple[str, Any] | None] = {}
-
-    @property
-    def active(self) -> bool:
-        """True once a channel type is declared (else publishing skips the checks)."""
-        return bool(self._rules)
+        # True once a channel type is declared (else publishing skips the checks);
+        # an attribute, not a property: every publish reads it
+        self.active = False
 
     def declare(self, pattern: str, type_: Any, *, max_name: int = 1024) -> None:
         if pydantic is None:
@@ -51,6 +49,7 @@ class ChannelTypes:
         validate_pattern(pattern, max_name)
         self._rules.append((pattern, type_, pydantic.TypeAdapter(type_)))
         self._by_channel.clear()
+        self.active = True
 
     def declarations(self) -> list[tuple[str, Any]]:
         """(pattern, type) of every declaration, in order (for generated docs)."""

@@ -222,7 +222,7 @@ class Connection:
         limits = self.limits
         if len(out) > limits.outbox_size or self._out_bytes > limits.outbox_bytes:
             self._overflow()
-        self._wake_queued()
+        self._wake()
 
     def deliver_many(self, pubs: Sequence[Publication]) -> None:
         """Queue consecutive publications of one channel (``deliver`` each, with
@@ -246,26 +246,12 @@ class Connection:
         limits = self.limits
         if len(out) > limits.outbox_size or self._out_bytes > limits.outbox_bytes:
             self._overflow()
-        self._wake_queued()
+        self._wake()
 
     def _wake(self) -> None:
-        """Get the queued frames written: by the writer task, or (direct) now if
-        the flusher's policy says so, else at the end of this event-loop turn
-        together with anything else queued meanwhile."""
-        if self._direct is not None:
-            if not self._dirty:
-                if len(self._out) == 1 and self._through():
-                    self._write_through(None)
-                    return
-                self._dirty = True
-                self.hub.flusher.schedule(self)
-            return
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _wake_queued(self) -> None:
-        """:meth:`_wake` for a publication that could not be written through."""
+        """Get the queued frames written: by the writer task, or (direct) at the
+        end of this event-loop turn, together with anything else queued meanwhile
+        (a frame that could go at once did: see :meth:`_through`)."""
         if self._direct is not None:
             if not self._dirty:
                 self._dirty = True
@@ -285,18 +271,17 @@ class Connection:
         direct = self._direct
         return direct is not None and direct.can_write
 
-    def _write_through(self, frames: bytes | None) -> None:
-        """Write ``frames`` (or, None, the outbox) now; later frames of this turn
-        are queued for its end."""
+    def _write_through(self, frames: bytes) -> bool:
+        """Write ``frames`` now (later frames of this turn are queued for its end);
+        False if the socket broke."""
         self._wrote = self.hub.flusher.turn
         try:
-            if frames is None:
-                self.flush()
-            else:
-                self._direct.write_frames(frames)  # type: ignore[union-attr]
+            self._direct.write_frames(frames)  # type: ignore[union-attr]
         except Exception:  # a broken socket: the fan-out goes on to the others
             log.exception("write to %s failed", self.conn_id)
             self.abort()
+            return False
+        return True
 
     def hold(self) -> None:
         """Buffer publications (while a subscribe reply is being prepared)."""
@@ -361,6 +346,12 @@ class Connection:
     def send_frame(self, payload: str | bytes, on_sent: Callable[[], object] | None = None) -> None:
         """Queue a control frame (reply, error, message, item): never dropped."""
         if self._close is not None:
+            return
+        if not self._out and self._direct is not None and self._through():
+            frame = (encode_frame(payload.encode()) if isinstance(payload, str)
+                     else encode_frame(payload, OP_BINARY))
+            if self._write_through(frame) and on_sent is not None:
+                on_sent()
             return
         self._out.append(_Control(payload, on_sent) if on_sent is not None else _Control(payload))
         self._out_bytes += len(payload)

@@ -45,12 +45,16 @@ class FanOut:
         if not conns:
             return
         flusher = self.flusher
-        flusher.enter()
-        try:
+        if flusher.depth:  # inside a producer's read: its scope holds
             for conn in conns:  # each frame kind is encoded once, by the first that needs it
                 conn.deliver(pub)
-        finally:
-            flusher.leave()
+        else:
+            flusher.enter()
+            try:
+                for conn in conns:
+                    conn.deliver(pub)
+            finally:
+                flusher.leave()
         self.stats.deliveries += len(conns)
 
     def on_publications(self, pubs: Sequence[Publication]) -> None:
@@ -60,12 +64,16 @@ class FanOut:
         if not conns:
             return
         flusher = self.flusher
-        flusher.enter()
-        try:
+        if flusher.depth:
             for conn in conns:
                 conn.deliver_many(pubs)
-        finally:
-            flusher.leave()
+        else:
+            flusher.enter()
+            try:
+                for conn in conns:
+                    conn.deliver_many(pubs)
+            finally:
+                flusher.leave()
         self.stats.deliveries += len(conns) * len(pubs)
 
     def on_event(self, channel: str, frame: str) -> None:

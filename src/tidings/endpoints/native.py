@@ -51,10 +51,12 @@ from tidings.protocol.native import (
     Publish,
     Pull,
     Refresh,
+    RequestId,
     Send,
     Subscribe,
     Unsubscribe,
     decode_command,
+    decode_publish,
     encode_error,
     encode_item,
     encode_pong,
@@ -133,7 +135,7 @@ async def serve_native(hub: HubCore, conn: Connection, receive: Receive,
             send_error(hub, conn, exc.id, exc.code, exc.message)
             continue
         if nowait and isinstance(cmd, Publish) and hub.can_publish is None:
-            _publish_now(hub, conn, cmd)  # no coroutine, no task
+            _publish_now(hub, conn, cmd.id, cmd.channel, cmd.data)  # no coroutine, no task
             continue
         if pipelined and isinstance(cmd, Publish):
             if inflight is None:
@@ -154,55 +156,89 @@ async def serve_native(hub: HubCore, conn: Connection, receive: Receive,
 def inline_publishes(hub: HubCore, conn: Connection) -> Callable[[list[str | bytes]], int]:
     """The ``on_messages`` handler of a native connection (in-process broker, no
     ``can_publish`` hook, no rate or idle limit): it takes the frames of one read
-    up to the first that is not a ``publish`` (which, with the rest, goes to
-    ``serve_native``'s loop), as the loop would handle them, in one scope of the
-    write policy (:mod:`tidings.core.flush`): each publication and its reply go
-    out in the turn the frame was read in."""
+    up to the first that is not a well-formed ``publish`` (which, with the rest,
+    goes to ``serve_native``'s loop), in one scope of the write policy
+    (:mod:`tidings.core.flush`): each publication and its reply go out in the
+    turn the frame was read in. Consecutive publishes to one channel are
+    published as one batch (one fan-out, one write per subscriber), as a raw
+    producer's are."""
     limits = hub.limits
     flusher = hub.flusher
 
     def take(frames: list[str | bytes]) -> int:
         flusher.enter()
         try:
-            for i, data in enumerate(frames):
-                if conn.closed:
-                    break
-                if not frame_guard(hub, conn, data):
-                    break  # closing with 1009
-                if len(data) > limits.frame_soft:
-                    send_error(hub, conn, peek_id(data), ErrorCode.TOO_LARGE,
-                               f"frame larger than {limits.frame_soft} bytes")
-                    continue
-                try:
-                    cmd = decode_command(data, max_depth=limits.max_depth,
-                                         max_name=limits.max_name)
-                except ProtocolError as exc:
-                    send_error(hub, conn, exc.id, exc.code, exc.message)
-                    continue
-                if not isinstance(cmd, Publish):
-                    return i  # this one and the rest: for the loop
-                _publish_now(hub, conn, cmd)
-            return len(frames)
+            return handle(frames)
         finally:
             flusher.leave()
+
+    def handle(frames: list[str | bytes]) -> int:
+        run: list[tuple[RequestId, str, Any]] = []  # publishes to one channel in a row
+        taken = len(frames)
+        for i, data in enumerate(frames):
+            if conn.closed:
+                break
+            if not frame_guard(hub, conn, data):
+                break  # closing with 1009
+            cmd = (decode_publish(data, max_depth=limits.max_depth, max_name=limits.max_name)
+                   if len(data) <= limits.frame_soft else None)
+            if cmd is None:  # anything else, errors too: the loop answers it, in order
+                taken = i
+                break
+            if run and run[0][1] != cmd[1]:
+                publish_run(run)
+            run.append(cmd)
+        publish_run(run)
+        return taken
+
+    def publish_run(run: list[tuple[RequestId, str, Any]]) -> None:
+        if len(run) == 1 or (run and hub.channel_types.active):  # typed: each one answers
+            for rid, channel, data in run:
+                _publish_now(hub, conn, rid, channel, data)
+        elif run:
+            _publish_batch(hub, conn, run)
+        run.clear()
 
     return take
 
 
-def _publish_now(hub: HubCore, conn: Connection, cmd: Publish) -> None:
-    """A native ``publish`` on an in-process broker with no hook to await: what
-    ``handle_command`` does, without its coroutines."""
+def _publish_batch(hub: HubCore, conn: Connection, run: list[tuple[RequestId, str, Any]]
+                   ) -> None:
+    """Publishes to one channel read together: one batch (consecutive offsets),
+    each answered in order."""
+    channel = run[0][1]
     try:
-        check_now(hub, "publish", conn, cmd.channel)
-        pub = hub.publisher.publish_nowait(cmd.channel, cmd.data, sender=conn.conn_id)
+        check_now(hub, "publish", conn, channel)
+        pubs = hub.publisher.publish_many_nowait(channel, [(data, None) for _, _, data in run],
+                                                 sender=conn.conn_id)
     except ProtocolError as exc:
-        send_error(hub, conn, cmd.id, exc.code, exc.message)
+        for rid, _, _ in run:
+            send_error(hub, conn, rid, exc.code, exc.message)
         return
     except Exception:
         log.exception("node %s: publish from %s failed", hub.node, conn.conn_id)
-        send_error(hub, conn, cmd.id, ErrorCode.INTERNAL, "internal error")
+        for rid, _, _ in run:
+            send_error(hub, conn, rid, ErrorCode.INTERNAL, "internal error")
         return
-    conn.send_frame(encode_position_reply(cmd.id, pub.offset, pub.epoch).decode())
+    for (rid, _, _), pub in zip(run, pubs, strict=True):
+        conn.send_frame(encode_position_reply(rid, pub.offset, pub.epoch).decode())
+
+
+def _publish_now(hub: HubCore, conn: Connection, rid: RequestId, channel: str,
+                 data: Any) -> None:
+    """A native ``publish`` on an in-process broker with no hook to await: what
+    ``handle_command`` does, without its coroutines."""
+    try:
+        check_now(hub, "publish", conn, channel)
+        pub = hub.publisher.publish_nowait(channel, data, sender=conn.conn_id)
+    except ProtocolError as exc:
+        send_error(hub, conn, rid, exc.code, exc.message)
+        return
+    except Exception:
+        log.exception("node %s: publish from %s failed", hub.node, conn.conn_id)
+        send_error(hub, conn, rid, ErrorCode.INTERNAL, "internal error")
+        return
+    conn.send_frame(encode_position_reply(rid, pub.offset, pub.epoch).decode())
 
 
 def _publish_soon(hub: HubCore, conn: Connection, cmd: Publish, inflight: InFlight) -> None:

@@ -11,6 +11,8 @@ import asyncio
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from tidings.asgi import Receive, Scope
 from tidings.brokers.base import PublishOutcome
 from tidings.core.connection import Connection
@@ -63,8 +65,8 @@ def _raw_value(payload: str | bytes) -> tuple[Any, str | None]:
     if isinstance(payload, bytes):
         return payload, None
     try:
-        return loads(payload), payload
-    except ProtocolError:
+        return orjson.loads(payload), payload
+    except orjson.JSONDecodeError:
         return payload, None
 
 

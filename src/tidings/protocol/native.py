@@ -38,6 +38,7 @@ __all__ = [
     "Subscribe",
     "Unsubscribe",
     "decode_command",
+    "decode_publish",
     "dumps",
     "encode_error",
     "encode_item",
@@ -299,6 +300,33 @@ def peek_id(frame: str | bytes, window: int = 256) -> RequestId:
     except orjson.JSONDecodeError:
         return None
     return value if isinstance(value, (int, str)) else None
+
+
+def decode_publish(
+    frame: str | bytes, *, max_depth: int = MAX_DEPTH, max_name: int = 255
+) -> tuple[RequestId, str, Any] | None:
+    """A well-formed ``publish`` command as ``(id, channel, data)``, without
+    building a :class:`Publish` (a producer's hot path); None for any other frame,
+    valid or not: :func:`decode_command` says what it is. Never raises."""
+    try:
+        obj = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return None
+    if type(obj) is not dict or obj.get("type") != "publish" or "data" not in obj:
+        return None
+    rid = obj.get("id")
+    if rid is not None and type(rid) is not int and type(rid) is not str:
+        return None
+    channel = obj.get("channel")
+    if type(channel) is not str:
+        return None
+    if _brackets(frame) > max_depth and not _depth_ok(obj, max_depth):
+        return None
+    try:
+        validate_channel(channel, max_name)
+    except ProtocolError:
+        return None
+    return rid, channel, obj["data"]
 
 
 def decode_command(
