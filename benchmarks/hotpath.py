@@ -13,6 +13,10 @@ measures with everything else.
 
 Use it to compare changes of the hot path (and under ``py-spy`` or callgrind
 to see where the time goes); it prints µs per publication and per delivery.
+``--turns`` counts, on asyncio's loop, the loop iterations between a read
+(one burst of frames arriving on an idle loop) and the subscriber's first
+write, and the writes each subscriber gets for it: the latency a loop turn
+or a callback hop adds per message at low load, whatever the machine's speed.
 ``--count N`` publishes exactly N frames (rounded up to whole rounds of 64
 reads) instead of running for ``--seconds``: under ``valgrind --tool=callgrind``
 two counts give the instructions per publication by difference, a figure that
@@ -148,6 +152,67 @@ async def measure(subscribers: int, burst: int, seconds: float,
             "us_per_delivery": cpu / (published * subscribers) * 1e6}
 
 
+async def turns(burst: int, native: bool = False, rounds: int = 50) -> dict[str, float]:
+    """Loop iterations from a read to the subscriber's first write (asyncio's loop:
+    its selector is asked once per iteration), and writes per read."""
+    loop = asyncio.get_running_loop()
+    selector = loop._selector  # type: ignore[attr-defined]
+    select = selector.select
+    iteration = 0
+
+    def counting_select(timeout: float | None = None) -> Any:
+        nonlocal iteration
+        iteration += 1
+        return select(timeout)
+
+    selector.select = counting_select
+    hub = Hub("memory://")
+    server = LeanServer(create_app(hub), ws_routes=websocket_routes(hub),
+                        max_size=hub.limits.frame_hard, ping_interval=None)
+    server.loop = loop
+    await server.startup()
+    sub, transport = await _open(server, "/ws")
+    sub.data_received(client_frame(orjson.dumps(
+        {"type": "subscribe", "id": 1, "channel": "bench"})))
+    await _until(lambda: b'"type":"reply"' in transport.received, "a subscription")
+    transport.keep = False
+    pub, _ = await _open(server, "/ws" if native else "/ws/pub/bench")
+    at: list[int] = []  # the iteration of each write to the subscriber
+    write = transport.write
+
+    def recorded(data: bytes) -> None:
+        at.append(iteration)
+        write(data)
+
+    transport.write = recorded  # type: ignore[method-assign]
+    hops, writes = [], []
+    for n in range(-1, rounds):  # the first read warms up (the setup's turns are busy)
+        data = b"".join(client_frame(orjson.dumps(
+            {"type": "publish", "id": n, "channel": "bench", "data": k} if native else k))
+            for k in range(burst))
+        at.clear()
+        done = loop.create_future()
+        start = 0
+
+        def read(data: bytes = data) -> None:
+            nonlocal start
+            start = iteration
+            pub.data_received(data)
+
+        def check(done: asyncio.Future[None] = done) -> None:
+            if not done.done():
+                done.set_result(None)
+
+        loop.call_later(0.002, read)  # a read on an idle loop, as a lone frame arrives
+        loop.call_later(0.010, check)  # well after: every write of that read is done
+        await done
+        if n >= 0:
+            hops.append(at[0] - start)
+            writes.append(len(at))
+    return {"iterations": sum(hops) / rounds, "max_iterations": max(hops),
+            "writes": sum(writes) / rounds}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.hotpath", description=__doc__)
     parser.add_argument("--subscribers", type=int, default=1)
@@ -159,7 +224,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--native", action="store_true",
                         help="publish with native ``publish`` commands on /ws (each "
                              "answered) instead of a raw /ws/pub producer")
+    parser.add_argument("--turns", action="store_true",
+                        help="count loop iterations from a read to the subscriber's write "
+                             "(asyncio's loop)")
     opts = parser.parse_args(argv)
+    if opts.turns:
+        counted = asyncio.run(turns(opts.burst, opts.native))
+        print(f"{opts.burst} frame(s) per read ({'native publish' if opts.native else 'raw'}"
+              f"): {counted['iterations']:.2f} loop iterations from the read to the "
+              f"subscriber's first write (max {counted['max_iterations']}), "
+              f"{counted['writes']:.2f} writes per read")
+        return 0
     coro = measure(opts.subscribers, opts.burst, opts.seconds, opts.native, opts.count)
     if opts.loop == "uvloop":
         import uvloop
