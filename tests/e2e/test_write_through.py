@@ -57,7 +57,7 @@ async def test_a_lone_frame_is_written_to_subscribers_from_the_read_callback(
     cls: Any = Peer if ws == LEAN else DirectWSProtocol
     reading: list[object] = []  # the protocol whose read callback is running
     writes: list[tuple[bool, bytes]] = []  # (inside a read callback, frames)
-    read, write = cls.data_received, cls.write_frames
+    read = cls.data_received
 
     def data_received(self: Any, data: bytes) -> None:
         reading.append(self)
@@ -66,12 +66,13 @@ async def test_a_lone_frame_is_written_to_subscribers_from_the_read_callback(
         finally:
             reading.pop()
 
-    def write_frames(self: Any, data: bytes) -> None:
-        writes.append((bool(reading), data))
-        write(self, data)
+    def recording(write: Callable[[bytes], object]) -> Callable[[bytes], None]:
+        def write_frames(data: bytes) -> None:
+            writes.append((bool(reading), data))
+            write(data)
+        return write_frames
 
     monkeypatch.setattr(cls, "data_received", data_received)
-    monkeypatch.setattr(cls, "write_frames", write_frames)
     hub = Hub()
     async with running(hub, ws=ws) as base, native(base) as a, native(base) as b:
         for sub in (a, b):
@@ -79,6 +80,9 @@ async def test_a_lone_frame_is_written_to_subscribers_from_the_read_callback(
         async with websockets.connect(ws_url(base, producer_path(producer, "lone"))) as pub:
             if producer == "native":
                 await pub.recv()  # welcome
+            for conn in hub.connections.values():  # what the hub writes to each socket
+                direct: Any = conn._direct
+                direct.write_frames = recording(direct.write_frames)
             writes.clear()
             for i in range(5):  # one at a time: each is alone on an idle loop
                 await pub.send(publish_frame(producer, "lone", {"i": i}, i).decode())

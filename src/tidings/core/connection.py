@@ -58,7 +58,9 @@ class DirectTransport(Protocol):
     @property
     def gone(self) -> bool: ...
 
-    def write_frames(self, data: bytes) -> None: ...
+    # the socket's write (whole frames); an attribute: the server may hand over
+    # its transport's own ``write``
+    write_frames: Callable[[bytes], object]
 
 
 class ConnectionKind(Enum):
@@ -214,9 +216,16 @@ class Connection:
         if payload is None:
             payload = codec.publication(pub)
         out = self._out
-        if not out and self._direct is not None and self._through():
-            self._write_through(payload)  # type: ignore[arg-type]  # framed: bytes
-            return
+        if not out and (direct := self._direct) is not None:  # _through, inlined: hot
+            flusher = self.hub.flusher
+            if (flusher.through and self._wrote != flusher.turn and not self._lagged
+                    and direct.can_write):
+                self._wrote = flusher.turn
+                try:
+                    direct.write_frames(payload)  # type: ignore[arg-type]  # framed: bytes
+                except Exception:
+                    self._broken()
+                return
         out.append(payload)
         self._out_bytes += len(payload)
         limits = self.limits
@@ -277,11 +286,15 @@ class Connection:
         self._wrote = self.hub.flusher.turn
         try:
             self._direct.write_frames(frames)  # type: ignore[union-attr]
-        except Exception:  # a broken socket: the fan-out goes on to the others
-            log.exception("write to %s failed", self.conn_id)
-            self.abort()
+        except Exception:
+            self._broken()
             return False
         return True
+
+    def _broken(self) -> None:
+        """A write raised: the socket is gone; the fan-out goes on to the others."""
+        log.exception("write to %s failed", self.conn_id)
+        self.abort()
 
     def hold(self) -> None:
         """Buffer publications (while a subscribe reply is being prepared)."""
