@@ -5,6 +5,7 @@ still arrive whole and in order, and the bytes are what ``websockets`` sends."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from websockets.frames import Frame, Opcode
 from tests.e2e.test_lean_server import raw, upgraded
 from tests.support import DIRECT_WS, LEAN, TIMEOUT, native, running, ws_url
 from tidings import Hub
+from tidings.endpoints.native import InlinePublishes
 from tidings.server.peer import Peer
 from tidings.server.wsproto import DirectWSProtocol
 from tidings.types import Publication
@@ -231,3 +233,40 @@ async def test_native_frames_read_together_are_answered_in_order(ws: str) -> Non
     assert [p["data"] for p in seen if p["channel"] == "b"] == [2]
     assert [a["result"]["offset"] for a in answers[1:] if a["type"] == "reply"] == [
         1, 2, 1, 3, 4, 5]
+
+
+@pytest.mark.redis
+@SERVERS
+async def test_native_publishes_on_redis_are_started_from_the_read_callback(ws: str) -> None:
+    """On a pipelined broker the reader starts each publish itself (no task step),
+    and answers still come in the order of the frames; a ping waits for the
+    publishes before it."""
+    from tests.brokers.conftest import REDIS_URL, redis_ping, unavailable
+
+    if not redis_ping(REDIS_URL):
+        unavailable(f"no Redis at {REDIS_URL}")
+    prefix = f"wt{uuid.uuid4().hex[:8]}"
+    hub = Hub(broker=f"{REDIS_URL}?prefix={prefix}")
+    async with running(hub, ws=ws) as base, native(base) as sub:
+        assert (await sub.request({"type": "subscribe", "channel": "r"}))["type"] == "reply"
+        async with raw(base, "/ws") as client:
+            await upgraded(client)
+            frames = [publish_frame("native", "r", i, i) for i in range(30)]
+            frames.insert(20, b'{"type":"ping","id":"p"}')
+            client.writer.write(Frame(Opcode.TEXT, frames[0]).serialize(mask=True))
+            data = b""
+            while len(_texts(data)) < 2:  # the welcome, then the lone publish's reply
+                data += await asyncio.wait_for(client.reader.read(1 << 16), TIMEOUT)
+            handlers = [getattr(c._direct, "on_messages", None) for c in hub.connections.values()
+                        if not c.subs]
+            assert [type(h) for h in handlers] == [InlinePublishes]  # the reader publishes
+            client.writer.write(b"".join(Frame(Opcode.TEXT, f).serialize(mask=True)
+                                         for f in frames[1:]))
+            while len(_texts(data)) < 32:
+                data += await asyncio.wait_for(client.reader.read(1 << 16), TIMEOUT)
+        seen = [(await sub.next("publication"))["data"] for _ in range(30)]
+    answers = [orjson.loads(t) for t in _texts(data)][1:]
+    assert [a.get("id") for a in answers] == [*range(20), "p", *range(20, 30)]
+    assert [a["type"] for a in answers].count("pong") == 1
+    assert [a["result"]["offset"] for a in answers if a["type"] == "reply"] == list(range(1, 31))
+    assert seen == list(range(30))

@@ -67,11 +67,11 @@ from tidings.protocol.native import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable
 
     from tidings.core.hub import HubCore
 
-__all__ = ["NativeEndpoint", "handle_command", "inline_publishes", "send_error", "serve_native",
+__all__ = ["InlinePublishes", "NativeEndpoint", "handle_command", "send_error", "serve_native",
            "welcome_frame"]
 
 log = logging.getLogger("tidings.endpoints.native")
@@ -87,7 +87,7 @@ async def serve_native(hub: HubCore, conn: Connection, receive: Receive,
 
     ``direct``: the server's ``tidings.direct`` extension; if it can hand over
     frames from its read callback (``on_messages``), publishes on an in-process
-    broker are handled right there (:func:`inline_publishes`).
+    broker are handled right there (:class:`InlinePublishes`).
     """
     limits = hub.limits
     loop = asyncio.get_running_loop()
@@ -98,11 +98,14 @@ async def serve_native(hub: HubCore, conn: Connection, receive: Receive,
     nowait = hub.can_publish_nowait  # in-process broker: a publish never waits
     inflight: InFlight | None = None  # made on first use: idle sockets are many
     idle = limits.idle_timeout
-    if (nowait and hub.can_publish is None and not idle and limits.rate is None
+    if ((nowait or pipelined) and hub.can_publish is None and not idle and limits.rate is None
             and direct is not None and hasattr(direct, "on_messages")):
-        # no task step per publish: the reader publishes and answers (order holds:
-        # the server hands frames over only while this loop waits with none queued)
-        direct.on_messages = inline_publishes(hub, conn)
+        # no task step per publish: the reader publishes (and, in process, answers);
+        # order holds: the server hands frames over only while this loop waits with
+        # none queued, and the loop drains the window before any other command
+        if pipelined:
+            inflight = InFlight()
+        direct.on_messages = InlinePublishes(hub, conn, inflight)
     while not conn.closed:
         if idle:
             maybe = await receive_message(receive, conn, idle)
@@ -146,33 +149,44 @@ async def serve_native(hub: HubCore, conn: Connection, receive: Receive,
                 inflight.count += 1
                 task.add_done_callback(inflight.finished)
             else:
-                _publish_soon(hub, conn, cmd, inflight)
+                _publish_soon(hub, conn, cmd.id, cmd.channel, cmd.data, inflight)
             continue
         if inflight is not None and inflight.count:
             await inflight.drain()
         await handle_command(hub, conn, cmd)
 
 
-def inline_publishes(hub: HubCore, conn: Connection) -> Callable[[list[str | bytes]], int]:
-    """The ``on_messages`` handler of a native connection (in-process broker, no
-    ``can_publish`` hook, no rate or idle limit): it takes the frames of one read
-    up to the first that is not a well-formed ``publish`` (which, with the rest,
-    goes to ``serve_native``'s loop), in one scope of the write policy
-    (:mod:`tidings.core.flush`): each publication and its reply go out in the
-    turn the frame was read in. Consecutive publishes to one channel are
-    published as one batch (one fan-out, one write per subscriber), as a raw
-    producer's are."""
-    limits = hub.limits
-    flusher = hub.flusher
+class InlinePublishes:
+    """The ``on_messages`` handler of a native connection (no ``can_publish``
+    hook, no rate or idle limit): it takes the frames of one read up to the first
+    that is not a well-formed ``publish`` (which, with the rest, goes to
+    ``serve_native``'s loop, which answers it in order), in one scope of the
+    write policy (:mod:`tidings.core.flush`), so each publication and its reply
+    go out in the turn the frame was read in (on an in-process broker). There,
+    consecutive publishes to one channel are one batch (one fan-out, one write
+    per subscriber), as a raw producer's are; on a pipelined broker each one is
+    started at once (``publish_then``), up to ``MAX_PIPELINED`` in flight (the
+    rest wait in the loop). One small object per connection: idle ones are many.
+    """
 
-    def take(frames: list[str | bytes]) -> int:
+    __slots__ = ("conn", "hub", "inflight")
+
+    def __init__(self, hub: HubCore, conn: Connection, inflight: InFlight | None) -> None:
+        self.hub = hub
+        self.conn = conn
+        self.inflight = inflight  # a pipelined broker's window, shared with the loop
+
+    def __call__(self, frames: list[str | bytes]) -> int:
+        flusher = self.hub.flusher
         flusher.enter()
         try:
-            return handle(frames)
+            return self._handle(frames)
         finally:
             flusher.leave()
 
-    def handle(frames: list[str | bytes]) -> int:
+    def _handle(self, frames: list[str | bytes]) -> int:
+        hub, conn, inflight = self.hub, self.conn, self.inflight
+        limits = hub.limits
         run: list[tuple[RequestId, str, Any]] = []  # publishes to one channel in a row
         taken = len(frames)
         for i, data in enumerate(frames):
@@ -182,24 +196,25 @@ def inline_publishes(hub: HubCore, conn: Connection) -> Callable[[list[str | byt
                 break  # closing with 1009
             cmd = (decode_publish(data, max_depth=limits.max_depth, max_name=limits.max_name)
                    if len(data) <= limits.frame_soft else None)
-            if cmd is None:  # anything else, errors too: the loop answers it, in order
-                taken = i
+            if cmd is None or (inflight is not None and inflight.count >= MAX_PIPELINED):
+                taken = i  # anything else, errors too, or a full window: for the loop
                 break
+            if inflight is not None:
+                _publish_soon(hub, conn, *cmd, inflight)
+                continue
             if run and run[0][1] != cmd[1]:
-                publish_run(run)
+                self._publish_run(run)
             run.append(cmd)
-        publish_run(run)
+        self._publish_run(run)
         return taken
 
-    def publish_run(run: list[tuple[RequestId, str, Any]]) -> None:
-        if len(run) == 1 or (run and hub.channel_types.active):  # typed: each one answers
+    def _publish_run(self, run: list[tuple[RequestId, str, Any]]) -> None:
+        if len(run) == 1 or (run and self.hub.channel_types.active):  # typed: each answers
             for rid, channel, data in run:
-                _publish_now(hub, conn, rid, channel, data)
+                _publish_now(self.hub, self.conn, rid, channel, data)
         elif run:
-            _publish_batch(hub, conn, run)
+            _publish_batch(self.hub, self.conn, run)
         run.clear()
-
-    return take
 
 
 def _publish_batch(hub: HubCore, conn: Connection, run: list[tuple[RequestId, str, Any]]
@@ -241,13 +256,13 @@ def _publish_now(hub: HubCore, conn: Connection, rid: RequestId, channel: str,
     conn.send_frame(encode_position_reply(rid, pub.offset, pub.epoch).decode())
 
 
-def _publish_soon(hub: HubCore, conn: Connection, cmd: Publish, inflight: InFlight) -> None:
+def _publish_soon(hub: HubCore, conn: Connection, rid: RequestId, channel: str, data: Any,
+                  inflight: InFlight) -> None:
     """A native ``publish`` on a pipelined broker without a task or a future:
     checked now, started now (so publishes keep their order), answered when it
     completes."""
-    rid = cmd.id
     try:
-        check_now(hub, "publish", conn, cmd.channel)
+        check_now(hub, "publish", conn, channel)
     except ProtocolError as exc:
         send_error(hub, conn, rid, exc.code, exc.message)
         return
@@ -263,7 +278,7 @@ def _publish_soon(hub: HubCore, conn: Connection, cmd: Publish, inflight: InFlig
             conn.send_frame(encode_reply(rid, position).decode())
 
     try:
-        hub.publisher.publish_then(cmd.channel, cmd.data, sender=conn.conn_id, done=answer)
+        hub.publisher.publish_then(channel, data, sender=conn.conn_id, done=answer)
     except ProtocolError as exc:
         send_error(hub, conn, rid, exc.code, exc.message)
         return
