@@ -32,8 +32,9 @@ class FakeDirect:
         self.on_resume: Callable[[], None] | None = None
         self.can_write = True
         self.gone = False
+        self.transport = self  # its own transport: ``write`` below
 
-    def write_frames(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
         if self.fail:
             raise ConnectionResetError("peer gone")
         self.writes.append(data)

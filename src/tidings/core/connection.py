@@ -47,10 +47,19 @@ log = logging.getLogger("tidings.core.connection")
 ASGISend = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
+class Writer(Protocol):
+    """The socket side of a :class:`DirectTransport` (an ``asyncio.Transport``)."""
+
+    def write(self, data: bytes) -> None: ...
+
+
 class DirectTransport(Protocol):
     """What a server offers for direct writes (see tidings.server.wsproto)."""
 
     on_resume: Callable[[], None] | None
+    # whole frames are written with the socket's own ``write``: no Python call of
+    # the server's between the hub and the transport, nothing kept per connection
+    transport: Writer
 
     @property
     def can_write(self) -> bool: ...
@@ -58,9 +67,6 @@ class DirectTransport(Protocol):
     @property
     def gone(self) -> bool: ...
 
-    # the socket's write (whole frames); an attribute: the server may hand over
-    # its transport's own ``write``
-    write_frames: Callable[[bytes], object]
 
 
 class ConnectionKind(Enum):
@@ -222,7 +228,7 @@ class Connection:
                     and direct.can_write):
                 self._wrote = flusher.turn
                 try:
-                    direct.write_frames(payload)  # type: ignore[arg-type]  # framed: bytes
+                    direct.transport.write(payload)  # type: ignore[arg-type]  # framed: bytes
                 except Exception:
                     self._broken()
                 return
@@ -285,7 +291,7 @@ class Connection:
         False if the socket broke."""
         self._wrote = self.hub.flusher.turn
         try:
-            self._direct.write_frames(frames)  # type: ignore[union-attr]
+            self._direct.transport.write(frames)  # type: ignore[union-attr]
         except Exception:
             self._broken()
             return False
@@ -492,7 +498,7 @@ class Connection:
             elif isinstance(entry, bytes):  # in direct mode every other entry is a frame
                 chunks.append(entry)
         self._out_bytes = 0
-        direct.write_frames(b"".join(chunks))
+        direct.transport.write(b"".join(chunks))
         for callback in callbacks:
             callback()
         if self._close is not None and self._writer is None:

@@ -90,7 +90,6 @@ class Peer(HTTPSession, asyncio.Protocol):
         "on_resume",
         "ping_out",
         "seen",
-        "write_frames",
     )
 
     def __init__(self, server: LeanServer) -> None:
@@ -244,7 +243,6 @@ class Peer(HTTPSession, asyncio.Protocol):
             key = req.header(b"sec-websocket-key")
             assert key is not None  # checked by websocket_key before the app ran
             self.transport.write(handshake_response(key, message.get("subprotocol"), extra))
-            self.write_frames: Callable[[bytes], object] = self.transport.write
             self._state = STATE_WS_OPEN
             self._access(self._req, "[accepted]")
             self._req = None
@@ -416,5 +414,4 @@ class Peer(HTTPSession, asyncio.Protocol):
     def gone(self) -> bool:
         return self._state != STATE_WS_OPEN or self.transport.is_closing()
 
-    # ``write_frames`` (DirectTransport): the transport's own ``write``, set at the
-    # handshake: one Python call less for every frame the hub writes
+    # frames themselves go to ``self.transport.write`` (DirectTransport.transport)

@@ -116,10 +116,6 @@ class DirectWSProtocol(WebSocketsSansIOProtocol):
     def gone(self) -> bool:
         return bool(self.close_sent or self.disconnected or self.transport.is_closing())
 
-    def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
-        # the hub's writes go straight to the transport: one Python call less a frame
-        self.write_frames: Callable[[bytes], object] = transport.write
 
     def resume_writing(self) -> None:
         super().resume_writing()
