@@ -90,6 +90,12 @@ async def test_a_lone_frame_is_written_to_subscribers_from_the_read_callback(
         async with websockets.connect(ws_url(base, producer_path(producer, "lone"))) as pub:
             if producer == "native":
                 await pub.recv()  # welcome
+                # a connection's publishes are taken from the read callback once it
+                # published (most connections only subscribe): publish once first
+                await pub.send(publish_frame(producer, "lone", "first", -1).decode())
+                await asyncio.wait_for(pub.recv(), TIMEOUT)
+                for sub in (a, b):
+                    assert (await sub.next("publication"))["data"] == "first"
             for conn in hub.connections.values():  # what the hub writes to each socket
                 direct: Any = conn._direct
                 direct.transport = Recording(direct.transport)
@@ -100,6 +106,8 @@ async def test_a_lone_frame_is_written_to_subscribers_from_the_read_callback(
                     assert (await sub.next("publication"))["data"] == {"i": i}
                 if producer == "native":
                     assert orjson.loads(await asyncio.wait_for(pub.recv(), TIMEOUT))["id"] == i
+        subscribers = [c for c in hub.connections.values() if c.subs]
+        assert [getattr(c._direct, "on_messages", None) for c in subscribers] == [None, None]
     published = [inside for inside, data in writes if b'"type":"publication"' in data]
     assert published == [True] * 10
     if producer == "native":
@@ -174,21 +182,26 @@ async def test_lone_burst_lone_arrive_in_order_as_websockets_would_frame_them(
 
 @SERVERS
 async def test_native_publishes_then_a_close_in_one_read_lose_nothing(ws: str) -> None:
-    """100 publishes and a close frame in one read: all are published in order,
-    every reply is written before the close is echoed."""
+    """A publisher's 100 publishes and a close frame in one read: all are
+    published in order, every reply is written before the close is echoed."""
     hub = Hub()
     async with running(hub, ws=ws) as base, native(base) as sub:
         assert (await sub.request({"type": "subscribe", "channel": "c"}))["type"] == "reply"
         async with raw(base, "/ws") as client:
             await upgraded(client)
+            first = Frame(Opcode.TEXT, publish_frame("native", "c", -1, -1))
+            client.writer.write(first.serialize(mask=True))  # now a publisher
+            data = b""
+            while len(_texts(data)) < 2:  # the welcome and the first reply
+                data += await asyncio.wait_for(client.reader.read(1 << 16), TIMEOUT)
             frames = [Frame(Opcode.TEXT, publish_frame("native", "c", i, i)) for i in range(100)]
             frames.append(Frame(Opcode.CLOSE, (1000).to_bytes(2, "big")))
             client.writer.write(b"".join(f.serialize(mask=True) for f in frames))
-            data = await asyncio.wait_for(client.reader.read(), TIMEOUT)
-        seen = [(await sub.next("publication"))["data"] for _ in range(100)]
-    assert seen == list(range(100))
+            data += await asyncio.wait_for(client.reader.read(), TIMEOUT)
+        seen = [(await sub.next("publication"))["data"] for _ in range(101)]
+    assert seen == list(range(-1, 100))
     replies = [orjson.loads(line) for line in _texts(data)]
-    assert [r["id"] for r in replies if r["type"] == "reply"] == list(range(100))
+    assert [r["id"] for r in replies if r["type"] == "reply"] == list(range(-1, 100))
     assert data.endswith(b"\x88\x02\x03\xe8")  # the close echoed, after every reply
 
 
@@ -218,6 +231,11 @@ async def test_native_frames_read_together_are_answered_in_order(ws: str) -> Non
             assert (await sub.request({"type": "subscribe", "channel": channel}))["type"] == "reply"
         async with raw(base, "/ws") as client:
             await upgraded(client)
+            client.writer.write(Frame(Opcode.TEXT, publish_frame("native", "c", 0, -1)).serialize(
+                mask=True))  # a publisher from now on: its reads are taken inline
+            data = b""
+            while len(_texts(data)) < 2:  # the welcome and that reply
+                data += await asyncio.wait_for(client.reader.read(1 << 16), TIMEOUT)
             frames = [publish_frame("native", "a", 0, 0), publish_frame("native", "a", 1, 1),
                       publish_frame("native", "b", 2, 2), publish_frame("native", "$x", 3, 3),
                       publish_frame("native", "a", 4, 4), b"not json",
@@ -226,12 +244,11 @@ async def test_native_frames_read_together_are_answered_in_order(ws: str) -> Non
             client.writer.write(b"".join(Frame(Opcode.TEXT, f).serialize(mask=True)
                                          for f in frames))
             answers: list[dict[str, Any]] = []
-            data = b""
-            while len(answers) < 10:  # the welcome and nine answers
+            while len(answers) < 11:  # the welcome, the first reply and nine answers
                 data += await asyncio.wait_for(client.reader.read(1 << 16), TIMEOUT)
                 answers = [orjson.loads(t) for t in _texts(data)]
         seen = [await sub.next("publication") for _ in range(6)]
-    kinds = [(a["type"], a.get("id"), a.get("code")) for a in answers[1:]]
+    kinds = [(a["type"], a.get("id"), a.get("code")) for a in answers[2:]]
     assert kinds == [("reply", 0, None), ("reply", 1, None), ("reply", 2, None),
                      ("error", 3, "forbidden"), ("reply", 4, None),
                      ("error", None, "bad_request"), ("pong", 6, None), ("reply", 7, None),
@@ -239,7 +256,7 @@ async def test_native_frames_read_together_are_answered_in_order(ws: str) -> Non
     on_a = [(p["data"], p["offset"]) for p in seen if p["channel"] == "a"]
     assert on_a == [(0, 1), (1, 2), (4, 3), (7, 4), (8, 5)]
     assert [p["data"] for p in seen if p["channel"] == "b"] == [2]
-    assert [a["result"]["offset"] for a in answers[1:] if a["type"] == "reply"] == [
+    assert [a["result"]["offset"] for a in answers[2:] if a["type"] == "reply"] == [
         1, 2, 1, 3, 4, 5]
 
 

@@ -86,8 +86,9 @@ async def serve_native(hub: HubCore, conn: Connection, receive: Receive,
     """Run the native protocol on ``conn`` until the client goes away.
 
     ``direct``: the server's ``tidings.direct`` extension; if it can hand over
-    frames from its read callback (``on_messages``), publishes on an in-process
-    broker are handled right there (:class:`InlinePublishes`).
+    frames from its read callback (``on_messages``), a connection's publishes
+    after its first are handled right there (:class:`InlinePublishes`; not
+    before: most connections only subscribe, and idle ones are many).
     """
     limits = hub.limits
     loop = asyncio.get_running_loop()
@@ -98,14 +99,11 @@ async def serve_native(hub: HubCore, conn: Connection, receive: Receive,
     nowait = hub.can_publish_nowait  # in-process broker: a publish never waits
     inflight: InFlight | None = None  # made on first use: idle sockets are many
     idle = limits.idle_timeout
-    if ((nowait or pipelined) and hub.can_publish is None and not idle and limits.rate is None
-            and direct is not None and hasattr(direct, "on_messages")):
-        # no task step per publish: the reader publishes (and, in process, answers);
-        # order holds: the server hands frames over only while this loop waits with
-        # none queued, and the loop drains the window before any other command
-        if pipelined:
-            inflight = InFlight()
-        direct.on_messages = InlinePublishes(hub, conn, inflight)
+    # no task step per publish: the reader publishes (and, in process, answers);
+    # order holds: the server hands frames over only while this loop waits with
+    # none queued, and the loop drains the window before any other command
+    inline = ((nowait or pipelined) and hub.can_publish is None and not idle
+              and limits.rate is None and direct is not None and hasattr(direct, "on_messages"))
     while not conn.closed:
         if idle:
             maybe = await receive_message(receive, conn, idle)
@@ -137,6 +135,11 @@ async def serve_native(hub: HubCore, conn: Connection, receive: Receive,
         except ProtocolError as exc:
             send_error(hub, conn, exc.id, exc.code, exc.message)
             continue
+        if inline and isinstance(cmd, Publish):  # a publisher: take its next ones inline
+            inline = False
+            if pipelined and inflight is None:
+                inflight = InFlight()
+            direct.on_messages = InlinePublishes(hub, conn, inflight)
         if nowait and isinstance(cmd, Publish) and hub.can_publish is None:
             _publish_now(hub, conn, cmd.id, cmd.channel, cmd.data)  # no coroutine, no task
             continue
@@ -157,16 +160,16 @@ async def serve_native(hub: HubCore, conn: Connection, receive: Receive,
 
 
 class InlinePublishes:
-    """The ``on_messages`` handler of a native connection (no ``can_publish``
-    hook, no rate or idle limit): it takes the frames of one read up to the first
-    that is not a well-formed ``publish`` (which, with the rest, goes to
-    ``serve_native``'s loop, which answers it in order), in one scope of the
-    write policy (:mod:`tidings.core.flush`), so each publication and its reply
-    go out in the turn the frame was read in (on an in-process broker). There,
-    consecutive publishes to one channel are one batch (one fan-out, one write
-    per subscriber), as a raw producer's are; on a pipelined broker each one is
-    started at once (``publish_then``), up to ``MAX_PIPELINED`` in flight (the
-    rest wait in the loop). One small object per connection: idle ones are many.
+    """The ``on_messages`` handler of a native connection, once it published (no
+    ``can_publish`` hook, no rate or idle limit): it takes the frames of one read
+    up to the first that is not a well-formed ``publish`` (which, with the rest,
+    goes to ``serve_native``'s loop, which answers it in order), in one scope of
+    the write policy (:mod:`tidings.core.flush`), so each publication and its
+    reply go out in the turn the frame was read in (on an in-process broker).
+    There, consecutive publishes to one channel are one batch (one fan-out, one
+    write per subscriber), as a raw producer's are; on a pipelined broker each
+    one is started at once (``publish_then``), up to ``MAX_PIPELINED`` in flight
+    (the rest wait in the loop). One small object, for publishers only.
     """
 
     __slots__ = ("conn", "hub", "inflight")
