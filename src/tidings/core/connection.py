@@ -19,7 +19,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from tidings.protocol.codec import (
     CENTRIFUGE,
@@ -100,6 +100,8 @@ class _Control:
 
 _Entry = str | bytes | _Control
 
+QUEUED: Final = -2  # Connection._written: waiting for the end-of-turn flush (turns are >= 0)
+
 
 class Connection:
     """A client connection held by this node."""
@@ -111,7 +113,6 @@ class Connection:
         "_close",
         "_closed",
         "_direct",
-        "_dirty",
         "_dropped_total",
         "_floors",
         "_lagged",
@@ -124,7 +125,7 @@ class Connection:
         "_violations",
         "_waiter",
         "_writer",
-        "_wrote",
+        "_written",
         "codec",
         "conn_id",
         "expiry",
@@ -178,14 +179,21 @@ class Connection:
         # different connections) is part of the past, not a new one
         self._floors: dict[str, int] = {}
         self._direct: DirectTransport | None = None
-        self._dirty = False
-        self._wrote = -1  # the flusher's turn this connection was last written through in
+        # direct mode: the flusher's turn this connection was last written through in,
+        # or QUEUED while its frames wait for the end of the turn (one slot for both:
+        # idle connections are many)
+        self._written = -1
         self._tokens = float(self.limits.burst or self.limits.rate or 0)
         self._tokens_at = 0.0
         self._violations = 0
 
     def __repr__(self) -> str:
         return f"<Connection {self.conn_id} user={self.user!r} subs={len(self.subs)}>"
+
+    @property
+    def direct(self) -> DirectTransport | None:
+        """The server's direct transport this connection writes to, if any."""
+        return self._direct
 
     @property
     def closed(self) -> bool:
@@ -224,9 +232,9 @@ class Connection:
         out = self._out
         if not out and (direct := self._direct) is not None:  # _through, inlined: hot
             flusher = self.hub.flusher
-            if (flusher.through and self._wrote != flusher.turn and not self._lagged
+            if (flusher.through and self._written != flusher.turn and not self._lagged
                     and direct.can_write):
-                self._wrote = flusher.turn
+                self._written = flusher.turn
                 try:
                     direct.transport.write(payload)  # type: ignore[arg-type]  # framed: bytes
                 except Exception:
@@ -268,8 +276,8 @@ class Connection:
         end of this event-loop turn, together with anything else queued meanwhile
         (a frame that could go at once did: see :meth:`_through`)."""
         if self._direct is not None:
-            if not self._dirty:
-                self._dirty = True
+            if self._written != QUEUED:
+                self._written = QUEUED
                 self.hub.flusher.schedule(self)
             return
         waiter = self._waiter
@@ -281,7 +289,7 @@ class Connection:
         through, not written to yet in this turn, nothing to announce first, the
         socket taking data)"""
         flusher = self.hub.flusher
-        if not flusher.through or self._wrote == flusher.turn or self._lagged:
+        if not flusher.through or self._written == flusher.turn or self._lagged:
             return False
         direct = self._direct
         return direct is not None and direct.can_write
@@ -289,7 +297,7 @@ class Connection:
     def _write_through(self, frames: bytes) -> bool:
         """Write ``frames`` now (later frames of this turn are queued for its end);
         False if the socket broke."""
-        self._wrote = self.hub.flusher.turn
+        self._written = self.hub.flusher.turn
         try:
             self._direct.transport.write(frames)  # type: ignore[union-attr]
         except Exception:
@@ -474,7 +482,7 @@ class Connection:
 
     def flush(self) -> None:
         """Direct mode: write every queued frame in one write (if the socket takes it)."""
-        self._dirty = False
+        self._written = -1  # not queued any more (not written in the next turn either)
         direct = self._direct
         out = self._out
         if direct is None or not out or not direct.can_write:

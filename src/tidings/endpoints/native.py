@@ -28,7 +28,6 @@ from tidings.core.permissions import check, check_now
 from tidings.core.queue import Consumer, QueueItem
 from tidings.endpoints.gate import refresh
 from tidings.endpoints.session import (
-    DIRECT,
     MAX_PIPELINED,
     InFlight,
     WebSocketSession,
@@ -81,14 +80,13 @@ def welcome_frame(hub: HubCore, conn: Connection) -> str:
     return encode_welcome(conn.conn_id, hub.node, __version__, conn.user).decode()
 
 
-async def serve_native(hub: HubCore, conn: Connection, receive: Receive,
-                       direct: Any = None) -> None:
+async def serve_native(hub: HubCore, conn: Connection, receive: Receive) -> None:
     """Run the native protocol on ``conn`` until the client goes away.
 
-    ``direct``: the server's ``tidings.direct`` extension; if it can hand over
-    frames from its read callback (``on_messages``), a connection's publishes
-    after its first are handled right there (:class:`InlinePublishes`; not
-    before: most connections only subscribe, and idle ones are many).
+    If the server can hand over frames from its read callback (``on_messages``
+    of the direct transport), a connection's publishes after its first are
+    handled right there (:class:`InlinePublishes`; not before: most connections
+    only subscribe, and idle ones are many).
     """
     limits = hub.limits
     loop = asyncio.get_running_loop()
@@ -99,11 +97,6 @@ async def serve_native(hub: HubCore, conn: Connection, receive: Receive,
     nowait = hub.can_publish_nowait  # in-process broker: a publish never waits
     inflight: InFlight | None = None  # made on first use: idle sockets are many
     idle = limits.idle_timeout
-    # no task step per publish: the reader publishes (and, in process, answers);
-    # order holds: the server hands frames over only while this loop waits with
-    # none queued, and the loop drains the window before any other command
-    inline = ((nowait or pipelined) and hub.can_publish is None and not idle
-              and limits.rate is None and direct is not None and hasattr(direct, "on_messages"))
     while not conn.closed:
         if idle:
             maybe = await receive_message(receive, conn, idle)
@@ -135,11 +128,8 @@ async def serve_native(hub: HubCore, conn: Connection, receive: Receive,
         except ProtocolError as exc:
             send_error(hub, conn, exc.id, exc.code, exc.message)
             continue
-        if inline and isinstance(cmd, Publish):  # a publisher: take its next ones inline
-            inline = False
-            if pipelined and inflight is None:
-                inflight = InFlight()
-            direct.on_messages = InlinePublishes(hub, conn, inflight)
+        if isinstance(cmd, Publish) and hub.can_publish is None and not idle:
+            inflight = _go_inline(hub, conn, inflight)  # a publisher: its next ones inline
         if nowait and isinstance(cmd, Publish) and hub.can_publish is None:
             _publish_now(hub, conn, cmd.id, cmd.channel, cmd.data)  # no coroutine, no task
             continue
@@ -157,6 +147,23 @@ async def serve_native(hub: HubCore, conn: Connection, receive: Receive,
         if inflight is not None and inflight.count:
             await inflight.drain()
         await handle_command(hub, conn, cmd)
+
+
+def _go_inline(hub: HubCore, conn: Connection, inflight: InFlight | None) -> InFlight | None:
+    """Let the reader take ``conn``'s publishes from now on, if it can
+    (:class:`InlinePublishes`); the window in flight the loop shares with it."""
+    direct: Any = conn.direct
+    if (hub.limits.rate is not None or direct is None
+            or getattr(direct, "on_messages", False) is not None
+            or not (hub.can_publish_nowait or hub.pipelined)):
+        return inflight  # no such server, a limit to apply per frame, or taken already
+    if hub.pipelined and inflight is None:
+        inflight = InFlight()
+    # no task step per publish: the reader publishes (and, in process, answers);
+    # order holds: the server hands frames over only while this loop waits with
+    # none queued, and the loop drains the window before any other command
+    direct.on_messages = InlinePublishes(hub, conn, inflight)
+    return inflight
 
 
 class InlinePublishes:
@@ -301,7 +308,7 @@ class NativeEndpoint(WebSocketSession):
         if scope.get("tidings.connect_id") is not None:  # answer a first-frame ``connect``
             conn.send_frame(encode_reply(scope["tidings.connect_id"],
                                          {"conn_id": conn.conn_id, "user": conn.user}).decode())
-        return serve_native(self.hub, conn, receive, scope.get("extensions", {}).get(DIRECT))
+        return serve_native(self.hub, conn, receive)
 
 
 
