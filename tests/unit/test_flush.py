@@ -5,10 +5,12 @@ hub batches whole turns; order and the slow-consumer policy hold on every path."
 from __future__ import annotations
 
 import orjson
+import pytest
 
 from tests.support import Sink
 from tests.unit.test_direct import FakeDirect, turn
 from tidings import Hub, Limits
+from tidings.core import flush
 from tidings.core.connection import Connection
 from tidings.protocol.codec import NATIVE_FRAMED
 from tidings.protocol.frames import encode_frame
@@ -61,7 +63,8 @@ async def test_lone_burst_lone_in_one_turn_keep_their_order(hub: Hub) -> None:
 
 
 async def test_a_busy_turn_makes_the_next_one_batch_then_lone_frames_go_through(
-        hub: Hub) -> None:
+        hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flush, "BUSY_SECONDS", 60.0)  # however slow this machine is
     direct = FakeDirect()
     await subscribed(hub, "b", direct)
     a, b = hub.publish_nowait("b", 1), hub.publish_nowait("b", 2)  # two scopes: busy
@@ -73,6 +76,21 @@ async def test_a_busy_turn_makes_the_next_one_batch_then_lone_frames_go_through(
     assert direct.writes[2] == frames([c])
     d = hub.publish_nowait("b", 4)  # the last turn had one scope: at once again
     assert direct.writes[3] == frames([d])
+
+
+async def test_a_busy_mark_lapses_when_the_loop_was_idle(
+        hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mark is for the turn right after a busy one: a scope that comes once
+    the loop was idle for ``BUSY_SECONDS`` writes through."""
+    monkeypatch.setattr(flush, "BUSY_SECONDS", 0.0)  # any pause is long enough
+    direct = FakeDirect()
+    await subscribed(hub, "b", direct)
+    hub.publish_nowait("b", 1)
+    hub.publish_nowait("b", 2)  # two scopes in one turn: busy
+    await turn()
+    assert len(direct.writes) == 2
+    c = hub.publish_nowait("b", 3)
+    assert direct.writes[2] == frames([c])  # at once: the mark lapsed
 
 
 async def test_a_frame_queued_earlier_in_the_turn_goes_first(hub: Hub) -> None:

@@ -20,21 +20,26 @@ already written to) is queued, and the end-of-turn flush writes it in one
 ``write``. So a connection sees at most two writes per turn. A turn that had
 more than one scope marks the hub busy: the next turn queues from its first
 scope on (one write per connection per turn, as a purely batching server
-would do), and a turn with one scope clears it again.
+would do), and a turn with one scope clears it again, as does a pause: the
+mark is for the turn right after (the end-of-turn callback runs at the start
+of the next iteration, just before its reads), so a scope that comes more
+than ``BUSY_SECONDS`` later found the loop idle, and writes through.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from tidings.core.connection import Connection
 
-__all__ = ["Flusher"]
+__all__ = ["BUSY_SECONDS", "Flusher"]
 
 log = logging.getLogger("tidings.core.flush")
+
+BUSY_SECONDS: Final = 0.002  # how long a busy mark holds (loop.time(): ms on uvloop)
 
 
 class Flusher:
@@ -45,14 +50,15 @@ class Flusher:
     written to in this one.
     """
 
-    __slots__ = ("_busy", "_dirty", "_loop", "_scheduled", "_scopes", "depth", "through",
-                 "turn")
+    __slots__ = ("_busy", "_busy_at", "_dirty", "_loop", "_scheduled", "_scopes", "depth",
+                 "through", "turn")
 
     def __init__(self) -> None:
         self._dirty: list[Connection] = []
         self._scheduled = False  # the end-of-turn flush is pending
         self._scopes = 0  # scopes seen in this turn (while the flush is pending)
         self._busy = False  # the last turn had more than one scope: queue everything
+        self._busy_at = 0.0  # when that turn ended (loop.time())
         # kept: asyncio.get_running_loop() costs a getpid() call on CPython 3.11
         self._loop: asyncio.AbstractEventLoop | None = None
         self.depth = 0
@@ -75,6 +81,8 @@ class Flusher:
             return
         self._arm()  # whatever else this turn brings goes out at its end
         self._scopes = 1
+        if self._busy and self._loop is not None:  # still the turn right after?
+            self._busy = self._loop.time() - self._busy_at < BUSY_SECONDS
         self.through = not self._busy
 
     def leave(self) -> None:
@@ -98,6 +106,8 @@ class Flusher:
     def _end_of_turn(self) -> None:
         self._scheduled = False
         self._busy = self._scopes > 1
+        if self._busy and self._loop is not None:
+            self._busy_at = self._loop.time()
         self._scopes = 0
         self.turn += 1
         dirty, self._dirty = self._dirty, []
