@@ -1,7 +1,8 @@
 """The Python cost of one publication on ``tidings serve``'s hot path, without sockets.
 
 A ``/ws/pub/{channel}`` producer and ``/ws`` subscribers are :class:`Peer`
-objects of the lean server on fake transports: the producer is fed bursts of
+objects of the lean server (or, ``--server uvicorn``, uvicorn's websocket
+protocol with the direct path) on fake transports: the producer is fed bursts of
 masked frames (as ``data_received`` would get them from the kernel), the
 subscribers' transports only count bytes. Each burst runs one event-loop turn,
 like a real read, so the end-of-turn flush is included. What is left out is the
@@ -9,7 +10,7 @@ kernel: ``epoll_wait``, ``recv`` and ``send``, which ``benchmarks.compare``
 measures with everything else.
 
     python -m benchmarks.hotpath [--subscribers 1] [--burst 20] [--seconds 3] [--native]
-                                 [--count N]
+                                 [--count N] [--server lean|uvicorn] [--turns]
 
 Use it to compare changes of the hot path (and under ``py-spy`` or callgrind
 to see where the time goes); it prints µs per publication and per delivery.
@@ -91,10 +92,12 @@ async def _until(predicate: Any, what: str) -> None:
     raise RuntimeError(f"hotpath: gave up waiting for {what}")
 
 
-async def _open(server: LeanServer, path: str) -> tuple[Peer, CountingTransport]:
-    peer = Peer(server)
+async def _open(server: Any, path: str) -> tuple[Any, CountingTransport]:
+    """A connection upgraded to ``path``: a lean server's ``Peer``, or (``server``
+    a factory of protocols) uvicorn's ``DirectWSProtocol``."""
+    peer = Peer(server) if isinstance(server, LeanServer) else server()
     transport = CountingTransport()
-    peer.connection_made(transport)  # type: ignore[arg-type]
+    peer.connection_made(transport)
     peer.data_received(upgrade_request("127.0.0.1", 8000, path))
     await _until(lambda: b"\r\n\r\n" in transport.received, f"the upgrade of {path}")
     if not transport.received.startswith(b"HTTP/1.1 101"):
@@ -102,14 +105,36 @@ async def _open(server: LeanServer, path: str) -> tuple[Peer, CountingTransport]
     return peer, transport
 
 
-async def measure(subscribers: int, burst: int, seconds: float,
-                  native: bool = False, count: int = 0) -> dict[str, float]:
-    hub = Hub("memory://")
+async def _server(hub: Hub, kind: str) -> Any:
+    """What ``_open`` opens connections on: the lean server, or a factory of
+    uvicorn's websocket protocol with the direct path (the hub started)."""
+    if kind == "uvicorn":
+        from uvicorn.config import Config
+        from uvicorn.server import ServerState
+
+        from tidings.server.wsproto import DirectWSProtocol
+
+        config = Config(create_app(hub), ws=DirectWSProtocol, lifespan="off",
+                        log_level="warning", ws_per_message_deflate=False,
+                        ws_ping_interval=None, ws_max_size=hub.limits.frame_hard)
+        config.load()
+        state = ServerState()
+        await hub.start()
+        return lambda: DirectWSProtocol(config, state, {})
     server = LeanServer(create_app(hub), ws_routes=websocket_routes(hub),
                         max_size=hub.limits.frame_hard, ping_interval=None)
     server.loop = asyncio.get_running_loop()
     await server.startup()
+    return server
+
+
+async def measure(subscribers: int, burst: int, seconds: float,
+                  native: bool = False, count: int = 0,
+                  server_kind: str = "lean") -> dict[str, float]:
+    hub = Hub("memory://")
+    server = await _server(hub, server_kind)
     subs = []
+    peers: list[Any] = []
     for _ in range(subscribers):
         peer, transport = await _open(server, "/ws")
         peer.data_received(client_frame(orjson.dumps(
@@ -117,7 +142,9 @@ async def measure(subscribers: int, burst: int, seconds: float,
         await _until(lambda t=transport: b'"type":"reply"' in t.received, "a subscription")
         transport.keep = False
         subs.append(transport)
+        peers.append(peer)
     pub, _ = await _open(server, "/ws" if native else "/ws/pub/bench")
+    peers.append(pub)
     pad = "x" * 60
     seq = 0
 
@@ -147,7 +174,9 @@ async def measure(subscribers: int, burst: int, seconds: float,
     if published * subscribers != hub.stats.deliveries:
         raise RuntimeError(f"hotpath: {hub.stats.deliveries} deliveries of "
                            f"{published * subscribers} ({delivered} writes)")
-    await server.shutdown_app() if hasattr(server, "shutdown_app") else None
+    for peer in peers:  # the sockets go away: every endpoint ends
+        peer.connection_lost(None)
+    await _until(lambda: not hub.connections, "the endpoints to end")
     return {"publications": published, "us_per_publication": cpu / published * 1e6,
             "us_per_delivery": cpu / (published * subscribers) * 1e6}
 
@@ -224,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--native", action="store_true",
                         help="publish with native ``publish`` commands on /ws (each "
                              "answered) instead of a raw /ws/pub producer")
+    parser.add_argument("--server", choices=("lean", "uvicorn"), default="lean",
+                        help="tidings' own server (`tidings serve`), or uvicorn's websocket "
+                             "protocol with the direct path (DirectWSProtocol)")
     parser.add_argument("--turns", action="store_true",
                         help="count loop iterations from a read to the subscriber's write "
                              "(asyncio's loop)")
@@ -235,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
               f"subscriber's first write (max {counted['max_iterations']}), "
               f"{counted['writes']:.2f} writes per read")
         return 0
-    coro = measure(opts.subscribers, opts.burst, opts.seconds, opts.native, opts.count)
+    coro = measure(opts.subscribers, opts.burst, opts.seconds, opts.native, opts.count,
+                   opts.server)
     if opts.loop == "uvloop":
         import uvloop
 
@@ -246,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['us_per_publication']:.3f} µs each, "
           f"{result['us_per_delivery']:.3f} µs per delivery "
           f"(N = {opts.subscribers}, {opts.burst} frames per read, "
-          f"{'native publish commands' if opts.native else 'raw producer'})")
+          f"{'native publish commands' if opts.native else 'raw producer'}, {opts.server})")
     return 0
 
 
