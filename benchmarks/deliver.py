@@ -19,8 +19,9 @@ class CountingDirect:
         self.can_write = True
         self.gone = False
         self.writes = 0
+        self.transport = self
 
-    def write_frames(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
         self.writes += 1
 
 async def sink(message: object) -> None:

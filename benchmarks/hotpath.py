@@ -1,7 +1,8 @@
 """The Python cost of one publication on ``tidings serve``'s hot path, without sockets.
 
 A ``/ws/pub/{channel}`` producer and ``/ws`` subscribers are :class:`Peer`
-objects of the lean server on fake transports: the producer is fed bursts of
+objects of the lean server (or, ``--server uvicorn``, uvicorn's websocket
+protocol with the direct path) on fake transports: the producer is fed bursts of
 masked frames (as ``data_received`` would get them from the kernel), the
 subscribers' transports only count bytes. Each burst runs one event-loop turn,
 like a real read, so the end-of-turn flush is included. What is left out is the
@@ -9,9 +10,18 @@ kernel: ``epoll_wait``, ``recv`` and ``send``, which ``benchmarks.compare``
 measures with everything else.
 
     python -m benchmarks.hotpath [--subscribers 1] [--burst 20] [--seconds 3] [--native]
+                                 [--count N] [--server lean|uvicorn] [--turns]
 
 Use it to compare changes of the hot path (and under ``py-spy`` or callgrind
 to see where the time goes); it prints µs per publication and per delivery.
+``--turns`` counts, on asyncio's loop, the loop iterations between a read
+(one burst of frames arriving on an idle loop) and the subscriber's first
+write, and the writes each subscriber gets for it: the latency a loop turn
+or a callback hop adds per message at low load, whatever the machine's speed.
+``--count N`` publishes exactly N frames (rounded up to whole rounds of 64
+reads) instead of running for ``--seconds``: under ``valgrind --tool=callgrind``
+two counts give the instructions per publication by difference, a figure that
+does not depend on what else the machine runs.
 """
 
 from __future__ import annotations
@@ -82,10 +92,12 @@ async def _until(predicate: Any, what: str) -> None:
     raise RuntimeError(f"hotpath: gave up waiting for {what}")
 
 
-async def _open(server: LeanServer, path: str) -> tuple[Peer, CountingTransport]:
-    peer = Peer(server)
+async def _open(server: Any, path: str) -> tuple[Any, CountingTransport]:
+    """A connection upgraded to ``path``: a lean server's ``Peer``, or (``server``
+    a factory of protocols) uvicorn's ``DirectWSProtocol``."""
+    peer = Peer(server) if isinstance(server, LeanServer) else server()
     transport = CountingTransport()
-    peer.connection_made(transport)  # type: ignore[arg-type]
+    peer.connection_made(transport)
     peer.data_received(upgrade_request("127.0.0.1", 8000, path))
     await _until(lambda: b"\r\n\r\n" in transport.received, f"the upgrade of {path}")
     if not transport.received.startswith(b"HTTP/1.1 101"):
@@ -93,14 +105,36 @@ async def _open(server: LeanServer, path: str) -> tuple[Peer, CountingTransport]
     return peer, transport
 
 
-async def measure(subscribers: int, burst: int, seconds: float,
-                  native: bool = False) -> dict[str, float]:
-    hub = Hub("memory://")
+async def _server(hub: Hub, kind: str) -> Any:
+    """What ``_open`` opens connections on: the lean server, or a factory of
+    uvicorn's websocket protocol with the direct path (the hub started)."""
+    if kind == "uvicorn":
+        from uvicorn.config import Config
+        from uvicorn.server import ServerState
+
+        from tidings.server.wsproto import DirectWSProtocol
+
+        config = Config(create_app(hub), ws=DirectWSProtocol, lifespan="off",
+                        log_level="warning", ws_per_message_deflate=False,
+                        ws_ping_interval=None, ws_max_size=hub.limits.frame_hard)
+        config.load()
+        state = ServerState()
+        await hub.start()
+        return lambda: DirectWSProtocol(config, state, {})
     server = LeanServer(create_app(hub), ws_routes=websocket_routes(hub),
                         max_size=hub.limits.frame_hard, ping_interval=None)
     server.loop = asyncio.get_running_loop()
     await server.startup()
+    return server
+
+
+async def measure(subscribers: int, burst: int, seconds: float,
+                  native: bool = False, count: int = 0,
+                  server_kind: str = "lean") -> dict[str, float]:
+    hub = Hub("memory://")
+    server = await _server(hub, server_kind)
     subs = []
+    peers: list[Any] = []
     for _ in range(subscribers):
         peer, transport = await _open(server, "/ws")
         peer.data_received(client_frame(orjson.dumps(
@@ -108,7 +142,9 @@ async def measure(subscribers: int, burst: int, seconds: float,
         await _until(lambda t=transport: b'"type":"reply"' in t.received, "a subscription")
         transport.keep = False
         subs.append(transport)
+        peers.append(peer)
     pub, _ = await _open(server, "/ws" if native else "/ws/pub/bench")
+    peers.append(pub)
     pad = "x" * 60
     seq = 0
 
@@ -128,7 +164,7 @@ async def measure(subscribers: int, burst: int, seconds: float,
     published = 0
     cpu0, t0 = time.process_time(), time.perf_counter()
     deadline = t0 + seconds
-    while time.perf_counter() < deadline:
+    while (published < count) if count else (time.perf_counter() < deadline):
         for data in chunks:
             pub.data_received(data)
             await asyncio.sleep(0)  # the turn's end: flush
@@ -138,9 +174,72 @@ async def measure(subscribers: int, burst: int, seconds: float,
     if published * subscribers != hub.stats.deliveries:
         raise RuntimeError(f"hotpath: {hub.stats.deliveries} deliveries of "
                            f"{published * subscribers} ({delivered} writes)")
-    await server.shutdown_app() if hasattr(server, "shutdown_app") else None
+    for peer in peers:  # the sockets go away: every endpoint ends
+        peer.connection_lost(None)
+    await _until(lambda: not hub.connections, "the endpoints to end")
     return {"publications": published, "us_per_publication": cpu / published * 1e6,
             "us_per_delivery": cpu / (published * subscribers) * 1e6}
+
+
+async def turns(burst: int, native: bool = False, rounds: int = 50) -> dict[str, float]:
+    """Loop iterations from a read to the subscriber's first write (asyncio's loop:
+    its selector is asked once per iteration), and writes per read."""
+    loop = asyncio.get_running_loop()
+    selector = loop._selector  # type: ignore[attr-defined]
+    select = selector.select
+    iteration = 0
+
+    def counting_select(timeout: float | None = None) -> Any:
+        nonlocal iteration
+        iteration += 1
+        return select(timeout)
+
+    selector.select = counting_select
+    hub = Hub("memory://")
+    server = LeanServer(create_app(hub), ws_routes=websocket_routes(hub),
+                        max_size=hub.limits.frame_hard, ping_interval=None)
+    server.loop = loop
+    await server.startup()
+    sub, transport = await _open(server, "/ws")
+    sub.data_received(client_frame(orjson.dumps(
+        {"type": "subscribe", "id": 1, "channel": "bench"})))
+    await _until(lambda: b'"type":"reply"' in transport.received, "a subscription")
+    transport.keep = False
+    pub, _ = await _open(server, "/ws" if native else "/ws/pub/bench")
+    at: list[int] = []  # the iteration of each write to the subscriber
+    write = transport.write
+
+    def recorded(data: bytes) -> None:
+        at.append(iteration)
+        write(data)
+
+    transport.write = recorded  # type: ignore[method-assign]
+    hops, writes = [], []
+    for n in range(-1, rounds):  # the first read warms up (the setup's turns are busy)
+        data = b"".join(client_frame(orjson.dumps(
+            {"type": "publish", "id": n, "channel": "bench", "data": k} if native else k))
+            for k in range(burst))
+        at.clear()
+        done = loop.create_future()
+        start = 0
+
+        def read(data: bytes = data) -> None:
+            nonlocal start
+            start = iteration
+            pub.data_received(data)
+
+        def check(done: asyncio.Future[None] = done) -> None:
+            if not done.done():
+                done.set_result(None)
+
+        loop.call_later(0.002, read)  # a read on an idle loop, as a lone frame arrives
+        loop.call_later(0.010, check)  # well after: every write of that read is done
+        await done
+        if n >= 0:
+            hops.append(at[0] - start)
+            writes.append(len(at))
+    return {"iterations": sum(hops) / rounds, "max_iterations": max(hops),
+            "writes": sum(writes) / rounds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,12 +247,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subscribers", type=int, default=1)
     parser.add_argument("--burst", type=int, default=20, help="frames per read")
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--count", type=int, default=0,
+                        help="publish this many frames instead of running for --seconds")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
     parser.add_argument("--native", action="store_true",
                         help="publish with native ``publish`` commands on /ws (each "
                              "answered) instead of a raw /ws/pub producer")
+    parser.add_argument("--server", choices=("lean", "uvicorn"), default="lean",
+                        help="tidings' own server (`tidings serve`), or uvicorn's websocket "
+                             "protocol with the direct path (DirectWSProtocol)")
+    parser.add_argument("--turns", action="store_true",
+                        help="count loop iterations from a read to the subscriber's write "
+                             "(asyncio's loop)")
     opts = parser.parse_args(argv)
-    coro = measure(opts.subscribers, opts.burst, opts.seconds, opts.native)
+    if opts.turns:
+        counted = asyncio.run(turns(opts.burst, opts.native))
+        print(f"{opts.burst} frame(s) per read ({'native publish' if opts.native else 'raw'}"
+              f"): {counted['iterations']:.2f} loop iterations from the read to the "
+              f"subscriber's first write (max {counted['max_iterations']}), "
+              f"{counted['writes']:.2f} writes per read")
+        return 0
+    coro = measure(opts.subscribers, opts.burst, opts.seconds, opts.native, opts.count,
+                   opts.server)
     if opts.loop == "uvloop":
         import uvloop
 
@@ -164,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['us_per_publication']:.3f} µs each, "
           f"{result['us_per_delivery']:.3f} µs per delivery "
           f"(N = {opts.subscribers}, {opts.burst} frames per read, "
-          f"{'native publish commands' if opts.native else 'raw producer'})")
+          f"{'native publish commands' if opts.native else 'raw producer'}, {opts.server})")
     return 0
 
 

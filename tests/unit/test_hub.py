@@ -17,14 +17,14 @@ async def test_publication_is_encoded_once_for_all_subscribers(
     hub: Hub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = 0
-    real = native.encode_publication
+    real = native.encode_publication_json
 
     def counting(*args: Any) -> bytes:
         nonlocal calls
         calls += 1
         return real(*args)
 
-    monkeypatch.setattr("tidings.protocol.codec.encode_publication", counting)
+    monkeypatch.setattr("tidings.protocol.codec.encode_publication_json", counting)
     sinks = [Sink() for _ in range(50)]
     for sink in sinks:
         conn = hub.register(sink)

@@ -153,3 +153,86 @@ def test_peek_id(frame: str | bytes, rid: object) -> None:
 @given(st.text(max_size=300))
 def test_peek_id_never_raises(frame: str) -> None:
     assert n.peek_id(frame) is None or isinstance(n.peek_id(frame), (int, str))
+
+
+ints64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+
+
+def _reference(value: Any) -> bytes | None:
+    """orjson's encoding of ``value`` (as tidings encoded frames before the
+    templates), None when orjson refuses it (surrogates, integers past 64 bits)."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    except (orjson.JSONEncodeError, TypeError):
+        return None
+
+
+@settings(max_examples=500)
+@given(channel=st.text(min_size=1), data=json_values, offset=ints64, epoch=st.text(),
+       sender=st.none() | st.text(), ts=ints64)
+def test_the_publication_template_is_the_dict_encoding(
+        channel: str, data: Any, offset: int, epoch: str, sender: str | None, ts: int) -> None:
+    frame: dict[str, Any] = {"type": "publication", "channel": channel, "data": data,
+                             "offset": offset, "epoch": epoch, "ts": ts}
+    if sender is not None:
+        frame["sender"] = sender
+    expected = _reference(frame)
+    if expected is None:
+        with pytest.raises((orjson.JSONEncodeError, TypeError)):
+            n.encode_publication(channel, data, offset, epoch, sender, ts)
+        return
+    assert n.encode_publication(channel, data, offset, epoch, sender, ts) == expected
+    body = _reference(data)
+    assert body is not None
+    assert n.encode_publication_json(channel, body, offset, epoch, sender, ts) == expected
+
+
+@settings(max_examples=300)
+@given(rid=st.none() | ints64 | st.text(max_size=64), offset=ints64, epoch=st.text())
+def test_the_publish_reply_template_is_the_dict_encoding(
+        rid: n.RequestId, offset: int, epoch: str) -> None:
+    expected = _reference({"type": "reply", "id": rid,
+                           "result": {"offset": offset, "epoch": epoch}})
+    if expected is None:
+        with pytest.raises((orjson.JSONEncodeError, TypeError)):
+            n.encode_position_reply(rid, offset, epoch)
+        return
+    assert n.encode_position_reply(rid, offset, epoch) == expected
+
+
+def _agree(frame: str | bytes) -> None:
+    fast = n.decode_publish(frame)
+    try:
+        cmd: n.Command | None = n.decode_command(frame)
+    except ProtocolError:
+        cmd = None
+    if isinstance(cmd, n.Publish):
+        assert fast == (cmd.id, cmd.channel, cmd.data)
+    else:
+        assert fast is None
+
+
+@settings(max_examples=1000)
+@given(frame_like)
+def test_decode_publish_takes_exactly_the_publishes_decode_command_takes(
+        frame: dict[str, Any]) -> None:
+    _agree(json.dumps(frame))
+    _agree(json.dumps({**frame, "type": "publish"}))
+    _agree(json.dumps({**frame, "type": "publish", "channel": "a/b", "data": 1}).encode())
+
+
+@settings(max_examples=300)
+@given(st.text())
+def test_decode_publish_never_raises(frame: str) -> None:
+    _agree(frame)
+
+
+def test_decode_publish_limits() -> None:
+    deep: Any = 1
+    for _ in range(70):
+        deep = [deep]
+    assert n.decode_publish(json.dumps({"type": "publish", "channel": "c", "data": deep})) is None
+    assert n.decode_publish('{"type":"publish","channel":"' + "c" * 300 + '","data":1}') is None
+    assert n.decode_publish('{"type":"publish","id":true,"channel":"c","data":1}') is None
+    assert n.decode_publish('{"type":"publish","id":"x","channel":"c","data":null}') == (
+        "x", "c", None)

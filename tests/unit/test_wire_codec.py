@@ -67,6 +67,26 @@ def test_messages_survive_any_split_and_fragmentation(
         1 for _, p, parts in messages if len(p) > (-(-len(p) // parts) or 1))
 
 
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 1000, 65535, 65536, 70_000])
+@pytest.mark.parametrize("opcode", [Opcode.TEXT, Opcode.BINARY])
+def test_a_read_of_one_whole_frame(size: int, opcode: Opcode) -> None:
+    """The one-frame read (taken in one step) gives what the general parser gives,
+    the size limit included; a fragment pending sends it the general way."""
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    wire = client_frame(opcode, payload)
+    assert FrameReader(1 << 20).feed(wire) == [(int(opcode), payload)]
+    assert feed_in_pieces(FrameReader(1 << 20), wire + wire, [len(wire)]) == [
+        (int(opcode), payload)] * 2
+    if size:
+        with pytest.raises(FrameError) as caught:
+            FrameReader(size - 1).feed(wire)
+        assert caught.value.code == 1009
+    reader = FrameReader(1 << 20)
+    assert reader.feed(client_frame(Opcode.TEXT, b"a", fin=False)) == []
+    with pytest.raises(FrameError):  # a new message inside a fragmented one
+        reader.feed(wire)
+
+
 @given(st.binary(max_size=300), st.binary(min_size=4, max_size=4))
 def test_unmask_matches_the_pure_python_fallback(data: bytes, mask: bytes) -> None:
     expected = bytes(b ^ mask[i % 4] for i, b in enumerate(data))

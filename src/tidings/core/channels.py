@@ -171,22 +171,21 @@ class ChannelTypes:
     """The typed channels of one hub (or the typed queues: names are matched the
     same way)."""
 
-    __slots__ = ("_by_channel", "_rules")
+    __slots__ = ("_by_channel", "_rules", "active")
 
     def __init__(self) -> None:
         self._rules: list[tuple[str, Any, Checker]] = []  # (pattern, type, checker)
         self._by_channel: dict[str, Checker | None] = {}
-
-    @property
-    def active(self) -> bool:
-        """True once a channel type is declared (else publishing skips the checks)."""
-        return bool(self._rules)
+        # True once a type is declared (else publishing skips the checks);
+        # an attribute, not a property: every publish reads it
+        self.active = False
 
     def declare(self, pattern: str, type_: Any, *, max_name: int = 1024) -> None:
         """``type_``: a :class:`JsonSchema`, or anything ``pydantic.TypeAdapter`` takes."""
         validate_pattern(pattern, max_name)
         self._rules.append((pattern, type_, checker_for(pattern, type_)))
         self._by_channel.clear()
+        self.active = True
 
     def declarations(self) -> list[tuple[str, Any]]:
         """(pattern, type) of every declaration, in order (for generated docs)."""

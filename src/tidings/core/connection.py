@@ -2,9 +2,10 @@
 
 Delivery never awaits: the hub appends an already-encoded frame (the same
 object for every subscriber of a publication) to each connection's outbox
-and returns. With a direct transport (see :class:`DirectTransport`) the
-outbox goes out in one write at the end of the event-loop turn; otherwise one
-writer task per connection drains it into the ASGI ``send``. When the outbox
+and returns. With a direct transport (see :class:`DirectTransport`) a lone
+frame is written at once and the rest of a turn's frames in one write at its
+end (:mod:`tidings.core.flush` has the policy); otherwise one writer task per
+connection drains the outbox into the ASGI ``send``. When the outbox
 passes its limits (frames or bytes) the policy applies: ``disconnect`` closes
 with 1013 so the client reconnects and recovers from history; ``drop``
 discards the oldest publications and tells the client with a ``lagged``
@@ -18,7 +19,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from tidings.protocol.codec import (
     CENTRIFUGE,
@@ -46,10 +47,19 @@ log = logging.getLogger("tidings.core.connection")
 ASGISend = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
+class Writer(Protocol):
+    """The socket side of a :class:`DirectTransport` (an ``asyncio.Transport``)."""
+
+    def write(self, data: bytes) -> None: ...
+
+
 class DirectTransport(Protocol):
     """What a server offers for direct writes (see tidings.server.wsproto)."""
 
     on_resume: Callable[[], None] | None
+    # whole frames are written with the socket's own ``write``: no Python call of
+    # the server's between the hub and the transport, nothing kept per connection
+    transport: Writer
 
     @property
     def can_write(self) -> bool: ...
@@ -57,7 +67,6 @@ class DirectTransport(Protocol):
     @property
     def gone(self) -> bool: ...
 
-    def write_frames(self, data: bytes) -> None: ...
 
 
 class ConnectionKind(Enum):
@@ -91,6 +100,8 @@ class _Control:
 
 _Entry = str | bytes | _Control
 
+QUEUED: Final = -2  # Connection._written: waiting for the end-of-turn flush (turns are >= 0)
+
 
 class Connection:
     """A client connection held by this node."""
@@ -102,7 +113,6 @@ class Connection:
         "_close",
         "_closed",
         "_direct",
-        "_dirty",
         "_dropped_total",
         "_floors",
         "_lagged",
@@ -115,6 +125,7 @@ class Connection:
         "_violations",
         "_waiter",
         "_writer",
+        "_written",
         "codec",
         "conn_id",
         "expiry",
@@ -168,13 +179,21 @@ class Connection:
         # different connections) is part of the past, not a new one
         self._floors: dict[str, int] = {}
         self._direct: DirectTransport | None = None
-        self._dirty = False
+        # direct mode: the flusher's turn this connection was last written through in,
+        # or QUEUED while its frames wait for the end of the turn (one slot for both:
+        # idle connections are many)
+        self._written = -1
         self._tokens = float(self.limits.burst or self.limits.rate or 0)
         self._tokens_at = 0.0
         self._violations = 0
 
     def __repr__(self) -> str:
         return f"<Connection {self.conn_id} user={self.user!r} subs={len(self.subs)}>"
+
+    @property
+    def direct(self) -> DirectTransport | None:
+        """The server's direct transport this connection writes to, if any."""
+        return self._direct
 
     @property
     def closed(self) -> bool:
@@ -211,6 +230,16 @@ class Connection:
         if payload is None:
             payload = codec.publication(pub)
         out = self._out
+        if not out and (direct := self._direct) is not None:  # _through, inlined: hot
+            flusher = self.hub.flusher
+            if (flusher.through and self._written != flusher.turn and not self._lagged
+                    and direct.can_write):
+                self._written = flusher.turn
+                try:
+                    direct.transport.write(payload)  # type: ignore[arg-type]  # framed: bytes
+                except Exception:
+                    self._broken()
+                return
         out.append(payload)
         self._out_bytes += len(payload)
         limits = self.limits
@@ -232,6 +261,9 @@ class Connection:
         publication = codec.publication
         frames = [publication(pub) for pub in pubs]
         out = self._out
+        if not out and self._through():
+            self._write_through(b"".join(frames))  # type: ignore[arg-type]  # framed: bytes
+            return
         out.extend(frames)
         self._out_bytes += sum(map(len, frames))
         limits = self.limits
@@ -241,15 +273,42 @@ class Connection:
 
     def _wake(self) -> None:
         """Get the queued frames written: by the writer task, or (direct) at the
-        end of this event-loop turn, together with anything else queued meanwhile."""
+        end of this event-loop turn, together with anything else queued meanwhile
+        (a frame that could go at once did: see :meth:`_through`)."""
         if self._direct is not None:
-            if not self._dirty:
-                self._dirty = True
-                self.hub.schedule_flush(self)
+            if self._written != QUEUED:
+                self._written = QUEUED
+                self.hub.flusher.schedule(self)
             return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _through(self) -> bool:
+        """Direct mode: may a frame be written at once? (in a scope that writes
+        through, not written to yet in this turn, nothing to announce first, the
+        socket taking data)"""
+        flusher = self.hub.flusher
+        if not flusher.through or self._written == flusher.turn or self._lagged:
+            return False
+        direct = self._direct
+        return direct is not None and direct.can_write
+
+    def _write_through(self, frames: bytes) -> bool:
+        """Write ``frames`` now (later frames of this turn are queued for its end);
+        False if the socket broke."""
+        self._written = self.hub.flusher.turn
+        try:
+            self._direct.transport.write(frames)  # type: ignore[union-attr]
+        except Exception:
+            self._broken()
+            return False
+        return True
+
+    def _broken(self) -> None:
+        """A write raised: the socket is gone; the fan-out goes on to the others."""
+        log.exception("write to %s failed", self.conn_id)
+        self.abort()
 
     def hold(self) -> None:
         """Buffer publications (while a subscribe reply is being prepared)."""
@@ -314,6 +373,12 @@ class Connection:
     def send_frame(self, payload: str | bytes, on_sent: Callable[[], object] | None = None) -> None:
         """Queue a control frame (reply, error, message, item): never dropped."""
         if self._close is not None:
+            return
+        if not self._out and self._direct is not None and self._through():
+            frame = (encode_frame(payload.encode()) if isinstance(payload, str)
+                     else encode_frame(payload, OP_BINARY))
+            if self._write_through(frame) and on_sent is not None:
+                on_sent()
             return
         self._out.append(_Control(payload, on_sent) if on_sent is not None else _Control(payload))
         self._out_bytes += len(payload)
@@ -417,7 +482,7 @@ class Connection:
 
     def flush(self) -> None:
         """Direct mode: write every queued frame in one write (if the socket takes it)."""
-        self._dirty = False
+        self._written = -1  # not queued any more (not written in the next turn either)
         direct = self._direct
         out = self._out
         if direct is None or not out or not direct.can_write:
@@ -441,7 +506,7 @@ class Connection:
             elif isinstance(entry, bytes):  # in direct mode every other entry is a frame
                 chunks.append(entry)
         self._out_bytes = 0
-        direct.write_frames(b"".join(chunks))
+        direct.transport.write(b"".join(chunks))
         for callback in callbacks:
             callback()
         if self._close is not None and self._writer is None:

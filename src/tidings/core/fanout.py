@@ -18,6 +18,7 @@ from tidings.protocol.index import SubscriptionIndex
 from tidings.types import Publication
 
 if TYPE_CHECKING:
+    from tidings.core.flush import Flusher
     from tidings.core.hub import HubStats
 
 __all__ = ["FanOut"]
@@ -28,11 +29,12 @@ log = logging.getLogger("tidings.fanout")
 class FanOut:
     """The broker callbacks that deliver: publications, batches, member events."""
 
-    __slots__ = ("index", "join_leave_index", "node", "stats")
+    __slots__ = ("flusher", "index", "join_leave_index", "node", "stats")
 
-    def __init__(self, node: str, stats: HubStats) -> None:
+    def __init__(self, node: str, stats: HubStats, flusher: Flusher) -> None:
         self.node = node
         self.stats = stats
+        self.flusher = flusher  # a fan-out is one scope of the write policy
         self.index: SubscriptionIndex[Connection] = SubscriptionIndex()
         self.join_leave_index: SubscriptionIndex[Connection] = SubscriptionIndex()
 
@@ -42,8 +44,17 @@ class FanOut:
         conns = self.index.match(pub.channel)
         if not conns:
             return
-        for conn in conns:  # each frame kind is encoded once, by the first that needs it
-            conn.deliver(pub)
+        flusher = self.flusher
+        if flusher.depth:  # inside a producer's read: its scope holds
+            for conn in conns:  # each frame kind is encoded once, by the first that needs it
+                conn.deliver(pub)
+        else:
+            flusher.enter()
+            try:
+                for conn in conns:
+                    conn.deliver(pub)
+            finally:
+                flusher.leave()
         self.stats.deliveries += len(conns)
 
     def on_publications(self, pubs: Sequence[Publication]) -> None:
@@ -52,8 +63,17 @@ class FanOut:
         conns = self.index.match(pubs[0].channel) if pubs else None
         if not conns:
             return
-        for conn in conns:
-            conn.deliver_many(pubs)
+        flusher = self.flusher
+        if flusher.depth:
+            for conn in conns:
+                conn.deliver_many(pubs)
+        else:
+            flusher.enter()
+            try:
+                for conn in conns:
+                    conn.deliver_many(pubs)
+            finally:
+                flusher.leave()
         self.stats.deliveries += len(conns) * len(pubs)
 
     def on_event(self, channel: str, frame: str) -> None:
@@ -63,14 +83,22 @@ class FanOut:
         if event is None:
             log.warning("node %s: not a member event on %r: %.80r", self.node, channel, frame)
             return
+        conns = self.join_leave_index.match(channel)
+        if not conns:
+            return
         encoded: dict[str, str | None] = {}
-        for conn in self.join_leave_index.match(channel):
-            codec = conn.codec
-            if codec is None:
-                continue
-            if codec.name not in encoded:
-                encoded[codec.name] = codec.join_leave(event.kind, event.channel,
-                                                       event.conn_id, event.user)
-            push = encoded[codec.name]
-            if push is not None:
-                conn.send_frame(push)
+        flusher = self.flusher
+        flusher.enter()
+        try:
+            for conn in conns:
+                codec = conn.codec
+                if codec is None:
+                    continue
+                if codec.name not in encoded:
+                    encoded[codec.name] = codec.join_leave(event.kind, event.channel,
+                                                           event.conn_id, event.user)
+                push = encoded[codec.name]
+                if push is not None:
+                    conn.send_frame(push)
+        finally:
+            flusher.leave()

@@ -41,6 +41,7 @@ from tidings.core.channels import ChannelTypes, checker_for
 from tidings.core.config import HistoryConfig, HistoryRule, Limits
 from tidings.core.connection import Connection, ConnectionKind, DirectTransport
 from tidings.core.fanout import FanOut
+from tidings.core.flush import Flusher
 from tidings.core.hooks import ErrorHandlers
 from tidings.core.messaging import NodeMessenger
 from tidings.core.permissions import Rule
@@ -163,7 +164,9 @@ class HubCore:
         self.users: dict[str, set[Connection]] = {}
         # the parts: fan-out of what the broker delivers, publishing to it, and
         # messages between nodes
-        self.fanout = FanOut(self.node, self.stats)
+        # when direct transports are written to: at once, or at the end of the turn
+        self.flusher = Flusher()
+        self.fanout = FanOut(self.node, self.stats, self.flusher)
         self.index: SubscriptionIndex[Connection] = self.fanout.index
         # the subset of subscriptions that asked for join/leave frames
         self.join_leave_index: SubscriptionIndex[Connection] = self.fanout.join_leave_index
@@ -186,8 +189,6 @@ class HubCore:
         self._started = False
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._dirty: list[Connection] = []
-        self._flush_scheduled = False
         # the loop it runs on, kept: asyncio.get_running_loop() costs a getpid()
         # system call on CPython 3.11 (its fork check)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -200,6 +201,7 @@ class HubCore:
             return
         self._closing = False
         self._loop = asyncio.get_running_loop()
+        self.flusher.bind(self._loop)
         await self.broker.connect(self.node, BrokerCallbacks(self))
         self._started = True
         log.info("tidings node %s started on %s (offers: %s)", self.node, self.broker_url,
@@ -346,24 +348,6 @@ class HubCore:
             conn.close(CloseCode.POLICY_VIOLATION, "token expired")
 
         conn.expiry = asyncio.get_running_loop().call_later(delay, expire)
-
-    def schedule_flush(self, conn: Connection) -> None:
-        """Write ``conn``'s queued frames at the end of this event-loop turn, in one
-        write with whatever else gets queued for it meanwhile (direct transports)."""
-        self._dirty.append(conn)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            (self._loop or asyncio.get_running_loop()).call_soon(self._flush_dirty)
-
-    def _flush_dirty(self) -> None:
-        self._flush_scheduled = False
-        dirty, self._dirty = self._dirty, []
-        for conn in dirty:
-            try:
-                conn.flush()
-            except Exception:  # one broken socket must not cost the others their frames
-                log.exception("flush of %s failed", conn.conn_id)
-                conn.abort()
 
     async def unregister(self, conn: Connection) -> None:
         """Forget a connection: its subscriptions, presence, queue leases."""

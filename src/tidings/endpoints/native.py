@@ -50,13 +50,16 @@ from tidings.protocol.native import (
     Publish,
     Pull,
     Refresh,
+    RequestId,
     Send,
     Subscribe,
     Unsubscribe,
     decode_command,
+    decode_publish,
     encode_error,
     encode_item,
     encode_pong,
+    encode_position_reply,
     encode_reply,
     encode_welcome,
     peek_id,
@@ -67,7 +70,8 @@ if TYPE_CHECKING:
 
     from tidings.core.hub import HubCore
 
-__all__ = ["NativeEndpoint", "handle_command", "send_error", "serve_native", "welcome_frame"]
+__all__ = ["InlinePublishes", "NativeEndpoint", "handle_command", "send_error", "serve_native",
+           "welcome_frame"]
 
 log = logging.getLogger("tidings.endpoints.native")
 
@@ -77,7 +81,13 @@ def welcome_frame(hub: HubCore, conn: Connection) -> str:
 
 
 async def serve_native(hub: HubCore, conn: Connection, receive: Receive) -> None:
-    """Run the native protocol on ``conn`` until the client goes away."""
+    """Run the native protocol on ``conn`` until the client goes away.
+
+    If the server can hand over frames from its read callback (``on_messages``
+    of the direct transport), a connection's publishes after its first are
+    handled right there (:class:`InlinePublishes`; not before: most connections
+    only subscribe, and idle ones are many).
+    """
     limits = hub.limits
     loop = asyncio.get_running_loop()
     # With a remote broker, a run of publishes is pipelined: the next one starts
@@ -118,8 +128,10 @@ async def serve_native(hub: HubCore, conn: Connection, receive: Receive) -> None
         except ProtocolError as exc:
             send_error(hub, conn, exc.id, exc.code, exc.message)
             continue
+        if isinstance(cmd, Publish) and hub.can_publish is None and not idle:
+            inflight = _go_inline(hub, conn, inflight)  # a publisher: its next ones inline
         if nowait and isinstance(cmd, Publish) and hub.can_publish is None:
-            _publish_now(hub, conn, cmd)  # no coroutine, no task
+            _publish_now(hub, conn, cmd.id, cmd.channel, cmd.data)  # no coroutine, no task
             continue
         if pipelined and isinstance(cmd, Publish):
             if inflight is None:
@@ -130,36 +142,137 @@ async def serve_native(hub: HubCore, conn: Connection, receive: Receive) -> None
                 inflight.count += 1
                 task.add_done_callback(inflight.finished)
             else:
-                _publish_soon(hub, conn, cmd, inflight)
+                _publish_soon(hub, conn, cmd.id, cmd.channel, cmd.data, inflight)
             continue
         if inflight is not None and inflight.count:
             await inflight.drain()
         await handle_command(hub, conn, cmd)
 
 
-def _publish_now(hub: HubCore, conn: Connection, cmd: Publish) -> None:
-    """A native ``publish`` on an in-process broker with no hook to await: what
-    ``handle_command`` does, without its coroutines."""
+def _go_inline(hub: HubCore, conn: Connection, inflight: InFlight | None) -> InFlight | None:
+    """Let the reader take ``conn``'s publishes from now on, if it can
+    (:class:`InlinePublishes`); the window in flight the loop shares with it."""
+    direct: Any = conn.direct
+    if (hub.limits.rate is not None or direct is None
+            or getattr(direct, "on_messages", False) is not None
+            or not (hub.can_publish_nowait or hub.pipelined)):
+        return inflight  # no such server, a limit to apply per frame, or taken already
+    if hub.pipelined and inflight is None:
+        inflight = InFlight()
+    # no task step per publish: the reader publishes (and, in process, answers);
+    # order holds: the server hands frames over only while this loop waits with
+    # none queued, and the loop drains the window before any other command
+    direct.on_messages = InlinePublishes(hub, conn, inflight)
+    return inflight
+
+
+class InlinePublishes:
+    """The ``on_messages`` handler of a native connection, once it published (no
+    ``can_publish`` hook, no rate or idle limit): it takes the frames of one read
+    up to the first that is not a well-formed ``publish`` (which, with the rest,
+    goes to ``serve_native``'s loop, which answers it in order), in one scope of
+    the write policy (:mod:`tidings.core.flush`), so each publication and its
+    reply go out in the turn the frame was read in (on an in-process broker).
+    There, consecutive publishes to one channel are one batch (one fan-out, one
+    write per subscriber), as a raw producer's are; on a pipelined broker each
+    one is started at once (``publish_then``), up to ``MAX_PIPELINED`` in flight
+    (the rest wait in the loop). One small object, for publishers only.
+    """
+
+    __slots__ = ("conn", "hub", "inflight")
+
+    def __init__(self, hub: HubCore, conn: Connection, inflight: InFlight | None) -> None:
+        self.hub = hub
+        self.conn = conn
+        self.inflight = inflight  # a pipelined broker's window, shared with the loop
+
+    def __call__(self, frames: list[str | bytes]) -> int:
+        flusher = self.hub.flusher
+        flusher.enter()
+        try:
+            return self._handle(frames)
+        finally:
+            flusher.leave()
+
+    def _handle(self, frames: list[str | bytes]) -> int:
+        hub, conn, inflight = self.hub, self.conn, self.inflight
+        limits = hub.limits
+        run: list[tuple[RequestId, str, Any]] = []  # publishes to one channel in a row
+        taken = len(frames)
+        for i, data in enumerate(frames):
+            if conn.closed:
+                break
+            if not frame_guard(hub, conn, data):
+                break  # closing with 1009
+            cmd = (decode_publish(data, max_depth=limits.max_depth, max_name=limits.max_name)
+                   if len(data) <= limits.frame_soft else None)
+            if cmd is None or (inflight is not None and inflight.count >= MAX_PIPELINED):
+                taken = i  # anything else, errors too, or a full window: for the loop
+                break
+            if inflight is not None:
+                _publish_soon(hub, conn, *cmd, inflight)
+                continue
+            if run and run[0][1] != cmd[1]:
+                self._publish_run(run)
+            run.append(cmd)
+        self._publish_run(run)
+        return taken
+
+    def _publish_run(self, run: list[tuple[RequestId, str, Any]]) -> None:
+        if len(run) == 1 or (run and self.hub.channel_types.active):  # typed: each answers
+            for rid, channel, data in run:
+                _publish_now(self.hub, self.conn, rid, channel, data)
+        elif run:
+            _publish_batch(self.hub, self.conn, run)
+        run.clear()
+
+
+def _publish_batch(hub: HubCore, conn: Connection, run: list[tuple[RequestId, str, Any]]
+                   ) -> None:
+    """Publishes to one channel read together: one batch (consecutive offsets),
+    each answered in order."""
+    channel = run[0][1]
     try:
-        check_now(hub, "publish", conn, cmd.channel)
-        pub = hub.publisher.publish_nowait(cmd.channel, cmd.data, sender=conn.conn_id)
+        check_now(hub, "publish", conn, channel)
+        pubs = hub.publisher.publish_many_nowait(channel, [(data, None) for _, _, data in run],
+                                                 sender=conn.conn_id)
     except ProtocolError as exc:
-        send_error(hub, conn, cmd.id, exc.code, exc.message)
+        for rid, _, _ in run:
+            send_error(hub, conn, rid, exc.code, exc.message)
         return
     except Exception:
         log.exception("node %s: publish from %s failed", hub.node, conn.conn_id)
-        send_error(hub, conn, cmd.id, ErrorCode.INTERNAL, "internal error")
+        for rid, _, _ in run:
+            send_error(hub, conn, rid, ErrorCode.INTERNAL, "internal error")
         return
-    conn.send_frame(encode_reply(cmd.id, {"offset": pub.offset, "epoch": pub.epoch}).decode())
+    for (rid, _, _), pub in zip(run, pubs, strict=True):
+        conn.send_frame(encode_position_reply(rid, pub.offset, pub.epoch).decode())
 
 
-def _publish_soon(hub: HubCore, conn: Connection, cmd: Publish, inflight: InFlight) -> None:
+def _publish_now(hub: HubCore, conn: Connection, rid: RequestId, channel: str,
+                 data: Any) -> None:
+    """A native ``publish`` on an in-process broker with no hook to await: what
+    ``handle_command`` does, without its coroutines."""
+    try:
+        check_now(hub, "publish", conn, channel)
+        pub = hub.publisher.publish_nowait(channel, data, sender=conn.conn_id)
+    except ProtocolError as exc:
+        send_error(hub, conn, rid, exc.code, exc.message)
+        return
+    except Exception:
+        log.exception("node %s: publish from %s failed", hub.node, conn.conn_id)
+        send_error(hub, conn, rid, ErrorCode.INTERNAL, "internal error")
+        return
+    conn.send_frame(encode_position_reply(rid, pub.offset, pub.epoch).decode())
+
+
+def _publish_soon(hub: HubCore, conn: Connection, rid: RequestId, channel: str, data: Any,
+                  inflight: InFlight) -> None:
     """A native ``publish`` on a pipelined broker without a task or a future:
     checked now, started now (so publishes keep their order), answered when it
     completes."""
-    rid = cmd.id
     try:
-        check_now(hub, "publish", conn, cmd.channel)
+        check_now(hub, "publish", conn, channel)
     except ProtocolError as exc:
         send_error(hub, conn, rid, exc.code, exc.message)
         return
@@ -175,7 +288,7 @@ def _publish_soon(hub: HubCore, conn: Connection, cmd: Publish, inflight: InFlig
             conn.send_frame(encode_reply(rid, position).decode())
 
     try:
-        hub.publisher.publish_then(cmd.channel, cmd.data, sender=conn.conn_id, done=answer)
+        hub.publisher.publish_then(channel, data, sender=conn.conn_id, done=answer)
     except ProtocolError as exc:
         send_error(hub, conn, rid, exc.code, exc.message)
         return

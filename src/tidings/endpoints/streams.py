@@ -11,6 +11,8 @@ import asyncio
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from tidings.asgi import Receive, Scope
 from tidings.brokers.base import PublishOutcome
 from tidings.core.connection import Connection
@@ -63,8 +65,8 @@ def _raw_value(payload: str | bytes) -> tuple[Any, str | None]:
     if isinstance(payload, bytes):
         return payload, None
     try:
-        return loads(payload), payload
-    except ProtocolError:
+        return orjson.loads(payload), payload
+    except orjson.JSONDecodeError:
         return payload, None
 
 
@@ -138,18 +140,30 @@ class PubEndpoint(WebSocketSession):
                 _refuse(hub, conn, exc)
             return True
 
+        flusher = hub.flusher
+
         def take_many(payloads: list[str | bytes]) -> int:
             """Publish frames read together without waiting; how many were taken
             (fewer when the window fills, or above ``Limits.rate``: the rest come
             through ``receive``). On an in-process broker they are published as
-            one batch."""
+            one batch. One read is one scope of the write policy
+            (:mod:`tidings.core.flush`): its publications and acks go out in
+            this turn."""
+            flusher.enter()
+            try:
+                return publish_read(payloads)
+            finally:
+                flusher.leave()
+
+        def publish_read(payloads: list[str | bytes]) -> int:
             if paced:
                 now = loop.time()
                 allowed = 0
                 while allowed < len(payloads) and conn.frame_delay(now) == 0.0:
                     allowed += 1
                 payloads = payloads[:allowed]
-            if mode != "nowait" or hub.channel_types.active:  # typed: each frame answers
+            if mode != "nowait" or hub.channel_types.active or len(payloads) == 1:
+                # typed: each frame answers; a lone frame: no batch to build
                 taken = 0
                 for payload in payloads:
                     if not take(payload):

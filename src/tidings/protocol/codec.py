@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from typing import Any, Final, Protocol
 
-import orjson
-
 from tidings.protocol import centrifuge
 from tidings.protocol.frames import OP_BINARY, encode_frame
 from tidings.protocol.native import (
@@ -26,7 +24,7 @@ from tidings.protocol.native import (
     encode_join_leave,
     encode_lagged,
     encode_message,
-    encode_publication,
+    encode_publication_json,
 )
 
 __all__ = [
@@ -128,11 +126,15 @@ class NativeCodec(Codec):
 
     def _payload(self, pub: Prepared) -> str | bytes:
         data = pub.data
+        text = pub.text
         if isinstance(data, bytes):
-            data = b64(data)
-        elif pub.text is not None:  # the publisher's JSON text: spliced, not re-encoded
-            data = orjson.Fragment(pub.text)
-        return encode_publication(pub.channel, data, pub.offset, pub.epoch, pub.sender, pub.ts)
+            body = dumps(b64(data))
+        elif text is not None:  # the publisher's JSON text: spliced, not re-encoded
+            body = text.encode()
+        else:
+            body = dumps(data)
+        return encode_publication_json(pub.channel, body, pub.offset, pub.epoch, pub.sender,
+                                       pub.ts)
 
     def message(self, sender: str, data: Any) -> str | None:
         return encode_message(sender, data).decode()

@@ -145,6 +145,21 @@ class FrameReader:
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         """The messages completed by ``data``. A protocol violation raises
         :class:`FrameError` carrying the messages completed before it."""
+        n = len(data)
+        b0 = data[0] if n >= 6 else 0
+        if (b0 == 0x81 or b0 == 0x82) and not self._buf and not self._frag_op:
+            # exactly one whole, masked text or binary frame below 64 KiB and nothing
+            # pending: the read of a producer that sends a message per write, taken
+            # in one step (anything else: the general parser below)
+            b1 = data[1]
+            length = b1 & 0x7F
+            if b1 & 0x80 and length != 127:
+                start = 6
+                if length == 126:
+                    length, start = (data[2] << 8) | data[3], 8
+                if n == start + length and length <= self.max_size:
+                    return [(b0 & 0x0F,
+                             unmask(data[start:], data[start - 4:start]) if length else b"")]
         out: list[tuple[int, bytes]] = []
         try:
             self._parse(data, out)

@@ -38,6 +38,7 @@ __all__ = [
     "Subscribe",
     "Unsubscribe",
     "decode_command",
+    "decode_publish",
     "dumps",
     "encode_error",
     "encode_item",
@@ -45,7 +46,9 @@ __all__ = [
     "encode_lagged",
     "encode_message",
     "encode_pong",
+    "encode_position_reply",
     "encode_publication",
+    "encode_publication_json",
     "encode_reply",
     "encode_welcome",
     "loads",
@@ -299,6 +302,33 @@ def peek_id(frame: str | bytes, window: int = 256) -> RequestId:
     return value if isinstance(value, (int, str)) else None
 
 
+def decode_publish(
+    frame: str | bytes, *, max_depth: int = MAX_DEPTH, max_name: int = 255
+) -> tuple[RequestId, str, Any] | None:
+    """A well-formed ``publish`` command as ``(id, channel, data)``, without
+    building a :class:`Publish` (a producer's hot path); None for any other frame,
+    valid or not: :func:`decode_command` says what it is. Never raises."""
+    try:
+        obj = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return None
+    if type(obj) is not dict or obj.get("type") != "publish" or "data" not in obj:
+        return None
+    rid = obj.get("id")
+    if rid is not None and type(rid) is not int and type(rid) is not str:
+        return None
+    channel = obj.get("channel")
+    if type(channel) is not str:
+        return None
+    if _brackets(frame) > max_depth and not _depth_ok(obj, max_depth):
+        return None
+    try:
+        validate_channel(channel, max_name)
+    except ProtocolError:
+        return None
+    return rid, channel, obj["data"]
+
+
 def decode_command(
     frame: str | bytes, *, max_depth: int = MAX_DEPTH, max_name: int = 255
 ) -> Command:
@@ -391,18 +421,62 @@ def encode_reply(rid: RequestId, result: Any) -> bytes:
     return dumps({"type": "reply", "id": rid, "result": result})
 
 
+def encode_position_reply(rid: RequestId, offset: int, epoch: str) -> bytes:
+    """``encode_reply(rid, {"offset": offset, "epoch": epoch})``, the answer to a
+    publish, from a template (the same bytes)."""
+    return b'{"type":"reply","id":%s,"result":{"offset":%d,"epoch":%s}}' % (
+        b"%d" % rid if type(rid) is int else dumps(rid), offset, _string(epoch))
+
+
 def encode_error(rid: RequestId, code: ErrorCode | str, message: str) -> bytes:
     return dumps({"type": "error", "id": rid, "code": str(code), "message": message})
+
+
+# Publication frames are built from a template, not from a dict: the channel's
+# head (``{"type":"publication","channel":...,"data":``) and the JSON of an epoch
+# or a sender are made once and kept (they repeat: one channel, one epoch, one
+# producer), and the data and the numbers are spliced in. The bytes are the
+# ones orjson makes of the dict (a unit test compares them).
+_CACHE_MAX: Final = 4096
+_heads: dict[str, bytes] = {}
+_strings: dict[str, bytes] = {}
+
+
+def _head(channel: str) -> bytes:
+    head = _heads.get(channel)
+    if head is None:
+        if len(_heads) >= _CACHE_MAX:
+            _heads.clear()
+        head = _heads[channel] = b'{"type":"publication","channel":' + dumps(channel) + b',"data":'
+    return head
+
+
+def _string(value: str) -> bytes:
+    """``value`` as a JSON string, kept for the values that repeat (epochs, senders)."""
+    out = _strings.get(value)
+    if out is None:
+        if len(_strings) >= _CACHE_MAX:
+            _strings.clear()
+        out = _strings[value] = dumps(value)
+    return out
 
 
 def encode_publication(
     channel: str, data: Any, offset: int, epoch: str, sender: str | None, ts: int
 ) -> bytes:
-    frame: dict[str, Any] = {"type": "publication", "channel": channel, "data": data,
-                             "offset": offset, "epoch": epoch, "ts": ts}
-    if sender is not None:
-        frame["sender"] = sender
-    return dumps(frame)
+    return encode_publication_json(channel, dumps(data), offset, epoch, sender, ts)
+
+
+def encode_publication_json(
+    channel: str, data: bytes, offset: int, epoch: str, sender: str | None, ts: int
+) -> bytes:
+    """:func:`encode_publication` of data that is JSON already (``data``: its
+    UTF-8 bytes, spliced in as they are)."""
+    if sender is None:
+        return b'%s%s,"offset":%d,"epoch":%s,"ts":%d}' % (
+            _head(channel), data, offset, _string(epoch), ts)
+    return b'%s%s,"offset":%d,"epoch":%s,"ts":%d,"sender":%s}' % (
+        _head(channel), data, offset, _string(epoch), ts, _string(sender))
 
 
 def encode_message(sender: str, data: Any) -> bytes:

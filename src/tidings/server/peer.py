@@ -72,6 +72,8 @@ def hand_over(handler: Callable[[list[str | bytes]], int],
     except Exception:
         log.exception("error in a websocket message handler")
         taken, ran = 0, False
+    if taken >= len(batch):
+        return ran, []
     return ran, [{"type": "websocket.receive", "text": message} if isinstance(message, str)
                  else {"type": "websocket.receive", "bytes": message}
                  for message in batch[taken:]]
@@ -262,9 +264,7 @@ class Peer(HTTPSession, asyncio.Protocol):
         reader = self._reader
         if reader is None:
             return
-        inbox = self._inbox
-        if inbox is None:
-            inbox = self._inbox = deque()
+        inbox = self._inbox  # None while empty: most reads never need one
         self.seen = True
         # how the connection ends, if this read ends it: (method, code, reason)
         end: tuple[Callable[[int, str], None], int, str] | None = None
@@ -291,6 +291,8 @@ class Peer(HTTPSession, asyncio.Protocol):
                 if batch is not None:
                     batch.append(message)
                     continue
+                if inbox is None:
+                    inbox = self._inbox = deque()
                 inbox.append({"type": "websocket.receive",
                               "text" if opcode == OP_TEXT else "bytes": message})
             elif opcode == OP_PING:
@@ -307,7 +309,8 @@ class Peer(HTTPSession, asyncio.Protocol):
                     end = (self._closed_by_peer, code, reason)
                 break
         if batch:
-            self._take(batch, inbox)
+            self._take(batch)
+            inbox = self._inbox
         if end is not None:
             self._reader = None  # nothing more is read
             if batch:  # after this turn's writes: the acks of what was taken go first
@@ -325,7 +328,7 @@ class Peer(HTTPSession, asyncio.Protocol):
             self._paused = True
             self.transport.pause_reading()
 
-    def _take(self, batch: list[str | bytes], inbox: deque[Message]) -> None:
+    def _take(self, batch: list[str | bytes]) -> None:
         """Hand ``batch`` to ``on_messages``; what it leaves goes to the inbox."""
         assert self.on_messages is not None
         ran, rest = hand_over(self.on_messages, batch)
@@ -333,7 +336,10 @@ class Peer(HTTPSession, asyncio.Protocol):
             self.on_messages = None
             self._send_close(1011, "internal error")
             return
-        inbox.extend(rest)
+        if rest:
+            if self._inbox is None:
+                self._inbox = deque()
+            self._inbox.extend(rest)
 
     def _send_close(self, code: int, reason: str) -> None:
         """Our close frame; the transport closes on the peer's answer or a timeout."""
@@ -408,5 +414,4 @@ class Peer(HTTPSession, asyncio.Protocol):
     def gone(self) -> bool:
         return self._state != STATE_WS_OPEN or self.transport.is_closing()
 
-    def write_frames(self, data: bytes) -> None:
-        self.transport.write(data)
+    # frames themselves go to ``self.transport.write`` (DirectTransport.transport)

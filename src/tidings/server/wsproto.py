@@ -116,8 +116,6 @@ class DirectWSProtocol(WebSocketsSansIOProtocol):
     def gone(self) -> bool:
         return bool(self.close_sent or self.disconnected or self.transport.is_closing())
 
-    def write_frames(self, data: bytes) -> None:
-        self.transport.write(data)
 
     def resume_writing(self) -> None:
         super().resume_writing()
