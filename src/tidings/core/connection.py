@@ -68,7 +68,6 @@ class DirectTransport(Protocol):
     def gone(self) -> bool: ...
 
 
-
 class ConnectionKind(Enum):
     NATIVE = "native"  # /ws: JSON frames with an envelope
     RAW = "raw"  # /ws/sub, /ws/pull: data only
