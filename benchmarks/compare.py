@@ -129,7 +129,8 @@ async def fanout(stack: Stack, opts: argparse.Namespace, progress: Progress,
             # kernel's receive time and in user space (the N = 1 one reads through
             # uvloop: its phase is not slowed by the Python read path; not timed)
             await session.connect(n - session.n, f"{stack.key} connect N={n}",
-                                  stamped=want_latency and n == 100)
+                                  stamped=want_latency and n == 100
+                                  and opts.latency_read == "stamped")
             if session.n < n:
                 raise RuntimeError(f"only {session.n} of {n} subscribers connected")
             pub = session.pub
@@ -149,7 +150,7 @@ async def fanout(stack: Stack, opts: argparse.Namespace, progress: Progress,
                 raise RuntimeError(f"warm-up: {warm.short} subscribers did not get every "
                                    f"message ({warm.errors[:2]})")
             if n in sizes:
-                for mode in opts.publishers:
+                for mode in opts.publisher_modes:
                     session.publisher = mode
                     phase = await best_of(opts.repeat, partial(
                         session.phase, "throughput", messages_for(opts, n),
@@ -258,8 +259,8 @@ async def channels(stack: Stack, opts: argparse.Namespace, progress: Progress,
         if warm.short or warm.timed_out:
             raise RuntimeError(f"warm-up: {warm.short} subscribers did not get every "
                                f"message ({warm.errors[:2]})")
-        rounds = max(20, int(150_000 * opts.max_seconds) // total)
-        for mode in opts.publishers:
+        rounds = max(20, int(1_500_000 * opts.max_seconds) // total)  # the time cap ends it
+        for mode in opts.publisher_modes:
             session.publisher = mode
             res.channels.append(await best_of(opts.repeat, partial(
                 session.phase, "throughput", rounds, max_s=opts.max_seconds)))
@@ -325,6 +326,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="idle connections for the memory/connect-rate scenario "
                              "(default 2000; --quick: 500; 0: skip)")
     parser.add_argument("--rate", type=float, default=200.0, help="msg/s of the latency phase")
+    parser.add_argument("--latency-read", choices=["stamped", "uvloop"], default="stamped",
+                        help="how the latency subscribers read: a recvmsg transport that "
+                             "also keeps the kernel's receive timestamps (both timings, the "
+                             "default), or uvloop's transport (user-space timing only)")
     parser.add_argument("--latency-seconds", type=float, default=None,
                         help="length of the latency phase (default 4; --quick: 1.5; 0: skip)")
     parser.add_argument("--max-seconds", type=float, default=None,
@@ -393,8 +398,7 @@ async def _run(opts: argparse.Namespace, stacks: Sequence[Stack],
 
 
 def _settle(opts: argparse.Namespace) -> None:
-    opts.publishers_arg = opts.publisher
-    opts.publishers = PUBLISHERS[opts.publisher]
+    opts.publisher_modes = PUBLISHERS[opts.publisher]
     opts.subscribers = opts.subscribers or ([1, 100] if opts.quick else [1, 100, 1000])
     if opts.idle is None:
         opts.idle = 500 if opts.quick else 2000

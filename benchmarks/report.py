@@ -210,6 +210,8 @@ def main_table(results: Sequence[StackResult]) -> str:
             "µs/delivery N = 100 | connects/s | load-gen CPU % | other CPU % | lost |")
     rows = [head, "|---|" + "---:|" * (head.count("|") - 2)]
     for r in results:
+        if not (r.phases or r.idle or r.errors):
+            continue  # e.g. only --huge or --channels ran for it
         big = r.throughput(1000)
         label = r.stack.label
         if big is None:

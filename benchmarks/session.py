@@ -386,6 +386,10 @@ class Session:
         last_seen: tuple[int, bool] = (-1, False)
         stall = loop.time() + STALL_SECONDS
         frames: dict[Publisher, list[bytes]] = {pub: [] for pub, _ in pubs}
+        # a round in channel order (interleaves the publishers); paced, its frames
+        # are spread over the interval, not sent as one burst
+        order = sorted(((pub, ch) for pub, chans in pubs for ch in chans), key=lambda x: x[1])
+        step = interval // len(order) if interval else 0
 
         def flush() -> None:
             for pub, out in frames.items():
@@ -421,23 +425,25 @@ class Session:
                     await asyncio.wait_for(wake.wait(), 0.05)
             self.seq += 1
             seq = self.seq
-            for pub, channels in pubs:
+            for k, (pub, channel) in enumerate(order):
                 if not pub.alive:
                     raise RuntimeError(f"the server closed the publisher ({pub.close_code})")
-                out = frames[pub]
-                for channel in channels:
-                    ts = perf_ns()
-                    if not first:
-                        first = ts
-                    frame = client_frame(payload(channel, ts, seq))
-                    if single:  # a producer's `await ws.send(message)`
-                        pub.send_frames([frame])
-                        await pub.drain()
+                if step and k:
+                    due = t0 + i * interval + k * step
+                    now = perf_ns()
+                    if due > now:
+                        await asyncio.sleep((due - now) / 1e9)
+                ts = perf_ns()
+                if not first:
+                    first = ts
+                frame = client_frame(payload(channel, ts, seq))
+                if single or interval:  # a producer's `await ws.send(message)`
+                    pub.send_frames([frame])
+                    await pub.drain()
+                    if single:
                         await asyncio.sleep(0)
-                    else:
-                        out.append(frame)
-            if interval:
-                flush()
+                else:
+                    frames[pub].append(frame)
             sent += 1
         flush()
         return first, sent
