@@ -482,69 +482,78 @@ def _total_us(p: Phase) -> float:
     return (p.server_cpu_s + p.broker_cpu_s) * 1e6 / done if done > 0 else 0.0
 
 
-def targets17(results: Sequence[StackResult]) -> list[dict[str, Any]]:
-    """Each issue 17 target this run measured: met or not, with the ratio."""
-    by = {r.stack.key: r for r in results}
-    out: list[dict[str, Any]] = []
+Target = dict[str, Any]
 
-    def add(target: str, measured: str, ok: bool, ratio: str) -> None:
-        out.append({"target": target, "measured": measured, "met": ok, "ratio": ratio})
 
-    t, picows = by.get("tidings"), by.get("picows")
-    modes = [m for m in ("single", "batched")
-             if t is not None and any(p.publisher == m for p in t.phases)]
-    if t is not None and picows is not None:
-        for mode in modes:
-            a, b = t.throughput(1, mode), picows.throughput(1, mode)
-            if a is not None and b is not None and a.us and b.us:
-                add(f"N = 1, {mode} publisher: server CPU per delivery ≤ picows's",
-                    f"{a.us:.2f} vs {b.us:.2f} µs, lost {a.lost}", a.us <= b.us and not a.lost,
-                    f"{a.us / b.us:.2f}x picows")
-    if t is not None:
-        for mode in modes:
-            a = t.throughput(1000, mode)
-            best = _best_peer(results, 1000, mode)
-            if a is not None and a.us and best is not None:
-                ratio = best[1].us / a.us
-                add(f"N = 1000, {mode} publisher: ≥ {T17_N1000_VS_PEER:g}x better than the best "
-                    "peer", f"{a.us:.2f} µs vs {best[0].stack.key} {best[1].us:.2f} µs",
-                    ratio >= T17_N1000_VS_PEER and not a.lost, f"{ratio:.1f}x")
-        lat = t.latency()
-        plat = picows.latency() if picows is not None else None
-        if lat is not None and lat.user_latency_ms:
-            u = lat.user_latency_ms
-            measured = f"p50 {u['p50']:.2f} ms, p99 {u['p99']:.2f} ms (user space)"
-            ok = u["p99"] <= T17_P99_MS and not lat.lost
-            ratio = f"p99 {u['p99'] / T17_P99_MS:.2f}x the 1.5 ms budget"
-            if plat is not None and plat.user_latency_ms:
-                pu = plat.user_latency_ms
-                measured += f"; picows p50 {pu['p50']:.2f}, p99 {pu['p99']:.2f}"
-                ok = ok and u["p50"] <= pu["p50"] and u["p99"] <= pu["p99"]
-                ratio += f"; {u['p50'] / pu['p50']:.2f}x / {u['p99'] / pu['p99']:.2f}x picows"
-            add(f"N = 100, {lat.rate:g} msg/s, user-space timing: p50 and p99 ≤ picows's, "
-                f"p99 ≤ {T17_P99_MS:g} ms", measured, ok, ratio)
-        e = by.get("tidings-fastapi-direct")
-        if e is not None:
-            worst: list[tuple[float, str]] = []
-            for p in t.phases:
-                if p.name == "throughput" and (q := e.throughput(p.n, p.publisher)) and p.us:
-                    worst.append((q.us / p.us, f"N = {p.n} {p.publisher}: {q.us:.2f} vs "
-                                               f"{p.us:.2f} µs"))
-            el, tl = e.latency(), t.latency()
-            if el is not None and tl is not None and el.user_latency_ms and tl.user_latency_ms:
-                for q in ("p50", "p99"):
-                    worst.append((el.user_latency_ms[q] / tl.user_latency_ms[q],
-                                  f"{q} {el.user_latency_ms[q]:.2f} vs "
-                                  f"{tl.user_latency_ms[q]:.2f} ms"))
-            if worst:
-                ratio, what = max(worst)
-                add(f"embedded (uvicorn + DirectWSProtocol) within {T17_EMBEDDED_RATIO:g}x of "
-                    "`tidings serve` on every scenario", f"worst: {what}",
-                    ratio <= T17_EMBEDDED_RATIO, f"{ratio:.2f}x")
-        if t.idle is not None and t.idle.opened:
-            kib = t.idle.kib_per_conn
-            add(f"idle memory ≤ {T17_IDLE_KIB:g} KiB per connection ({t.idle.opened:,})",
-                f"{kib:.2f} KiB", kib <= T17_IDLE_KIB, f"{kib / T17_IDLE_KIB:.2f}x")
+def _item(target: str, measured: str, ok: bool, ratio: str) -> Target:
+    return {"target": target, "measured": measured, "met": ok, "ratio": ratio}
+
+
+def _t17_cpu(t: StackResult, picows: StackResult | None,
+             results: Sequence[StackResult]) -> list[Target]:
+    out: list[Target] = []
+    modes = [m for m in ("single", "batched") if any(p.publisher == m for p in t.phases)]
+    for mode in modes:
+        a = t.throughput(1, mode)
+        b = picows.throughput(1, mode) if picows is not None else None
+        if a is not None and b is not None and a.us and b.us:
+            out.append(_item(f"N = 1, {mode} publisher: server CPU per delivery ≤ picows's",
+                             f"{a.us:.2f} vs {b.us:.2f} µs, lost {a.lost}",
+                             a.us <= b.us and not a.lost, f"{a.us / b.us:.2f}x picows"))
+    for mode in modes:
+        big = t.throughput(1000, mode)
+        best = _best_peer(results, 1000, mode)
+        if big is not None and big.us and best is not None:
+            better = best[1].us / big.us
+            out.append(_item(
+                f"N = 1000, {mode} publisher: ≥ {T17_N1000_VS_PEER:g}x better than the best peer",
+                f"{big.us:.2f} µs vs {best[0].stack.key} {best[1].us:.2f} µs",
+                better >= T17_N1000_VS_PEER and not big.lost, f"{better:.1f}x"))
+    return out
+
+
+def _t17_latency(t: StackResult, picows: StackResult | None) -> list[Target]:
+    lat = t.latency()
+    if lat is None or not lat.user_latency_ms:
+        return []
+    u = lat.user_latency_ms
+    measured = f"p50 {u['p50']:.2f} ms, p99 {u['p99']:.2f} ms (user space)"
+    ok = u["p99"] <= T17_P99_MS and not lat.lost
+    ratio = f"p99 {u['p99'] / T17_P99_MS:.2f}x the 1.5 ms budget"
+    plat = picows.latency() if picows is not None else None
+    if plat is not None and plat.user_latency_ms:
+        pu = plat.user_latency_ms
+        measured += f"; picows p50 {pu['p50']:.2f}, p99 {pu['p99']:.2f}"
+        ok = ok and u["p50"] <= pu["p50"] and u["p99"] <= pu["p99"]
+        ratio += f"; {u['p50'] / pu['p50']:.2f}x / {u['p99'] / pu['p99']:.2f}x picows"
+    return [_item(f"N = 100, {lat.rate:g} msg/s, user-space timing: p50 and p99 ≤ picows's, "
+                  f"p99 ≤ {T17_P99_MS:g} ms", measured, ok, ratio)]
+
+
+def _t17_embedded(t: StackResult, e: StackResult | None) -> list[Target]:
+    if e is None:
+        return []
+    worst: list[tuple[float, str]] = []
+    for p in t.phases:
+        q = e.throughput(p.n, p.publisher) if p.name == "throughput" else None
+        if q is not None and p.us and q.us:
+            worst.append((q.us / p.us, f"N = {p.n} {p.publisher}: {q.us:.2f} vs {p.us:.2f} µs"))
+    el, tl = e.latency(), t.latency()
+    if el is not None and tl is not None and el.user_latency_ms and tl.user_latency_ms:
+        for name in ("p50", "p99"):
+            worst.append((el.user_latency_ms[name] / tl.user_latency_ms[name],
+                          f"{name} {el.user_latency_ms[name]:.2f} vs "
+                          f"{tl.user_latency_ms[name]:.2f} ms"))
+    if not worst:
+        return []
+    ratio, what = max(worst)
+    return [_item(f"embedded (uvicorn + DirectWSProtocol) within {T17_EMBEDDED_RATIO:g}x of "
+                  "`tidings serve` on every scenario", f"worst: {what}",
+                  ratio <= T17_EMBEDDED_RATIO, f"{ratio:.2f}x")]
+
+
+def _t17_scale(results: Sequence[StackResult]) -> list[Target]:
+    out: list[Target] = []
     for r in results:
         h = r.huge
         if h is None or not h.opened:
@@ -558,30 +567,55 @@ def targets17(results: Sequence[StackResult]) -> list[dict[str, Any]]:
             at = (h.rss0_kib[0] + per * T17_SCALE_CONNS) / 1024
             measured += f"; {per:.1f} KiB each would make {at:.0f} MiB at {T17_SCALE_CONNS:,}"
             ok = False  # not reached: the extrapolation is a hint, not a measure
-        add(f"{r.stack.key}: {T17_SCALE_CONNS:,} connections in ≤ {T17_SCALE_RSS_MIB:g} MiB",
+        out.append(_item(
+            f"{r.stack.key}: {T17_SCALE_CONNS:,} connections in ≤ {T17_SCALE_RSS_MIB:g} MiB",
             measured, ok, f"{mib / T17_SCALE_RSS_MIB:.2f}x the budget"
             + (f" with {h.opened / T17_SCALE_CONNS:.1%} of the connections"
-               if h.opened < T17_SCALE_CONNS else ""))
-    if t is not None and (mem := t.throughput(1000)) is not None and mem.us:
-        for key in ("tidings-redis-2n", "tidings-nats-2n"):
-            r = by.get(key)
-            if r is None or (p := r.throughput(1000)) is None or not p.us:
-                continue
-            ratio = p.us / mem.us
-            add(f"{key}: N = 1000 per delivery ≤ {T17_BROKER_RATIO:g}x memory",
-                f"{p.us:.2f} µs (both nodes; broker {p.broker_cpu_s * 1e6 / p.deliveries:.2f}"
-                f" µs more) vs {mem.us:.2f} µs", ratio <= T17_BROKER_RATIO and not p.lost,
-                f"{ratio:.2f}x")
-    tn, go = by.get("tidings-nats-2n"), by.get("nats-ws")
-    if tn is not None and go is not None:
-        for n in (1000, 1):
-            a, b = tn.throughput(n), go.throughput(n)
-            if a is None or b is None or not a.us or not b.us:
-                continue
-            ratio = _total_us(a) / _total_us(b)
-            add(f"N = {n}: tidings on NATS within {T17_NATS_VS_GO:g}x of nats-server's own "
-                "websocket per delivery",
-                f"{_total_us(a):.2f} µs (nodes {a.us:.2f} + nats-server) vs "
-                f"{_total_us(b):.2f} µs", ratio <= T17_NATS_VS_GO and not a.lost,
-                f"{ratio:.2f}x")
+               if h.opened < T17_SCALE_CONNS else "")))
     return out
+
+
+def _t17_brokers(by: dict[str, StackResult]) -> list[Target]:
+    out: list[Target] = []
+    t = by.get("tidings")
+    mem = t.throughput(1000) if t is not None else None
+    for key in ("tidings-redis-2n", "tidings-nats-2n"):
+        res = by.get(key)
+        p = res.throughput(1000) if res is not None else None
+        if mem is None or not mem.us or p is None or not p.us:
+            continue
+        out.append(_item(
+            f"{key}: N = 1000 per delivery ≤ {T17_BROKER_RATIO:g}x memory",
+            f"{p.us:.2f} µs (both nodes; the broker "
+            f"{p.broker_cpu_s * 1e6 / max(1, p.deliveries):.2f} µs more) vs {mem.us:.2f} µs",
+            p.us / mem.us <= T17_BROKER_RATIO and not p.lost, f"{p.us / mem.us:.2f}x"))
+    tn, go = by.get("tidings-nats-2n"), by.get("nats-ws")
+    for n in (1000, 1):
+        a = tn.throughput(n) if tn is not None else None
+        b = go.throughput(n) if go is not None else None
+        if a is None or b is None or not a.us or not b.us:
+            continue
+        ratio = _total_us(a) / _total_us(b)
+        out.append(_item(
+            f"N = {n}: tidings on NATS within {T17_NATS_VS_GO:g}x of nats-server's own "
+            "websocket per delivery",
+            f"{_total_us(a):.2f} µs (nodes {a.us:.2f} + nats-server) vs {_total_us(b):.2f} µs",
+            ratio <= T17_NATS_VS_GO and not a.lost, f"{ratio:.2f}x"))
+    return out
+
+
+def targets17(results: Sequence[StackResult]) -> list[Target]:
+    """Each issue 17 target this run measured: met or not, with the ratio."""
+    by = {r.stack.key: r for r in results}
+    out: list[Target] = []
+    t, picows = by.get("tidings"), by.get("picows")
+    if t is not None:
+        out += _t17_cpu(t, picows, results)
+        out += _t17_latency(t, picows)
+        out += _t17_embedded(t, by.get("tidings-fastapi-direct"))
+        if t.idle is not None and t.idle.opened:
+            kib = t.idle.kib_per_conn
+            out.append(_item(f"idle memory ≤ {T17_IDLE_KIB:g} KiB per connection "
+                             f"({t.idle.opened:,})", f"{kib:.2f} KiB", kib <= T17_IDLE_KIB,
+                             f"{kib / T17_IDLE_KIB:.2f}x"))
+    return out + _t17_scale(results) + _t17_brokers(by)
