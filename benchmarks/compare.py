@@ -100,7 +100,7 @@ from benchmarks.stacks import (
 __all__ = ["main"]
 
 PUBLISHERS = {"batched": ("batched",), "single": ("single",), "both": ("batched", "single")}
-FD_MARGIN = 64  # descriptors a server needs besides its connections
+FD_MARGIN = 40  # descriptors a server needs besides its connections
 
 
 # -- scenarios --------------------------------------------------------------------------

@@ -58,7 +58,7 @@ class Stack:
     pub_path: str = "/pub"
     sizes: tuple[int, ...] = (1, 100, 1000)
     broker: str | None = None  # redis | postgres | nats | amqp | mqtt: whose CPU to report
-    peer: bool = True
+    peer: bool = True  # a Python library a user would otherwise pick: in "best peer" figures
     requires: tuple[str, ...] = ("fastapi",)  # modules the server imports (the bench extra)
     nodes: int = 1  # 2: publisher on node 1, subscribers on node 2, one broker between
     workers: int = 1  # tidings serve --workers: the publisher is kept off the N = 1 worker
@@ -177,7 +177,7 @@ STACKS: dict[str, Stack] = {s.key: s for s in [
     _tidings_on("tidings-nats-2n", "**tidings serve x2 on NATS** (JetStream)", "nats",
                 NATS_URL),
     Stack("nats-ws", "nats-server's own websocket listener (Go)", _nats_ws, "nats",
-          sub_path="/", pub_path="/", sizes=(1, 1000), requires=(), idle=False,
+          sub_path="/", pub_path="/", sizes=(1, 1000), requires=(), idle=False, peer=False,
           binary=nats_server_binary),
     _tidings_on("tidings-amqp-2n", "**tidings serve x2 on RabbitMQ**", "amqp", AMQP_URL),
     _tidings_on("tidings-mqtt-2n", "**tidings serve x2 on MQTT** (Mosquitto)", "mqtt",
