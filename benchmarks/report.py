@@ -80,6 +80,7 @@ class Phase:
     publisher_cpu_s: float = 0.0  # the controller process: publishers and pacing
     channels: int = 1
     placement: str = ""  # --workers: where the publisher and the subscribers landed
+    attempts: int = 1  # runs made to keep this one (--repeat, --max-other)
 
     @property
     def per_s(self) -> float:
@@ -121,6 +122,7 @@ class Phase:
             "user_latency_ms": self.user_latency_ms, "latency_samples": self.samples,
             "timed_out": self.timed_out, "publisher": self.publisher,
             "channels": self.channels, "placement": self.placement,
+            "attempts": self.attempts,
         }
 
 
@@ -252,7 +254,7 @@ def _lost(p: Phase) -> str:
 def detail_table(results: Sequence[StackResult]) -> str:
     head = ("| stack | phase | publisher | N | messages | deliveries/s | server µs/delivery | "
             "server CPU % | load-gen CPU %: subscribers + publisher | broker CPU % | "
-            "other CPU % | p50 / p99 ms, user space | p50 / p99 ms, kernel | lost |")
+            "other CPU % | p50 / p99 ms, user space | p50 / p99 ms, kernel | lost | runs |")
     rows = [head, "|---|---|---|" + "---:|" * (head.count("|") - 4)]
     for r in results:
         for p in [*r.phases, *r.channels]:
@@ -264,7 +266,7 @@ def detail_table(results: Sequence[StackResult]) -> str:
                 f"{p.pct(p.loadgen_cpu_s - p.publisher_cpu_s):.0f} + "
                 f"{p.pct(p.publisher_cpu_s):.0f} | {p.pct(p.broker_cpu_s):.0f} | "
                 f"{p.pct(p.other_cpu_s):.0f} | {_lat(p.user_latency_ms)} | "
-                f"{_lat(p.latency_ms) if p.stamped else '-'} | {_lost(p)} |")
+                f"{_lat(p.latency_ms) if p.stamped else '-'} | {_lost(p)} | {p.attempts} |")
     return "\n".join(rows)
 
 
