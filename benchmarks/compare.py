@@ -173,31 +173,55 @@ async def fanout(stack: Stack, opts: argparse.Namespace, progress: Progress,
 
 
 async def best_of(opts: argparse.Namespace, run: Callable[[], Awaitable[Phase]]) -> Phase:
-    """Run a phase ``--repeat`` times and keep the best run, as timeit does (the
-    machine's other work only ever adds): the lowest server CPU per delivery,
-    or for a latency phase the lowest user-space p99. On a shared machine, a
-    run during which the rest of the machine took more than ``--max-other`` %
-    of a CPU does not count: up to ``--retries`` more runs are made to get
-    ``--repeat`` that do (if none does, the least disturbed ones are kept).
-    Losses are never hidden: a run that lost messages or timed out is the one
-    kept."""
+    """Run a phase ``--repeat`` times and keep the best run (:func:`pick`). On a
+    shared machine, a run during which the rest of the machine took more than
+    ``--max-other`` % of a CPU does not count: up to ``--retries`` more runs are
+    made to get ``--repeat`` that do."""
     runs: list[Phase] = []
     while True:
         runs.append(await run())
         calm = [p for p in runs if p.pct(p.other_cpu_s) <= opts.max_other]
         if len(calm) >= opts.repeat or len(runs) >= opts.repeat + opts.retries:
             break
+    return pick(runs, opts)
+
+
+def pick(runs: Sequence[Phase], opts: argparse.Namespace) -> Phase:
+    """The best of some runs of one phase, as timeit does (the machine's other
+    work only ever adds): the lowest server CPU per delivery, or for a latency
+    phase the lowest user-space p99, among the calm runs (``--max-other``; if
+    none is, the least disturbed). Losses are never hidden: a run that lost
+    messages or timed out is the one kept. Every run's figures stay in
+    ``runs``."""
     bad = [p for p in runs if p.lost or p.timed_out or p.errors]
+    calm = [p for p in runs if p.pct(p.other_cpu_s) <= opts.max_other]
+    pool = calm or sorted(runs, key=lambda p: p.pct(p.other_cpu_s))[:max(1, opts.repeat)]
     if bad:
-        bad[0].attempts = len(runs)
-        return bad[0]
-    pool = calm or sorted(runs, key=lambda p: p.pct(p.other_cpu_s))[:opts.repeat]
-    if runs[0].user_latency_ms:
+        best = bad[0]
+    elif runs[0].user_latency_ms:
         best = min(pool, key=lambda p: p.user_latency_ms.get("p99", float("inf")))
     else:
         best = min(pool, key=lambda p: p.us)
-    best.attempts = len(runs)
+    best.runs = [r for p in runs for r in (p.runs or [p.summary()])]
+    best.attempts = len(best.runs)
     return best
+
+
+def merge(into: StackResult, new: StackResult, opts: argparse.Namespace) -> None:
+    """``--rounds``: fold another round of a stack into its result, phase by phase."""
+    for phase in new.phases:
+        key = (phase.name, phase.n, phase.publisher)
+        for i, old in enumerate(into.phases):
+            if (old.name, old.n, old.publisher) == key:
+                into.phases[i] = pick([old, phase], opts)
+                break
+        else:
+            into.phases.append(phase)
+    if new.idle is not None and (into.idle is None or not into.idle.opened or (
+            new.idle.opened and new.idle.other_cpu_s / max(new.idle.seconds, 1e-9)
+            < into.idle.other_cpu_s / max(into.idle.seconds, 1e-9))):
+        into.idle = new.idle  # the calmer one
+    into.errors.extend(e for e in new.errors if e not in into.errors)
 
 
 async def idle(stack: Stack, opts: argparse.Namespace, progress: Progress, n: int,
@@ -352,6 +376,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeat", type=int, default=1, metavar="K",
                         help="run each throughput and latency phase K times and keep the "
                              "best run (losses are never hidden)")
+    parser.add_argument("--rounds", type=int, default=1, metavar="K",
+                        help="run the whole list of stacks K times (every other round in "
+                             "reverse order) and keep each phase's best run over the rounds")
     parser.add_argument("--max-other", type=float, default=float("inf"), metavar="PCT",
                         help="a run during which the rest of the machine took more than PCT "
                              "%% of a CPU does not count towards --repeat (default: all count)")
@@ -403,9 +430,17 @@ async def _run(opts: argparse.Namespace, stacks: Sequence[Stack],
             results.append(res)
         return res
 
-    for stack in stacks:
-        progress.note(f"{stack.key}: {stack.label.replace('*', '')}")
-        results.append(await run_stack(stack, opts, progress))
+    for round_ in range(opts.rounds):
+        # every other round in the reverse order, so that a slow drift of the
+        # machine's load does not favour the stacks that run first
+        for stack in stacks if round_ % 2 == 0 else reversed(stacks):
+            progress.note(f"{stack.key}: {stack.label.replace('*', '')}"
+                          + (f" (round {round_ + 1} of {opts.rounds})" if opts.rounds > 1 else ""))
+            res = await run_stack(stack, opts, progress)
+            if round_ == 0:
+                results.append(res)
+            else:
+                merge(result_for(stack.key), res, opts)
     if opts.huge:
         for key in opts.huge_stacks:
             result_for(key).huge = await idle(STACKS[key], opts, progress,

@@ -80,7 +80,16 @@ class Phase:
     publisher_cpu_s: float = 0.0  # the controller process: publishers and pacing
     channels: int = 1
     placement: str = ""  # --workers: where the publisher and the subscribers landed
-    attempts: int = 1  # runs made to keep this one (--repeat, --max-other)
+    attempts: int = 1  # runs made to keep this one (--repeat, --max-other, --rounds)
+    runs: list[dict[str, Any]] = field(default_factory=list)  # every run's figures
+
+    def summary(self) -> dict[str, Any]:
+        """The figures of this run, kept beside the best one's."""
+        return {"us": round(self.us, 3), "per_s": round(self.per_s),
+                "other_cpu_percent": round(self.pct(self.other_cpu_s), 1),
+                "loadgen_cpu_percent": round(self.pct(self.loadgen_cpu_s), 1),
+                "user_latency_ms": self.user_latency_ms,
+                "latency_ms": self.latency_ms if self.stamped else {}, "lost": self.lost}
 
     @property
     def per_s(self) -> float:
@@ -122,7 +131,7 @@ class Phase:
             "user_latency_ms": self.user_latency_ms, "latency_samples": self.samples,
             "timed_out": self.timed_out, "publisher": self.publisher,
             "channels": self.channels, "placement": self.placement,
-            "attempts": self.attempts,
+            "attempts": self.attempts, "runs": self.runs,
         }
 
 
