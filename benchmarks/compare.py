@@ -282,10 +282,14 @@ async def channels(stack: Stack, opts: argparse.Namespace, progress: Progress,
     raise_nofile(total + 4096)
     try:
         await session.start()
-        await session.connect(total, f"{stack.key} {opts.channels} channels x "
-                                     f"{opts.channel_subscribers}")
+        # a source address of their own: after --huge, 127.0.0.1's client ports
+        # may still be held (another scenario's sockets in TIME_WAIT)
+        sources = [f"127.0.0.{20 + i}" for i in range(opts.channel_procs)]
+        report = await session.connect(total, f"{stack.key} {opts.channels} channels x "
+                                     f"{opts.channel_subscribers}", sources)
         if session.n < total:
-            raise RuntimeError(f"only {session.n} of {total} subscribers connected")
+            raise RuntimeError(f"only {session.n} of {total} subscribers connected: "
+                               f"{report['errors']}")
         publishers = max(1, min(opts.publishers, len(names)))
         base = stack.sub_path  # the native socket: /ws or /rt/ws
         for p in range(publishers):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import multiprocessing
 import os
 import signal
@@ -475,6 +476,7 @@ class Session:
         sys0 = system_cpu_seconds()
         me0 = time.process_time()
         first = 0
+        gc.disable()  # the publishers too: no collection pause inside a phase
         try:
             first, sent = await self._publish(count, rate, max_s)
             result.messages = sent
@@ -492,6 +494,7 @@ class Session:
             await self.wait_for(lambda: all(pid in w.done for w in self.workers), 10,
                                 f"{name} collect")
         finally:
+            gc.enable()
             tick.cancel()
         result.server_cpu_s = self.server_cpu() - cpu0
         result.server_sched_s = sum(tree_runtime_seconds(s.pid) for s in self.servers) - run0
