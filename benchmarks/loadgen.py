@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import os
 import random
 import resource
@@ -52,6 +53,8 @@ from multiprocessing.connection import Connection as Pipe
 from typing import Any
 
 import orjson
+
+from benchmarks import natsws
 
 __all__ = ["Publisher", "client_frame", "raise_nofile", "upgrade_request", "worker_main"]
 
@@ -290,7 +293,7 @@ class StampedTransport:
         return self.closing
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
+        return self.sock if name == "socket" else default
 
     def abort(self) -> None:
         self._lost(None)
@@ -315,7 +318,7 @@ class Subscriber(WSClient):
     """Counts publication frames; parses a sample."""
 
     def __init__(self, group: Group, index: int) -> None:
-        super().__init__(group.request(), group.steps, group.ping_text)
+        super().__init__(group.request(), group.steps_for(index), group.ping_text)
         self.group = group
         self.index = index
         self.count = 0
@@ -331,7 +334,8 @@ class Subscriber(WSClient):
 
     def data_received(self, data: bytes) -> None:
         g = self.group
-        g.last_rx = now = self.rx_ns or perf_ns()
+        user = perf_ns()  # when this client's code reads the data: user-space timing
+        g.last_rx = now = self.rx_ns or user
         if self.state != READY:
             super().data_received(data)
             return
@@ -365,7 +369,7 @@ class Subscriber(WSClient):
                 count += 1
                 if (count + stagger) % sample == 0 or count == target:
                     self.count = count
-                    g.check(self, data[head:end], count, now)
+                    g.check(self, data[head:end], count, now, user)
             elif op >= 8:
                 self.control(op, data[head:end])
             else:
@@ -374,6 +378,73 @@ class Subscriber(WSClient):
         self.count = count
         if pos < n:
             self.buf = data[pos:]
+
+
+class NatsSubscriber(Subscriber):
+    """A subscriber of nats-server's own websocket listener: the payloads of its
+    data frames, joined, are NATS protocol text (:mod:`benchmarks.natsws`), with
+    any number of ``MSG`` deliveries per frame."""
+
+    def __init__(self, group: Group, index: int) -> None:
+        super().__init__(group, index)
+        self.stream = b""
+
+    def data_received(self, data: bytes) -> None:
+        g = self.group
+        user = perf_ns()
+        g.last_rx = now = self.rx_ns or user
+        if self.state != READY:
+            WSClient.data_received(self, data)
+            return
+        if self.buf:
+            data = self.buf + data
+            self.buf = b""
+        chunks = [self.stream] if self.stream else []
+        pos, n = 0, len(data)
+        while n - pos >= 2:
+            length = data[pos + 1] & 0x7F
+            head = pos + 2
+            if length == 126:
+                if n - pos < 4:
+                    break
+                length = (data[pos + 2] << 8) | data[pos + 3]
+                head = pos + 4
+            elif length == 127:
+                if n - pos < 10:
+                    break
+                length = int.from_bytes(data[pos + 2:pos + 10], "big")
+                head = pos + 10
+            end = head + length
+            if end > n:
+                break
+            op = data[pos] & 0x0F
+            if op >= 8:
+                self.control(op, data[head:end])
+            else:
+                chunks.append(data[head:end])
+            pos = end
+        if pos < n:
+            self.buf = data[pos:]
+        if not chunks:
+            return
+        stream = b"".join(chunks) if len(chunks) > 1 else chunks[0]
+        msgs, pings, other, used = natsws.parse(stream)
+        self.stream = stream[used:]
+        for _ in range(pings):
+            self.send(b"PONG\r\n", OP_BINARY)
+        for line in other:
+            g.error(f"nats: {line[:160]!r}")
+        prefix, sample, target, stagger = g.prefix, g.sample, g.target, self.index
+        count = self.count
+        for payload in msgs:
+            if not payload.startswith(prefix):
+                g.unexpected(payload)
+                continue
+            count += 1
+            if (count + stagger) % sample == 0 or count == target:
+                self.count = count
+                g.check(self, payload, count, now, user)
+        self.count = count
 
 
 def _extract_raw(payload: bytes) -> Any:
@@ -400,6 +471,13 @@ class Group:
         self.port: int = spec["port"]
         self.path: str = spec["sub_path"]
         self.steps: list[tuple[str, bytes]] = [(k, v) for k, v in spec["steps"]]
+        # many channels: subscriber k of this process takes the steps of channel
+        # (start + stride * k) % len(channel_steps), so processes interleave
+        self.channel_steps: list[list[tuple[str, bytes]]] = [
+            [(k, v) for k, v in steps] for steps in spec.get("channel_steps") or []]
+        self.start: int = spec.get("start", 0)
+        self.stride: int = spec.get("stride", 1)
+        self.sub_class = NatsSubscriber if spec.get("proto") == "nats" else Subscriber
         self.prefix: bytes = spec["prefix"]
         self.ping_text: bool = spec.get("ping_text", False)
         self.extract = EXTRACT[spec["extract"]]
@@ -414,8 +492,9 @@ class Group:
         self.interval = 0.005
         self.remaining = 0
         self.reported = True
-        self.latencies: list[int] = []
-        self.timed: list[tuple[Subscriber, bytes, int, int]] = []
+        self.latencies: list[int] = []  # kernel receive time - send time (stamped)
+        self.user_latencies: list[int] = []  # read by this process - send time
+        self.timed: list[tuple[Subscriber, bytes, int, int, int]] = []
         self.stamped = False  # some subscribers are timed by the kernel
         self.errors: list[str] = []
         self.n_errors = 0
@@ -429,6 +508,11 @@ class Group:
     def request(self) -> bytes:
         return upgrade_request(self.host, self.port, self.path)
 
+    def steps_for(self, index: int) -> list[tuple[str, bytes]]:
+        if not self.channel_steps:
+            return self.steps
+        return self.channel_steps[(self.start + self.stride * index) % len(self.channel_steps)]
+
     # -- frames ---------------------------------------------------------------------
 
     def error(self, text: str) -> None:
@@ -441,19 +525,22 @@ class Group:
         if self.n_unexpected <= 3:
             self.error(f"unexpected frame: {payload[:160]!r}")
 
-    def check(self, sub: Subscriber, payload: bytes, count: int, now: int) -> None:
+    def check(self, sub: Subscriber, payload: bytes, count: int, now: int, user: int) -> None:
+        """A sampled frame: ``now`` is its receive time (the kernel's for a stamped
+        subscriber, else ``user``), ``user`` when this process read it."""
         if self.latency and not self.warmup:
             # kept, parsed when the phase ends: the next socket's frame is timed
             # without waiting for this one's parse (100 sockets are read in turn);
             # once some subscribers are stamped, only theirs are timed
             if sub.rx_ns or not self.stamped:
-                self.timed.append((sub, payload, count, now))
+                self.timed.append((sub, payload, count, now, user))
             if count == self.target and not sub.done:
                 self._finished(sub)
             return
-        self._check(sub, payload, count, now)
+        self._check(sub, payload, count, now, user)
 
-    def _check(self, sub: Subscriber, payload: bytes, count: int, now: int) -> None:
+    def _check(self, sub: Subscriber, payload: bytes, count: int, now: int,
+               user: int) -> None:
         try:
             data = self.extract(payload)
             seq = data["seq"]
@@ -469,6 +556,7 @@ class Group:
                        f"has seq {seq}, expected {self.base + count}")
         if self.latency and (sub.rx_ns or not self.stamped):
             self.latencies.append(now - data["ts"])
+            self.user_latencies.append(user - data["ts"])
         if count == self.target and not sub.done:
             self._finished(sub)
 
@@ -494,10 +582,18 @@ class Group:
 
     def _start_phase(self, phase: int, base: int, target: int, sample: int, latency: bool,
                      warmup: bool, interval: float) -> None:
+        # no garbage collection while a phase runs: with 10,000 subscribers and the
+        # frames a latency phase keeps, a full collection stalls this process for
+        # tens of ms, which would be charged to the server under test (the hot
+        # path makes no reference cycles; what is left is collected between phases)
+        gc.collect()
+        gc.freeze()
+        gc.disable()
         self.phase, self.base, self.target = phase, base, target
         self.sample = 1 if warmup else max(1, sample)
         self.latency, self.warmup, self.interval = latency, warmup, interval
         self.latencies = []
+        self.user_latencies = []
         self.timed = []
         self.errors = []
         self.n_errors = 0
@@ -527,9 +623,11 @@ class Group:
 
     def _report_done(self) -> None:
         self.reported = True  # before the replay: its checks must not report again
+        gc.unfreeze()
+        gc.enable()
         timed, self.timed = self.timed, []
-        for sub, payload, count, now in timed:
-            self._check(sub, payload, count, now)
+        for sub, payload, count, now, user in timed:
+            self._check(sub, payload, count, now, user)
         target = self.target
         short = [s for s in self.subs if s.count < target] if not self.warmup else [
             s for s in self.subs if not s.done or not s.alive]
@@ -539,6 +637,8 @@ class Group:
             "lost": 0 if self.warmup else sum(target - s.count for s in short),
             "closed": dict(self.closes),
             "latencies": self.latencies,
+            "user_latencies": self.user_latencies,
+            "stamped": self.stamped,
             "errors": self.errors,
             "n_errors": self.n_errors,
             "unexpected": self.n_unexpected,
@@ -574,7 +674,7 @@ class Group:
         async def one(k: int) -> None:
             nonlocal ok
             async with limit:
-                sub = Subscriber(self, first + k)
+                sub = self.sub_class(self, first + k)
                 local = (sources[k % len(sources)], 0) if sources else None
                 try:
                     if stamped:
@@ -640,8 +740,22 @@ class Group:
         progress.cancel()
         for sub in self.subs:
             if sub.transport is not None:
-                sub.transport.abort()
+                reset(sub.transport)
         await asyncio.sleep(0)
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset(transport: Any) -> None:
+    """Close with a TCP reset: the next scenario's connections must not find
+    tens of thousands of client ports held in TIME_WAIT (an active close keeps
+    each for a minute, and a port held by a bound socket is not reused)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
 
 
 def run_fast(coro: Any) -> Any:
@@ -690,6 +804,7 @@ class Publisher(WSClient):
         self.writable = asyncio.Event()
         self.writable.set()
         self.other = 0
+        self.nats = False  # nats-server's websocket: answer its PINGs
 
     def pause_writing(self) -> None:
         self.writable.clear()
@@ -703,3 +818,12 @@ class Publisher(WSClient):
 
     def on_other(self, payload: bytes) -> None:
         self.other += 1
+        if self.nats:
+            for _ in range(natsws.parse(payload)[1]):
+                self.send(b"PONG\r\n", OP_BINARY)
+
+    async def drain(self) -> None:
+        """What ``await ws.send()`` of a client library does after its write:
+        wait while the transport's buffer is over its high-water mark."""
+        if not self.writable.is_set():
+            await self.writable.wait()

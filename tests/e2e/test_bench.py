@@ -37,7 +37,41 @@ def test_compare_counts_every_delivery_and_times_every_latency_frame(tmp_path: P
     assert latency["latency_samples"] == latency["messages"] * 99
     # kernel receive times against the publisher's clock: positive and sane
     assert 0 < latency["latency_ms"]["p50"] <= latency["latency_ms"]["p99"] < 1000
+    # the same frames timed when the client read them: never before the kernel had them
+    user = latency["user_latency_ms"]
+    assert latency["latency_ms"]["p50"] <= user["p50"] <= user["p99"] < 1000
     assert result["idle"]["opened"] == 50 and result["idle"]["rss_anon_kib_per_connection"] > 0
+
+
+def test_compare_single_publisher_and_two_node_stacks(tmp_path: Path) -> None:
+    """``--publisher both``: each throughput phase per batch and per message, on
+    ``tidings serve``, on ``--workers 2`` (the publisher kept off the worker of the
+    N = 1 subscriber, so its deliveries cross the ipc relay) and on nats-server's
+    websocket when its binary is there (NATS protocol text in websocket frames)."""
+    out = tmp_path / "compare.json"
+    stacks = ["tidings", "tidings-ipc"]
+    from benchmarks.stacks import nats_server_binary
+
+    if nats_server_binary() is not None:
+        stacks.append("nats-ws")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compare", "--stacks", *stacks, "--publisher", "both",
+         "--subscribers", "1", "--idle", "0", "--latency-seconds", "0", "--max-seconds", "0.3",
+         "--warmup", "5", "--no-progress", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = {r["stack"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == set(stacks)
+    for result in results.values():
+        assert result["errors"] == []
+        phases = [p for p in result["phases"] if p["name"] == "throughput"]
+        assert [p["publisher"] for p in phases] == ["batched", "single"]
+        for phase in phases:
+            assert phase["lost"] == 0 and phase["deliveries"] == phase["messages"] > 0
+            assert phase["publisher_cpu_s"] > 0
+    # --workers 2 at N = 1: the publisher was moved off the subscriber's worker
+    ipc = results["tidings-ipc"]["phases"][0]["placement"]
+    assert ipc.startswith("0 of 1 subscribers on the publisher's worker"), ipc
 
 
 @pytest.mark.parametrize("mode", [[], ["--native"]], ids=["raw", "native"])

@@ -95,11 +95,14 @@ def _parser() -> argparse.ArgumentParser:
         "bench", help="tidings side by side with its peers (benchmarks/compare.py)")
     bench.add_argument("--quick", action="store_true", help="a run of under a minute")
     bench.add_argument("--subscribers", type=int, nargs="*", default=None)
-    bench.add_argument("--stacks", nargs="*", default=None, help="stacks to run (default all)")
+    bench.add_argument("--stacks", nargs="*", default=None,
+                       help="stacks or groups (peers, brokers, quick) to run (default peers)")
     bench.add_argument("--huge", action="store_true", help="also 50,000 idle connections")
     bench.add_argument("--json", dest="json_out", default=None, help="write results here")
     bench.add_argument("--repeat", type=int, default=1, metavar="K",
                        help="run each phase K times, keep the best (losses never hidden)")
+    bench.add_argument("--publisher", choices=["batched", "single", "both"], default="batched",
+                       help="32 frames a write (batched), one frame a write (single), or both")
     return parser
 
 
@@ -334,6 +337,8 @@ def _bench(args: argparse.Namespace) -> int:
         argv += ["--json", args.json_out]
     if args.repeat != 1:
         argv += ["--repeat", str(args.repeat)]
+    if args.publisher != "batched":
+        argv += ["--publisher", args.publisher]
     result: int = compare.main(argv)
     return result
 
