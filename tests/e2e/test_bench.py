@@ -69,9 +69,12 @@ def test_compare_single_publisher_and_two_node_stacks(tmp_path: Path) -> None:
         for phase in phases:
             assert phase["lost"] == 0 and phase["deliveries"] == phase["messages"] > 0
             assert phase["publisher_cpu_s"] > 0
-    # --workers 2 at N = 1: the publisher was moved off the subscriber's worker
+    # --workers 2 at N = 1: the publisher is moved off the subscriber's worker, or
+    # the report says it could not be (the kernel picks the worker that accepts:
+    # on a loaded machine the same one may win every time)
     ipc = results["tidings-ipc"]["phases"][0]["placement"]
-    assert ipc.startswith("0 of 1 subscribers on the publisher's worker"), ipc
+    assert (ipc.startswith("0 of 1 subscribers on the publisher's worker")
+            or ipc.endswith("(could not separate them)")), ipc
 
 
 @pytest.mark.parametrize("mode", [[], ["--native"]], ids=["raw", "native"])
