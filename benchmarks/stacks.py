@@ -130,6 +130,8 @@ def _tidings_on(key: str, label: str, broker: str, url: str,
 STACKS: dict[str, Stack] = {s.key: s for s in [
     Stack("picows", "picows server, loop of `transport.send`", _peer("picows_loop"), "raw",
           requires=("picows",)),
+    Stack("picows-uvloop", "picows server on uvloop", _peer("picows_loop", "--uvloop"), "raw",
+          requires=("picows", "uvloop")),
     Stack("websockets", "`websockets` server + `websockets.broadcast`",
           _peer("websockets_broadcast"), "raw", requires=("websockets",)),
     Stack("fastapi-loop", "FastAPI + uvicorn, loop of `await ws.send_text`",

@@ -4,7 +4,8 @@ picows is the fastest websocket library for Python the issue names: frames are
 parsed and built in C, a listener gets each frame in a callback with no task or
 queue, and ``send`` writes at once. Like the other peers it uses the library as
 its documentation shows, with default settings (picows picks uvloop's loop only
-if asked, so this runs on asyncio's, as the ``websockets`` peer does).
+if asked, so this runs on asyncio's, as the ``websockets`` peer does; with
+``--uvloop``, the ``picows-uvloop`` stack, on uvloop's, as ``tidings serve``).
 """
 
 from __future__ import annotations
@@ -76,4 +77,12 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    import sys
+
+    if "--uvloop" in sys.argv:  # the picows-uvloop stack: the loop tidings serve runs on
+        sys.argv.remove("--uvloop")
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())

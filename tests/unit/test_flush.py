@@ -180,3 +180,26 @@ async def test_one_scope_for_many_publications_writes_each_connection_once_then_
     assert direct.writes == [frames(pubs[:1]), frames(pubs[1:])]
     lone = hub.publish_nowait("n", 4)  # one scope last turn: not busy
     assert direct.writes[2] == frames([lone])
+
+
+async def test_a_burst_is_framed_once_for_every_subscriber_whatever_path_it_takes(
+        hub: Hub) -> None:
+    """One burst fanned out in a scope: the connection that can write through
+    gets it in one write, the one already written to in this scope gets it
+    queued for the end of the turn; both get the same bytes as framing each
+    publication on its own, and the outbox holds one entry per publication
+    (a drop policy drops whole publications, never part of a batch)."""
+    fresh, behind = FakeDirect(), FakeDirect()
+    await subscribed(hub, "many", fresh)
+    late = await subscribed(hub, "many", behind)
+    await hub.subscribe(late, "solo")
+    hub.flusher.enter()  # one read's scope, as a producer's read callback opens
+    solo = hub.publish_nowait("solo", 0)
+    burst = hub.publish_many_nowait("many", [({"i": i}, None) for i in range(4)])
+    hub.flusher.leave()
+    assert fresh.writes == [frames(burst)]  # at once, in one write
+    assert behind.writes == [frames([solo])]  # its one write-through of this turn
+    assert late.queued == 4
+    await turn()
+    assert behind.writes == [frames([solo]), frames(burst)]
+    assert fresh.writes == [frames(burst)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import resource
 from collections.abc import Iterator
@@ -36,27 +35,49 @@ def test_tune_gc_freezes_what_is_loaded_and_raises_the_young_threshold(gc_restor
     assert GC_THRESHOLDS[0] > 700  # above CPython's default
 
 
-@pytest.mark.parametrize("server", ["tidings", "uvicorn"])
-def test_serve_tunes_the_collector_and_file_limit_before_it_serves(server: str, gc_restored: None,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def _unfrozen(obj: object) -> bool:
+    return any(o is obj for o in gc.get_objects())  # frozen objects are in none
+
+
+def _untuned() -> tuple[int, int]:
     gc.unfreeze()
     gc.set_threshold(700, 10, 10)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # as a login shell may leave it
+    return runner.MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+
+
+def test_tidings_serve_tunes_the_collector_once_listening(gc_restored: None,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file limit goes up before the app is built; the collector is tuned
+    once it listens, so the app's own objects are frozen too."""
+    raised = _untuned()
     seen: dict[str, Any] = {}
 
-    def serving(*args: Any, **kwargs: Any) -> None:
-        for arg in args:  # uvicorn's serve() coroutine: not run here
-            if asyncio.iscoroutine(arg):
-                arg.close()
-        seen["threshold"] = gc.get_threshold()
-        seen["frozen"] = gc.get_freeze_count()
+    def serving(app: Any, **kwargs: Any) -> None:
         seen["files"] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert _unfrozen(app) and gc.get_threshold() == (700, 10, 10)  # not yet
+        kwargs["ready"]()  # what lean.run calls once its sockets listen
+        seen["app_frozen"] = not _unfrozen(app)
+        seen["threshold"] = gc.get_threshold()
 
     monkeypatch.setattr(lean, "run", serving)
-    monkeypatch.setattr(runner.asyncio, "run", serving)
-    runner.run(Hub("memory://"), host="127.0.0.1", port=0, server=server)  # type: ignore[arg-type]
-    assert seen["threshold"] == GC_THRESHOLDS
-    assert seen["frozen"] > 0
-    # every connection is a file: the soft limit goes up to the hard one
-    assert seen["files"] == (runner.MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else hard)
+    runner.run(Hub("memory://"), host="127.0.0.1", port=0, server="tidings")
+    assert seen == {"files": raised, "app_frozen": True, "threshold": GC_THRESHOLDS}
+
+
+def test_uvicorn_serve_tunes_the_collector_once_started(gc_restored: None,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    raised = _untuned()
+    seen: dict[str, Any] = {}
+
+    async def main_loop(self: uvicorn.Server) -> None:  # started and listening: stop at once
+        seen["files"] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        seen["app_frozen"] = not _unfrozen(self.config.loaded_app)
+        seen["threshold"] = gc.get_threshold()
+
+    monkeypatch.setattr(uvicorn.Server, "main_loop", main_loop)
+    runner.run(Hub("memory://"), host="127.0.0.1", port=0, server="uvicorn")
+    assert seen == {"files": raised, "app_frozen": True, "threshold": GC_THRESHOLDS}

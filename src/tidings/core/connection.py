@@ -99,6 +99,36 @@ class _Control:
 
 _Entry = str | bytes | _Control
 
+class BatchFrames:
+    """The frames of one batch of publications, made once per protocol for all
+    the connections of a fan-out: each frame (an outbox counts publications)
+    and all of them joined (for a write-through)."""
+
+    __slots__ = ("_each", "_joined", "pubs")
+
+    def __init__(self, pubs: Sequence[Publication]) -> None:
+        self.pubs = pubs
+        self._each: dict[int, tuple[bytes, ...]] = {}
+        self._joined: dict[int, bytes] = {}
+
+    def frames(self, codec: Codec) -> tuple[bytes, ...]:
+        frames = self._each.get(codec.slot)
+        if frames is None:
+            publication = codec.publication
+            frames = self._each[codec.slot] = tuple(
+                [publication(pub) for pub in self.pubs])  # type: ignore[misc]  # framed
+        return frames
+
+    def joined(self, codec: Codec) -> bytes:
+        joined = self._joined.get(codec.slot)
+        if joined is None:
+            joined = self._joined[codec.slot] = b"".join(self.frames(codec))
+        return joined
+
+    def size(self, codec: Codec) -> int:
+        return len(self.joined(codec))
+
+
 QUEUED: Final = -2  # Connection._written: waiting for the end-of-turn flush (turns are >= 0)
 
 
@@ -199,6 +229,11 @@ class Connection:
         return self._closed or self._close is not None
 
     @property
+    def queued(self) -> int:
+        """Entries waiting in the outbox (a publication or a control frame each)."""
+        return len(self._out)
+
+    @property
     def dropped(self) -> int:
         """Publications dropped for this connection so far (``drop`` policy)."""
         return self._dropped_total
@@ -246,10 +281,12 @@ class Connection:
             self._overflow()
         self._wake()
 
-    def deliver_many(self, pubs: Sequence[Publication]) -> None:
+    def deliver_many(self, pubs: Sequence[Publication], batch: BatchFrames | None = None) -> None:
         """Queue consecutive publications of one channel (``deliver`` each, with
         the common case of a native or raw subscriber on a direct transport
-        done in one pass: one limit check and one wake-up)."""
+        done in one pass: one limit check and one wake-up). ``batch`` keeps the
+        frames made for the fan-out's other connections (each protocol frames
+        and joins a batch once)."""
         kind, codec = self.kind, self.codec
         if (codec is None or self._direct is None or self._pending is not None or self._floors
                 or self._close is not None
@@ -257,14 +294,15 @@ class Connection:
             for pub in pubs:
                 self.deliver(pub)
             return
-        publication = codec.publication
-        frames = [publication(pub) for pub in pubs]
+        if batch is None:
+            batch = BatchFrames(pubs)
         out = self._out
         if not out and self._through():
-            self._write_through(b"".join(frames))  # type: ignore[arg-type]  # framed: bytes
+            self._write_through(batch.joined(codec))
             return
+        frames = batch.frames(codec)  # one outbox entry each: the outbox counts publications
         out.extend(frames)
-        self._out_bytes += sum(map(len, frames))
+        self._out_bytes += batch.size(codec)
         limits = self.limits
         if len(out) > limits.outbox_size or self._out_bytes > limits.outbox_bytes:
             self._overflow()

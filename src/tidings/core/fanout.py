@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tidings.brokers.base import MemberEvent
-from tidings.core.connection import Connection
+from tidings.core.connection import BatchFrames, Connection
 from tidings.protocol.index import SubscriptionIndex
 from tidings.types import Publication
 
@@ -64,14 +64,15 @@ class FanOut:
         if not conns:
             return
         flusher = self.flusher
+        batch = BatchFrames(pubs)  # framed and joined once per protocol
         if flusher.depth:
             for conn in conns:
-                conn.deliver_many(pubs)
+                conn.deliver_many(pubs, batch)
         else:
             flusher.enter()
             try:
                 for conn in conns:
-                    conn.deliver_many(pubs)
+                    conn.deliver_many(pubs, batch)
             finally:
                 flusher.leave()
         self.stats.deliveries += len(conns) * len(pubs)

@@ -182,11 +182,12 @@ def loop_factory(loop: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] 
 def run(app: ASGIApp, *, host: str, port: int, ws_routes: Sequence[Any] = (),
         max_size: int = 1 << 20, sockets: Sequence[socket.socket] | None = None,
         before_close: Callable[[], Awaitable[None]] | None = None,
-        loop: str = "auto") -> None:
+        loop: str = "auto", ready: Callable[[], None] | None = None) -> None:
     """Serve ``app`` until SIGINT or SIGTERM, then shut down cleanly (exit status 0).
 
     ``before_close`` runs after the listening sockets close and before open
-    connections are dropped (the hub closes its websockets with 1001 there).
+    connections are dropped (the hub closes its websockets with 1001 there);
+    ``ready`` once the app has started and the sockets listen.
     """
     factory = loop_factory(loop)
 
@@ -204,6 +205,8 @@ def run(app: ASGIApp, *, host: str, port: int, ws_routes: Sequence[Any] = (),
             await server.shutdown_app()
             raise SystemExit(1) from None
         assert server.address is not None
+        if ready is not None:
+            ready()
         log.info("tidings serving on http://%s:%d (%s loop)", *server.address,
                  type(asyncio.get_running_loop()).__module__.split(".")[0])
         await stop.wait()
