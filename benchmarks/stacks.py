@@ -187,9 +187,9 @@ STACKS: dict[str, Stack] = {s.key: s for s in [
 ]}
 
 GROUPS: dict[str, tuple[str, ...]] = {
-    "quick": ("picows", "websockets", "fastapi-loop", "tidings", "tidings-fastapi",
+    "quick": ("picows", "picows-uvloop", "websockets", "fastapi-loop", "tidings", "tidings-fastapi",
               "tidings-fastapi-direct"),
-    "peers": ("picows", "websockets", "fastapi-loop", "broadcaster", "fdw", "socketio",
+    "peers": ("picows", "picows-uvloop", "websockets", "fastapi-loop", "broadcaster", "fdw", "socketio",
               "broadcaster-redis", "tidings", "tidings-fastapi", "tidings-fastapi-direct",
               "tidings-redis"),
     "brokers": ("tidings", "tidings-ipc", "tidings-redis-2n", "broadcaster-redis-2n",
