@@ -187,11 +187,11 @@ STACKS: dict[str, Stack] = {s.key: s for s in [
 ]}
 
 GROUPS: dict[str, tuple[str, ...]] = {
-    "quick": ("picows", "picows-uvloop", "websockets", "fastapi-loop", "tidings", "tidings-fastapi",
-              "tidings-fastapi-direct"),
-    "peers": ("picows", "picows-uvloop", "websockets", "fastapi-loop", "broadcaster", "fdw", "socketio",
-              "broadcaster-redis", "tidings", "tidings-fastapi", "tidings-fastapi-direct",
-              "tidings-redis"),
+    "quick": ("picows", "picows-uvloop", "websockets", "fastapi-loop", "tidings",
+              "tidings-fastapi", "tidings-fastapi-direct"),
+    "peers": ("picows", "picows-uvloop", "websockets", "fastapi-loop", "broadcaster", "fdw",
+              "socketio", "broadcaster-redis", "tidings", "tidings-fastapi",
+              "tidings-fastapi-direct", "tidings-redis"),
     "brokers": ("tidings", "tidings-ipc", "tidings-redis-2n", "broadcaster-redis-2n",
                 "tidings-postgres-2n", "broadcaster-postgres-2n", "tidings-nats-2n",
                 "nats-ws", "tidings-amqp-2n", "tidings-mqtt-2n"),
