@@ -291,3 +291,24 @@ async def test_a_bad_utf8_frame_after_good_ones_in_one_read(ws: str) -> None:
             assert await client.close_code() == 1007
         assert [(await sub.next("publication"))["data"] for _ in range(2)] == [1, 2]
         assert hub.stats.publications_in == 2
+
+
+async def test_an_idle_subscriber_holds_nothing_of_its_last_command() -> None:
+    """Idle connections are many: once a subscribe is answered, neither the
+    command, nor its frame, nor the admission that let the socket in stays
+    referenced while the connection waits for its next frame."""
+    import gc
+
+    from tidings.endpoints.gate import Admission
+    from tidings.protocol.native import Subscribe
+
+    hub = Hub()
+    async with running(hub) as base, native(base) as sub:
+        reply = await sub.request({"type": "subscribe", "channel": "idle/held-nothing"})
+        assert reply["type"] == "reply"
+        gc.collect()
+        held = [o for o in gc.get_objects() if isinstance(o, Subscribe | Admission)]
+        frames = [o for o in gc.get_objects()
+                  if isinstance(o, dict) and "idle/held-nothing" in str(o.get("text", ""))]
+        assert held == [] and frames == []
+        assert hub.channels() == {"idle/held-nothing": 1}  # and it is subscribed

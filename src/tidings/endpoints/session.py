@@ -161,9 +161,10 @@ class WebSocketSession:
         except HubError:
             await refuse(send, CloseCode.TRY_AGAIN_LATER, "server not running")
             return
+        if admission.connected_by_frame and self.kind is ConnectionKind.NATIVE:
+            scope["tidings.connect_id"] = admission.connect_id
+        del admission  # not held for the connection's life: idle connections are many
         try:
-            if admission.connected_by_frame and self.kind is ConnectionKind.NATIVE:
-                scope["tidings.connect_id"] = admission.connect_id
             await self.run(scope, receive, conn)
         finally:
             await conn.wait_closed(0.5)
