@@ -294,15 +294,21 @@ class Connection:
             for pub in pubs:
                 self.deliver(pub)
             return
-        if batch is None:
-            batch = BatchFrames(pubs)
         out = self._out
-        if not out and self._through():
-            self._write_through(batch.joined(codec))
-            return
-        frames = batch.frames(codec)  # one outbox entry each: the outbox counts publications
-        out.extend(frames)
-        self._out_bytes += batch.size(codec)
+        if batch is None:  # this connection only: no frames to share
+            frames = [codec.publication(pub) for pub in pubs]
+            if not out and self._through():
+                self._write_through(b"".join(frames))  # type: ignore[arg-type]  # framed
+                return
+            size = sum(map(len, frames))
+        else:
+            if not out and self._through():
+                self._write_through(batch.joined(codec))
+                return
+            frames = batch.frames(codec)  # type: ignore[assignment]
+            size = batch.size(codec)
+        out.extend(frames)  # one outbox entry each: the outbox counts publications
+        self._out_bytes += size
         limits = self.limits
         if len(out) > limits.outbox_size or self._out_bytes > limits.outbox_bytes:
             self._overflow()

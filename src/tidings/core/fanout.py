@@ -64,7 +64,8 @@ class FanOut:
         if not conns:
             return
         flusher = self.flusher
-        batch = BatchFrames(pubs)  # framed and joined once per protocol
+        # framed and joined once per protocol for all of them
+        batch = BatchFrames(pubs) if len(conns) > 1 else None
         if flusher.depth:
             for conn in conns:
                 conn.deliver_many(pubs, batch)
