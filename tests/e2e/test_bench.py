@@ -77,6 +77,45 @@ def test_compare_single_publisher_and_two_node_stacks(tmp_path: Path) -> None:
             or ipc.endswith("(could not separate them)")), ipc
 
 
+def test_compare_scale_scenarios_alone(tmp_path: Path) -> None:
+    """``--stacks none``: the many-channels scenario (each subscriber on its own
+    channel of C, every publication reaching exactly its channel's
+    subscribers, latency timed in user space) and the many-connections one
+    (connections spread over source addresses, RSS per connection) without
+    the fan-out stacks."""
+    out = tmp_path / "scale.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compare", "--stacks", "none", "--channels", "4",
+         "--channel-subscribers", "5", "--publishers", "2", "--channel-rate", "40",
+         "--max-seconds", "0.3", "--latency-seconds", "0.5", "--warmup", "5",
+         "--huge", "--huge-connections", "300", "--no-progress", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    [result] = json.loads(out.read_text())["results"]
+    assert result["stack"] == "tidings" and result["phases"] == [] and result["errors"] == []
+    throughput, latency = result["channels"]
+    for phase in (throughput, latency):
+        assert phase["channels"] == 4 and phase["subscribers"] == 20
+        assert phase["lost"] == 0 and phase["errors"] == []
+        # messages counts per subscriber: each got every publication of its channel
+        assert phase["deliveries"] == phase["messages"] * 20 > 0
+    assert latency["user_latency_ms"]["p50"] <= latency["user_latency_ms"]["p99"] < 1000
+    huge = result["huge"]
+    assert huge["opened"] == 300 and huge["failed"] == 0
+    assert huge["rss_anon_kib_per_connection"] > 0 and huge["connections_per_s"] > 0
+
+
+def test_writeloop_compares_the_hub_with_a_bare_write_loop() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.writeloop", "--subscribers", "5", "--messages", "20",
+         "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    best = dict(line.removeprefix("best ").split(": ") for line in proc.stdout.splitlines()
+                if line.startswith("best "))
+    assert set(best) == {"hub", "raw"}
+    assert all(float(v.removesuffix(" µs")) > 0 for v in best.values())
+
+
 @pytest.mark.parametrize("mode", [[], ["--native"]], ids=["raw", "native"])
 def test_hotpath_publishes_through_the_lean_server_without_sockets(mode: list[str]) -> None:
     # it exits non-zero unless every publication reached every subscriber
