@@ -39,7 +39,7 @@ def _unfrozen(obj: object) -> bool:
     return any(o is obj for o in gc.get_objects())  # frozen objects are in none
 
 
-def _untuned() -> tuple[int, int]:
+def _untuned() -> int:
     gc.unfreeze()
     gc.set_threshold(700, 10, 10)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]

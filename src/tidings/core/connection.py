@@ -99,6 +99,7 @@ class _Control:
 
 _Entry = str | bytes | _Control
 
+
 class BatchFrames:
     """The frames of one batch of publications, made once per protocol for all
     the connections of a fan-out: each frame (an outbox counts publications)
@@ -295,6 +296,7 @@ class Connection:
                 self.deliver(pub)
             return
         out = self._out
+        frames: Sequence[str | bytes]
         if batch is None:  # this connection only: no frames to share
             frames = [codec.publication(pub) for pub in pubs]
             if not out and self._through():
@@ -305,7 +307,7 @@ class Connection:
             if not out and self._through():
                 self._write_through(batch.joined(codec))
                 return
-            frames = batch.frames(codec)  # type: ignore[assignment]
+            frames = batch.frames(codec)
             size = batch.size(codec)
         out.extend(frames)  # one outbox entry each: the outbox counts publications
         self._out_bytes += size

@@ -102,7 +102,7 @@ async def serve_native(hub: HubCore, conn: Connection, receive: Receive) -> None
     cmd: Command | None = None
     while not conn.closed:
         # nothing of the last frame is held while waiting: the frame, its JSON and
-        # the command would stay with every idle connection (~0.6 KiB each)
+        # the command would stay with every idle connection (~0.5 KiB each)
         message = data = cmd = None
         if idle:
             message = await receive_message(receive, conn, idle)
