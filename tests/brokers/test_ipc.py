@@ -177,6 +177,64 @@ async def test_binary_data_crosses_and_is_kept(relay_path: str) -> None:
         assert [p.data for p in page.publications] == [b"\x00\xffraw"]
 
 
+async def test_publishes_started_together_cross_in_order(relay_path: str) -> None:
+    """The relay link is pipelined (``publish_then``): a burst started without
+    waiting gets consecutive offsets, its outcomes in the order it started,
+    and reaches the other worker's subscribers whole and in order (there in
+    batches: one fan-out per run of publications a read brings)."""
+    from tests.unit.test_direct import FakeDirect
+
+    async with Relay(relay_path), Hub(f"ipc://{relay_path}") as h1, \
+            Hub(f"ipc://{relay_path}") as h2:
+        assert h2.pipelined and not h2.can_publish_nowait
+        direct = FakeDirect()
+        conn = h1.register(Sink(), direct=direct)
+        await h1.subscribe(conn, "burst")
+        outcomes: list[object] = []
+        count = 300
+        for i in range(count):
+            h2.publish_then("burst", {"i": i}, done=outcomes.append)
+        await wait_until(lambda: len(outcomes) == count, 10, "every publish answered")
+        offsets = [o.offset for o in outcomes]  # type: ignore[attr-defined]
+        assert offsets == list(range(offsets[0], offsets[0] + count))
+        assert [o.data for o in outcomes] == [{"i": i} for i in range(count)]  # type: ignore[attr-defined]
+        await wait_until(lambda: len(_frames(b"".join(direct.writes))) >= count, 10,
+                         "every frame written to the subscriber on the other worker")
+        frames = _frames(b"".join(direct.writes))
+        assert [orjson.loads(f)["data"] for f in frames] == [{"i": i} for i in range(count)]
+        assert [orjson.loads(f)["offset"] for f in frames] == offsets
+
+
+def _frames(data: bytes) -> list[bytes]:
+    """The payloads of unmasked server frames written back to back."""
+    out, pos = [], 0
+    while pos < len(data):
+        length, start = data[pos + 1] & 0x7F, pos + 2
+        if length == 126:
+            length, start = int.from_bytes(data[pos + 2:pos + 4], "big"), pos + 4
+        out.append(data[start:start + length])
+        pos = start + length
+    return out
+
+
+async def test_a_pipelined_publish_with_the_relay_gone_is_delivered_locally(
+        relay_path: str) -> None:
+    relay = Relay(relay_path)
+    await relay.start()
+    async with Hub(f"ipc://{relay_path}") as hub:
+        sink = Sink()
+        conn = hub.register(sink)
+        await hub.subscribe(conn, "alone")
+        await relay.stop()
+        await wait_until(lambda: not hub.health().up, 10, "the hub to see the relay gone")
+        outcomes: list[object] = []
+        hub.publish_then("alone", "still here", done=outcomes.append)
+        await wait_until(lambda: bool(outcomes), 5, "the publish to be answered")
+        assert isinstance(outcomes[0], BrokerUnavailable)
+        await sink.wait_for(lambda f: len(f) == 1)  # SPEC 7: local subscribers still get it
+        assert sink.frames[0]["data"] == "still here" and sink.frames[0]["offset"] == 0
+
+
 async def test_unreachable_relay_fails_fast(relay_path: str) -> None:
     broker = IpcBroker(f"ipc://{relay_path}")
     hub = Hub(broker)
