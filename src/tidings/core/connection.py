@@ -127,7 +127,9 @@ class BatchFrames:
         return joined
 
     def size(self, codec: Codec) -> int:
-        return len(self.joined(codec))
+        """The bytes of the frames (an outbox's count; no join needed for it)."""
+        joined = self._joined.get(codec.slot)
+        return len(joined) if joined is not None else sum(map(len, self.frames(codec)))
 
 
 QUEUED: Final = -2  # Connection._written: waiting for the end-of-turn flush (turns are >= 0)
