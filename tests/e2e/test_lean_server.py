@@ -312,3 +312,97 @@ async def test_an_idle_subscriber_holds_nothing_of_its_last_command() -> None:
                   if isinstance(o, dict) and "idle/held-nothing" in str(o.get("text", ""))]
         assert held == [] and frames == []
         assert hub.channels() == {"idle/held-nothing": 1}  # and it is subscribed
+
+
+async def _write_in_pieces(writer: asyncio.StreamWriter, wire: bytes, cuts: list[int]) -> None:
+    """``wire`` in one write per piece, the server (in this loop) let in between
+    so that it mostly reads them apart: cut headers, cut payloads, many frames
+    a read, whichever way the pieces fall."""
+    start = 0
+    for cut in [*sorted(cuts), len(wire)]:
+        if cut > start:
+            writer.write(wire[start:cut])
+            await writer.drain()
+            for _ in range(3):
+                await asyncio.sleep(0)
+            start = cut
+
+
+@pytest.mark.parametrize("ws", [LEAN, DIRECT_WS], ids=["lean", "direct"])
+async def test_a_producer_stream_cut_anywhere_publishes_every_message_in_order(ws: str) -> None:
+    """The read path that takes a producer's frames straight from the read
+    callback (and, under uvicorn, unmasks them itself at frame boundaries):
+    short, 16-bit and 64-bit lengths, text and binary, pings, a fragmented
+    message with a ping inside, a frame longer than what a read keeps for the
+    next, cut byte by byte and at random: every message is published once, in
+    order, and every ping answered."""
+    import random
+
+    hub = Hub(history_size=0, limits=Limits(frame_soft=200_000, frame_hard=1 << 20))
+    big = "y" * 70_000
+    frames: list[Frame] = []
+    expected: list[object] = []
+    for i in range(120):
+        if i % 17 == 5:
+            frames.append(Frame(Opcode.PING, b"p%d" % i))
+        if i % 29 == 7:  # a message in three fragments, a ping between them
+            text = json.dumps({"frag": i, "pad": "z" * 300})
+            frames += [Frame(Opcode.TEXT, text[:100].encode(), fin=False),
+                       Frame(Opcode.PING, b"f"),
+                       Frame(Opcode.CONT, text[100:200].encode(), fin=False),
+                       Frame(Opcode.CONT, text[200:].encode())]
+            expected.append(json.loads(text))
+        elif i % 23 == 11:
+            frames.append(Frame(Opcode.TEXT, json.dumps(big).encode()))
+            expected.append(big)
+        elif i % 13 == 3:
+            frames.append(Frame(Opcode.BINARY, bytes([i, 0, 1])))
+            expected.append({"b64": __import__("base64").b64encode(bytes([i, 0, 1])).decode()})
+        else:
+            frames.append(Frame(Opcode.TEXT, json.dumps({"n": i, "pad": "x" * (i * 7)}).encode()))
+            expected.append({"n": i, "pad": "x" * (i * 7)})
+    wire = b"".join(f.serialize(mask=True) for f in frames)
+    pings = sum(f.opcode == Opcode.PING for f in frames)
+    rng = random.Random(17)
+    cuts = list(range(1, 40)) + rng.sample(range(40, len(wire)), 150)
+    async with running(hub, ws=ws) as base, native(base) as sub:
+        assert (await sub.request({"type": "subscribe", "channel": "s"}))["type"] == "reply"
+        async with raw(base, "/ws/pub/s") as client:
+            await upgraded(client)
+            await wait_until(lambda: any(c.kind.value == "raw" for c in hub.connections.values()),
+                             what="the producer to be taken")
+            await _write_in_pieces(client.writer, wire, cuts)
+            seen = [(await sub.next("publication"))["data"] for _ in range(len(expected))]
+            assert seen == expected
+            pongs = b""
+            while pongs.count(b"\x8a") < pings:  # server frames are unmasked: \x8a starts a pong
+                pongs += await asyncio.wait_for(client.reader.read(4096), TIMEOUT)
+        assert hub.stats.publications_in == len(expected)
+        assert not sub.pending
+
+
+@pytest.mark.parametrize("ws", [LEAN, DIRECT_WS], ids=["lean", "direct"])
+@pytest.mark.parametrize(("bad", "code"), [
+    (Frame(Opcode.TEXT, b"{}").serialize(mask=False), 1002),  # unmasked
+    (Frame(Opcode.TEXT, b"\xff\xfe").serialize(mask=True), 1007),  # not UTF-8
+    (Frame(Opcode.BINARY, b"x" * 1001).serialize(mask=True), 1009),  # above frame_hard
+    (bytes([0x83, 0x80, 1, 2, 3, 4]), 1002),  # reserved opcode
+    (Frame(Opcode.CONT, b"1").serialize(mask=True), 1002),  # continuation of nothing
+], ids=["unmasked", "utf8", "size", "opcode", "continuation"])
+async def test_a_producers_bad_frame_after_good_ones(ws: str, bad: bytes, code: int) -> None:
+    """On the producer's read path: the good frames before a bad one in the same
+    read are published, the bad one closes with its code, nothing after it is
+    published."""
+    hub = Hub(limits=Limits(frame_soft=500, frame_hard=1000))
+    async with running(hub, ws=ws) as base, native(base) as sub:
+        assert (await sub.request({"type": "subscribe", "channel": "e"}))["type"] == "reply"
+        async with raw(base, "/ws/pub/e") as client:
+            await upgraded(client)
+            await wait_until(lambda: any(c.kind.value == "raw" for c in hub.connections.values()),
+                             what="the producer to be taken")
+            good = b"".join(Frame(Opcode.TEXT, str(i).encode()).serialize(mask=True)
+                            for i in range(3))
+            client.writer.write(good + bad + Frame(Opcode.TEXT, b"9").serialize(mask=True))
+            assert await client.close_code() == code
+        assert [(await sub.next("publication"))["data"] for _ in range(3)] == [0, 1, 2]
+        assert hub.stats.publications_in == 3

@@ -14,8 +14,10 @@ from tidings.protocol.frames import (
     OP_TEXT,
     FrameError,
     FrameReader,
+    FrameTracker,
     _unmask_int,
     encode_close,
+    frame_bounds,
     parse_close,
     unmask,
 )
@@ -65,6 +67,55 @@ def test_messages_survive_any_split_and_fragmentation(
     assert data == [(int(op), payload) for op, payload, _ in messages]
     assert sum(op == OP_PING for op, _ in got) == sum(
         1 for _, p, parts in messages if len(p) > (-(-len(p) // parts) or 1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames=st.lists(st.tuples(st.sampled_from([Opcode.TEXT, Opcode.BINARY, Opcode.CONT,
+                                                  Opcode.PING, Opcode.CLOSE]),
+                                 st.sampled_from([0, 1, 125, 126, 127, 65535, 65536, 70_000]),
+                                 st.booleans(), st.booleans()),
+                       min_size=1, max_size=6),
+       cuts=st.lists(st.integers(0, 1 << 20), max_size=8))
+def test_the_tracker_knows_every_frame_boundary(
+        frames: list[tuple[Opcode, int, bool, bool]], cuts: list[int]) -> None:
+    """Fed a stream in any pieces, the tracker is at a boundary exactly after a
+    piece that ends where a frame ends, and knows whether a data message is
+    still open (a data frame without FIN opens one, a final continuation ends
+    it); masked or not, every length encoding."""
+    wire, ends, open_after = b"", [0], [False]
+    in_message = False
+    for opcode, size, fin, mask in frames:
+        if opcode in (Opcode.PING, Opcode.CLOSE):  # short and whole, as the RFC wants
+            size, fin = min(size, 125), True
+        wire += Frame(opcode, b"x" * size, fin=fin).serialize(mask=mask)
+        if opcode in (Opcode.TEXT, Opcode.BINARY):
+            in_message = not fin
+        elif opcode == Opcode.CONT and fin:
+            in_message = False
+        ends.append(len(wire))
+        open_after.append(in_message)
+    tracker = FrameTracker()
+    start = 0
+    for cut in sorted({c % (len(wire) + 1) for c in cuts} | {len(wire)}):
+        if cut <= start:
+            continue
+        tracker.feed(wire[start:cut])
+        start = cut
+        assert tracker.at_boundary == (cut in ends), cut
+        if cut in ends:
+            assert tracker.in_message == open_after[ends.index(cut)]
+    assert tracker.at_boundary and tracker.in_message == in_message
+
+
+def test_frame_bounds() -> None:
+    """First bytes, payload start and end of a frame; None while its header is cut."""
+    masked = Frame(Opcode.TEXT, b"x" * 300).serialize(mask=True)
+    assert frame_bounds(masked, 0) == (0x81, 0xFE, 8, 308)
+    plain = b"zz" + Frame(Opcode.BINARY, b"abc").serialize(mask=False)
+    assert frame_bounds(plain, 2) == (0x82, 3, 4, 7)
+    for cut in range(8):  # 2 + 2 length bytes + 4 mask bytes
+        assert frame_bounds(masked[:cut], 0) is None
+    assert frame_bounds(masked[:8], 0) == (0x81, 0xFE, 8, 308)  # the payload may be missing
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 1000, 65535, 65536, 70_000])

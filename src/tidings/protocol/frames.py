@@ -20,8 +20,10 @@ __all__ = [
     "OP_TEXT",
     "FrameError",
     "FrameReader",
+    "FrameTracker",
     "encode_close",
     "encode_frame",
+    "frame_bounds",
     "parse_close",
     "unmask",
 ]
@@ -232,3 +234,78 @@ class FrameReader:
             else:
                 raise FrameError(1002, f"unknown opcode {opcode}")
         self._buf = buf[pos:] if pos < size else b""
+
+
+def frame_bounds(data: bytes, pos: int) -> tuple[int, int, int, int] | None:
+    """The frame that starts at ``pos`` of ``data``: its first byte, its second
+    byte, where its payload starts (after the mask key, if it has one) and
+    where it ends (maybe beyond ``data``); None while its header is incomplete."""
+    left = len(data) - pos
+    if left < 2:
+        return None
+    b1 = data[pos + 1]
+    length = b1 & 0x7F
+    start = pos + 2
+    if length == 126:
+        if left < 4:
+            return None
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        start = pos + 4
+    elif length == 127:
+        if left < 10:
+            return None
+        length = int.from_bytes(data[pos + 2:pos + 10], "big")
+        start = pos + 10
+    if b1 & 0x80:
+        start += 4
+    if start > len(data):
+        return None
+    return data[pos], b1, start, start + length
+
+
+class FrameTracker:
+    """Where the frames of a byte stream begin and end, without keeping them.
+
+    For a parser that is given the stream (here: the ``websockets`` state
+    machine under uvicorn) while another one may take over at a frame
+    boundary: :meth:`feed` every byte handed to it, in order. ``at_boundary``
+    says whether they ended exactly where a frame ends; ``in_message`` whether
+    a fragmented message is still open (its next data frames belong to it).
+    """
+
+    __slots__ = ("_head", "_skip", "in_message")
+
+    def __init__(self) -> None:
+        self._head = b""  # an incomplete header, kept to finish it
+        self._skip = 0  # bytes left of the frame in progress
+        self.in_message = False
+
+    @property
+    def at_boundary(self) -> bool:
+        return not self._skip and not self._head
+
+    def feed(self, data: bytes) -> None:
+        """``data`` was handed on: follow its frames."""
+        if self._head:
+            data, self._head = self._head + data, b""
+        pos, size = 0, len(data)
+        if self._skip:
+            if self._skip >= size:
+                self._skip -= size
+                return
+            pos, self._skip = self._skip, 0
+        while pos < size:
+            bounds = frame_bounds(data, pos)
+            if bounds is None:
+                self._head = data[pos:]
+                return
+            b0, _, _, end = bounds
+            opcode = b0 & 0x0F
+            if opcode in _DATA:
+                self.in_message = not b0 & 0x80
+            elif opcode == OP_CONT and b0 & 0x80:
+                self.in_message = False
+            if end > size:
+                self._skip = end - size
+                return
+            pos = end
