@@ -36,10 +36,12 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def running(hub: Hub, app: Any = None, ws: str = LEAN) -> AsyncIterator[str]:
+async def running(hub: Hub, app: Any = None, ws: str = LEAN,
+                  deflate: bool = False) -> AsyncIterator[str]:
     """Serve ``hub`` (or ``app``) in this event loop with tidings' own server
     (``ws=LEAN``, as ``tidings serve``) or with uvicorn and the given websocket
-    protocol; yield the base URL."""
+    protocol (``deflate``: offering permessage-deflate, uvicorn's default);
+    yield the base URL."""
     if ws == LEAN:
         async with lean_server(hub, app) as server:
             assert server.address is not None
@@ -48,7 +50,7 @@ async def running(hub: Hub, app: Any = None, ws: str = LEAN) -> AsyncIterator[st
     port = free_port()
     config = uvicorn.Config(
         app if app is not None else create_app(hub), host="127.0.0.1", port=port,
-        log_level="warning", ws=ws, ws_per_message_deflate=False,
+        log_level="warning", ws=ws, ws_per_message_deflate=deflate,
         lifespan="on", ws_max_size=hub.limits.frame_hard,
     )
     server = uvicorn.Server(config)

@@ -406,3 +406,20 @@ async def test_a_producers_bad_frame_after_good_ones(ws: str, bad: bytes, code: 
             assert await client.close_code() == code
         assert [(await sub.next("publication"))["data"] for _ in range(3)] == [0, 1, 2]
         assert hub.stats.publications_in == 3
+
+
+async def test_a_compressing_producer_under_uvicorn_is_read_whole_and_in_order() -> None:
+    """permessage-deflate negotiated (uvicorn offers it by default, the
+    ``websockets`` client asks for it): compressed frames go to ``websockets``
+    (its inflate context stays whole), uncompressed ones may be taken by the
+    fast path; all are published once, in order."""
+    hub = Hub(history_size=0)
+    messages = [{"n": i, "pad": "abc" * (i % 50)} for i in range(300)]
+    async with running(hub, ws=DIRECT_WS, deflate=True) as base, native(base) as sub:
+        assert (await sub.request({"type": "subscribe", "channel": "z"}))["type"] == "reply"
+        async with websockets.connect(ws_url(base, "/ws/pub/z"), compression="deflate") as pub:
+            assert pub.protocol.extensions, "deflate was not negotiated"
+            for message in messages:
+                await pub.send(json.dumps(message))
+            seen = [(await sub.next("publication"))["data"] for _ in messages]
+    assert seen == messages
