@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError
 
 from tests.brokers.conftest import TansuServer
-from tests.support import Sink, apost, free_port, native, running
+from tests.support import Sink, apost, free_port, native, running, wait_until
 from tidings import Hub
 from tidings.brokers import create_broker
 from tidings.brokers.base import capabilities_of
@@ -131,6 +132,48 @@ async def test_a_gap_without_its_bus_copy_is_read_from_the_channel_topic(
     await sink.wait_for(lambda f: len(f) == 3)
     assert [(f["data"], f["offset"]) for f in sink.of("publication")] == [
         ("one", 1), ("two", 2), ("three", 3)]
+
+
+async def test_a_failed_bus_copy_is_delivered_once_at_its_offset(
+        nodes: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The channel topic took a publication but its bus copy failed (the one
+    fault injected here: aiokafka's send to the bus topic raises once, the
+    server is the real one): the publish returns it at its offset, the
+    publishing node's subscribers get it once, at that offset (not also as an
+    offset-0 local copy), and the other node reads it from the channel topic
+    with the next publication (after the publishing node reconnected, as it
+    does after any failed call)."""
+    h1, h2 = await nodes(), await nodes()
+    local, remote = await subscriber(h1, "f"), await subscriber(h2, "f")
+    assert (await h1.publish("f", "one")).offset == 1
+    await remote.wait_for(lambda f: len(f) == 1)
+    await local.wait_for(lambda f: len(f) == 1)
+    broker = h1.broker
+    assert isinstance(broker, KafkaBroker)
+    link = broker._link
+    assert link is not None
+    real_send = link.producer.send
+    failures: list[str] = []
+
+    async def send(topic: str, *args: Any, **kwargs: Any) -> Any:
+        if topic == broker.bus_topic and not failures:
+            failures.append(topic)
+            raise KafkaConnectionError("injected: the bus copy is lost")
+        return await real_send(topic, *args, **kwargs)
+
+    monkeypatch.setattr(link.producer, "send", send)
+    two = await h1.publish("f", "two")
+    assert (two.offset, failures) == (2, [broker.bus_topic])
+    await local.wait_for(lambda f: len(f) == 2)
+    # a failed call makes the node check its connection: here it reconnects
+    await wait_until(lambda: broker._link not in (None, link) and broker.health().up,
+                     what="the publishing node to reconnect")
+    assert (await h1.publish("f", "three")).offset == 3
+    await local.wait_for(lambda f: len(f) == 3)
+    await remote.wait_for(lambda f: len(f) == 3)
+    for sink in (local, remote):
+        assert [(f["data"], f["offset"]) for f in sink.of("publication")] == [
+            ("one", 1), ("two", 2), ("three", 3)]
 
 
 async def test_history_removed_on_another_node(nodes: Any) -> None:

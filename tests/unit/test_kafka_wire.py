@@ -146,6 +146,27 @@ def test_forget_drops_cursors_of_channels_no_longer_wanted() -> None:
     assert h.fills == [] and h.out[-1] == ("b", 9)
 
 
+def test_a_reset_delivers_what_is_held_then_starts_again() -> None:
+    """A reconnect reads the bus anew: held publications (behind a gap, or the
+    first ones seen, waiting for lower offsets) are delivered in order, not
+    dropped; a fill that answers afterwards is ignored; a channel starts again."""
+    h = Harness()
+    h.order.offer(pub(1))
+    h.order.offer(pub(4))
+    h.order.offer(pub(3))
+    h.order.offer(pub(7, channel="d"))  # starting: held for lower offsets
+    h.fire()  # c: reads the gap 2; d: starts at 7
+    assert h.fills == [("c", "e1", 2, 2)] and h.offsets() == [1, 7]
+    h.order.offer(pub(9, channel="d"))
+    h.order.reset()
+    assert h.out == [("c", 1), ("d", 7), ("c", 3), ("c", 4), ("d", 9)]
+    assert len(h.order) == 0
+    h.order.filled("c", "e1", [pub(2)])  # the read of the gap, too late
+    h.order.offer(pub(12))  # c starts again
+    h.fire()
+    assert h.out[5:] == [("c", 12)]
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_any_arrival_order_comes_out_in_order_once(seed: int) -> None:
     rnd = random.Random(seed)

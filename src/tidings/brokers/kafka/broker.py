@@ -160,7 +160,7 @@ class KafkaBroker:
             await link.stop()
             raise
         self._epochs.clear()
-        self._order.clear()
+        self._order.reset()
         self._link = link
         self._reader = self._running().create_task(self._read_bus(link),
                                                    name=f"tidings-kafka-bus-{self._node}")
@@ -383,12 +383,26 @@ class KafkaBroker:
                 self._unlock(channel, users)
             offset = (await asyncio.wait_for(appended, self.timeout)).offset + 1
             epoch = await self._checked_epoch(link, channel, epoch, offset)
+        except _FAILURES as exc:
+            raise self._failed("publish to Kafka", exc, link) from exc
+        pub = Publication(channel, data, offset, epoch, sender, ts, text=text)
+        try:
             copy = await link.producer.send(self.bus_topic, bus_publication(offset, epoch, record),
                                             partition=0)
             await asyncio.wait_for(copy, self.timeout)
         except _FAILURES as exc:
-            raise self._failed("publish to Kafka", exc, link) from exc
-        return Publication(channel, data, offset, epoch, sender, ts, text=text)
+            # The channel topic has it: it is published, at that offset. Raising
+            # would make the hub deliver it here again without a position, and
+            # the channel topic would give it once more. So this node delivers
+            # it as its bus copy would have (a late copy is dropped as seen), the
+            # other nodes read it from the channel topic at their next gap.
+            self._failed("the bus copy of a publication", exc, link)
+            log.warning("node %s: the bus copy of %r offset %d failed (%r): other nodes "
+                        "get it from the channel topic with the next publication",
+                        self._node, channel, offset, exc)
+            if self._wanted(channel):
+                self._order.offer(pub)
+        return pub
 
     async def _checked_epoch(self, link: KafkaLink, channel: str, epoch: str,
                              offset: int) -> str:

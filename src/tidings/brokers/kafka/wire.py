@@ -235,7 +235,12 @@ class ChannelOrder:
         for channel in [c for c in self._cursors if not keep(c)]:
             del self._cursors[channel]
 
-    def clear(self) -> None:
+    def reset(self) -> None:
+        """Start every channel again (the node reads the bus anew from its end):
+        what is held goes out first, in order, as when a gap is given up; a
+        late fill is then ignored."""
+        for channel, cur in list(self._cursors.items()):
+            self._skip(channel, cur)
         self._cursors.clear()
 
     def _drain(self, cur: _Cursor) -> None:
