@@ -205,6 +205,50 @@ async def test_publishes_started_together_cross_in_order(relay_path: str) -> Non
         assert [orjson.loads(f)["offset"] for f in frames] == offsets
 
 
+async def test_runs_of_publishes_keep_every_order_and_field(relay_path: str) -> None:
+    """Publishes started in one turn cross as runs (one request per run of one
+    channel, sender and history setting); a publish to another channel, by
+    another sender, or any other request between them ends a run: every
+    outcome still comes in the order started, each channel's offsets are
+    consecutive, the other worker gets every publication with its sender and
+    data (binary too) in offset order, and data that cannot be encoded is
+    refused to its caller alone."""
+    async with Relay(relay_path), Hub(f"ipc://{relay_path}") as h1, \
+            Hub(f"ipc://{relay_path}") as h2:
+        sink = Sink()
+        conn = h1.register(sink)
+        await h1.subscribe(conn, "r/+")
+        outcomes: list[object] = []
+        plan: list[tuple[str, object, str | None]] = []
+        for i in range(40):
+            channel = "r/b" if i % 10 == 9 else "r/a"
+            sender = "s2" if 12 <= i < 17 or i == 30 else None
+            data: object = bytes([i, 0]) if i % 5 == 4 else {"i": i}
+            plan.append((channel, data, sender))
+        for channel, data, sender in plan[:20]:
+            h2.publish_then(channel, data, sender=sender, done=outcomes.append)
+        with pytest.raises(TypeError):
+            h2.publish_then("r/a", object(), done=outcomes.append)
+        position = asyncio.ensure_future(h2.broker.position("r/a"))  # a request mid-turn
+        for channel, data, sender in plan[20:]:
+            h2.publish_then(channel, data, sender=sender, done=outcomes.append)
+        await wait_until(lambda: len(outcomes) == len(plan), 10, "every publish answered")
+        assert (await position).offset >= 0
+        pubs = outcomes
+        assert [(p.channel, p.data, p.sender) for p in pubs] == plan  # type: ignore[attr-defined]
+        for channel in ("r/a", "r/b"):
+            offsets = [p.offset for p in pubs if p.channel == channel]  # type: ignore[attr-defined]
+            assert offsets == list(range(1, len(offsets) + 1))
+        await sink.wait_for(lambda f: len(f) == len(plan))
+        got = [(f["channel"], f["offset"], f["data"], f.get("sender")) for f in sink.frames]
+        expected = [(p.channel, p.offset,  # type: ignore[attr-defined]
+                     {"b64": __import__("base64").b64encode(p.data).decode()}  # type: ignore[attr-defined]
+                     if isinstance(p.data, bytes) else p.data, p.sender)  # type: ignore[attr-defined]
+                    for p in pubs]
+        for channel in ("r/a", "r/b"):
+            assert [g for g in got if g[0] == channel] == [e for e in expected if e[0] == channel]
+
+
 def _frames(data: bytes) -> list[bytes]:
     """The payloads of unmasked server frames written back to back."""
     out, pos = [], 0

@@ -41,6 +41,8 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import orjson
+
 from tidings.brokers.base import (
     BrokerHandler,
     BrokerHealth,
@@ -57,6 +59,7 @@ from tidings.brokers.ipc.wire import (
     pack_data,
     unpack_item,
     unpack_publication,
+    unpack_publications,
 )
 from tidings.exceptions import BrokerError, BrokerUnavailable, QueueFull
 from tidings.types import HistoryPage, Member, Publication, StreamPos
@@ -94,6 +97,41 @@ class _Link:
         self.writer.transport.abort()
 
 
+class _PublishRun:
+    """Consecutive ``publish_then`` calls of one event-loop turn to one channel,
+    with one sender and history setting: one ``pubm`` request at the end of
+    the turn (when the turn's frames are written anyway), or before any other
+    request, so the relay gets every request in the order it was made."""
+
+    __slots__ = ("channel", "dones", "link", "rows", "sender", "size", "ttl")
+
+    def __init__(self, link: _Link, channel: str, sender: str | None, size: int | None,
+                 ttl: float | None) -> None:
+        self.link = link
+        self.channel = channel
+        self.sender = sender
+        self.size = size
+        self.ttl = ttl
+        self.rows: list[tuple[orjson.Fragment, bool]] = []  # (encoded data, base64)
+        self.dones: list[tuple[PublishDone, Any]] = []  # (callback, the caller's data)
+
+    def settle(self, reply: asyncio.Future[Any]) -> None:
+        """The relay's answer: each publish its publication (consecutive
+        offsets from the first), or the error."""
+        if reply.cancelled():
+            outcome: BaseException | None = BrokerUnavailable("the publish was cancelled")
+        else:
+            outcome = reply.exception()
+        if outcome is not None:
+            for done, _ in self.dones:
+                done(outcome)
+            return
+        first, epoch, ts = reply.result()
+        channel, sender = self.channel, self.sender
+        for i, (done, data) in enumerate(self.dones):
+            done(Publication(channel, data, first + i, epoch, sender, ts))
+
+
 class IpcBroker:
     """Client of the single-host relay; see the module docstring."""
 
@@ -125,6 +163,7 @@ class IpcBroker:
         self._reconnect_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
         self._queue_store: IpcQueueStore | None = None
+        self._run: _PublishRun | None = None  # publish_then calls waiting for the turn's end
 
     def queue_store(self) -> IpcQueueStore:
         """Work queues held by the relay, shared by every worker on it."""
@@ -313,16 +352,18 @@ class IpcBroker:
         all of them, as a local producer's burst gets)."""
         run: list[Publication] = []
         for msg in msgs:
-            if msg[0] == "p":
+            head = msg[0]
+            if head == "p" or head == "P":
                 try:
-                    pub = unpack_publication(msg, 1)
+                    pubs = ([unpack_publication(msg, 1)] if head == "p"
+                            else unpack_publications(msg))
                 except (ValueError, TypeError):  # (base64's errors are ValueErrors)
                     log.exception("node %s: bad publication frame from the relay", self._node)
                     continue
-                if run and run[0].channel != pub.channel:
+                if run and pubs and run[0].channel != pubs[0].channel:
                     self._deliver_run(link, run)
                     run = []
-                run.append(pub)
+                run += pubs
                 continue
             if run:
                 self._deliver_run(link, run)
@@ -367,7 +408,10 @@ class IpcBroker:
     # -- requests --------------------------------------------------------------------------
 
     def _rpc(self, link: _Link, op: str, *args: Any) -> asyncio.Future[Any]:
-        """Send one request on ``link``; the future resolves with the relay's reply."""
+        """Send one request on ``link``; the future resolves with the relay's reply.
+        Publishes still waiting in a run go first: requests keep their order."""
+        if self._run is not None:
+            self._send_run()
         self._next_id += 1
         rid = self._next_id
         frame = dumps([rid, op, *args])  # encode first: unencodable data raises here
@@ -417,19 +461,49 @@ class IpcBroker:
             done(BrokerUnavailable(self._reason or "the relay is unreachable"))
             return
         packed, b64 = pack_data(data)
+        # encoded now: unencodable data raises to this caller, not to the whole run
+        encoded = orjson.Fragment(dumps(packed))
         size, ttl = (history.size, history.ttl) if history is not None else (None, None)
-        future = self._rpc(link, "pub", channel, packed, b64, sender, size, ttl)
+        run = self._run
+        if run is not None and (run.link is not link or run.channel != channel
+                                or run.sender != sender or run.size != size
+                                or run.ttl != ttl):
+            self._send_run()
+            run = None
+        if run is None:
+            run = self._run = _PublishRun(link, channel, sender, size, ttl)
+            asyncio.get_running_loop().call_soon(self._end_of_turn)
+        run.rows.append((encoded, b64))
+        run.dones.append((done, data))
 
-        def settled(reply: asyncio.Future[Any]) -> None:
-            if reply.cancelled():
-                done(BrokerUnavailable("the publish was cancelled"))
-            elif (exc := reply.exception()) is not None:
-                done(exc)
-            else:
-                offset, epoch, ts = reply.result()
-                done(Publication(channel, data, offset, epoch, sender, ts))
+    def _end_of_turn(self) -> None:
+        """The turn that started a run is over: send it, and write the link's
+        frames now rather than a turn later (a lone publish waits no longer
+        than it did before runs)."""
+        run = self._run
+        self._send_run()
+        if run is not None and not run.link.dead:
+            run.link.out.flush()
 
-        future.add_done_callback(settled)
+    def _send_run(self) -> None:
+        """The waiting run as one request (a lone publish as a plain ``pub``)."""
+        run, self._run = self._run, None
+        if run is None:
+            return
+        link = run.link
+        if link.dead or link is not self._link:  # lost meanwhile: its requests failed too
+            failure = BrokerUnavailable(self._reason or "the relay is unreachable")
+            for done, _ in run.dones:
+                done(failure)
+            return
+        if len(run.rows) == 1:
+            (data, b64), = run.rows
+            future = self._rpc(link, "pub", run.channel, data, b64, run.sender, run.size,
+                               run.ttl)
+        else:
+            future = self._rpc(link, "pubm", run.channel, run.sender, run.size, run.ttl,
+                               run.rows)
+        future.add_done_callback(run.settle)
 
     async def publish_event(self, channel: str, frame: str) -> None:
         await self._call("ev", channel, frame)

@@ -19,6 +19,8 @@ worker -> relay, requests (``id`` is an int chosen by the worker)::
 
     [id, "hello", node, token]            register (token: one per broker object)
     [id, "pub", channel, data, b64, sender, hist_size, hist_ttl] -> [offset, epoch, ts]
+    [id, "pubm", channel, sender, hist_size, hist_ttl, [[data, b64]...]]
+                                          -> [first offset, epoch, ts]  (consecutive offsets)
     [id, "ev", channel, frame]            transient join/leave frame
     [id, "sub", pattern]  [id, "unsub", pattern]
     [id, "node", node, payload, b64]      [id, "all", payload, b64]
@@ -45,6 +47,7 @@ relay -> worker::
 
     [id, true, result] | [id, false, "error"]     the reply to request ``id``
     ["p", channel, data, b64, offset, epoch, sender, ts]   a publication
+    ["P", channel, [[data, b64, offset, epoch, sender, ts]...]]   consecutive ones of a channel
     ["e", channel, frame]                          an event (join/leave)
     ["n", payload, b64]                            a node message
 
@@ -88,6 +91,7 @@ from tidings.brokers.ipc.wire import (
     dumps,
     pack_item,
     pack_publication,
+    pack_publications,
     payload_bytes,
     unpack_data,
 )
@@ -138,11 +142,10 @@ class _Worker:
     # BrokerHandler ---------------------------------------------------------------------
 
     def on_publication(self, pub: Publication) -> None:
-        self.push(self.relay._publication_frame(pub))
+        self.push(self.relay.publication_frame(pub))
 
     def on_publications(self, pubs: Sequence[Publication]) -> None:
-        for pub in pubs:
-            self.push(self.relay._publication_frame(pub))
+        self.push(self.relay.publications_frame(pubs))
 
     def on_event(self, channel: str, frame: str) -> None:
         self.push(dumps(["e", channel, frame]))
@@ -182,6 +185,8 @@ class Relay:
         self._hist_opts: dict[tuple[int, float], HistoryOptions] = {}
         self._memo_pub: Publication | None = None
         self._memo_frame = b""
+        self._memo_pubs: Sequence[Publication] | None = None
+        self._memo_batch = b""
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -335,6 +340,14 @@ class Relay:
             pub = await broker.publish(channel, unpack_data(data, b64), sender=sender,
                                        history=self._history_options(size, ttl))
             return [pub.offset, pub.epoch, pub.ts]
+        if op == "pubm":
+            _, _, channel, sender, size, ttl, rows = msg
+            pubs = broker.publish_many_nowait(
+                channel, [(unpack_data(data, b64), None) for data, b64 in rows], sender=sender,
+                history=self._history_options(size, ttl))
+            if not pubs:
+                raise ValueError("pubm without publications")
+            return [pubs[0].offset, pubs[0].epoch, pubs[0].ts]
         if op == "ev":
             await broker.publish_event(msg[2], msg[3])
         elif op == "sub":
@@ -467,7 +480,7 @@ class Relay:
             opts = self._hist_opts[key] = HistoryOptions(size, ttl)
         return opts
 
-    def _publication_frame(self, pub: Publication) -> bytes:
+    def publication_frame(self, pub: Publication) -> bytes:
         """Encode a publication once for all the workers it fans out to.
 
         The bus fans one publication out synchronously, so remembering the
@@ -477,6 +490,14 @@ class Relay:
             self._memo_pub = pub
             self._memo_frame = dumps(["p", *pack_publication(pub)])
         return self._memo_frame
+
+    def publications_frame(self, pubs: Sequence[Publication]) -> bytes:
+        """:meth:`publication_frame` for a batch: one ``"P"`` frame, encoded once
+        (the bus hands every worker the same sequence)."""
+        if pubs is not self._memo_pubs:
+            self._memo_pubs = pubs
+            self._memo_batch = dumps(pack_publications(pubs))
+        return self._memo_batch
 
 
 def _name(queue: Any) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -24,10 +25,12 @@ __all__ = [
     "pack_data",
     "pack_item",
     "pack_publication",
+    "pack_publications",
     "payload_bytes",
     "unpack_data",
     "unpack_item",
     "unpack_publication",
+    "unpack_publications",
 ]
 
 MAX_FRAME = 64 << 20  # a frame above this is a protocol error, not a big message
@@ -64,6 +67,24 @@ def unpack_publication(row: list[Any], start: int = 0) -> Publication:
     channel, data, b64, offset, epoch, sender, ts = row[start:start + 7]
     return Publication(channel, base64.b64decode(data) if b64 else data, offset, epoch,
                        sender, ts)
+
+
+def pack_publications(pubs: Sequence[Publication]) -> list[Any]:
+    """Consecutive publications of one channel as one ``"P"`` frame:
+    ``["P", channel, [[data, b64, offset, epoch, sender, ts], ...]]``."""
+    rows = []
+    for pub in pubs:
+        data, b64 = pack_data(pub.data)
+        rows.append([data, b64, pub.offset, pub.epoch, pub.sender, pub.ts])
+    return ["P", pubs[0].channel, rows]
+
+
+def unpack_publications(msg: list[Any]) -> list[Publication]:
+    """The publications of a ``"P"`` frame, in order."""
+    channel = msg[1]
+    return [Publication(channel, base64.b64decode(data) if b64 else data, offset, epoch,
+                        sender, ts)
+            for data, b64, offset, epoch, sender, ts in msg[2]]
 
 
 # -- framing ------------------------------------------------------------------------------
