@@ -314,6 +314,16 @@ async def test_an_idle_subscriber_holds_nothing_of_its_last_command() -> None:
         assert hub.channels() == {"idle/held-nothing": 1}  # and it is subscribed
 
 
+@contextlib.asynccontextmanager
+async def producer(hub: Hub, base: str, path: str) -> AsyncIterator[Raw]:
+    """A raw producer on ``path``, upgraded, once its endpoint takes its frames."""
+    async with raw(base, path) as client:
+        await upgraded(client)
+        await wait_until(lambda: any(c.kind.value == "raw" for c in hub.connections.values()),
+                         what="the producer to be taken")
+        yield client
+
+
 async def _write_in_pieces(writer: asyncio.StreamWriter, wire: bytes, cuts: list[int]) -> None:
     """``wire`` in one write per piece, the server (in this loop) let in between
     so that it mostly reads them apart: cut headers, cut payloads, many frames
@@ -367,10 +377,7 @@ async def test_a_producer_stream_cut_anywhere_publishes_every_message_in_order(w
     cuts = list(range(1, 40)) + rng.sample(range(40, len(wire)), 150)
     async with running(hub, ws=ws) as base, native(base) as sub:
         assert (await sub.request({"type": "subscribe", "channel": "s"}))["type"] == "reply"
-        async with raw(base, "/ws/pub/s") as client:
-            await upgraded(client)
-            await wait_until(lambda: any(c.kind.value == "raw" for c in hub.connections.values()),
-                             what="the producer to be taken")
+        async with producer(hub, base, "/ws/pub/s") as client:
             await _write_in_pieces(client.writer, wire, cuts)
             seen = [(await sub.next("publication"))["data"] for _ in range(len(expected))]
             assert seen == expected
@@ -396,10 +403,7 @@ async def test_a_producers_bad_frame_after_good_ones(ws: str, bad: bytes, code: 
     hub = Hub(limits=Limits(frame_soft=500, frame_hard=1000))
     async with running(hub, ws=ws) as base, native(base) as sub:
         assert (await sub.request({"type": "subscribe", "channel": "e"}))["type"] == "reply"
-        async with raw(base, "/ws/pub/e") as client:
-            await upgraded(client)
-            await wait_until(lambda: any(c.kind.value == "raw" for c in hub.connections.values()),
-                             what="the producer to be taken")
+        async with producer(hub, base, "/ws/pub/e") as client:
             good = b"".join(Frame(Opcode.TEXT, str(i).encode()).serialize(mask=True)
                             for i in range(3))
             client.writer.write(good + bad + Frame(Opcode.TEXT, b"9").serialize(mask=True))
