@@ -115,14 +115,14 @@ class DirectWSProtocol(WebSocketsSansIOProtocol):
         batch = self._batch
         assert batch is not None
         size, pos = len(data), 0
-        max_size = self.conn.max_message_size
+        max_size = self.config.ws_max_size  # what uvicorn gave websockets (any version)
         while pos < size:
             bounds = frame_bounds(data, pos)
             if bounds is None:
                 self._tail = data[pos:]
                 return
             b0, b1, start, end = bounds
-            if not b1 & 0x80 or (max_size is not None and end - start > max_size):
+            if not b1 & 0x80 or end - start > max_size:
                 self._tracker = None  # websockets refuses it and closes: its path from here
                 super().data_received(data[pos:])
                 return
