@@ -452,10 +452,12 @@ class IpcBroker:
     def publish_then(self, channel: str, data: Any, *, sender: str | None = None,
                      history: HistoryOptions | None = None, text: str | None = None,
                      done: PublishDone) -> None:
-        """Start ``publish`` now (a PipelinedPublisher): the relay answers a link's
-        requests in order, so ``done`` gets the outcomes in the order the
-        publishes started, and a producer's burst reaches the relay, and the
-        other workers, together instead of one round trip at a time."""
+        """Start ``publish`` without waiting (a PipelinedPublisher): the relay
+        answers a link's requests in order, so ``done`` gets the outcomes in
+        the order the publishes started, and a producer's burst reaches the
+        relay, and the other workers, together instead of one round trip at a
+        time. Publishes of one turn to one channel join a run (one request,
+        see :class:`_PublishRun`), sent when the turn ends."""
         link = self._link
         if link is None or not self._up:
             done(BrokerUnavailable(self._reason or "the relay is unreachable"))
