@@ -28,14 +28,37 @@ class OrderUpdate(BaseModel):
     status: str
     lines: list[Line] = []
 
+class Job(BaseModel):
+    task: str
+    retries: int = 0
+
+class Notice(BaseModel):
+    text: str
+    level: str = "info"
+
 hub = Hub()
 hub.channel("orders/+", OrderUpdate)
 hub.channel("sensors/#", list[float])
+hub.queue_type("jobs/+", Job)
+hub.queue_type("batch", list[int])
+hub.message_type(Notice)
 '''
 
 CONSUMER = '''
-import { Client } from "CLIENT/dist/tidings.js";
-import type { ChannelTypes, OrderUpdate } from "./channels.js";
+import { Client, type Item, type Message } from "CLIENT/dist/tidings.js";
+import type { ChannelTypes, MessageData, OrderUpdate, QueueTypes } from "./channels.js";
+
+export function work(item: Item<QueueTypes["jobs/+"]>, batch: Item<QueueTypes["batch"]>,
+                     message: Message<MessageData>): void {
+  const task: string = item.data.task;
+  const first: number | undefined = batch.data[0];
+  const text: string = message.data.text;
+  // @ts-expect-error: not a field of Job
+  item.data.owner;
+  // @ts-expect-error: a Notice has no count
+  message.data.count;
+  void task; void first; void text;
+}
 
 export async function use(client: Client<ChannelTypes>): Promise<void> {
   const orders = await client.subscribe("orders/+");
@@ -75,18 +98,29 @@ def test_asyncapi_has_the_app_channels_and_parses(app: Path, built: str) -> None
     assert doc["channels"]["app2"]["address"] == "sensors/#"
     order = doc["components"]["schemas"]["OrderUpdate"]
     assert order["properties"]["lines"]["items"] == {"$ref": "#/components/schemas/Line"}
+    assert doc["channels"]["queue1"]["address"] == "jobs/+"
+    assert doc["channels"]["queue2"]["address"] == "batch"
+    item = doc["components"]["messages"]["queue1_item"]
+    assert item["payload"] == {"$ref": "#/components/schemas/Job"}
+    assert doc["components"]["schemas"]["Queue2Item"]["items"] == {"type": "integer"}
+    assert doc["channels"]["messages"]["address"] is None
+    notice = doc["components"]["schemas"]["Notice"]
+    assert notice["properties"]["text"] == {"title": "Text", "type": "string"}
     assert "native" in doc["channels"]  # the wire protocol is still there
     (app / "doc.json").write_text(text)
     check = subprocess.run(["node", str(CLIENT / "scripts" / "validate-asyncapi.mjs"),
                             str(app / "doc.json")], cwd=CLIENT, capture_output=True,
                            text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "ok: 3 channels" in check.stdout
+    assert "ok: 6 channels" in check.stdout
 
 
 def test_typescript_compiles_strict_with_the_client(app: Path, built: str) -> None:  # noqa: F811
     declarations = cli(app, "typescript", "--app", "shopapp:hub")
     assert 'export interface ChannelTypes {\n  "orders/+": OrderUpdate;' in declarations
+    assert ('export interface QueueTypes {\n  "jobs/+": Job;\n  "batch": Queue2Item;\n}'
+            in declarations)
+    assert "export type MessageData = Notice;" in declarations
     (app / "channels.ts").write_text(declarations)
     (app / "consumer.ts").write_text(textwrap.dedent(CONSUMER).replace("CLIENT", str(CLIENT)))
     (app / "tsconfig.json").write_text(json.dumps({

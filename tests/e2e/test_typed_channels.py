@@ -266,3 +266,17 @@ async def test_typed_direct_messages() -> None:
         with pytest.raises(ProtocolError):
             await hub.broadcast([1, 2])
         await hub.send_user("nobody", Job(task="y"))  # a model instance is fine
+
+
+def test_documents_of_a_hub_without_queue_or_message_types() -> None:
+    """Nothing declared: no queue or message channels in the AsyncAPI document;
+    the TypeScript maps are there, empty, and messages carry ``unknown``."""
+    hub = Hub()
+    doc = app_asyncapi(hub)
+    assert not [k for k in doc["channels"] if k.startswith(("queue", "messages", "app"))]
+    declarations = app_typescript(hub)
+    assert "export interface QueueTypes {\n\n}" in declarations
+    assert "export type MessageData = unknown;" in declarations
+    hub.queue_type("jobs", JsonSchema({"title": "Job", "type": "object"}))
+    assert app_asyncapi(hub)["channels"]["queue1"]["address"] == "jobs"
+    assert '"jobs": Job;' in app_typescript(hub)

@@ -529,6 +529,7 @@ class HubCore:
         ``broadcast``, a native ``send``): checked like a channel's type before
         they leave; use a union for several kinds."""
         self.messenger.message_type = checker_for("messages", type_)
+        self.messenger.message_decl = type_
 
     async def publish(self, channel: str, data: Any, *, sender: str | None = None,
                       text: str | None = None) -> Publication:

@@ -38,8 +38,8 @@ class NodeMessenger:
     """Messages between nodes, owned by :class:`~tidings.core.hub.HubCore`
     (``hub.messenger``); it reaches connections through the hub's registry."""
 
-    __slots__ = ("broker", "connections", "hub", "limits", "message_type", "node", "stats",
-                 "users")
+    __slots__ = ("broker", "connections", "hub", "limits", "message_decl", "message_type", "node",
+                 "stats", "users")
 
     def __init__(self, hub: HubCore, broker: Broker) -> None:
         self.hub = hub  # to subscribe on orders, check it runs and run tasks
@@ -49,8 +49,10 @@ class NodeMessenger:
         self.stats: HubStats = hub.stats
         self.connections: dict[str, Connection] = hub.connections
         self.users: dict[str, set[Connection]] = hub.users
-        # what direct messages carry (hub.message_type); None: any JSON
+        # what direct messages carry (hub.message_type): its checker and the type as
+        # declared (for the generated documents); None: any JSON
         self.message_type: Checker | None = None
+        self.message_decl: Any = None
 
     def check(self, data: Any) -> Any:
         """``data`` as it goes out: checked and dumped on a typed hub (invalid:
