@@ -6,11 +6,16 @@
     async def gateway(ws: WebSocket):
         await WebSocketProxy(ws, "ws://realtime:8000/ws")()
 
-Both directions are pumped concurrently; text stays text and binary stays
-binary; when either side closes, the other is closed with the same code and
-reason (1011 if the upstream cannot be reached, 1006-like drops become 1011 /
-1001). Nothing is buffered beyond the websockets library's own bounded queue,
-so a slow side slows the forwarding instead of growing memory.
+The upstream is connected before the client is accepted, so the client gets
+the subprotocol the upstream chose among those it asked for (forwarded in the
+upstream handshake), and the client's query string is appended to the
+upstream URL (``?token=...`` reaches the upstream; ``forward_query=False``
+keeps it back). Both directions are then pumped concurrently; text stays text
+and binary stays binary; when either side closes, the other is closed with
+the same code and reason (1011 if the upstream cannot be reached or refuses
+the handshake, with the reason saying which; 1006-like drops become 1011 /
+1001). Nothing is buffered beyond the websockets library's own bounded
+queue, so a slow side slows the forwarding instead of growing memory.
 """
 
 from __future__ import annotations
@@ -47,31 +52,53 @@ class WebSocketProxy:
     """Forward ``client`` (a Starlette/FastAPI websocket) to ``upstream`` (a ws URL).
 
     ``headers`` are sent to the upstream in its handshake (e.g. an
-    ``Authorization`` the gateway adds). The client is accepted if it was not
-    yet. Awaiting the proxy returns when both sides are closed.
+    ``Authorization`` the gateway adds), with the subprotocols the client
+    asked for; the client's query string is appended to ``upstream`` unless
+    ``forward_query`` is false. The client is accepted once the upstream is
+    connected, with the upstream's subprotocol, if the app did not accept it
+    already. Awaiting the proxy returns when both sides are closed.
     """
 
     def __init__(self, client: WebSocket, upstream: str, *,
-                 headers: Mapping[str, str] | None = None, open_timeout: float = 10.0) -> None:
+                 headers: Mapping[str, str] | None = None, open_timeout: float = 10.0,
+                 forward_query: bool = True) -> None:
         self.client = client
         self.upstream = upstream
         self.headers = dict(headers or {})
         self.open_timeout = open_timeout
+        self.forward_query = forward_query
+
+    def upstream_url(self) -> str:
+        """``upstream`` with the client's query string (when forwarded) appended."""
+        query = self.client.scope.get("query_string", b"").decode("latin-1")
+        if not self.forward_query or not query:
+            return self.upstream
+        base, _, fragment = self.upstream.partition("#")
+        joined = f"{base}{'&' if '?' in base else '?'}{query}"
+        return f"{joined}#{fragment}" if fragment else joined
 
     async def __call__(self) -> None:
         from starlette.websockets import WebSocketState
 
-        if self.client.client_state is WebSocketState.CONNECTING:
-            await self.client.accept()
+        unaccepted = self.client.client_state is WebSocketState.CONNECTING
+        asked = list(self.client.scope.get("subprotocols") or ()) if unaccepted else []
+        url = self.upstream_url()
         try:
             upstream = await websockets.connect(
-                self.upstream, additional_headers=self.headers, open_timeout=self.open_timeout,
-                max_size=None,
+                url, additional_headers=self.headers, open_timeout=self.open_timeout,
+                max_size=None, subprotocols=asked or None,
             )
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             log.warning("proxy: cannot reach %s: %s", self.upstream, exc)
-            await self._close_client(CloseCode.INTERNAL_ERROR, "upstream unavailable")
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if unaccepted:
+                await self.client.accept()
+            await self._close_client(CloseCode.INTERNAL_ERROR,
+                                     f"upstream refused: HTTP {status}" if status
+                                     else "upstream unavailable")
             return
+        if unaccepted:
+            await self.client.accept(subprotocol=upstream.subprotocol)
         async with upstream:
             to_upstream = asyncio.create_task(self._client_to_upstream(upstream))
             to_client = asyncio.create_task(self._upstream_to_client(upstream))
