@@ -56,7 +56,9 @@ class WebSocketProxy:
     asked for; the client's query string is appended to ``upstream`` unless
     ``forward_query`` is false. The client is accepted once the upstream is
     connected, with the upstream's subprotocol, if the app did not accept it
-    already. Awaiting the proxy returns when both sides are closed.
+    already: its handshake waits for the upstream's (``open_timeout`` at the
+    most; keep it below your clients' own handshake timeouts). Awaiting the
+    proxy returns when both sides are closed.
     """
 
     def __init__(self, client: WebSocket, upstream: str, *,
