@@ -135,6 +135,16 @@ class NativeClient:
                 return got
             self.pending.append(got)
 
+    async def subscribe(self, channel: str, recover: Any = None) -> dict[str, Any]:
+        """Subscribe (with ``recover``, a position, if given); the reply's result."""
+        frame: dict[str, Any] = {"type": "subscribe", "channel": channel}
+        if recover is not None:
+            frame["recover"] = recover
+        reply = await self.request(frame)
+        assert reply["type"] == "reply", reply
+        result: dict[str, Any] = reply["result"]
+        return result
+
     @property
     def pending(self) -> list[dict[str, Any]]:
         if not hasattr(self, "_pending"):

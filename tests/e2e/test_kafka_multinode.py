@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from tests.brokers.conftest import TansuServer
-from tests.support import NativeClient, apost, native, serve_process
+from tests.support import apost, native, serve_process
 
 
 @pytest.fixture(scope="module")
@@ -24,23 +23,13 @@ def kafka_url() -> Iterator[str]:
         server.stop()
 
 
-async def subscribe(client: NativeClient, channel: str, recover: Any = None) -> dict[str, Any]:
-    frame: dict[str, Any] = {"type": "subscribe", "channel": channel}
-    if recover is not None:
-        frame["recover"] = recover
-    reply = await client.request(frame)
-    assert reply["type"] == "reply", reply
-    result: dict[str, Any] = reply["result"]
-    return result
-
-
 async def test_two_serve_nodes_on_kafka(kafka_url: str) -> None:
     with serve_process("--broker", kafka_url) as n1, serve_process("--broker", kafka_url) as n2:
         async with native(n1.base) as a, native(n2.base) as b:
             assert a.welcome["node"] != b.welcome["node"]
             # wildcard subscribers on one node, publications from the other
-            await subscribe(a, "news/+")
-            await subscribe(a, "site/#")
+            await a.subscribe("news/+")
+            await a.subscribe("site/#")
             for channel in ("news/sport", "site", "site/a.b/c", "other/x", "news/x/y"):
                 status, body = await apost(n2.base, "publish", {"channel": channel,
                                                                 "data": channel})
@@ -49,7 +38,7 @@ async def test_two_serve_nodes_on_kafka(kafka_url: str) -> None:
             got = [(await a.next("publication"))["channel"] for _ in range(3)]
             assert sorted(got) == ["news/sport", "site", "site/a.b/c"]
             # +1 offsets and one epoch whichever node publishes; live in that order
-            await subscribe(b, "news/sport")
+            await b.subscribe("news/sport")
             offsets, epochs = [], set()
             for i in range(10):
                 node = (n1, n2)[i % 2]
@@ -77,7 +66,7 @@ async def test_two_serve_nodes_on_kafka(kafka_url: str) -> None:
 
         # recovery from the other node of 20 publications missed while away
         async with native(n1.base) as c:
-            await subscribe(c, "feed")
+            await c.subscribe("feed")
             await apost(n1.base, "publish", {"channel": "feed", "data": "seen"})
             last = await c.next("publication")
         for i in range(20):
@@ -85,7 +74,7 @@ async def test_two_serve_nodes_on_kafka(kafka_url: str) -> None:
                                     {"channel": "feed", "data": i})
             assert status == 200
         async with native(n2.base) as c:
-            result = await subscribe(c, "feed", {"offset": last["offset"],
+            result = await c.subscribe("feed", {"offset": last["offset"],
                                                  "epoch": last["epoch"]})
             assert result["recovered"] is True and result["epoch"] == last["epoch"]
             assert [p["data"] for p in result["publications"]] == list(range(20))

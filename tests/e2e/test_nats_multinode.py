@@ -7,13 +7,12 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 import websockets
 
 from tests.brokers.conftest import NATS_URL, drop_nats_streams, nats_ping, unavailable
-from tests.support import NativeClient, apost, native, serve_process, ws_url
+from tests.support import apost, native, serve_process, ws_url
 
 
 @pytest.fixture
@@ -25,23 +24,13 @@ async def nats_url() -> AsyncIterator[str]:
     await drop_nats_streams(url)
 
 
-async def subscribe(client: NativeClient, channel: str, recover: Any = None) -> dict[str, Any]:
-    frame: dict[str, Any] = {"type": "subscribe", "channel": channel}
-    if recover is not None:
-        frame["recover"] = recover
-    reply = await client.request(frame)
-    assert reply["type"] == "reply", reply
-    result: dict[str, Any] = reply["result"]
-    return result
-
-
 async def test_two_serve_nodes_on_nats(nats_url: str) -> None:
     with serve_process("--broker", nats_url) as n1, serve_process("--broker", nats_url) as n2:
         async with native(n1.base) as a, native(n2.base) as b:
             assert a.welcome["node"] != b.welcome["node"]
             # cross-node publish: the same offset on both nodes
-            await subscribe(a, "news")
-            await subscribe(b, "news")
+            await a.subscribe("news")
+            await b.subscribe("news")
             status, body = await apost(n2.base, "publish", {"channel": "news", "data": 1})
             assert status == 200
             offset = body["result"]["offset"]
@@ -60,8 +49,8 @@ async def test_two_serve_nodes_on_nats(nats_url: str) -> None:
             live = [(await a.next("publication"))["offset"] for _ in range(10)]
             assert live == offsets
             # a wildcard subscription on one node, publications from the other
-            await subscribe(a, "orders/+/paid")
-            await subscribe(a, "logs/#")
+            await a.subscribe("orders/+/paid")
+            await a.subscribe("logs/#")
             for channel in ("orders/7/paid", "orders/7/new", "logs", "logs/a/b", "other"):
                 await apost(n2.base, "publish", {"channel": channel, "data": channel})
             got = [(await a.next("publication"))["channel"] for _ in range(3)]
@@ -72,21 +61,21 @@ async def test_two_serve_nodes_on_nats(nats_url: str) -> None:
             assert await a.next("message") == {"type": "message", "from": b.conn_id,
                                                 "data": "psst"}
             # presence across nodes
-            await subscribe(a, "room")
-            await subscribe(b, "room")
+            await a.subscribe("room")
+            await b.subscribe("room")
             reply = await a.request({"type": "presence", "channel": "room"})
             assert set(reply["result"]["presence"]) == {a.conn_id, b.conn_id}
 
         # recovery of 30 missed publications after a reconnect to the other node
         async with native(n1.base) as c:
-            await subscribe(c, "feed")
+            await c.subscribe("feed")
             await apost(n1.base, "publish", {"channel": "feed", "data": "seen"})
             last = await c.next("publication")
         for i in range(30):
             status, _ = await apost(n1.base, "publish", {"channel": "feed", "data": i})
             assert status == 200
         async with native(n2.base) as c:
-            result = await subscribe(c, "feed", {"offset": last["offset"],
+            result = await c.subscribe("feed", {"offset": last["offset"],
                                                  "epoch": last["epoch"]})
             assert result["recovered"] is True and result["epoch"] == last["epoch"]
             assert [p["data"] for p in result["publications"]] == list(range(30))
@@ -174,7 +163,7 @@ async def test_nats_server_killed_and_restarted_without_its_storage() -> None:
         url = server.url + "?prefix=fault"
         async with running(Hub(url)) as b1, running(Hub(url)) as b2:
             async with native(b1) as c:
-                await subscribe(c, "feed")
+                await c.subscribe("feed")
                 await apost(b2, "publish", {"channel": "feed", "data": 1})
                 last = await c.next("publication")
                 server.kill()
@@ -194,7 +183,7 @@ async def test_nats_server_killed_and_restarted_without_its_storage() -> None:
                 live = await c.next("publication")  # delivery resumed
                 assert live["data"] == 2 and live["epoch"] != last["epoch"]
             async with native(b1) as c:
-                result = await subscribe(c, "feed", {"offset": last["offset"],
+                result = await c.subscribe("feed", {"offset": last["offset"],
                                                      "epoch": last["epoch"]})
                 assert result["recovered"] is False  # never a silent gap
                 assert result["epoch"] != last["epoch"]

@@ -41,28 +41,18 @@ def url_for(kind: str) -> str:
     return f"{REDIS_URL}?prefix=rec{uuid.uuid4().hex[:8]}"
 
 
-async def subscribe(client: NativeClient, channel: str, recover: Any = None) -> dict[str, Any]:
-    frame: dict[str, Any] = {"type": "subscribe", "channel": channel}
-    if recover is not None:
-        frame["recover"] = recover
-    reply = await client.request(frame)
-    assert reply["type"] == "reply", reply
-    result: dict[str, Any] = reply["result"]
-    return result
-
-
 @pytest.mark.parametrize("kind", broker_urls())
 async def test_recover_exactly_the_missed_publications(kind: str) -> None:
     async with two_nodes(url_for(kind)) as (b1, b2):
         async with native(b1) as c:
-            await subscribe(c, "feed")
+            await c.subscribe("feed")
             await apost(b2, "publish", {"channel": "feed", "data": "seen"})
             last = await c.next("publication")
         for i in range(100):  # while the client is away, published on the other node
             status, _ = await apost(b2, "publish", {"channel": "feed", "data": i})
             assert status == 200
         async with native(b1) as c:
-            result = await subscribe(c, "feed", {"offset": last["offset"],
+            result = await c.subscribe("feed", {"offset": last["offset"],
                                                  "epoch": last["epoch"]})
             assert result["recovered"] is True
             assert result["epoch"] == last["epoch"]
@@ -82,12 +72,12 @@ async def test_epoch_mismatch_and_window_loss_are_reported() -> None:
         first = await hub.publish("w", 0)
         for i in range(20):
             await hub.publish("w", i)
-        gone = await subscribe(c, "w", {"offset": first.offset, "epoch": first.epoch})
+        gone = await c.subscribe("w", {"offset": first.offset, "epoch": first.epoch})
         assert gone["recovered"] is False  # older than the window
         assert gone["publications"] == []
         assert gone["offset"] == 21
-        await subscribe(c, "x")
-        other = await subscribe(c, "w2", {"offset": 3, "epoch": "not-the-epoch"})
+        await c.subscribe("x")
+        other = await c.subscribe("w2", {"offset": 3, "epoch": "not-the-epoch"})
         assert other["recovered"] is False
 
 
@@ -101,12 +91,12 @@ async def test_a_replay_too_big_for_one_reply_is_not_recovered() -> None:
         first = await hub.publish("big", "x")
         for _ in range(20):
             await hub.publish("big", "y" * 8000)  # 160 KB to replay: more than a reply may hold
-        reply = await subscribe(c, "big", {"offset": first.offset, "epoch": first.epoch})
+        reply = await c.subscribe("big", {"offset": first.offset, "epoch": first.epoch})
         assert reply["recovered"] is False
         assert (reply["publications"], reply["offset"]) == ([], 21)
         await hub.publish("big", "live")
         assert (await c.next("publication"))["data"] == "live"  # still connected
-        small = await subscribe(c, "big", {"offset": 20, "epoch": first.epoch})
+        small = await c.subscribe("big", {"offset": 20, "epoch": first.epoch})
         assert small["recovered"] is True
         assert [p["offset"] for p in small["publications"]] == [21, 22]
 
@@ -118,7 +108,7 @@ async def test_redis_losing_state_gives_a_new_epoch(how: str) -> None:
     try:
         async with two_nodes(server.url) as (b1, b2):
             async with native(b1) as c:
-                await subscribe(c, "feed")
+                await c.subscribe("feed")
                 await apost(b2, "publish", {"channel": "feed", "data": 1})
                 last = await c.next("publication")
             if how == "flushall":
@@ -131,7 +121,7 @@ async def test_redis_losing_state_gives_a_new_epoch(how: str) -> None:
                 await wait_for_health(b2)
             await apost(b2, "publish", {"channel": "feed", "data": 2})
             async with native(b1) as c:
-                result = await subscribe(c, "feed", {"offset": last["offset"],
+                result = await c.subscribe("feed", {"offset": last["offset"],
                                                      "epoch": last["epoch"]})
                 assert result["recovered"] is False  # never a silent gap
                 assert result["epoch"] != last["epoch"]
@@ -175,7 +165,7 @@ async def test_resubscribe_race_is_gap_free_and_duplicate_free(kind: str) -> Non
         try:
             for _round in range(5):
                 async with native(b1) as c:
-                    result = await subscribe(c, "race", position)
+                    result = await c.subscribe("race", position)
                     if position is not None:
                         assert result["recovered"] is True
                     seen.extend(p["offset"] for p in result["publications"])
