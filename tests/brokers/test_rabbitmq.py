@@ -1,5 +1,5 @@
 """The ``amqp://`` broker against the real RabbitMQ on loopback: channel names
-that need escaping, wildcards, direct messages, the quorum-queue QueueStore
+that need escaping, wildcards, the quorum-queue QueueStore
 (two hubs, a node dying with unacked items, the delivery limit, the length
 bound, delays) and a connection cut by the server mid-stream.
 
@@ -153,37 +153,6 @@ async def test_unsubscribe_unbinds(nodes: Any) -> None:
     await h2.publish("probe", "sync")  # after u/2 on the same publisher channel
     await probe.wait_for(lambda f: len(f) == 1)
     assert h1.stats.publications_out - before == 1  # only the probe reached h1
-
-
-async def test_join_leave_events_cross_nodes(nodes: Any) -> None:
-    """The broker carries join/leave frames (``publish_event``) to the nodes
-    whose clients asked for them; the hub sends them where presence is on."""
-    h1, h2 = await nodes(), await nodes()
-    sink = Sink()
-    watcher = h1.register(sink)
-    await h1.subscribe(watcher, "room/+", join_leave=True)
-    frame = '{"type":"join","channel":"room/1","member":{"conn_id":"x","user":"bob"}}'
-    await h2.broker.publish_event("room/1", frame)
-    await h2.broker.publish_event("elsewhere", frame.replace("room/1", "elsewhere"))
-    await sink.wait_for(lambda f: len(f) >= 1)
-    await asyncio.sleep(0.1)
-    assert sink.frames == [{"type": "join", "channel": "room/1",
-                            "member": {"conn_id": "x", "user": "bob"}}]
-
-
-async def test_direct_send_and_send_all(nodes: Any) -> None:
-    h1, h2 = await nodes(), await nodes()
-    a = Sink()
-    conn = h1.register(a, user="alice")
-    b = Sink()
-    h2.register(b, user="alice")
-    assert await h2.send(conn.conn_id, "to a") == 1
-    await a.wait_for(lambda f: len(f) == 1)
-    await h1.send_user("alice", "to alice")
-    await a.wait_for(lambda f: len(f) == 2)
-    await b.wait_for(lambda f: len(f) == 1)
-    assert [f["data"] for f in a.frames] == ["to a", "to alice"]
-    assert b.frames[0]["data"] == "to alice"
 
 
 async def test_connection_cut_by_the_server(nodes: Any,

@@ -19,6 +19,7 @@ __all__ = [
     "test_global_offsets",
     "test_history_and_positions",
     "test_interest_routing",
+    "test_join_leave_events_reach_the_nodes_that_asked",
     "test_order_across_nodes",
     "test_patterns",
     "test_presence_and_join_leave_across_nodes",
@@ -149,6 +150,25 @@ async def test_history_and_positions(world: World) -> None:
     after = await h1.history("hist")
     assert after.publications == []
     assert after.epoch != page.epoch
+
+
+async def test_join_leave_events_reach_the_nodes_that_asked(world: World) -> None:
+    """Every broker carries join/leave frames (``publish_event``, presence or
+    not) to the nodes whose clients asked for them on a matching channel, and
+    to no one else."""
+    h1, h2 = await started(world)
+    sink = Sink()
+    watcher = h1.register(sink)
+    await h1.subscribe(watcher, "room/+", join_leave=True)
+    frame = '{"type":"join","channel":"%s","member":{"conn_id":"x","user":"bob"}}'
+    await h2.broker.publish_event("elsewhere", frame % "elsewhere")
+    await h2.broker.publish_event("room/1", frame % "room/1")
+    await h2.broker.publish_event("room/2", frame % "room/2")
+    await sink.wait_for(lambda f: len(f) >= 2)
+    # room/2 came last: had "elsewhere" reached the watcher, it would be here
+    assert sink.frames == [
+        {"type": "join", "channel": room, "member": {"conn_id": "x", "user": "bob"}}
+        for room in ("room/1", "room/2")]
 
 
 async def test_presence_and_join_leave_across_nodes(world: World) -> None:
