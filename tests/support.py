@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
@@ -232,6 +233,26 @@ def serve_process(*args: str, env: dict[str, str] | None = None) -> Iterator[Ser
         proc.kill()
         if proc.proc.stdout:
             proc.proc.stdout.close()
+
+
+def health_status(base: str) -> int:
+    """The status ``GET {base}/health`` answers (503 while the broker is down)."""
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+async def wait_health(base: str, status: int, within: float = 20.0) -> float:
+    """Poll ``/health`` until it answers ``status``; the seconds that took
+    (TimeoutError after ``within``)."""
+    started = time.monotonic()
+    while (await asyncio.to_thread(health_status, base)) != status:
+        if time.monotonic() - started > within:
+            raise TimeoutError(f"/health did not answer {status} within {within} s")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
 
 
 async def wait_until(predicate: Any, timeout: float = TIMEOUT, what: str = "condition") -> None:

@@ -5,11 +5,8 @@ and the server killed and restarted on the same port."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +16,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 
 from tests.brokers.conftest import TansuServer
-from tests.support import Sink, apost, free_port, native, running, wait_until
+from tests.support import Sink, apost, free_port, native, running, wait_health, wait_until
 from tidings import Hub
 from tidings.brokers import create_broker
 from tidings.brokers.base import capabilities_of
@@ -205,20 +202,8 @@ async def test_history_window_and_text(nodes: Any) -> None:
     assert (await h2.history("w", since=StreamPos(page.offset, page.epoch))).publications == []
 
 
-def health(base: str) -> int:
-    try:
-        with urllib.request.urlopen(base + "/health", timeout=2) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
 
 
-async def wait_health(base: str, status: int, within: float) -> None:
-    deadline = time.monotonic() + within
-    while (await asyncio.to_thread(health, base)) != status:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"/health did not answer {status} within {within} s")
-        await asyncio.sleep(0.05)
 
 
 async def test_tansu_killed_and_restarted(caplog: pytest.LogCaptureFixture) -> None:

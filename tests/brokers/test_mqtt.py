@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.brokers.conftest import MQTT_URL, MosquittoServer, port_open, unavailable, with_prefix
-from tests.support import Sink, apost, native, running
+from tests.support import Sink, apost, native, running, wait_health
 from tidings import Hub
 from tidings.brokers.base import capabilities_of
 from tidings.brokers.mqtt import MqttBroker, escape_level, escape_topic
@@ -121,20 +118,8 @@ async def test_unsubscribe_stops_delivery(nodes: Any) -> None:
     assert h1.stats.publications_out - before == 1
 
 
-def health(base: str) -> int:
-    try:
-        with urllib.request.urlopen(base + "/health", timeout=2) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
 
 
-async def wait_health(base: str, status: int, within: float) -> None:
-    deadline = time.monotonic() + within
-    while (await asyncio.to_thread(health, base)) != status:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"/health did not answer {status} within {within} s")
-        await asyncio.sleep(0.05)
 
 
 async def test_mosquitto_killed_and_restarted(caplog: pytest.LogCaptureFixture) -> None:

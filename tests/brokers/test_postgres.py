@@ -11,8 +11,6 @@ import logging
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +18,7 @@ import asyncpg
 import pytest
 
 from tests.brokers.conftest import PostgresServer, postgres_drop, postgres_url
-from tests.support import Sink, native, running, serve_process, wait_until
+from tests.support import Sink, native, running, serve_process, wait_health, wait_until
 from tidings import HistoryRule, Hub, Limits, StreamPos
 from tidings.brokers.postgres import PostgresBroker, parse_publications
 from tidings.brokers.postgres_schema import SEP, Names
@@ -74,19 +72,8 @@ def test_message_format_round_trips() -> None:
         PostgresBroker("postgresql://h/db?prefix=Bad-Name")
 
 
-def health_status(base: str) -> int:
-    try:
-        with urllib.request.urlopen(base + "/health", timeout=2) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
 
 
-async def wait_health(base: str, status: int, within: float) -> None:
-    deadline = time.monotonic() + within
-    while await asyncio.to_thread(health_status, base) != status:
-        assert time.monotonic() < deadline, f"/health never answered {status}"
-        await asyncio.sleep(0.1)
 
 
 async def test_migrate_creates_the_schema_idempotently(pg_url: str) -> None:

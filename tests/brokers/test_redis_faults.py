@@ -5,35 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 import websockets
 
 from tests.brokers.conftest import RedisServer
-from tests.support import apost, native, running, ws_url
+from tests.support import apost, native, running, wait_health, ws_url
 from tidings import Hub
 
 pytestmark = pytest.mark.redis
 
 
-def health(base: str) -> int:
-    try:
-        with urllib.request.urlopen(base + "/health", timeout=2) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
 
 
-async def wait_health(base: str, status: int, within: float) -> float:
-    started = time.monotonic()
-    while (await asyncio.to_thread(health, base)) != status:
-        if time.monotonic() - started > within:
-            raise TimeoutError(f"/health did not answer {status} within {within} s")
-        await asyncio.sleep(0.1)
-    return time.monotonic() - started
 
 
 async def test_redis_killed_and_restarted(caplog: pytest.LogCaptureFixture) -> None:

@@ -12,7 +12,7 @@ import pytest
 import websockets
 
 from tests.brokers.conftest import NATS_URL, drop_nats_streams, nats_ping, unavailable
-from tests.support import apost, native, serve_process, ws_url
+from tests.support import apost, native, serve_process, wait_health, ws_url
 
 
 @pytest.fixture
@@ -133,22 +133,8 @@ async def test_one_queue_consumed_from_both_nodes_exactly_once(nats_url: str) ->
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def health_status(base: str) -> int:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(base + "/health", timeout=2) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
 
 
-async def wait_health(base: str, status: int, timeout: float = 20) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while await asyncio.to_thread(health_status, base) != status:
-        assert asyncio.get_running_loop().time() < deadline, f"/health never {status}"
-        await asyncio.sleep(0.05)
 
 
 async def test_nats_server_killed_and_restarted_without_its_storage() -> None:
