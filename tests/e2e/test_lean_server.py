@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
+import random
 from collections.abc import AsyncIterator
 
 import pytest
@@ -346,8 +348,6 @@ async def test_a_producer_stream_cut_anywhere_publishes_every_message_in_order(w
     message with a ping inside, a frame longer than what a read keeps for the
     next, cut byte by byte and at random: every message is published once, in
     order, and every ping answered."""
-    import random
-
     hub = Hub(history_size=0, limits=Limits(frame_soft=200_000, frame_hard=1 << 20))
     big = "y" * 70_000
     frames: list[Frame] = []
@@ -367,7 +367,7 @@ async def test_a_producer_stream_cut_anywhere_publishes_every_message_in_order(w
             expected.append(big)
         elif i % 13 == 3:
             frames.append(Frame(Opcode.BINARY, bytes([i, 0, 1])))
-            expected.append({"b64": __import__("base64").b64encode(bytes([i, 0, 1])).decode()})
+            expected.append({"b64": base64.b64encode(bytes([i, 0, 1])).decode()})
         else:
             frames.append(Frame(Opcode.TEXT, json.dumps({"n": i, "pad": "x" * (i * 7)}).encode()))
             expected.append({"n": i, "pad": "x" * (i * 7)})

@@ -255,11 +255,15 @@ class KafkaBroker:
             raise BrokerUnavailable(self._health.reason or "Kafka unreachable")
         return link
 
-    def _failed(self, what: str, exc: BaseException, link: KafkaLink) -> BrokerUnavailable:
+    def _suspect(self, link: KafkaLink) -> None:
         """A call on ``link`` failed: check the connection now (unless that link
-        was replaced meanwhile), and say so to the caller."""
+        was replaced meanwhile)."""
         if link is self._link:
             self._lost.set()
+
+    def _failed(self, what: str, exc: BaseException, link: KafkaLink) -> BrokerUnavailable:
+        """:meth:`_suspect` ``link``, and the error to raise to the caller."""
+        self._suspect(link)
         return BrokerUnavailable(f"{what} failed: {exc!r}")
 
     def _running(self) -> asyncio.AbstractEventLoop:
@@ -396,7 +400,7 @@ class KafkaBroker:
             # the channel topic would give it once more. So this node delivers
             # it as its bus copy would have (a late copy is dropped as seen), the
             # other nodes read it from the channel topic at their next gap.
-            self._failed("the bus copy of a publication", exc, link)
+            self._suspect(link)
             log.warning("node %s: the bus copy of %r offset %d failed (%r): other nodes "
                         "get it from the channel topic with the next publication",
                         self._node, channel, offset, exc)
