@@ -10,6 +10,9 @@ from hypothesis import strategies as st
 
 from tidings.protocol import ErrorCode, ProtocolError
 from tidings.protocol import native as n
+from tidings.protocol.codec import NATIVE_FRAMED
+from tidings.protocol.frames import encode_frame
+from tidings.types import Publication
 
 
 def decode(frame: Any) -> n.Command:
@@ -185,6 +188,9 @@ def test_the_publication_template_is_the_dict_encoding(
     body = _reference(data)
     assert body is not None
     assert n.encode_publication_json(channel, body, offset, epoch, sender, ts) == expected
+    # the frame a direct subscriber is written: that object in one unmasked text frame
+    pub = Publication(channel, data, offset, epoch, sender, ts)
+    assert NATIVE_FRAMED.publication(pub) == encode_frame(expected)
 
 
 @settings(max_examples=300)

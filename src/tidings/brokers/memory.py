@@ -143,7 +143,7 @@ class MemoryBroker:
         state = self._bus.channels.get(channel) or self._bus.channel(channel)
         offset = state.offset = state.offset + 1
         pub = Publication(channel, data, offset, state.epoch, sender, int(time.time() * 1000),
-                          text=text)
+                          text)  # positional: a keyword costs a dict in the class call
         self._store_and_fan_out(state, history, (pub,))
         return pub
 
@@ -161,7 +161,7 @@ class MemoryBroker:
         offset = state.offset
         epoch = state.epoch
         ts = int(time.time() * 1000)
-        pubs = [Publication(channel, data, offset + i, epoch, sender, ts, text=text)
+        pubs = [Publication(channel, data, offset + i, epoch, sender, ts, text)
                 for i, (data, text) in enumerate(items, 1)]
         if not pubs:
             return pubs

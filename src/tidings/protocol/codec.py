@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Final, Protocol
 
 from tidings.protocol import centrifuge
-from tidings.protocol.frames import OP_BINARY, encode_frame
+from tidings.protocol.frames import OP_BINARY, TEXT_HEADS, encode_frame, text_frame_head
 from tidings.protocol.native import (
     b64,
     dumps,
@@ -124,17 +124,47 @@ class NativeCodec(Codec):
 
     name = "native"
 
-    def _payload(self, pub: Prepared) -> str | bytes:
-        data = pub.data
-        text = pub.text
-        if isinstance(data, bytes):
-            body = dumps(b64(data))
-        elif text is not None:  # the publisher's JSON text: spliced, not re-encoded
-            body = text.encode()
+    def publication(self, pub: Prepared) -> str | bytes:
+        # Codec.publication with the framed encoding made in one step (the
+        # envelope and its frame header together): the first subscriber of
+        # every publication pays for it
+        prepared = pub.prepared
+        slot = self.slot
+        if prepared is None:
+            prepared = pub.prepared = [None] * SLOTS
         else:
-            body = dumps(data)
-        return encode_publication_json(pub.channel, body, pub.offset, pub.epoch, pub.sender,
-                                       pub.ts)
+            done = prepared[slot]
+            if done is not None:
+                return done
+            if self.framed and (sibling := prepared[slot - 1]) is not None:
+                done = prepared[slot] = self._frame(sibling)
+                return done
+        out: str | bytes
+        if self.framed:
+            body = encode_publication_json(pub.channel, self._body(pub), pub.offset, pub.epoch,
+                                           pub.sender, pub.ts)
+            length = len(body)
+            out = (TEXT_HEADS[length] if length < 126 else text_frame_head(length)) + body
+        else:
+            out = encode_publication_json(pub.channel, self._body(pub), pub.offset, pub.epoch,
+                                          pub.sender, pub.ts).decode()
+        prepared[slot] = out
+        return out
+
+    @staticmethod
+    def _body(pub: Prepared) -> bytes:
+        """The JSON of ``pub``'s data."""
+        data = pub.data
+        if isinstance(data, bytes):
+            return dumps(b64(data))
+        text = pub.text
+        if text is not None:  # the publisher's JSON text: spliced, not re-encoded
+            return text.encode()
+        return dumps(data)
+
+    def _payload(self, pub: Prepared) -> str | bytes:
+        return encode_publication_json(pub.channel, self._body(pub), pub.offset, pub.epoch,
+                                       pub.sender, pub.ts)
 
     def message(self, sender: str, data: Any) -> str | None:
         return encode_message(sender, data).decode()

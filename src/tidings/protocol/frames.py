@@ -11,6 +11,7 @@ code to answer.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 __all__ = [
     "OP_BINARY",
@@ -18,6 +19,7 @@ __all__ = [
     "OP_PING",
     "OP_PONG",
     "OP_TEXT",
+    "TEXT_HEADS",
     "FrameError",
     "FrameReader",
     "FrameTracker",
@@ -25,6 +27,7 @@ __all__ = [
     "encode_frame",
     "frame_bounds",
     "parse_close",
+    "text_frame_head",
     "unmask",
 ]
 
@@ -40,8 +43,17 @@ _CONTROL = (OP_CLOSE, OP_PING, OP_PONG)
 
 
 # the 2-byte headers of short text and binary frames, ready-made
-_SHORT = ((), tuple(bytes((0x81, n)) for n in range(126)),
-          tuple(bytes((0x82, n)) for n in range(126)))
+TEXT_HEADS: Final = tuple(bytes((0x81, n)) for n in range(126))
+_SHORT = ((), TEXT_HEADS, tuple(bytes((0x82, n)) for n in range(126)))
+
+
+def text_frame_head(length: int) -> bytes:
+    """The header of an unfragmented, unmasked text frame of ``length`` bytes."""
+    if length < 126:
+        return TEXT_HEADS[length]
+    if length < 1 << 16:
+        return struct.pack("!BBH", 0x81, 126, length)
+    return struct.pack("!BBQ", 0x81, 127, length)
 
 
 def encode_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
@@ -144,24 +156,32 @@ class FrameReader:
     def buffered(self) -> int:
         return len(self._buf)
 
+    def lone(self, data: bytes) -> tuple[int, bytes] | None:
+        """``(opcode, unmasked payload)`` when ``data`` is exactly one whole,
+        masked text or binary frame below 64 KiB and nothing is pending (the
+        read of a producer that writes one message at a time), else None: give
+        ``data`` to :meth:`feed`, which takes anything. Nothing is consumed."""
+        n = len(data)
+        b0 = data[0] if n >= 6 else 0
+        if (b0 != 0x81 and b0 != 0x82) or self._buf or self._frag_op:
+            return None
+        b1 = data[1]
+        length = b1 & 0x7F
+        if not b1 & 0x80 or length == 127:
+            return None
+        start = 6
+        if length == 126:
+            length, start = (data[2] << 8) | data[3], 8
+        if n != start + length or length > self.max_size:
+            return None
+        return b0 & 0x0F, unmask(data[start:], data[start - 4:start]) if length else b""
+
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         """The messages completed by ``data``. A protocol violation raises
         :class:`FrameError` carrying the messages completed before it."""
-        n = len(data)
-        b0 = data[0] if n >= 6 else 0
-        if (b0 == 0x81 or b0 == 0x82) and not self._buf and not self._frag_op:
-            # exactly one whole, masked text or binary frame below 64 KiB and nothing
-            # pending: the read of a producer that sends a message per write, taken
-            # in one step (anything else: the general parser below)
-            b1 = data[1]
-            length = b1 & 0x7F
-            if b1 & 0x80 and length != 127:
-                start = 6
-                if length == 126:
-                    length, start = (data[2] << 8) | data[3], 8
-                if n == start + length and length <= self.max_size:
-                    return [(b0 & 0x0F,
-                             unmask(data[start:], data[start - 4:start]) if length else b"")]
+        one = self.lone(data)
+        if one is not None:
+            return [one]
         out: list[tuple[int, bytes]] = []
         try:
             self._parse(data, out)

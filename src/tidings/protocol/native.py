@@ -472,11 +472,12 @@ def encode_publication_json(
 ) -> bytes:
     """:func:`encode_publication` of data that is JSON already (``data``: its
     UTF-8 bytes, spliced in as they are)."""
+    head = _heads.get(channel) or _head(channel)  # the caches read inline: a hot path
+    epoch_json = _strings.get(epoch) or _string(epoch)
     if sender is None:
-        return b'%s%s,"offset":%d,"epoch":%s,"ts":%d}' % (
-            _head(channel), data, offset, _string(epoch), ts)
+        return b'%s%s,"offset":%d,"epoch":%s,"ts":%d}' % (head, data, offset, epoch_json, ts)
     return b'%s%s,"offset":%d,"epoch":%s,"ts":%d,"sender":%s}' % (
-        _head(channel), data, offset, _string(epoch), ts, _string(sender))
+        head, data, offset, epoch_json, ts, _strings.get(sender) or _string(sender))
 
 
 def encode_message(sender: str, data: Any) -> bytes:

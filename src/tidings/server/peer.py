@@ -266,6 +266,23 @@ class Peer(HTTPSession, asyncio.Protocol):
             return
         inbox = self._inbox  # None while empty: most reads never need one
         self.seen = True
+        if (inbox is None and self.on_messages is not None and self._waiter is not None
+                and self._state == STATE_WS_OPEN):
+            # a producer's lone frame, taken without the general loop below
+            one = reader.lone(data)
+            if one is not None:
+                opcode, payload = one
+                message: str | bytes = payload
+                try:
+                    if opcode == OP_TEXT:
+                        message = payload.decode()
+                except UnicodeDecodeError:
+                    pass  # the loop below closes with 1007
+                else:
+                    self._take([message])
+                    if self._inbox:
+                        self._wake_inbox(self._inbox)
+                    return
         # how the connection ends, if this read ends it: (method, code, reason)
         end: tuple[Callable[[int, str], None], int, str] | None = None
         try:
@@ -281,7 +298,7 @@ class Peer(HTTPSession, asyncio.Protocol):
             if opcode in (OP_TEXT, OP_BINARY):
                 if closing:
                     continue
-                message: str | bytes = payload
+                message = payload
                 if opcode == OP_TEXT:
                     try:
                         message = payload.decode()
@@ -321,6 +338,11 @@ class Peer(HTTPSession, asyncio.Protocol):
         if not inbox:
             self._inbox = None
             return
+        self._wake_inbox(inbox)
+
+    def _wake_inbox(self, inbox: deque[Message]) -> None:
+        """Messages are in the inbox: wake the endpoint's ``receive``; stop
+        reading while it is behind."""
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
