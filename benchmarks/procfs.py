@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 from benchmarks.fanout import CLK_TCK, proc_runtime_seconds
 
-__all__ = ["connection_owners", "proc_tree", "tree_cpu_seconds", "tree_rss_kib",
+__all__ = ["connection_owners", "proc_tree", "tree_cpu_seconds", "tree_cpu_split", "tree_rss_kib",
            "tree_runtime_seconds"]
 
 
@@ -33,9 +33,10 @@ def proc_tree(pid: int) -> list[int]:
     return pids
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """utime+stime of a process and its descendants, in seconds."""
-    total = 0
+def tree_cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process and its descendants, in seconds: its own code
+    and the kernel's on its behalf (system calls, wake-ups)."""
+    user = system = 0
     for p in proc_tree(pid):
         try:
             with open(f"/proc/{p}/stat", encoding="ascii") as file:
@@ -43,8 +44,14 @@ def tree_cpu_seconds(pid: int) -> float:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime+stime of a process and its descendants, in seconds."""
+    return sum(tree_cpu_split(pid))
 
 
 def tree_runtime_seconds(pid: int) -> float:

@@ -67,6 +67,7 @@ class Phase:
     closed: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     server_cpu_s: float = 0.0
+    server_user_s: float = 0.0  # the utime part of server_cpu_s (the rest: the kernel's)
     server_sched_s: float = 0.0
     loadgen_cpu_s: float = 0.0
     broker_cpu_s: float = 0.0
@@ -100,6 +101,12 @@ class Phase:
         done = self.deliveries - self.lost
         return self.server_cpu_s * 1e6 / done if done > 0 else 0.0
 
+    @property
+    def us_user(self) -> float:
+        """The user-space (utime) part of :attr:`us`."""
+        done = self.deliveries - self.lost
+        return self.server_user_s * 1e6 / done if done > 0 else 0.0
+
     def pct(self, cpu: float) -> float:
         return 100 * cpu / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
@@ -113,6 +120,7 @@ class Phase:
             "server_cpu_s": round(self.server_cpu_s, 3),
             "server_cpu_us_per_delivery": round(self.us, 3),
             "server_cpu_percent": round(self.pct(self.server_cpu_s), 1),
+            "server_user_us_per_delivery": round(self.us_user, 3),
             "server_schedstat_us_per_delivery": round(
                 self.server_sched_s * 1e6 / (self.deliveries - self.lost), 3)
             if self.deliveries > self.lost else 0.0,
@@ -262,8 +270,9 @@ def _lost(p: Phase) -> str:
 
 def detail_table(results: Sequence[StackResult]) -> str:
     head = ("| stack | phase | publisher | N | messages | deliveries/s | server µs/delivery | "
-            "server CPU % | load-gen CPU %: subscribers + publisher | broker CPU % | "
-            "other CPU % | p50 / p99 ms, user space | p50 / p99 ms, kernel | lost | runs |")
+            "of which user space | server CPU % | load-gen CPU %: subscribers + publisher | "
+            "broker CPU % | other CPU % | p50 / p99 ms, user space | p50 / p99 ms, kernel | "
+            "lost | runs |")
     rows = [head, "|---|---|---|" + "---:|" * (head.count("|") - 4)]
     for r in results:
         for p in [*r.phases, *r.channels]:
@@ -271,7 +280,7 @@ def detail_table(results: Sequence[StackResult]) -> str:
             name = p.name + (f", {p.channels} channels" if p.channels > 1 else "")
             rows.append(
                 f"| {r.stack.key} | {name}{rate} | {p.publisher} | {p.n} | {p.messages} | "
-                f"{p.per_s:,.0f} | {p.us:.2f} | {p.pct(p.server_cpu_s):.0f} | "
+                f"{p.per_s:,.0f} | {p.us:.2f} | {p.us_user:.2f} | {p.pct(p.server_cpu_s):.0f} | "
                 f"{p.pct(p.loadgen_cpu_s - p.publisher_cpu_s):.0f} + "
                 f"{p.pct(p.publisher_cpu_s):.0f} | {p.pct(p.broker_cpu_s):.0f} | "
                 f"{p.pct(p.other_cpu_s):.0f} | {_lat(p.user_latency_ms)} | "

@@ -42,6 +42,7 @@ from benchmarks.procfs import (
     connection_owners,
     proc_tree,
     tree_cpu_seconds,
+    tree_cpu_split,
     tree_runtime_seconds,
 )
 from benchmarks.report import Phase, percentiles_ms
@@ -240,6 +241,10 @@ class Session:
 
     def server_cpu(self) -> float:
         return sum(tree_cpu_seconds(s.pid) for s in self.servers)
+
+    def server_user_cpu(self) -> float:
+        """The user-space part of :meth:`server_cpu` (utime)."""
+        return sum(tree_cpu_split(s.pid)[0] for s in self.servers)
 
     def broker_cpu(self) -> float:
         return sum(tree_cpu_seconds(p) for p in self.broker_pids)
@@ -471,6 +476,7 @@ class Session:
         self.progress.start(label, count)
         tick = asyncio.create_task(self._tick(self._min_progress))
         cpu0 = self.server_cpu()
+        user0 = self.server_user_cpu()
         run0 = sum(tree_runtime_seconds(s.pid) for s in self.servers)
         red0 = self.broker_cpu()
         sys0 = system_cpu_seconds()
@@ -497,6 +503,7 @@ class Session:
             gc.enable()
             tick.cancel()
         result.server_cpu_s = self.server_cpu() - cpu0
+        result.server_user_s = self.server_user_cpu() - user0
         result.server_sched_s = sum(tree_runtime_seconds(s.pid) for s in self.servers) - run0
         result.broker_cpu_s = self.broker_cpu() - red0
         busy = system_cpu_seconds() - sys0
