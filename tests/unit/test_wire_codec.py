@@ -128,10 +128,18 @@ def test_a_read_of_one_whole_frame(size: int, opcode: Opcode) -> None:
     assert FrameReader(1 << 20).feed(wire) == [(int(opcode), payload)]
     assert feed_in_pieces(FrameReader(1 << 20), wire + wire, [len(wire)]) == [
         (int(opcode), payload)] * 2
+    # two in one read: the general parser, whose first case is a whole text frame
+    assert FrameReader(1 << 20).feed(wire + wire) == [(int(opcode), payload)] * 2
+    assert feed_in_pieces(FrameReader(1 << 20), wire + wire, [len(wire) + 3]) == [
+        (int(opcode), payload)] * 2
     if size:
         with pytest.raises(FrameError) as caught:
             FrameReader(size - 1).feed(wire)
         assert caught.value.code == 1009
+        with pytest.raises(FrameError) as caught:
+            FrameReader(size - 1).feed(client_frame(opcode, b"") + wire)
+        assert caught.value.code == 1009
+        assert caught.value.messages == [(int(opcode), b"")]
     reader = FrameReader(1 << 20)
     assert reader.feed(client_frame(Opcode.TEXT, b"a", fin=False)) == []
     with pytest.raises(FrameError):  # a new message inside a fragmented one

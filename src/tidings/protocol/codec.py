@@ -14,6 +14,7 @@ through the :class:`Prepared` protocol, so this module knows no hub or broker.
 
 from __future__ import annotations
 
+import struct
 from typing import Any, Final, Protocol
 
 from tidings.protocol import centrifuge
@@ -43,6 +44,7 @@ __all__ = [
 ]
 
 SLOTS: Final = 6  # prepared encodings a publication can hold: two per protocol
+_HEAD16: Final = struct.Struct("!BBH").pack  # a frame header with a 16-bit length
 
 
 class Prepared(Protocol):
@@ -144,7 +146,8 @@ class NativeCodec(Codec):
             body = encode_publication_json(pub.channel, self._body(pub), pub.offset, pub.epoch,
                                            pub.sender, pub.ts)
             length = len(body)
-            out = (TEXT_HEADS[length] if length < 126 else text_frame_head(length)) + body
+            out = (TEXT_HEADS[length] if length < 126 else _HEAD16(0x81, 126, length)
+                   if length < 65536 else text_frame_head(length)) + body
         else:
             out = encode_publication_json(pub.channel, self._body(pub), pub.offset, pub.epoch,
                                           pub.sender, pub.ts).decode()

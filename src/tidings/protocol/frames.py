@@ -182,6 +182,10 @@ class FrameReader:
         one = self.lone(data)
         if one is not None:
             return [one]
+        return self.parse(data)
+
+    def parse(self, data: bytes) -> list[tuple[int, bytes]]:
+        """:meth:`feed` without trying :meth:`lone` first (the caller did)."""
         out: list[tuple[int, bytes]] = []
         try:
             self._parse(data, out)
@@ -203,6 +207,20 @@ class FrameReader:
             b0 = buf[pos]
             b1 = buf[pos + 1]
             length = b1 & 0x7F
+            if b0 == 0x81 and b1 & 0x80 and length != 127 and not self._frag_op:
+                # the usual frame first: a whole, masked text frame below 64 KiB,
+                # taken when all of it is here and within the limit (every check
+                # below passes for it); anything else: the general path
+                start = pos + 6
+                if length == 126 and size - pos >= 4:
+                    length, start = (buf[pos + 2] << 8) | buf[pos + 3], pos + 8
+                end = start + length
+                if length != 126 and length <= max_size and end <= size:
+                    out.append((OP_TEXT, unmask(buf[start:end], buf[start - 4:start])
+                                if length else b""))
+                    pos = end
+                    continue
+                length = b1 & 0x7F
             start = pos + 6
             if length == 126:
                 if size - pos < 4:

@@ -266,9 +266,12 @@ class Peer(HTTPSession, asyncio.Protocol):
             return
         inbox = self._inbox  # None while empty: most reads never need one
         self.seen = True
+        one: tuple[int, bytes] | None = None
+        tried = False  # lone() was asked already: the general parser alone is left
         if (inbox is None and self.on_messages is not None and self._waiter is not None
                 and self._state == STATE_WS_OPEN):
             # a producer's lone frame, taken without the general loop below
+            tried = True
             one = reader.lone(data)
             if one is not None:
                 opcode, payload = one
@@ -286,7 +289,8 @@ class Peer(HTTPSession, asyncio.Protocol):
         # how the connection ends, if this read ends it: (method, code, reason)
         end: tuple[Callable[[int, str], None], int, str] | None = None
         try:
-            messages = reader.feed(data)
+            messages = ([one] if one is not None else reader.parse(data) if tried
+                        else reader.feed(data))
         except FrameError as exc:  # what came before the bad frame still counts
             messages, end = exc.messages, (self._fail, exc.code, exc.reason)
         closing = self._state == STATE_WS_CLOSING
