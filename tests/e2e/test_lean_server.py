@@ -412,6 +412,29 @@ async def test_a_producers_bad_frame_after_good_ones(ws: str, bad: bytes, code: 
         assert hub.stats.publications_in == 3
 
 
+@pytest.mark.parametrize("ws", [LEAN, DIRECT_WS], ids=["lean", "direct"])
+async def test_lone_frames_each_in_a_read_of_its_own(ws: str) -> None:
+    """A producer writing one message at a time: each read holds one whole frame
+    (the lone-frame path), each is published once, in order; a lone frame that
+    is not UTF-8 closes with 1007 and publishes nothing."""
+    hub = Hub()
+    async with running(hub, ws=ws) as base, native(base) as sub:
+        assert (await sub.request({"type": "subscribe", "channel": "l"}))["type"] == "reply"
+        async with producer(hub, base, "/ws/pub/l") as client:
+            for i in range(5):  # short and 16-bit lengths, text and binary
+                payload = json.dumps({"i": i, "pad": "x" * (i * 60)}).encode()
+                frame = Frame(Opcode.BINARY if i == 2 else Opcode.TEXT, payload)
+                client.writer.write(frame.serialize(mask=True))
+                await client.writer.drain()
+                got = (await sub.next("publication"))["data"]
+                assert got == ({"b64": base64.b64encode(payload).decode()} if i == 2
+                               else json.loads(payload))
+            client.writer.write(Frame(Opcode.TEXT, b"\xff\xfe").serialize(mask=True))
+            assert await client.close_code() == 1007
+        assert hub.stats.publications_in == 5
+        assert not sub.pending
+
+
 async def test_a_compressing_producer_under_uvicorn_is_read_whole_and_in_order() -> None:
     """permessage-deflate negotiated (uvicorn offers it by default, the
     ``websockets`` client asks for it): compressed frames go to ``websockets``
