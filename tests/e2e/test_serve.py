@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pathlib
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import websockets
 
-from tests.support import native, serve_process, ws_url
+from tests.support import apost, native, serve_process, ws_url
 
 
 @pytest.mark.parametrize("server_args", [(), ("--loop", "asyncio"),
@@ -37,6 +40,34 @@ async def test_sigterm_closes_sockets_1001_and_exits_0_with_blocked_consumers(
                         await asyncio.wait_for(ws.recv(), 5)
                 assert info.value.rcvd is not None
                 assert info.value.rcvd.code == 1001
+
+
+def _thread_names(pid: int) -> list[str]:
+    return [pathlib.Path(f"/proc/{pid}/task/{t}/comm").read_text().strip()
+            for t in os.listdir(f"/proc/{pid}/task")]
+
+
+def _get_status(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return int(response.status)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts /proc/<pid>/task")
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_serve_stays_one_thread(loop: str) -> None:
+    """``tidings serve`` binds its own sockets (uvloop would resolve the host in
+    libuv's thread pool, whose threads stay and make every socket system call
+    dearer) and serves the demo page, the API and websockets without a thread."""
+    with serve_process("--loop", loop) as server:
+        base = server.base
+        async with native(base) as sub:
+            assert (await sub.request({"type": "subscribe", "channel": "t"}))["type"] == "reply"
+            assert await asyncio.to_thread(_get_status, base + "/") == 200
+            status, _ = await apost(base, "publish", {"channel": "t", "data": 1})
+            assert status == 200
+            assert (await sub.next("publication"))["data"] == 1
+        names = _thread_names(server.proc.pid)
+        assert len(names) == 1, names  # e.g. ['python', 'libuv-worker', ...] before
 
 
 def test_cli_publish_and_subscribe() -> None:
