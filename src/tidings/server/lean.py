@@ -47,6 +47,7 @@ __all__ = ["EXTENSION", "ClientDisconnected", "LeanServer", "bind_listeners", "l
 
 log = logging.getLogger("tidings.server")
 
+
 def bind_listeners(host: str | None, port: int, backlog: int = 4096) -> list[socket.socket]:
     """Listening sockets on every address ``host`` resolves to (as
     ``loop.create_server(host, port)`` binds), resolved and bound in this thread.
