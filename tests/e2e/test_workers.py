@@ -201,6 +201,33 @@ async def test_a_killed_worker_is_restarted_and_joins_the_others() -> None:
         assert await asyncio.to_thread(sup.proc.wait, 10) == 0, sup.output()
 
 
+async def test_workers_are_one_thread_and_stop_when_the_supervisor_is_killed() -> None:
+    """A worker has no thread of its own (the kernel tells it of its supervisor's
+    death: a process with threads pays more for every socket system call); when
+    the supervisor is SIGKILLed, the workers stop instead of serving on."""
+    with supervisor(2) as sup:
+        await sup.wait_nodes(2)
+        workers = sup.children()
+        assert len(workers) == 2, workers
+        for pid in workers:
+            names = [Path(f"/proc/{pid}/task/{t}/comm").read_text().strip()
+                     for t in os.listdir(f"/proc/{pid}/task")]
+            assert len(names) == 1, names
+        sup.proc.kill()
+        sup.proc.wait(5)
+        deadline = time.monotonic() + 15
+        while any(Path(f"/proc/{pid}").exists() and not _zombie(pid) for pid in workers):
+            assert time.monotonic() < deadline, f"workers {workers} outlived their supervisor"
+            await asyncio.sleep(0.05)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def test_bad_settings_fail_once_in_the_supervisor() -> None:
     """Not as N workers crash-looping: before any socket is bound or process started."""
     from tidings.server.supervisor import run_workers

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -34,6 +35,7 @@ import pickle
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -270,14 +272,36 @@ def _worker_main(url: str, hub_kwargs: dict[str, Any], host: str, port: int, log
     """Entry point of a worker process (module level so ``spawn`` can import it)."""
     logging.basicConfig(level=log_level.upper(),
                         format=f"%(asctime)s %(levelname)s [worker {slot}] %(name)s: %(message)s")
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True,
-                     name="tidings-parent-watch").start()
+    _watch_parent(parent)
     from tidings.hub import Hub
     from tidings.server.runner import run
 
     hub = Hub(url, **hub_kwargs)
     run(hub, host=host, port=port, log_level=log_level, sockets=[sock], server=server,
         loop=loop)
+
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _watch_parent(parent: int) -> None:
+    """Get SIGTERM if the supervisor dies without telling us (SIGKILL), so the
+    worker stops cleanly instead of serving on with a dead relay. On Linux the
+    kernel sends it (``PR_SET_PDEATHSIG``), which keeps the worker one thread (a
+    process with threads pays more for every socket system call); elsewhere a
+    thread polls the parent's pid."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            asked = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            asked = False
+        if asked:
+            if os.getppid() != parent:  # it died before we asked
+                os.kill(os.getpid(), signal.SIGTERM)
+            return
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True,
+                     name="tidings-parent-watch").start()
 
 
 def _exit_with_parent(parent: int) -> None:
