@@ -287,9 +287,10 @@ _PR_SET_PDEATHSIG = 1  # prctl(2)
 def _watch_parent(parent: int) -> None:
     """Get SIGTERM if the supervisor dies without telling us (SIGKILL), so the
     worker stops cleanly instead of serving on with a dead relay. On Linux the
-    kernel sends it (``PR_SET_PDEATHSIG``), which keeps the worker one thread (a
-    process with threads pays more for every socket system call); elsewhere a
-    thread polls the parent's pid."""
+    kernel sends it (``PR_SET_PDEATHSIG``; it fires when the thread that started
+    the worker ends, and the supervisor starts them from its main thread), which
+    keeps the worker one thread (a process with threads pays more for every
+    socket system call); elsewhere a thread polls the parent's pid."""
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
