@@ -43,6 +43,8 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 from urllib.parse import urlsplit
 
+from tidings.server.lean import bind_listeners
+
 __all__ = ["run_workers"]
 
 log = logging.getLogger("tidings.supervisor")
@@ -66,14 +68,18 @@ def run_workers(hub_factory_kwargs: dict[str, Any], *, host: str, port: int, wor
     if "node" in hub_factory_kwargs:
         raise ValueError("every worker is its own node: do not pass `node`")
     _check(hub_factory_kwargs, broker)
-    sock = _bind(host, port)
+    # bound and listening once, here, so workers restart without refusing connections
+    socks = bind_listeners(host, port, backlog=2048)
     try:
-        supervisor = _Supervisor(hub_factory_kwargs, sock, host=host, port=port,
+        for sock in socks:
+            sock.set_inheritable(True)
+        supervisor = _Supervisor(hub_factory_kwargs, socks, host=host, port=port,
                                  workers=workers, broker=broker, log_level=log_level,
                                  server=server, loop=loop)
         return asyncio.run(supervisor.run())
     finally:
-        sock.close()
+        for sock in socks:
+            sock.close()
 
 
 def _check(hub_kwargs: dict[str, Any], broker: str | None) -> None:
@@ -96,28 +102,12 @@ def _check(hub_kwargs: dict[str, Any], broker: str | None) -> None:
         create_broker(broker)
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """Bind and listen once, here, so workers restart without refusing connections."""
-    family, kind, proto, _, addr = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(2048)
-        sock.set_inheritable(True)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 class _Supervisor:
-    def __init__(self, hub_kwargs: dict[str, Any], sock: socket.socket, *, host: str,
+    def __init__(self, hub_kwargs: dict[str, Any], socks: list[socket.socket], *, host: str,
                  port: int, workers: int, broker: str | None, log_level: str,
                  server: str = "tidings", loop: str = "auto") -> None:
         self.hub_kwargs = hub_kwargs
-        self.sock = sock
+        self.socks = socks
         self.host = host
         self.port = port
         self.workers = workers
@@ -183,7 +173,7 @@ class _Supervisor:
         proc = self.ctx.Process(
             target=_worker_main, name=f"tidings-worker-{slot}", daemon=True,
             args=(self.url, self.hub_kwargs, self.host, self.port, self.log_level, self.server,
-                  self.loop, self.sock, slot, os.getpid()),
+                  self.loop, self.socks, slot, os.getpid()),
         )
         proc.start()
         self.procs[slot] = proc
@@ -268,7 +258,7 @@ class _Supervisor:
 
 def _worker_main(url: str, hub_kwargs: dict[str, Any], host: str, port: int, log_level: str,
                  server: Any, loop: str,
-                 sock: socket.socket, slot: int, parent: int) -> None:
+                 socks: list[socket.socket], slot: int, parent: int) -> None:
     """Entry point of a worker process (module level so ``spawn`` can import it)."""
     logging.basicConfig(level=log_level.upper(),
                         format=f"%(asctime)s %(levelname)s [worker {slot}] %(name)s: %(message)s")
@@ -277,7 +267,7 @@ def _worker_main(url: str, hub_kwargs: dict[str, Any], host: str, port: int, log
     from tidings.server.runner import run
 
     hub = Hub(url, **hub_kwargs)
-    run(hub, host=host, port=port, log_level=log_level, sockets=[sock], server=server,
+    run(hub, host=host, port=port, log_level=log_level, sockets=socks, server=server,
         loop=loop)
 
 
