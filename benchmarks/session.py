@@ -239,12 +239,10 @@ class Session:
     def _min_progress(self) -> int:
         return min(w.progress for w in self.workers)
 
-    def server_cpu(self) -> float:
-        return sum(tree_cpu_seconds(s.pid) for s in self.servers)
-
-    def server_user_cpu(self) -> float:
-        """The user-space part of :meth:`server_cpu` (utime)."""
-        return sum(tree_cpu_split(s.pid)[0] for s in self.servers)
+    def server_cpu(self) -> tuple[float, float]:
+        """(utime + stime, utime) of the server processes, read once."""
+        splits = [tree_cpu_split(s.pid) for s in self.servers]
+        return sum(u + k for u, k in splits), sum(u for u, _ in splits)
 
     def broker_cpu(self) -> float:
         return sum(tree_cpu_seconds(p) for p in self.broker_pids)
@@ -475,8 +473,7 @@ class Session:
                  + (f" @{rate:g}/s" if rate else f" ({self.publisher})" if not warmup else ""))
         self.progress.start(label, count)
         tick = asyncio.create_task(self._tick(self._min_progress))
-        cpu0 = self.server_cpu()
-        user0 = self.server_user_cpu()
+        cpu0, user0 = self.server_cpu()
         run0 = sum(tree_runtime_seconds(s.pid) for s in self.servers)
         red0 = self.broker_cpu()
         sys0 = system_cpu_seconds()
@@ -502,8 +499,8 @@ class Session:
         finally:
             gc.enable()
             tick.cancel()
-        result.server_cpu_s = self.server_cpu() - cpu0
-        result.server_user_s = self.server_user_cpu() - user0
+        cpu1, user1 = self.server_cpu()
+        result.server_cpu_s, result.server_user_s = cpu1 - cpu0, user1 - user0
         result.server_sched_s = sum(tree_runtime_seconds(s.pid) for s in self.servers) - run0
         result.broker_cpu_s = self.broker_cpu() - red0
         busy = system_cpu_seconds() - sys0
