@@ -14,11 +14,10 @@ through the :class:`Prepared` protocol, so this module knows no hub or broker.
 
 from __future__ import annotations
 
-import struct
 from typing import Any, Final, Protocol
 
 from tidings.protocol import centrifuge
-from tidings.protocol.frames import OP_BINARY, TEXT_HEADS, encode_frame, text_frame_head
+from tidings.protocol.frames import OP_BINARY, encode_frame
 from tidings.protocol.native import (
     b64,
     dumps,
@@ -44,7 +43,6 @@ __all__ = [
 ]
 
 SLOTS: Final = 6  # prepared encodings a publication can hold: two per protocol
-_HEAD16: Final = struct.Struct("!BBH").pack  # a frame header with a 16-bit length
 
 
 class Prepared(Protocol):
@@ -84,7 +82,7 @@ class Codec:
         out: str | bytes
         if self.framed:
             sibling = prepared[self.slot - 1]
-            out = self._frame(sibling if sibling is not None else self._payload(pub))
+            out = self._frame(sibling) if sibling is not None else self._framed(pub)
         else:
             out = self._message(self._payload(pub))
         prepared[self.slot] = out
@@ -93,6 +91,10 @@ class Codec:
     def _payload(self, pub: Prepared) -> str | bytes:
         """The encoded publication, framing aside."""
         raise NotImplementedError
+
+    def _framed(self, pub: Prepared) -> bytes:
+        """The publication as a whole websocket frame, when no payload is made yet."""
+        return self._frame(self._payload(pub))
 
     def _message(self, payload: str | bytes) -> str | bytes:
         """The payload as an ASGI message: text."""
@@ -126,34 +128,6 @@ class NativeCodec(Codec):
 
     name = "native"
 
-    def publication(self, pub: Prepared) -> str | bytes:
-        # Codec.publication with the framed encoding made in one step (the
-        # envelope and its frame header together): the first subscriber of
-        # every publication pays for it
-        prepared = pub.prepared
-        slot = self.slot
-        if prepared is None:
-            prepared = pub.prepared = [None] * SLOTS
-        else:
-            done = prepared[slot]
-            if done is not None:
-                return done
-            if self.framed and (sibling := prepared[slot - 1]) is not None:
-                done = prepared[slot] = self._frame(sibling)
-                return done
-        out: str | bytes
-        if self.framed:
-            body = encode_publication_json(pub.channel, self._body(pub), pub.offset, pub.epoch,
-                                           pub.sender, pub.ts)
-            length = len(body)
-            out = (TEXT_HEADS[length] if length < 126 else _HEAD16(0x81, 126, length)
-                   if length < 65536 else text_frame_head(length)) + body
-        else:
-            out = encode_publication_json(pub.channel, self._body(pub), pub.offset, pub.epoch,
-                                          pub.sender, pub.ts).decode()
-        prepared[slot] = out
-        return out
-
     @staticmethod
     def _body(pub: Prepared) -> bytes:
         """The JSON of ``pub``'s data."""
@@ -168,6 +142,12 @@ class NativeCodec(Codec):
     def _payload(self, pub: Prepared) -> str | bytes:
         return encode_publication_json(pub.channel, self._body(pub), pub.offset, pub.epoch,
                                        pub.sender, pub.ts)
+
+    def _framed(self, pub: Prepared) -> bytes:
+        # the envelope and its frame header in one step (no str, no second call
+        # layer): the first subscriber of every publication pays for it
+        return encode_frame(encode_publication_json(pub.channel, self._body(pub), pub.offset,
+                                                    pub.epoch, pub.sender, pub.ts))
 
     def message(self, sender: str, data: Any) -> str | None:
         return encode_message(sender, data).decode()

@@ -11,7 +11,6 @@ code to answer.
 from __future__ import annotations
 
 import struct
-from typing import Final
 
 __all__ = [
     "OP_BINARY",
@@ -19,7 +18,6 @@ __all__ = [
     "OP_PING",
     "OP_PONG",
     "OP_TEXT",
-    "TEXT_HEADS",
     "FrameError",
     "FrameReader",
     "FrameTracker",
@@ -27,7 +25,6 @@ __all__ = [
     "encode_frame",
     "frame_bounds",
     "parse_close",
-    "text_frame_head",
     "unmask",
 ]
 
@@ -43,17 +40,8 @@ _CONTROL = (OP_CLOSE, OP_PING, OP_PONG)
 
 
 # the 2-byte headers of short text and binary frames, ready-made
-TEXT_HEADS: Final = tuple(bytes((0x81, n)) for n in range(126))
-_SHORT = ((), TEXT_HEADS, tuple(bytes((0x82, n)) for n in range(126)))
-
-
-def text_frame_head(length: int) -> bytes:
-    """The header of an unfragmented, unmasked text frame of ``length`` bytes."""
-    if length < 126:
-        return TEXT_HEADS[length]
-    if length < 1 << 16:
-        return struct.pack("!BBH", 0x81, 126, length)
-    return struct.pack("!BBQ", 0x81, 127, length)
+_SHORT = ((), tuple(bytes((0x81, n)) for n in range(126)),
+          tuple(bytes((0x82, n)) for n in range(126)))
 
 
 def encode_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
