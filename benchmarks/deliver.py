@@ -24,6 +24,9 @@ class CountingDirect:
     def write(self, data: bytes) -> None:
         self.writes += 1
 
+    def is_closing(self) -> bool:
+        return self.gone
+
 async def sink(message: object) -> None:
     """ASGI send of a connection that never uses it (direct writes)."""
 

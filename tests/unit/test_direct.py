@@ -10,7 +10,8 @@ from websockets.frames import Frame, Opcode
 
 from tests.support import Sink
 from tidings import Hub
-from tidings.protocol.codec import NATIVE_FRAMED
+from tidings.core.connection import ConnectionKind
+from tidings.protocol.codec import NATIVE_FRAMED, RAW_FRAMED
 from tidings.protocol.frames import OP_BINARY, encode_frame
 from tidings.types import Publication
 
@@ -38,6 +39,9 @@ class FakeDirect:
         if self.fail:
             raise ConnectionResetError("peer gone")
         self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.gone
 
 
 async def turn() -> None:
@@ -79,6 +83,58 @@ async def test_a_broken_socket_mid_fanout_costs_the_others_nothing(hub: Hub) -> 
     assert b"".join(directs[0].writes) == expected
     assert b"".join(directs[2].writes) == expected
     assert conns[1].closed
+
+
+async def test_a_lone_publication_reaches_every_connection_as_its_state_says(
+        hub: Hub) -> None:
+    """The fan-out's inlined write (``deliver_all``) against connections in every
+    state, in one fan-out: written at once, paused (written on resume),
+    closing (nothing, no error), broken (closed, the rest unharmed),
+    recovering (a floor: only what is past it), raw (its own bytes), and one
+    already written to in this turn (queued behind its first write)."""
+    ok, paused, closing, broken, floored, raw, busy = (FakeDirect() for _ in range(7))
+    broken.fail = True
+    closing.gone = True
+    conns = {}
+    for name, direct, kind in [("ok", ok, ConnectionKind.NATIVE),
+                               ("paused", paused, ConnectionKind.NATIVE),
+                               ("closing", closing, ConnectionKind.NATIVE),
+                               ("broken", broken, ConnectionKind.NATIVE),
+                               ("floored", floored, ConnectionKind.NATIVE),
+                               ("raw", raw, ConnectionKind.RAW),
+                               ("busy", busy, ConnectionKind.NATIVE)]:
+        conns[name] = conn = hub.register(Sink(), direct=direct, kind=kind)
+        await hub.subscribe(conn, "s")
+    await turn()
+    conns["floored"]._floors["s"] = 1  # as after a recovery up to offset 1
+    paused.can_write = False
+    hub.flusher.enter()  # one turn: "busy" is written to first, then the fan-out
+    try:
+        conns["busy"].send_frame('{"type":"pong"}')
+        first = hub.publish_nowait("s", {"n": 1})
+        second = hub.publish_nowait("s", {"n": 2})
+    finally:
+        hub.flusher.leave()
+    native = [NATIVE_FRAMED.publication(p) for p in (first, second)]
+    assert ok.writes == [native[0]]  # at once; the second is the turn's queued write
+    assert raw.writes == [RAW_FRAMED.publication(first)]
+    assert raw.writes[0] != native[0]
+    assert floored.writes == [native[1]]  # the first is below its floor
+    assert broken.writes == [] and conns["broken"].closed
+    assert busy.writes == [encode_frame(b'{"type":"pong"}')]
+    assert closing.writes == [] and paused.writes == []
+    await turn()
+    assert ok.writes == native
+    assert raw.writes == [RAW_FRAMED.publication(p) for p in (first, second)]
+    assert floored.writes == [native[1]] and not conns["floored"].closed
+    assert busy.writes[1:] == [b"".join(native)]
+    assert closing.writes == [] and conns["closing"].closed
+    assert paused.writes == []
+    paused.can_write = True
+    assert paused.on_resume is not None
+    paused.on_resume()
+    assert paused.writes == [b"".join(native)]
+    assert hub.stats.deliveries == 14
 
 
 async def test_paused_socket_keeps_frames_bounded_until_resume(hub: Hub) -> None:

@@ -17,7 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    MutableMapping,
+    Sequence,
+)
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -40,7 +47,7 @@ if TYPE_CHECKING:
     from tidings.core.hub import HubCore
     from tidings.security.auth import Identity
 
-__all__ = ["Connection", "ConnectionKind"]
+__all__ = ["Connection", "ConnectionKind", "deliver_all"]
 
 log = logging.getLogger("tidings.core.connection")
 
@@ -52,6 +59,8 @@ class Writer(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
+    def is_closing(self) -> bool: ...
+
 
 class DirectTransport(Protocol):
     """What a server offers for direct writes (see tidings.server.wsproto)."""
@@ -61,6 +70,8 @@ class DirectTransport(Protocol):
     # the server's between the hub and the transport, nothing kept per connection
     transport: Writer
 
+    # open and below the socket's write high-water mark (an attribute the server
+    # keeps, or a property); whether the transport is closing is asked apart
     @property
     def can_write(self) -> bool: ...
 
@@ -133,6 +144,36 @@ class BatchFrames:
 
 
 QUEUED: Final = -2  # Connection._written: waiting for the end-of-turn flush (turns are >= 0)
+
+
+def deliver_all(conns: Iterable[Connection], pub: Publication, through: bool,
+                turn: int) -> None:
+    """``conn.deliver(pub)`` for each of ``conns`` (a fan-out), with the usual
+    case taken here without a call per connection: a direct transport that
+    takes data, nothing queued or held, in a scope that writes through
+    (``through`` and ``turn``: the hub's flusher's). The k-th subscriber of a
+    lone publication waits for the k-1 before it, so this loop is latency."""
+    if not through:
+        for conn in conns:
+            conn.deliver(pub)
+        return
+    for conn in conns:
+        direct = conn._direct
+        codec = conn.codec
+        if (direct is None or codec is None or conn._out or conn._written == turn
+                or conn._close is not None or conn._pending is not None or conn._floors
+                or conn._lagged or not direct.can_write or direct.transport.is_closing()):
+            conn.deliver(pub)
+            continue
+        prepared = pub.prepared  # encoded once per codec, by the first subscriber
+        payload = prepared[codec.slot] if prepared is not None else None
+        if payload is None:
+            payload = codec.publication(pub)
+        conn._written = turn
+        try:
+            direct.transport.write(payload)  # type: ignore[arg-type]  # framed: bytes
+        except Exception:
+            conn._broken()
 
 
 class Connection:
@@ -270,7 +311,7 @@ class Connection:
         if not out and (direct := self._direct) is not None:  # _through, inlined: hot
             flusher = self.hub.flusher
             if (flusher.through and self._written != flusher.turn and not self._lagged
-                    and direct.can_write):
+                    and direct.can_write and not direct.transport.is_closing()):
                 self._written = flusher.turn
                 try:
                     direct.transport.write(payload)  # type: ignore[arg-type]  # framed: bytes
@@ -339,7 +380,8 @@ class Connection:
         if not flusher.through or self._written == flusher.turn or self._lagged:
             return False
         direct = self._direct
-        return direct is not None and direct.can_write
+        return (direct is not None and direct.can_write
+                and not direct.transport.is_closing())
 
     def _write_through(self, frames: bytes) -> bool:
         """Write ``frames`` now (later frames of this turn are queued for its end);
@@ -532,7 +574,7 @@ class Connection:
         self._written = -1  # not queued any more (not written in the next turn either)
         direct = self._direct
         out = self._out
-        if direct is None or not out or not direct.can_write:
+        if direct is None or not out or not direct.can_write or direct.transport.is_closing():
             if direct is not None and direct.gone:
                 self._closed = True
             return

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tidings.brokers.base import MemberEvent
-from tidings.core.connection import BatchFrames, Connection
+from tidings.core.connection import BatchFrames, Connection, deliver_all
 from tidings.protocol.index import SubscriptionIndex
 from tidings.types import Publication
 
@@ -45,14 +45,13 @@ class FanOut:
         if not conns:
             return
         flusher = self.flusher
+        # each frame kind is encoded once, by the first connection that needs it
         if flusher.depth:  # inside a producer's read: its scope holds
-            for conn in conns:  # each frame kind is encoded once, by the first that needs it
-                conn.deliver(pub)
+            deliver_all(conns, pub, flusher.through, flusher.turn)
         else:
             flusher.enter()
             try:
-                for conn in conns:
-                    conn.deliver(pub)
+                deliver_all(conns, pub, flusher.through, flusher.turn)
             finally:
                 flusher.leave()
         self.stats.deliveries += len(conns)

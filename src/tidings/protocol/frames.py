@@ -11,6 +11,7 @@ code to answer.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 __all__ = [
     "OP_BINARY",
@@ -79,12 +80,12 @@ def _unmask_int(data: bytes | bytearray, mask: bytes) -> bytes:
     return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
 
 
-try:  # the C helper that ships with the websockets wheels
-    from websockets.speedups import apply_mask as _apply_mask
-
-    def unmask(data: bytes | bytearray, mask: bytes) -> bytes:
-        """``data`` XOR the repeated 4-byte ``mask``."""
-        return _apply_mask(data, mask)
+# ``unmask(data, mask)``: ``data`` XOR the repeated 4-byte ``mask``. The C
+# helper that ships with the websockets wheels is used as it is (no Python
+# wrapper: a call layer per frame on the hot path).
+unmask: Callable[[bytes | bytearray, bytes], bytes]
+try:
+    from websockets.speedups import apply_mask as unmask
 except ImportError:  # pragma: no cover - websockets without its C extension
     unmask = _unmask_int
 

@@ -85,6 +85,7 @@ class Peer(HTTPSession, asyncio.Protocol):
     __slots__ = (
         "_inbox",
         "_reader",
+        "can_write",
         "close_sent",
         "on_messages",
         "on_resume",
@@ -101,6 +102,9 @@ class Peer(HTTPSession, asyncio.Protocol):
         # and the rest go to ``receive`` after all
         self.on_messages: Callable[[list[str | bytes]], int] | None = None
         self.close_sent = False
+        # open and below the write high-water mark: the hub's direct writes ask
+        # (with the transport's is_closing()) before each one; kept, not computed
+        self.can_write = False
         self.ping_out = False
         self.seen = True
         self._reader: FrameReader | None = None
@@ -119,6 +123,7 @@ class Peer(HTTPSession, asyncio.Protocol):
         self.server.peers.discard(self)
         state = self._state
         self._state = STATE_GONE
+        self.can_write = False
         self.on_resume = None
         if self._close is None:
             code = 1006 if state in (STATE_WS_OPEN, STATE_WS_HANDSHAKE) else 1005
@@ -130,9 +135,11 @@ class Peer(HTTPSession, asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writable = False
+        self.can_write = False
 
     def resume_writing(self) -> None:
         self._writable = True
+        self.can_write = self._state == STATE_WS_OPEN
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_result(None)
@@ -244,6 +251,7 @@ class Peer(HTTPSession, asyncio.Protocol):
             assert key is not None  # checked by websocket_key before the app ran
             self.transport.write(handshake_response(key, message.get("subprotocol"), extra))
             self._state = STATE_WS_OPEN
+            self.can_write = self._writable
             self._access(self._req, "[accepted]")
             self._req = None
             self._reader = FrameReader(self.server.max_size)
@@ -373,6 +381,7 @@ class Peer(HTTPSession, asyncio.Protocol):
             return
         self.close_sent = True
         self._state = STATE_WS_CLOSING
+        self.can_write = False
         self.on_resume = None
         self.transport.write(encode_close(code, reason))
         if self._paused:  # its close frame must be read
@@ -403,6 +412,7 @@ class Peer(HTTPSession, asyncio.Protocol):
     def _gone(self, code: int, reason: str) -> None:
         self._close = {"type": "websocket.disconnect", "code": code, "reason": reason}
         self._state = STATE_GONE
+        self.can_write = False
         self.on_resume = None
         self.transport.close()
         waiter = self._waiter
@@ -430,11 +440,6 @@ class Peer(HTTPSession, asyncio.Protocol):
         self.seen = False
 
     # -- the direct write path (tidings.core.connection.DirectTransport) -------------
-
-    @property
-    def can_write(self) -> bool:
-        return (self._state == STATE_WS_OPEN and self._writable
-                and not self.transport.is_closing())
 
     @property
     def gone(self) -> bool:
