@@ -108,13 +108,25 @@ class Publisher:
         """:meth:`publish` without a coroutine, for brokers that never wait
         (``can_publish_nowait``): a raw producer's frames are published straight
         from the socket's read callback."""
-        history = self._publishing(channel)
-        if self._nowait is None:
+        validate_channel(channel, self.limits.max_name)
+        return self.publish_valid_nowait(channel, data, sender, text)
+
+    def publish_valid_nowait(self, channel: str, data: Any, sender: str | None = None,
+                             text: str | None = None) -> Publication:
+        """:meth:`publish_nowait` to a channel the caller has validated
+        (``validate_channel`` with ``Limits.max_name``): an endpoint bound to one
+        channel, or a command its parser checked. The per-frame path: no check
+        twice, positional arguments."""
+        if not self.hub.running:
+            self.hub.require_started()
+        nowait = self._nowait
+        if nowait is None:
             raise HubError(f"the {self.broker.url} broker cannot publish without waiting")
+        self.stats.publications_in += 1
         if self.types.active:
             data, text = self.types.check(channel, data, text)
-        return self._nowait.publish_nowait(channel, data, sender=sender, history=history,
-                                           text=text)
+        return nowait.publish_nowait(channel, data, sender=sender,
+                                     history=self.history_config.options(channel), text=text)
 
     def publish_many_nowait(self, channel: str, items: Sequence[tuple[Any, str | None]], *,
                             sender: str | None = None) -> list[Publication]:

@@ -260,7 +260,8 @@ def _publish_now(hub: HubCore, conn: Connection, rid: RequestId, channel: str,
     ``handle_command`` does, without its coroutines."""
     try:
         check_now(hub, "publish", conn, channel)
-        pub = hub.publisher.publish_nowait(channel, data, sender=conn.conn_id)
+        # the channel was validated with the command (decode_command, decode_publish)
+        pub = hub.publisher.publish_valid_nowait(channel, data, conn.conn_id)
     except ProtocolError as exc:
         send_error(hub, conn, rid, exc.code, exc.message)
         return

@@ -117,6 +117,7 @@ class PubEndpoint(WebSocketSession):
         frame_hard = hub.limits.frame_hard
         paced = hub.limits.rate is not None
         loop = asyncio.get_running_loop()
+        publish_valid = hub.publisher.publish_valid_nowait
 
         def take(payload: str | bytes) -> bool:
             """Publish one frame without waiting; False: not now (the window is full)."""
@@ -128,7 +129,7 @@ class PubEndpoint(WebSocketSession):
             data, text = _raw_value(payload)
             try:
                 if mode == "nowait":
-                    pub = hub.publisher.publish_nowait(channel, data, sender=sender, text=text)
+                    pub = publish_valid(channel, data, sender, text)  # validated above
                     if ack:
                         conn.send_frame(dumps({"offset": pub.offset,
                                                "epoch": pub.epoch}).decode())

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from tidings.server.lean import LeanServer
 
 __all__ = ["ASGI_VERSION", "EXTENSION", "ASGIApp", "ClientDisconnected", "Message", "Peer",
-           "hand_over"]
+           "as_received", "hand_over"]
 
 log = logging.getLogger("tidings.server")
 
@@ -74,9 +74,13 @@ def hand_over(handler: Callable[[list[str | bytes]], int],
         taken, ran = 0, False
     if taken >= len(batch):
         return ran, []
-    return ran, [{"type": "websocket.receive", "text": message} if isinstance(message, str)
-                 else {"type": "websocket.receive", "bytes": message}
-                 for message in batch[taken:]]
+    return ran, as_received(batch[taken:])
+
+
+def as_received(messages: list[str | bytes]) -> list[Message]:
+    """Data messages as the ASGI ``websocket.receive`` messages they arrived as."""
+    return [{"type": "websocket.receive", "text": message} if isinstance(message, str)
+            else {"type": "websocket.receive", "bytes": message} for message in messages]
 
 
 class Peer(HTTPSession, asyncio.Protocol):
@@ -289,10 +293,17 @@ class Peer(HTTPSession, asyncio.Protocol):
                         message = payload.decode()
                 except UnicodeDecodeError:
                     pass  # the loop below closes with 1007
-                else:
-                    self._take([message])
-                    if self._inbox:
-                        self._wake_inbox(self._inbox)
+                else:  # _take, inlined for one message (a call layer less a frame)
+                    try:
+                        taken = self.on_messages([message])
+                    except Exception:
+                        log.exception("error in a websocket message handler")
+                        self.on_messages = None
+                        self._send_close(1011, "internal error")
+                        return
+                    if not taken:  # not now: it waits for the endpoint's receive
+                        self._inbox = inbox = deque(as_received([message]))
+                        self._wake_inbox(inbox)
                     return
         # how the connection ends, if this read ends it: (method, code, reason)
         end: tuple[Callable[[int, str], None], int, str] | None = None
