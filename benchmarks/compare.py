@@ -372,6 +372,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="how the latency subscribers read: a recvmsg transport that "
                              "also keeps the kernel's receive timestamps (both timings, the "
                              "default), or uvloop's transport (user-space timing only)")
+    parser.add_argument("--loadgen-policy", choices=["normal", "batch"], default="normal",
+                        help="scheduling policy of the subscribers' load-generator processes: "
+                             "SCHED_OTHER (normal, the default), or SCHED_BATCH, which the "
+                             "kernel never lets preempt a running task when a write wakes "
+                             "it: on a VM that packs the server and the load generator on "
+                             "one vCPU, the reader then no longer interrupts a fan-out, as "
+                             "clients on other machines would not (docs/latency.md)")
     parser.add_argument("--latency-seconds", type=float, default=None,
                         help="length of the latency phase (default 4; --quick: 1.5; 0: skip)")
     parser.add_argument("--max-seconds", type=float, default=None,

@@ -783,10 +783,21 @@ def loop_name() -> str:
     return "uvloop"
 
 
+def set_policy(policy: str) -> None:
+    """The calling thread's scheduling policy: ``normal`` (SCHED_OTHER) or
+    ``batch`` (SCHED_BATCH: woken by the server's writes, it never preempts the
+    server, as clients on other machines would not take its CPU)."""
+    policies = {"normal": os.SCHED_OTHER, "batch": os.SCHED_BATCH}
+    if policy not in policies:
+        raise ValueError(f"unknown scheduling policy {policy!r}")
+    os.sched_setscheduler(0, policies[policy], os.sched_param(0))
+
+
 def worker_main(pipe: Pipe, spec: dict[str, Any]) -> None:
     """Entry point of a load-generator process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller stops us
     raise_nofile(spec.get("nofile", 0))
+    set_policy(spec.get("policy", "normal"))
     try:
         run_fast(Group(pipe, spec).run())
     except Exception as exc:

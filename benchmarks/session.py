@@ -168,6 +168,7 @@ class Session:
                 "ping_text": kind == "socketio", "proto": "nats" if kind == "nats" else "ws",
                 "offset": i * 1_000_000, "nofile": self.nofile,
                 "channel_steps": self.channel_steps, "start": i, "stride": self.procs,
+                "policy": getattr(self.opts, "loadgen_policy", "normal"),
             }
             process = ctx.Process(target=worker_main, args=(child, spec), daemon=True,
                                   name=f"bench-loadgen-{i}")

@@ -75,3 +75,28 @@ def test_connection_owners_finds_the_process_holding_the_server_side() -> None:
                 owners = connection_owners([os.getpid()], port)
                 assert owners == {client.getsockname()[1]: os.getpid()}
                 assert connection_owners([os.getppid()], port) == {}
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_the_load_generator_policy_applies_to_its_own_thread() -> None:
+    """``--loadgen-policy batch``: the thread that asks runs as SCHED_BATCH (a
+    load-generator process is one thread); the caller's policy is untouched;
+    an unknown name is refused."""
+    import threading
+
+    from benchmarks.loadgen import set_policy
+
+    seen: list[int] = []
+
+    def run(policy: str) -> None:
+        set_policy(policy)
+        seen.append(os.sched_getscheduler(0))
+
+    for policy in ("batch", "normal"):
+        thread = threading.Thread(target=run, args=(policy,))
+        thread.start()
+        thread.join(10)
+    assert seen == [os.SCHED_BATCH, os.SCHED_OTHER]
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    with pytest.raises(ValueError, match="unknown scheduling policy"):
+        set_policy("fifo")
