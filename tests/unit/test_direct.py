@@ -12,7 +12,7 @@ from tests.support import Sink
 from tidings import Hub
 from tidings.core.connection import ConnectionKind
 from tidings.protocol.codec import NATIVE_FRAMED, RAW_FRAMED
-from tidings.protocol.frames import OP_BINARY, encode_frame
+from tidings.protocol.frames import OP_BINARY, TEXT_HEADS, TEXT_HEADS_MAX, encode_frame
 from tidings.types import Publication
 
 
@@ -22,6 +22,16 @@ def test_frames_are_what_websockets_would_send(size: int, opcode: int, ws_opcode
     payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
     expected = Frame(ws_opcode, payload).serialize(mask=False)
     assert encode_frame(payload, opcode) == expected
+
+
+def test_the_looked_up_text_headers_are_the_frames_headers() -> None:
+    """``TEXT_HEADS`` (the native publication frame's header, looked up) is
+    what ``websockets`` puts before a text payload of each length."""
+    assert len(TEXT_HEADS) == TEXT_HEADS_MAX
+    for n in range(TEXT_HEADS_MAX):
+        payload = b"x" * n
+        expected = Frame(Opcode.TEXT, payload).serialize(mask=False)
+        assert TEXT_HEADS[n] + payload == expected == encode_frame(payload)
 
 
 class FakeDirect:

@@ -243,3 +243,19 @@ def test_decode_publish_limits() -> None:
     assert n.decode_publish('{"type":"publish","id":true,"channel":"c","data":1}') is None
     assert n.decode_publish('{"type":"publish","id":"x","channel":"c","data":null}') == (
         "x", "c", None)
+
+
+@pytest.mark.parametrize("size", [0, 50, 900, 1100, 70_000])
+def test_the_publication_frame_of_a_publishers_text_and_of_bytes(size: int) -> None:
+    """A raw producer's JSON text is spliced as it came, bytes go as ``b64``,
+    at every frame length class (the looked-up headers end at 1 KiB)."""
+    text = '{"pad": "%s"}' % ("x" * size)  # spaces kept: the publisher's own bytes
+    pub = Publication("c", orjson.loads(text), 7, "e", "s", 1, text=text)
+    body = text.encode()
+    expected = n.encode_publication_json("c", body, 7, "e", "s", 1)
+    assert NATIVE_FRAMED.publication(pub) == Frame(Opcode.TEXT, expected).serialize(mask=False)
+    raw = bytes(range(256)) * (size // 256 + 1)
+    binary = Publication("c", raw, 8, "e", None, 1, text="ignored for bytes")
+    wire = NATIVE_FRAMED.publication(binary)
+    assert wire == Frame(Opcode.TEXT, n.encode_publication(
+        "c", n.b64(raw), 8, "e", None, 1)).serialize(mask=False)

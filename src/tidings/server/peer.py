@@ -293,7 +293,7 @@ class Peer(HTTPSession, asyncio.Protocol):
                         message = payload.decode()
                 except UnicodeDecodeError:
                     pass  # the loop below closes with 1007
-                else:  # _take, inlined for one message (a call layer less a frame)
+                else:  # _take, inlined for one message (one call layer fewer a frame)
                     try:
                         taken = self.on_messages([message])
                     except Exception:
