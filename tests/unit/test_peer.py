@@ -1,4 +1,5 @@
-"""The lean server's connection (tidings.server.peer) on a fake socket: what an
+"""The lean server's connection (tidings.server.peer) on a fake socket (the
+hot-path benchmark's, which keeps what it is written): what an
 ``on_messages`` handler is given from the read callback, and what it leaves."""
 
 from __future__ import annotations
@@ -10,38 +11,11 @@ import os
 from typing import Any
 
 import pytest
+from benchmarks.hotpath import CountingTransport
 from websockets.frames import Frame, Opcode
 
 from tidings.server.lean import LeanServer
 from tidings.server.peer import EXTENSION, Peer
-
-
-class FakeSocket:
-    """What a Peer needs of a transport; writes are kept."""
-
-    def __init__(self) -> None:
-        self.written = bytearray()
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name in ("peername", "sockname") else default
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    abort = close
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 def masked(text: str) -> bytes:
@@ -87,14 +61,14 @@ async def test_lone_frames_a_handler_leaves_or_breaks_on(
 
     server = LeanServer(app, ping_interval=None)
     server.loop = asyncio.get_running_loop()
-    peer, sock = Peer(server), FakeSocket()
+    peer, sock = Peer(server), CountingTransport()  # keeps what it is written
     peer.connection_made(sock)  # type: ignore[arg-type]
     key = base64.b64encode(os.urandom(16)).decode()
     peer.data_received(f"GET /x HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
                        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                        f"Sec-WebSocket-Version: 13\r\n\r\n".encode())
     await until(lambda: peer.on_messages is not None)
-    assert sock.written.startswith(b"HTTP/1.1 101")
+    assert sock.received.startswith(b"HTTP/1.1 101")
     peer.data_received(masked("a"))
     assert seen == [("direct", "a")]  # in the read callback itself
     peer.data_received(masked("later-1"))
@@ -107,7 +81,7 @@ async def test_lone_frames_a_handler_leaves_or_breaks_on(
         peer.data_received(masked("boom"))
     assert "error in a websocket message handler" in caplog.text
     assert peer.on_messages is None
-    assert sock.written.endswith(Frame(Opcode.CLOSE, (1011).to_bytes(2, "big")
+    assert sock.received.endswith(Frame(Opcode.CLOSE, (1011).to_bytes(2, "big")
                                        + b"internal error").serialize(mask=False))
     peer.connection_lost(None)
     await asyncio.wait_for(ended.wait(), 5)
