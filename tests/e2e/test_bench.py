@@ -135,12 +135,29 @@ def test_tidings_bench_passes_its_options_to_compare(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "tidings.server.cli", "bench", "--quick", "--stacks", "tidings",
-         "--subscribers", "1", "--repeat", "2", "--json", str(out)],
+         "--subscribers", "1", "--repeat", "2", "--json", str(out),
+         "--loadgen-policy", "batch", "--idle", "0"],  # these two: compare's own
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["settings"]["repeat"] == 2 and report["settings"]["quick"]
     assert report["settings"]["stacks"] == ["tidings"]
+    assert report["settings"]["loadgen_policy"] == "batch" and report["settings"]["idle"] == 0
     phases = report["results"][0]["phases"]
     assert [p["subscribers"] for p in phases if p["name"] == "throughput"] == [1]
     assert all(p["lost"] == 0 for p in phases)
+
+
+def test_tidings_bench_refuses_what_compare_does_not_know() -> None:
+    """An option neither ``tidings bench`` nor ``benchmarks.compare`` has is an
+    error, said before anything runs; other commands take no unknown options."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tidings.server.cli", "bench", "--no-such-option"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert "unrecognized arguments: --no-such-option" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "tidings.server.cli", "serve", "--rounds", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert "unrecognized arguments: --rounds 3" in proc.stderr

@@ -92,7 +92,9 @@ def _parser() -> argparse.ArgumentParser:
                                 help="also the typed channels of this hub (hub.channel)")
 
     bench = sub.add_parser(
-        "bench", help="tidings side by side with its peers (benchmarks/compare.py)")
+        "bench", help="tidings side by side with its peers (benchmarks/compare.py)",
+        epilog="Any other option goes to benchmarks.compare as it is (--rounds, "
+               "--latency-read, --loadgen-policy, ...: python -m benchmarks.compare --help).")
     bench.add_argument("--quick", action="store_true", help="a run of under a minute")
     bench.add_argument("--subscribers", type=int, nargs="*", default=None)
     bench.add_argument("--stacks", nargs="*", default=None,
@@ -318,7 +320,7 @@ def _subscribe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _bench(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     sys.path.insert(0, os.getcwd())  # benchmarks/ lives in the source checkout
     try:
         from benchmarks import compare
@@ -339,7 +341,7 @@ def _bench(args: argparse.Namespace) -> int:
         argv += ["--repeat", str(args.repeat)]
     if args.publisher != "batched":
         argv += ["--publisher", args.publisher]
-    result: int = compare.main(argv)
+    result: int = compare.main([*argv, *extra])  # compare refuses what it does not know
     return result
 
 
@@ -362,7 +364,10 @@ def _migrate(url: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":  # only bench passes options on
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "serve":
         return _serve(args)
     if args.command == "publish":
@@ -370,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "subscribe":
         return _subscribe(args)
     if args.command == "bench":
-        return _bench(args)
+        return _bench(args, extra)
     if args.command == "migrate":
         return _migrate(args.broker)
     if args.command in ("asyncapi", "typescript"):
