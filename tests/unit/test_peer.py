@@ -5,29 +5,21 @@ hot-path benchmark's, which keeps what it is written): what an
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-import os
 from typing import Any
 
 import pytest
 from benchmarks.hotpath import CountingTransport
+from benchmarks.loadgen import client_frame, upgrade_request
 from websockets.frames import Frame, Opcode
 
+from tests.support import wait_until
 from tidings.server.lean import LeanServer
 from tidings.server.peer import EXTENSION, Peer
 
 
 def masked(text: str) -> bytes:
-    return Frame(Opcode.TEXT, text.encode()).serialize(mask=True)
-
-
-async def until(predicate: Any) -> None:
-    for _ in range(1000):
-        if predicate():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("gave up waiting")
+    return client_frame(text.encode())
 
 
 async def test_lone_frames_a_handler_leaves_or_breaks_on(
@@ -63,17 +55,14 @@ async def test_lone_frames_a_handler_leaves_or_breaks_on(
     server.loop = asyncio.get_running_loop()
     peer, sock = Peer(server), CountingTransport()  # keeps what it is written
     peer.connection_made(sock)  # type: ignore[arg-type]
-    key = base64.b64encode(os.urandom(16)).decode()
-    peer.data_received(f"GET /x HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
-                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                       f"Sec-WebSocket-Version: 13\r\n\r\n".encode())
-    await until(lambda: peer.on_messages is not None)
+    peer.data_received(upgrade_request("t", 80, "/x"))
+    await wait_until(lambda: peer.on_messages is not None, what="the handler")
     assert sock.received.startswith(b"HTTP/1.1 101")
     peer.data_received(masked("a"))
     assert seen == [("direct", "a")]  # in the read callback itself
     peer.data_received(masked("later-1"))
     peer.data_received(masked("b"))  # behind one left for receive: it waits too
-    await until(lambda: len(seen) == 3)
+    await wait_until(lambda: len(seen) == 3, what="receive")
     assert seen == [("direct", "a"), ("receive", "later-1"), ("receive", "b")]
     peer.data_received(masked("c"))  # the inbox is empty again: direct
     assert seen[-1] == ("direct", "c")

@@ -298,8 +298,7 @@ class Peer(HTTPSession, asyncio.Protocol):
                         taken = self.on_messages([message])
                     except Exception:
                         log.exception("error in a websocket message handler")
-                        self.on_messages = None
-                        self._send_close(1011, "internal error")
+                        self._handler_failed()
                         return
                     if not taken:  # not now: it waits for the endpoint's receive
                         self._inbox = inbox = deque(as_received([message]))
@@ -378,13 +377,17 @@ class Peer(HTTPSession, asyncio.Protocol):
         assert self.on_messages is not None
         ran, rest = hand_over(self.on_messages, batch)
         if not ran:
-            self.on_messages = None
-            self._send_close(1011, "internal error")
+            self._handler_failed()
             return
         if rest:
             if self._inbox is None:
                 self._inbox = deque()
             self._inbox.extend(rest)
+
+    def _handler_failed(self) -> None:
+        """``on_messages`` raised (logged): no more frames to it; close with 1011."""
+        self.on_messages = None
+        self._send_close(1011, "internal error")
 
     def _send_close(self, code: int, reason: str) -> None:
         """Our close frame; the transport closes on the peer's answer or a timeout."""
